@@ -1,0 +1,486 @@
+//! The blob codec: content identity (SHA-256 of the uncompressed bytes) and the stored form (gzip).
+//!
+//! Ingesting reads a request body once, in bounded chunks, and produces the gzip bytes to store
+//! plus the digest and sizes, verifying the client's hints against what actually arrived.
+//! Everything here is blocking I/O: callers run it off the async runtime.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use sha2::{Digest as _, Sha256};
+
+const BUF_SIZE: usize = 64 * 1024;
+
+/// The SHA-256 of a blob's uncompressed content; its identity and its object key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Lowercase hex, the form used in keys, headers and the database.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl FromStr for Digest {
+    type Err = BlobError;
+    fn from_str(s: &str) -> Result<Self, BlobError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut out)
+            .map_err(|_| BlobError::BadDigest(s.to_owned()))?;
+        Ok(Digest(out))
+    }
+}
+
+/// What the client says about its upload; each hint is checked against the received bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hints {
+    pub sha256: Option<Digest>,
+    pub logical_size: Option<u64>,
+}
+
+/// How the request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// Limits and settings for ingesting one body.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestOptions {
+    /// gzip level (0-9) used when the client sent identity bytes.
+    pub level: u32,
+    /// Refuse content whose uncompressed size exceeds this (also guards against gzip bombs).
+    pub max_logical_size: u64,
+}
+
+/// The identity and sizes of an ingested blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub logical_size: u64,
+    pub stored_size: u64,
+}
+
+/// Why a body could not become a blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("invalid SHA-256 digest {0:?}")]
+    BadDigest(String),
+    #[error("SHA256-Checksum mismatch: client said {claimed}, content hashes to {actual}")]
+    ChecksumMismatch { claimed: Digest, actual: Digest },
+    #[error("Logical-Size mismatch: client said {claimed}, content is {actual} bytes")]
+    SizeMismatch { claimed: u64, actual: u64 },
+    #[error("body is not valid gzip: {0}")]
+    BadGzip(io::Error),
+    #[error("content exceeds the maximum size of {0} bytes")]
+    TooLarge(u64),
+    #[error("upload was interrupted: {0}")]
+    Interrupted(String),
+    #[error("cannot write spool file: {0}")]
+    Spool(io::Error),
+}
+
+impl BlobError {
+    /// True when the client sent something wrong (a 4xx), false for a server-side failure.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, BlobError::Spool(_))
+    }
+}
+
+/// A message from the task receiving a body to the blocking task ingesting it.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Bytes),
+    /// The body ended cleanly; without it a closed channel means the upload was cut off.
+    End,
+    /// The body failed (client disconnect, timeout); the text says why.
+    Failed(String),
+}
+
+/// A blocking [`Read`] over chunks sent from the async side through a bounded channel.
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    current: Bytes,
+    done: bool,
+}
+
+impl ChannelReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Chunk>) -> Self {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+            done: false,
+        }
+    }
+}
+
+/// The io::Error kind that carries an interruption of the body through readers.
+const INTERRUPTED_KIND: io::ErrorKind = io::ErrorKind::ConnectionAborted;
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Chunk::Data(b)) => self.current = b,
+                Some(Chunk::End) => self.done = true,
+                Some(Chunk::Failed(why)) => return Err(io::Error::new(INTERRUPTED_KIND, why)),
+                None => {
+                    return Err(io::Error::new(
+                        INTERRUPTED_KIND,
+                        "request body ended before it was complete",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Copies everything read into a writer (the spool file) and counts it.
+struct TeeReader<R, W> {
+    inner: R,
+    copy: W,
+    count: u64,
+    write_error: Option<io::Error>,
+}
+
+impl<R: Read, W: Write> Read for TeeReader<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Err(e) = self.copy.write_all(&buf[..n]) {
+            // Remember the real cause: the decoder above would only see a generic error.
+            let kind = e.kind();
+            self.write_error = Some(e);
+            return Err(io::Error::new(kind, "spool write failed"));
+        }
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Hashes and counts uncompressed bytes, enforcing the size limit.
+struct ContentSink {
+    hasher: Sha256,
+    size: u64,
+    max: u64,
+}
+
+impl ContentSink {
+    fn new(max: u64) -> Self {
+        ContentSink {
+            hasher: Sha256::new(),
+            size: 0,
+            max,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        self.size += data.len() as u64;
+        if self.size > self.max {
+            return Err(BlobError::TooLarge(self.max));
+        }
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    fn finish(self, hints: &Hints) -> Result<(Digest, u64), BlobError> {
+        let digest = Digest(self.hasher.finalize().into());
+        if let Some(claimed) = hints.logical_size
+            && claimed != self.size
+        {
+            return Err(BlobError::SizeMismatch {
+                claimed,
+                actual: self.size,
+            });
+        }
+        if let Some(claimed) = hints.sha256
+            && claimed != digest
+        {
+            return Err(BlobError::ChecksumMismatch {
+                claimed,
+                actual: digest,
+            });
+        }
+        Ok((digest, self.size))
+    }
+}
+
+fn read_error(e: io::Error) -> BlobError {
+    if e.kind() == INTERRUPTED_KIND {
+        BlobError::Interrupted(e.to_string())
+    } else {
+        BlobError::BadGzip(e)
+    }
+}
+
+/// Reads a whole body, writes its gzip form to `out` and returns its identity and sizes.
+///
+/// A gzip body is stored as received (it is verified by inflating it); an identity body is
+/// compressed at `opts.level`. Hints are checked after the last byte.
+pub fn ingest<R: Read, W: Write>(
+    body: R,
+    encoding: Encoding,
+    out: W,
+    hints: &Hints,
+    opts: &IngestOptions,
+) -> Result<BlobInfo, BlobError> {
+    let mut sink = ContentSink::new(opts.max_logical_size);
+    let mut buf = vec![0u8; BUF_SIZE];
+    let stored_size = match encoding {
+        Encoding::Gzip => {
+            let mut tee = TeeReader {
+                inner: body,
+                copy: out,
+                count: 0,
+                write_error: None,
+            };
+            let mut decoder = MultiGzDecoder::new(&mut tee);
+            loop {
+                match decoder.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => sink.update(&buf[..n])?,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        drop(decoder);
+                        if let Some(we) = tee.write_error.take() {
+                            return Err(BlobError::Spool(we));
+                        }
+                        return Err(read_error(e));
+                    }
+                }
+            }
+            drop(decoder);
+            tee.copy.flush().map_err(BlobError::Spool)?;
+            tee.count
+        }
+        Encoding::Identity => {
+            let counting = CountingWriter { inner: out, count: 0 };
+            let mut encoder = GzEncoder::new(counting, Compression::new(opts.level.min(9)));
+            let mut body = body;
+            loop {
+                match body.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        sink.update(&buf[..n])?;
+                        encoder.write_all(&buf[..n]).map_err(BlobError::Spool)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(BlobError::Interrupted(e.to_string())),
+                }
+            }
+            let mut counting = encoder.finish().map_err(BlobError::Spool)?;
+            counting.flush().map_err(BlobError::Spool)?;
+            counting.count
+        }
+    };
+    let (digest, logical_size) = sink.finish(hints)?;
+    Ok(BlobInfo {
+        digest,
+        logical_size,
+        stored_size,
+    })
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Inflates a stored blob from `src`, writing the content to `out`; returns the content's digest
+/// and size. Used to verify objects and to serve clients that refuse gzip.
+pub fn inflate<R: Read, W: Write>(src: R, mut out: W) -> Result<(Digest, u64), BlobError> {
+    let mut decoder = MultiGzDecoder::new(src);
+    let mut sink = ContentSink::new(u64::MAX);
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                sink.update(&buf[..n])?;
+                out.write_all(&buf[..n]).map_err(BlobError::Spool)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        }
+    }
+    sink.finish(&Hints::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::new(level));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn sha(data: &[u8]) -> Digest {
+        Digest(Sha256::digest(data).into())
+    }
+
+    const OPTS: IngestOptions = IngestOptions {
+        level: 1,
+        max_logical_size: 1 << 30,
+    };
+
+    #[test]
+    fn identity_and_gzip_bodies_have_the_same_identity() {
+        let content = b"hello world ".repeat(1000);
+        let mut raw_out = Vec::new();
+        let raw = ingest(
+            &content[..],
+            Encoding::Identity,
+            &mut raw_out,
+            &Hints::default(),
+            &OPTS,
+        )
+        .unwrap();
+        let gz = gzip(&content, 9);
+        let mut gz_out = Vec::new();
+        let hints = Hints {
+            sha256: Some(sha(&content)),
+            logical_size: Some(content.len() as u64),
+        };
+        let zipped = ingest(&gz[..], Encoding::Gzip, &mut gz_out, &hints, &OPTS).unwrap();
+        assert_eq!(raw.digest, sha(&content));
+        assert_eq!(zipped.digest, raw.digest);
+        assert_eq!(raw.logical_size, content.len() as u64);
+        assert_eq!(zipped.stored_size, gz.len() as u64);
+        assert_eq!(gz_out, gz, "a gzip body is stored as received");
+        assert_eq!(raw.stored_size, raw_out.len() as u64);
+        let (d, n) = inflate(&raw_out[..], io::sink()).unwrap();
+        assert_eq!((d, n), (raw.digest, content.len() as u64));
+    }
+
+    #[test]
+    fn wrong_hints_are_refused() {
+        let content = b"abc";
+        let wrong_sum = Hints {
+            sha256: Some(sha(b"abd")),
+            logical_size: None,
+        };
+        let e = ingest(&content[..], Encoding::Identity, io::sink(), &wrong_sum, &OPTS);
+        assert!(matches!(e, Err(BlobError::ChecksumMismatch { .. })), "{e:?}");
+        let wrong_size = Hints {
+            sha256: None,
+            logical_size: Some(4),
+        };
+        let e = ingest(&content[..], Encoding::Identity, io::sink(), &wrong_size, &OPTS);
+        assert!(matches!(e, Err(BlobError::SizeMismatch { claimed: 4, actual: 3 })));
+    }
+
+    #[test]
+    fn broken_and_truncated_gzip_are_refused() {
+        let e = ingest(
+            &b"not gzip at all"[..],
+            Encoding::Gzip,
+            io::sink(),
+            &Hints::default(),
+            &OPTS,
+        );
+        assert!(matches!(e, Err(BlobError::BadGzip(_))), "{e:?}");
+        let gz = gzip(&b"x".repeat(100_000), 6);
+        for cut in [5, gz.len() / 2, gz.len() - 4] {
+            let e = ingest(&gz[..cut], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+            assert!(e.is_err(), "truncated at {cut} of {} accepted", gz.len());
+        }
+        let mut corrupt = gz.clone();
+        let n = corrupt.len();
+        corrupt[n - 6] ^= 0xff; // CRC
+        let e = ingest(&corrupt[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+        assert!(e.is_err(), "bad CRC accepted");
+        let mut trailing = gz.clone();
+        trailing.extend_from_slice(b"garbage");
+        let e = ingest(&trailing[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+        assert!(e.is_err(), "trailing garbage accepted");
+    }
+
+    #[test]
+    fn concatenated_gzip_members_are_one_content() {
+        let mut gz = gzip(b"hello ", 9);
+        gz.extend(gzip(b"world", 1));
+        let info = ingest(&gz[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS).unwrap();
+        assert_eq!(info.digest, sha(b"hello world"));
+        assert_eq!(info.logical_size, 11);
+    }
+
+    #[test]
+    fn gzip_bomb_is_stopped_at_the_limit() {
+        let gz = gzip(&vec![0u8; 10 << 20], 9);
+        assert!(gz.len() < 64 << 10);
+        let opts = IngestOptions {
+            level: 1,
+            max_logical_size: 1 << 20,
+        };
+        let e = ingest(&gz[..], Encoding::Gzip, io::sink(), &Hints::default(), &opts);
+        assert!(matches!(e, Err(BlobError::TooLarge(_))));
+    }
+
+    #[test]
+    fn channel_reader_distinguishes_end_from_cutoff() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(Chunk::Data(Bytes::from_static(b"ab"))).unwrap();
+        tx.try_send(Chunk::Data(Bytes::from_static(b"c"))).unwrap();
+        tx.try_send(Chunk::End).unwrap();
+        let mut s = String::new();
+        ChannelReader::new(rx).read_to_string(&mut s).unwrap();
+        assert_eq!(s, "abc");
+
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(Chunk::Data(Bytes::from_static(b"ab"))).unwrap();
+        drop(tx);
+        let e = ingest(
+            ChannelReader::new(rx),
+            Encoding::Identity,
+            io::sink(),
+            &Hints::default(),
+            &OPTS,
+        );
+        assert!(matches!(e, Err(BlobError::Interrupted(_))), "{e:?}");
+    }
+
+    #[test]
+    fn digest_parses_hex() {
+        let d = sha(b"x");
+        assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
+        assert!("zz".parse::<Digest>().is_err());
+        assert!("ab".parse::<Digest>().is_err());
+    }
+}

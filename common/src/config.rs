@@ -1,0 +1,598 @@
+//! Configuration: one TOML file, each key overridable from the environment
+//! (`S3DEDUP_<SECTION>__<KEY>`, e.g. `S3DEDUP_API__LISTEN`, `S3DEDUP_STORE__S3__BUCKET`) and by
+//! command-line flags, in that order of precedence. Every key has a default, so no file at all
+//! gives the embedded default (SQLite + a local directory store under `./s3dedup-data`).
+//!
+//! This module never reads the environment itself: the programs pass the variables in.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "S3DEDUP_";
+
+/// A configuration that cannot be used; names the key and where its value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration key `{key}` (from {origin}): {message}")]
+    Key {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    #[error("cannot read secret for `{key}` from {path}: {source}")]
+    Secret {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A string that is never printed: `Debug` shows `***`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole configuration shared by the three programs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where SQLite, the local object store and the upload spool live by default.
+    pub data_dir: PathBuf,
+    pub api: ApiConfig,
+    pub metadata: MetadataConfig,
+    pub store: StoreConfig,
+    pub locks: LocksConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("s3dedup-data"),
+            api: ApiConfig::default(),
+            metadata: MetadataConfig::default(),
+            store: StoreConfig::default(),
+            locks: LocksConfig::default(),
+        }
+    }
+}
+
+/// `[api]`: the HTTP daemon.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to bind when systemd passes no socket. Filetracker's default.
+    pub listen: SocketAddr,
+    /// Requests served at once; more wait up to `queue_timeout_secs`, then get 503.
+    pub max_concurrent_requests: usize,
+    /// How long a request may wait for a free slot before a 503.
+    pub queue_timeout_secs: u64,
+    /// Largest accepted file, uncompressed, in bytes (also bounds gzip bombs).
+    pub max_file_size: u64,
+    /// Longest accepted file path, in bytes.
+    pub max_path_length: usize,
+    /// gzip level for bodies sent uncompressed (the client's own gzip is stored as is).
+    pub compression_level: u32,
+    /// How long a request waits for a blob's lock before failing with 503.
+    pub lock_timeout_secs: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            max_concurrent_requests: 256,
+            queue_timeout_secs: 30,
+            max_file_size: 64 << 30,
+            max_path_length: crate::protocol::DEFAULT_MAX_PATH_LEN,
+            compression_level: 1,
+            lock_timeout_secs: 60,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+/// Which metadata database to use.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataBackend {
+    Sqlite,
+}
+
+/// `[metadata]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    pub backend: MetadataBackend,
+    pub sqlite: SqliteConfig,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        MetadataConfig {
+            backend: MetadataBackend::Sqlite,
+            sqlite: SqliteConfig::default(),
+        }
+    }
+}
+
+/// `[metadata.sqlite]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteConfig {
+    /// Database file; default `<data_dir>/metadata.sqlite3`.
+    pub path: Option<PathBuf>,
+    /// Read connections kept open (writes use one connection of their own).
+    pub readers: usize,
+    /// `full` survives power loss after a 200; `normal` only survives process crashes.
+    pub synchronous: SqliteSync,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            path: None,
+            readers: 4,
+            synchronous: SqliteSync::Full,
+        }
+    }
+}
+
+/// SQLite's `PRAGMA synchronous` in WAL mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    Full,
+    Normal,
+}
+
+/// Which object store keeps blob contents.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Local,
+    S3,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub local: LocalStoreConfig,
+    pub s3: S3Config,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Local,
+            local: LocalStoreConfig::default(),
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// `[store.local]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalStoreConfig {
+    /// Directory of objects; default `<data_dir>/objects`. Must be on the spool's filesystem
+    /// for uploads to commit by rename (otherwise they are copied).
+    pub path: Option<PathBuf>,
+}
+
+/// `[store.s3]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix: objects live at `<prefix>/<aa>/<bb>/<sha256>` (no prefix: `<aa>/<bb>/<sha256>`,
+    /// the upstream s3dedup layout).
+    pub prefix: String,
+    /// e.g. `http://127.0.0.1:9000`; empty means AWS.
+    pub endpoint: String,
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), what most self-hosted servers need.
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    /// Read the secret from this file instead; relative to `$CREDENTIALS_DIRECTORY` under systemd.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Objects at least this large are uploaded in parts.
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+    /// Parts of one object uploaded at once.
+    pub upload_concurrency: usize,
+    pub connect_timeout_secs: u64,
+    /// Longest silence while reading a response.
+    pub read_timeout_secs: u64,
+    /// Attempts per request, including the first (retries use exponential backoff).
+    pub max_attempts: u32,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            path_style: true,
+            access_key_id: String::new(),
+            secret_access_key: Secret::default(),
+            secret_access_key_file: None,
+            multipart_threshold: 64 << 20,
+            part_size: 16 << 20,
+            upload_concurrency: 4,
+            connect_timeout_secs: 5,
+            read_timeout_secs: 60,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Which advisory lock implementation coordinates processes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LocksBackend {
+    File,
+}
+
+/// `[locks]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    pub backend: LocksBackend,
+    /// Lock file for `file` locks; default beside the SQLite database (`<db>.locks`).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            backend: LocksBackend::File,
+            path: None,
+        }
+    }
+}
+
+impl Config {
+    /// The SQLite database file.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.metadata
+            .sqlite
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("metadata.sqlite3"))
+    }
+
+    /// The local object store directory.
+    pub fn local_store_path(&self) -> PathBuf {
+        self.store
+            .local
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("objects"))
+    }
+
+    /// Where uploads in flight are spooled (same filesystem as the data directory).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+
+    /// The lock file of `file` locks.
+    pub fn lock_file_path(&self) -> PathBuf {
+        self.locks.path.clone().unwrap_or_else(|| {
+            let mut p = self.sqlite_path().into_os_string();
+            p.push(".locks");
+            PathBuf::from(p)
+        })
+    }
+
+    /// Checks what serde cannot: ranges and keys required by the chosen backends.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
+        if self.api.compression_level > 9 {
+            return bad("api.compression_level", "must be between 0 and 9");
+        }
+        if self.api.max_concurrent_requests == 0 {
+            return bad("api.max_concurrent_requests", "must be at least 1");
+        }
+        if self.metadata.sqlite.readers == 0 {
+            return bad("metadata.sqlite.readers", "must be at least 1");
+        }
+        if self.store.backend == StoreBackend::S3 {
+            let s3 = &self.store.s3;
+            if s3.bucket.is_empty() {
+                return bad("store.s3.bucket", "required when store.backend = \"s3\"");
+            }
+            if s3.part_size < 5 << 20 {
+                return bad("store.s3.part_size", "S3 parts must be at least 5 MiB");
+            }
+            if s3.multipart_threshold < s3.part_size {
+                return bad("store.s3.multipart_threshold", "must be at least part_size");
+            }
+            if s3.upload_concurrency == 0 {
+                return bad("store.s3.upload_concurrency", "must be at least 1");
+            }
+            if s3.max_attempts == 0 {
+                return bad("store.s3.max_attempts", "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl S3Config {
+    /// The secret key: inline, from `secret_access_key_file`, or `None` (use the AWS default chain).
+    pub fn resolve_secret(&self, credentials_dir: Option<&Path>) -> Result<Option<String>, ConfigError> {
+        if !self.secret_access_key.0.is_empty() {
+            return Ok(Some(self.secret_access_key.0.clone()));
+        }
+        let Some(file) = &self.secret_access_key_file else {
+            return Ok(None);
+        };
+        let path = match credentials_dir {
+            Some(dir) if file.is_relative() => dir.join(file),
+            _ => file.clone(),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Secret {
+            key: "store.s3.secret_access_key_file".into(),
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+    }
+}
+
+/// One override of a configuration key, e.g. from an environment variable or a flag.
+#[derive(Debug, Clone)]
+pub struct Override {
+    /// Dotted key, e.g. `api.listen`.
+    pub key: String,
+    pub value: String,
+    /// Where it came from, for error messages (`environment variable S3DEDUP_API__LISTEN`).
+    pub origin: String,
+}
+
+/// Turns `S3DEDUP_*` environment variables into overrides (`S3DEDUP_STORE__S3__BUCKET` →
+/// `store.s3.bucket`). Other variables are ignored.
+pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
+    let mut out: Vec<Override> = vars
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            if rest.is_empty() {
+                return None;
+            }
+            let key = rest
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
+            Some(Override {
+                key,
+                value,
+                origin: format!("environment variable {name}"),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Loads the configuration: defaults, then the file (if any), then the overrides in order.
+pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Config, ConfigError> {
+    let (table, file_origin) = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            (table, format!("config file {}", path.display()))
+        }
+        None => (toml::Table::new(), "defaults".to_owned()),
+    };
+    // Values from strings are typed by a guess (`8` is an integer); when the guess does not fit
+    // the key's type, the value is retried as a string.
+    let mut as_string: Vec<bool> = vec![false; overrides.len()];
+    loop {
+        let mut t = table.clone();
+        for (i, o) in overrides.iter().enumerate() {
+            let value = if as_string[i] {
+                toml::Value::String(o.value.clone())
+            } else {
+                guess_value(&o.value)
+            };
+            set_key(&mut t, &o.key, value).map_err(|message| ConfigError::Key {
+                key: o.key.clone(),
+                origin: o.origin.clone(),
+                message,
+            })?;
+        }
+        let result: Result<Config, _> = serde_path_to_error::deserialize(toml::Value::Table(t));
+        match result {
+            Ok(cfg) => {
+                cfg.validate().map_err(|(key, message)| ConfigError::Key {
+                    origin: origin_of(&key, overrides, &file_origin),
+                    key,
+                    message,
+                })?;
+                return Ok(cfg);
+            }
+            Err(e) => {
+                let key = e.path().to_string();
+                let retry = overrides
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find(|(i, o)| o.key == key && !as_string[*i])
+                    .map(|(i, _)| i);
+                match retry {
+                    Some(i) if !matches!(guess_value(&overrides[i].value), toml::Value::String(_)) => {
+                        as_string[i] = true;
+                    }
+                    _ => {
+                        let message = e.into_inner().to_string();
+                        return Err(ConfigError::Key {
+                            origin: origin_of(&key, overrides, &file_origin),
+                            key,
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn origin_of(key: &str, overrides: &[Override], file_origin: &str) -> String {
+    overrides
+        .iter()
+        .rev()
+        .find(|o| o.key == key)
+        .map_or_else(|| file_origin.to_owned(), |o| o.origin.clone())
+}
+
+fn guess_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    t.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn ov(key: &str, value: &str) -> Override {
+        Override {
+            key: key.into(),
+            value: value.into(),
+            origin: format!("test {key}"),
+        }
+    }
+
+    #[test]
+    fn no_config_is_the_embedded_default() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.metadata.backend, MetadataBackend::Sqlite);
+        assert_eq!(c.store.backend, StoreBackend::Local);
+        assert_eq!(c.sqlite_path(), PathBuf::from("s3dedup-data/metadata.sqlite3"));
+        assert_eq!(c.local_store_path(), PathBuf::from("s3dedup-data/objects"));
+        assert_eq!(
+            c.lock_file_path(),
+            PathBuf::from("s3dedup-data/metadata.sqlite3.locks")
+        );
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "data_dir = \"/srv/x\"\n[api]\nlisten = \"127.0.0.1:1\"\nmax_concurrent_requests = 7\n\
+             [store]\nbackend = \"s3\"\n[store.s3]\nbucket = \"b\"\nsecret_access_key = \"hunter2\""
+        )
+        .unwrap();
+        let env = env_overrides([
+            ("S3DEDUP_API__LISTEN".to_owned(), "127.0.0.1:2".to_owned()),
+            ("S3DEDUP_STORE__S3__BUCKET".to_owned(), "123".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ]);
+        assert_eq!(env.len(), 2);
+        let mut all = env.clone();
+        all.push(ov("api.listen", "127.0.0.1:3"));
+        let c = load(Some(f.path()), &all).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/x"));
+        assert_eq!(c.api.listen.port(), 3);
+        assert_eq!(c.api.max_concurrent_requests, 7);
+        assert_eq!(c.store.s3.bucket, "123", "numeric-looking strings stay strings");
+        assert!(!format!("{c:?}").contains("hunter2"), "secrets are not printed");
+        assert_eq!(c.store.s3.resolve_secret(None).unwrap().as_deref(), Some("hunter2"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_origin() {
+        let e = load(None, &[ov("api.listen", "not an address")]).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("api.listen") && s.contains("test api.listen"), "{s}");
+
+        let e = load(None, &[ov("api.max_concurrent_requests", "many")]).unwrap_err();
+        assert!(e.to_string().contains("api.max_concurrent_requests"), "{e}");
+
+        let e = load(None, &[ov("api.lisen", "x")]).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+
+        let e = load(None, &[ov("store.backend", "s3")]).unwrap_err();
+        assert!(e.to_string().contains("store.s3.bucket"), "{e}");
+
+        let e = load(None, &[ov("api.compression_level", "12")]).unwrap_err();
+        assert!(e.to_string().contains("api.compression_level"), "{e}");
+
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[api\nlisten=").unwrap();
+        let e = load(Some(f.path()), &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+        let e = load(Some(Path::new("/nonexistent/s3dedup.toml")), &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/s3dedup.toml"), "{e}");
+    }
+
+    #[test]
+    fn secret_from_file_relative_to_credentials_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s3-secret"), "s3cr3t\n").unwrap();
+        let c = load(None, &[ov("store.s3.secret_access_key_file", "s3-secret")]).unwrap();
+        assert_eq!(
+            c.store.s3.resolve_secret(Some(dir.path())).unwrap().as_deref(),
+            Some("s3cr3t")
+        );
+        let e = c.store.s3.resolve_secret(None).unwrap_err();
+        assert!(e.to_string().contains("secret_access_key_file"), "{e}");
+    }
+}

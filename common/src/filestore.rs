@@ -1,0 +1,255 @@
+//! The deduplicating file store: the one place that orders object-store, metadata and lock
+//! operations so the invariants of DESIGN.md hold for every program that writes files.
+//!
+//! PUT: spool and verify the body, take the digest's lock, upload the object unless a live row
+//! exists, commit the metadata in one transaction, release the lock (object first, then row).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::blob::{BlobError, BlobInfo, Digest, Encoding, Hints, IngestOptions, ingest};
+use crate::locks::{LockError, LockManager, LockMode, blob_lock};
+use crate::meta::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome};
+use crate::protocol::Version;
+use crate::store::{ObjectStore, ObjectStream, StoreError};
+
+/// Why a file operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileStoreError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("cannot create spool file in {dir}: {source}")]
+    Spool { dir: PathBuf, source: io::Error },
+    #[error("object for {path} (blob {digest}) is missing from the object store")]
+    ObjectMissing { path: String, digest: Digest },
+}
+
+/// A verified body waiting in the spool, ready to be committed.
+#[derive(Debug)]
+pub struct Spooled {
+    pub file: tempfile::NamedTempFile,
+    pub info: BlobInfo,
+}
+
+/// The result of committing a PUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub outcome: PutOutcome,
+    /// True when the content was already stored and no object was written.
+    pub deduplicated: bool,
+}
+
+/// A file opened for reading.
+pub struct Opened {
+    pub entry: FileEntry,
+    pub body: ObjectStream,
+}
+
+/// Metadata + objects + locks, wired together.
+pub struct FileStore {
+    pub meta: Arc<dyn MetaStore>,
+    pub store: Arc<dyn ObjectStore>,
+    pub locks: Arc<dyn LockManager>,
+    spool_dir: PathBuf,
+    lock_timeout: Duration,
+}
+
+impl FileStore {
+    /// Wires the parts; creates the spool directory.
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        store: Arc<dyn ObjectStore>,
+        locks: Arc<dyn LockManager>,
+        spool_dir: &Path,
+        lock_timeout: Duration,
+    ) -> Result<Self, FileStoreError> {
+        std::fs::create_dir_all(spool_dir).map_err(|source| FileStoreError::Spool {
+            dir: spool_dir.to_owned(),
+            source,
+        })?;
+        Ok(FileStore {
+            meta,
+            store,
+            locks,
+            spool_dir: spool_dir.to_owned(),
+            lock_timeout,
+        })
+    }
+
+    /// A fresh spool file, deleted when dropped unless committed.
+    pub fn spool_file(&self) -> Result<tempfile::NamedTempFile, FileStoreError> {
+        tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&self.spool_dir)
+            .map_err(|source| FileStoreError::Spool {
+                dir: self.spool_dir.clone(),
+                source,
+            })
+    }
+
+    /// Reads a body (blocking) into a new spool file, verifying it. Run off the async runtime.
+    pub fn spool_blocking<R: io::Read>(
+        &self,
+        body: R,
+        encoding: Encoding,
+        hints: &Hints,
+        opts: &IngestOptions,
+    ) -> Result<Spooled, FileStoreError> {
+        let file = self.spool_file()?;
+        let writer = io::BufWriter::with_capacity(256 * 1024, file.as_file());
+        let info = ingest(body, encoding, writer, hints, opts)?;
+        Ok(Spooled { file, info })
+    }
+
+    /// Makes `path` hold the spooled content at `version` (unless a newer version is stored).
+    pub async fn commit(
+        &self,
+        path: &str,
+        version: Version,
+        spooled: Spooled,
+        now: i64,
+    ) -> Result<Committed, FileStoreError> {
+        let Spooled { file, info } = spooled;
+        let guard = self
+            .locks
+            .lock(&blob_lock(&info.digest), LockMode::Exclusive, self.lock_timeout)
+            .await?;
+        let live = self.meta.blob_is_live(&info.digest).await?;
+        if !live {
+            self.store.put(&info.digest, file, info.stored_size).await?;
+        }
+        let outcome = self.meta.put_file(path, version, &info, !live, now).await?;
+        guard.release();
+        Ok(Committed {
+            outcome,
+            deduplicated: live,
+        })
+    }
+
+    /// The file's metadata, without touching the object store.
+    pub async fn stat(&self, path: &str) -> Result<Option<FileEntry>, FileStoreError> {
+        Ok(self.meta.get_file(path).await?)
+    }
+
+    /// Opens a file for streaming. A concurrent overwrite + cleanup can remove the object between
+    /// reading the row and opening the object; then the row is read again.
+    pub async fn open(&self, path: &str) -> Result<Option<Opened>, FileStoreError> {
+        let mut attempts = 0;
+        loop {
+            let Some(entry) = self.meta.get_file(path).await? else {
+                return Ok(None);
+            };
+            match self.store.get(&entry.blob.digest).await {
+                Ok(body) => return Ok(Some(Opened { entry, body })),
+                Err(StoreError::NotFound { .. }) if attempts < 2 => {
+                    attempts += 1;
+                    let again = self.meta.get_file(path).await?;
+                    if again.as_ref().map(|e| e.blob.digest) == Some(entry.blob.digest) {
+                        return Err(FileStoreError::ObjectMissing {
+                            path: path.to_owned(),
+                            digest: entry.blob.digest,
+                        });
+                    }
+                }
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(FileStoreError::ObjectMissing {
+                        path: path.to_owned(),
+                        digest: entry.blob.digest,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Deletes `path` unless a newer version is stored. The object stays for the cleaner.
+    pub async fn delete(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<DeleteOutcome, FileStoreError> {
+        Ok(self.meta.delete_file(path, version, now).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SqliteSync;
+    use crate::locks::FileLocks;
+    use crate::meta::SqliteMeta;
+    use crate::store::FsStore;
+    use futures::TryStreamExt;
+
+    async fn fixture(dir: &Path) -> FileStore {
+        let meta = SqliteMeta::open(&dir.join("m.sqlite3"), 2, SqliteSync::Normal)
+            .await
+            .unwrap();
+        let store = FsStore::open(dir.join("objects")).unwrap();
+        let locks = FileLocks::open(&dir.join("locks")).unwrap();
+        FileStore::new(
+            Arc::new(meta),
+            Arc::new(store),
+            Arc::new(locks),
+            &dir.join("spool"),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    const OPTS: IngestOptions = IngestOptions {
+        level: 1,
+        max_logical_size: 1 << 20,
+    };
+
+    #[tokio::test]
+    async fn same_content_is_stored_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = fixture(dir.path()).await;
+        let mut deduped = vec![];
+        for i in 0..3 {
+            let s = fs
+                .spool_blocking(&b"same"[..], Encoding::Identity, &Hints::default(), &OPTS)
+                .unwrap();
+            let c = fs.commit(&format!("/f{i}"), 5, s, 0).await.unwrap();
+            assert_eq!(c.outcome, PutOutcome::Stored { version: 5 });
+            deduped.push(c.deduplicated);
+        }
+        assert_eq!(deduped, [false, true, true]);
+        let stats = fs.meta.stats().await.unwrap();
+        assert_eq!((stats.files, stats.blobs), (3, 1));
+        let opened = fs.open("/f1").await.unwrap().unwrap();
+        let gz: Vec<bytes::Bytes> = opened.body.try_collect().await.unwrap();
+        let (_, n) = crate::blob::inflate(&gz.concat()[..], io::sink()).unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("spool")).unwrap().count(),
+            0,
+            "no spool files left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_row_without_its_object_is_an_error_not_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = fixture(dir.path()).await;
+        let s = fs
+            .spool_blocking(&b"x"[..], Encoding::Identity, &Hints::default(), &OPTS)
+            .unwrap();
+        let digest = s.info.digest;
+        fs.commit("/x", 1, s, 0).await.unwrap();
+        fs.store.delete(&digest).await.unwrap();
+        let e = fs.open("/x").await.err().unwrap();
+        assert!(matches!(e, FileStoreError::ObjectMissing { .. }), "{e}");
+        assert!(fs.open("/nothing").await.unwrap().is_none());
+    }
+}

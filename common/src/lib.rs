@@ -1,0 +1,20 @@
+//! `s3dedup-common`: everything the s3dedup programs share. One module per decision:
+//! configuration, the Filetracker protocol, the blob codec, the metadata store, advisory locks,
+//! the object store, the file store that orders them, and systemd integration.
+//! Nothing here reads configuration from the environment or prints.
+
+pub mod blob;
+pub mod config;
+pub mod filestore;
+pub mod locks;
+pub mod meta;
+pub mod protocol;
+pub mod store;
+pub mod systemd;
+
+/// Seconds since the Unix epoch, the clock of versions and grace periods.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

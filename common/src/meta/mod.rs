@@ -1,0 +1,250 @@
+//! The metadata store: which path holds which version of which blob, and each blob's reference
+//! count. It is the only judge of liveness (DESIGN invariant 2). Every change a request makes is
+//! one transaction.
+
+mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::blob::{BlobInfo, Digest};
+use crate::protocol::Version;
+
+pub use sqlite::SqliteMeta;
+
+/// A file as the metadata knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    pub path: String,
+    pub version: Version,
+    pub blob: BlobInfo,
+}
+
+/// What a PUT did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The path now holds the request's version.
+    Stored { version: Version },
+    /// A strictly newer version is stored; nothing changed.
+    Newer { version: Version },
+}
+
+/// What a DELETE did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    /// A strictly newer version is stored; nothing changed.
+    Newer {
+        version: Version,
+    },
+    NotFound,
+}
+
+/// Totals for `/metrics` and reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub files: u64,
+    pub blobs: u64,
+    /// Uncompressed bytes of all distinct contents.
+    pub logical_bytes: u64,
+    /// Bytes the object store holds for them.
+    pub stored_bytes: u64,
+    /// Uncompressed bytes of all files, as clients see them (duplicates counted each time).
+    pub referenced_bytes: u64,
+}
+
+/// Why the metadata store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database unavailable: {0}")]
+    Unavailable(String),
+    #[error("metadata database error: {0}")]
+    Database(String),
+    #[error("metadata is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// The metadata database. Implementations: SQLite (one host).
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Human-readable description for logs.
+    fn describe(&self) -> String;
+
+    /// The file at `path` with its blob, if any.
+    async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError>;
+
+    /// True when a live row exists for the digest (its object is stored). Callers that act on
+    /// the answer hold the digest's lock.
+    async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError>;
+
+    /// One transaction: make `path` point at `blob` with `version` unless a strictly newer
+    /// version is stored, adjusting reference counts. `uploaded` says the caller has just stored
+    /// the object (under the digest's lock), so the blob row is created or revived with these
+    /// sizes; otherwise the blob row must already be live.
+    async fn put_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError>;
+
+    /// One transaction: remove `path` unless a strictly newer version is stored.
+    async fn delete_file(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<DeleteOutcome, MetaError>;
+
+    /// Paths starting with `prefix` (all when empty) with version ≤ `cutoff`, sorted, strictly
+    /// after `after`, at most `limit`.
+    async fn list_files(
+        &self,
+        prefix: &str,
+        cutoff: Version,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError>;
+
+    /// Totals over files and live blobs.
+    async fn stats(&self) -> Result<Stats, MetaError>;
+
+    /// Blobs whose recorded reference count differs from the number of files pointing at them,
+    /// as `(digest, recorded, actual)`. Empty on a consistent store.
+    async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError>;
+
+    /// Checks that the database answers.
+    async fn check(&self) -> Result<(), MetaError>;
+}
+
+/// The smallest string greater than every string starting with `prefix` (for range scans).
+/// Listing prefixes end in `/`, so the last byte is always ASCII.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0x7f {
+            bytes.push(last + 1);
+            return String::from_utf8(bytes).ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The behaviour every metadata store must have; run against each implementation.
+    use super::*;
+
+    fn blob(n: u8, size: u64) -> BlobInfo {
+        BlobInfo {
+            digest: Digest([n; 32]),
+            logical_size: size,
+            stored_size: size / 2 + 20,
+        }
+    }
+
+    pub async fn versions_follow_filetracker(m: &dyn MetaStore) {
+        let a = blob(1, 100);
+        let b = blob(2, 200);
+        assert_eq!(m.get_file("/x").await.unwrap(), None);
+        assert!(!m.blob_is_live(&a.digest).await.unwrap());
+        assert_eq!(
+            m.put_file("/x", 10, &a, true, 1).await.unwrap(),
+            PutOutcome::Stored { version: 10 }
+        );
+        assert!(m.blob_is_live(&a.digest).await.unwrap());
+        // Older: ignored, reported.
+        assert_eq!(
+            m.put_file("/x", 9, &b, true, 1).await.unwrap(),
+            PutOutcome::Newer { version: 10 }
+        );
+        assert_eq!(m.get_file("/x").await.unwrap().unwrap().blob, a);
+        // Equal: overwrites.
+        assert_eq!(
+            m.put_file("/x", 10, &b, false, 1).await.unwrap(),
+            PutOutcome::Stored { version: 10 }
+        );
+        let f = m.get_file("/x").await.unwrap().unwrap();
+        assert_eq!((f.version, f.blob), (10, b));
+        assert_eq!(
+            m.delete_file("/x", 9, 2).await.unwrap(),
+            DeleteOutcome::Newer { version: 10 }
+        );
+        assert_eq!(m.delete_file("/x", 10, 2).await.unwrap(), DeleteOutcome::Deleted);
+        assert_eq!(m.delete_file("/x", 10, 2).await.unwrap(), DeleteOutcome::NotFound);
+        assert_eq!(m.get_file("/x").await.unwrap(), None);
+    }
+
+    pub async fn refcounts_track_references(m: &dyn MetaStore) {
+        let a = blob(3, 1000);
+        let b = blob(4, 10);
+        for i in 0..5 {
+            let uploaded = i == 0;
+            m.put_file(&format!("/d/{i}"), 1, &a, uploaded, 1).await.unwrap();
+        }
+        m.put_file("/d/b", 1, &b, true, 1).await.unwrap();
+        let s = m.stats().await.unwrap();
+        assert_eq!((s.files, s.blobs), (6, 2));
+        assert_eq!(s.logical_bytes, 1010);
+        assert_eq!(s.referenced_bytes, 5 * 1000 + 10);
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+        // Overwrite one reference of `a` with `b`, delete the others.
+        m.put_file("/d/0", 2, &b, false, 1).await.unwrap();
+        for i in 1..5 {
+            m.delete_file(&format!("/d/{i}"), 5, 3).await.unwrap();
+        }
+        let s = m.stats().await.unwrap();
+        assert_eq!(s.files, 2);
+        assert_eq!(s.referenced_bytes, 20);
+        // `a` is unreferenced but its row lives on until the cleaner removes it.
+        assert!(m.blob_is_live(&a.digest).await.unwrap());
+        // Re-referencing an unreferenced blob needs no upload.
+        m.put_file("/d/again", 1, &a, false, 4).await.unwrap();
+        assert_eq!(m.stats().await.unwrap().referenced_bytes, 1020);
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
+    pub async fn newer_put_of_a_new_blob_keeps_its_row(m: &dyn MetaStore) {
+        let a = blob(5, 1);
+        let b = blob(6, 2);
+        m.put_file("/n", 100, &a, true, 1).await.unwrap();
+        // An object was uploaded for `b`, but the path is newer: the row must still record it
+        // so the cleaner can reclaim the object.
+        m.put_file("/n", 50, &b, true, 1).await.unwrap();
+        assert!(m.blob_is_live(&b.digest).await.unwrap());
+        assert_eq!(m.stats().await.unwrap().blobs, 2);
+    }
+
+    pub async fn listing_is_sorted_prefixed_and_cut_off(m: &dyn MetaStore) {
+        let a = blob(7, 1);
+        let paths = ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/la", "/m", "/l/ż"];
+        for (i, p) in paths.iter().enumerate() {
+            m.put_file(p, 10 + i as i64, &a, i == 0, 1).await.unwrap();
+        }
+        let all = m.list_files("/l/", i64::MAX, None, 100).await.unwrap();
+        assert_eq!(all, ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/l/ż"]);
+        let cut = m.list_files("/l/", 12, None, 100).await.unwrap();
+        assert_eq!(cut, ["/l/a", "/l/b/c", "/l/b/d"], "cutoff is inclusive");
+        let page = m.list_files("/l/", i64::MAX, Some("/l/b/c"), 2).await.unwrap();
+        assert_eq!(page, ["/l/b/d", "/l/z"]);
+        let everything = m.list_files("", i64::MAX, None, 100).await.unwrap();
+        assert_eq!(everything.len(), paths.len());
+    }
+
+    pub async fn run_all(make: impl AsyncFn() -> Box<dyn MetaStore>) {
+        versions_follow_filetracker(&*make().await).await;
+        refcounts_track_references(&*make().await).await;
+        newer_put_of_a_new_blob_keeps_its_row(&*make().await).await;
+        listing_is_sorted_prefixed_and_cut_off(&*make().await).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefix_end_bounds_the_range() {
+        assert_eq!(super::prefix_end("/a/").as_deref(), Some("/a0"));
+        assert_eq!(super::prefix_end("").as_deref(), None);
+    }
+}

@@ -1,0 +1,496 @@
+//! Metadata in one SQLite file (WAL mode), shared by the three programs on one host.
+//!
+//! Writes go through a single connection, taken asynchronously so waiting writers hold no
+//! thread; reads use a small pool. All SQLite calls run on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::Semaphore;
+
+use super::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome, Stats, prefix_end};
+use crate::blob::{BlobInfo, Digest};
+use crate::config::SqliteSync;
+use crate::protocol::Version;
+
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Versioned schema changes, applied in order, each once, each in its own transaction.
+const MIGRATIONS: &[&str] = &[
+    // 1: files and blobs.
+    "CREATE TABLE blobs (
+        digest TEXT PRIMARY KEY NOT NULL,
+        logical_size INTEGER NOT NULL,
+        stored_size INTEGER NOT NULL,
+        refcount INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
+        unreferenced_since INTEGER,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE files (
+        path TEXT PRIMARY KEY NOT NULL,
+        version INTEGER NOT NULL,
+        digest TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX files_by_digest ON files (digest);
+    CREATE INDEX blobs_unreferenced ON blobs (unreferenced_since) WHERE refcount = 0;",
+];
+
+/// SQLite-backed [`MetaStore`].
+pub struct SqliteMeta {
+    path: PathBuf,
+    writer: Arc<tokio::sync::Mutex<Connection>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    reader_slots: Arc<Semaphore>,
+}
+
+fn db_error(e: rusqlite::Error) -> MetaError {
+    use rusqlite::ErrorCode as C;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::CannotOpen
+            | C::DiskFull
+            | C::SystemIoFailure
+            | C::ReadOnly
+            | C::PermissionDenied
+            | C::OutOfMemory => MetaError::Unavailable(e.to_string()),
+            _ => MetaError::Database(e.to_string()),
+        },
+        _ => MetaError::Database(e.to_string()),
+    }
+}
+
+fn open_connection(path: &Path, sync: SqliteSync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match sync {
+        SqliteSync::Full => "FULL",
+        SqliteSync::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    Ok(conn)
+}
+
+/// Applies pending migrations. `BEGIN IMMEDIATE` serializes processes starting at once.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let applied: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        if version > applied {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, unixepoch())",
+                [version],
+            )?;
+        }
+    }
+    tx.commit()
+}
+
+fn parse_digest(s: String) -> rusqlite::Result<Digest> {
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl SqliteMeta {
+    /// Opens (creating and migrating) the database file.
+    pub async fn open(path: &Path, readers: usize, sync: SqliteSync) -> Result<Self, MetaError> {
+        let path = path.to_owned();
+        let p = path.clone();
+        let (writer, pool) = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    MetaError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            let ctx = |e: rusqlite::Error| match db_error(e) {
+                MetaError::Unavailable(m) => {
+                    MetaError::Unavailable(format!("{}: {m}", p.display()))
+                }
+                other => other,
+            };
+            let mut writer = open_connection(&p, sync).map_err(ctx)?;
+            migrate(&mut writer).map_err(ctx)?;
+            let pool = (0..readers)
+                .map(|_| open_connection(&p, sync))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(ctx)?;
+            Ok::<_, MetaError>((writer, pool))
+        })
+        .await
+        .map_err(|e| MetaError::Database(e.to_string()))??;
+        Ok(SqliteMeta {
+            path,
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            reader_slots: Arc::new(Semaphore::new(pool.len())),
+            readers: Arc::new(Mutex::new(pool)),
+        })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _slot = self
+            .reader_slots
+            .acquire()
+            .await
+            .map_err(|e| MetaError::Database(e.to_string()))?;
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers
+                .lock()
+                .map_err(|_| MetaError::Database("reader pool poisoned".into()))?
+                .pop()
+                .ok_or_else(|| MetaError::Database("reader pool empty".into()))?;
+            let result = f(&conn).map_err(db_error);
+            if let Ok(mut pool) = readers.lock() {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| MetaError::Database(e.to_string()))?
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, MetaError> + Send + 'static,
+    {
+        let mut conn = self.writer.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(|e| MetaError::Database(e.to_string()))?
+    }
+}
+
+/// Drops one reference from `digest`, stamping when it became unreferenced.
+fn unreference(tx: &rusqlite::Transaction<'_>, digest: &str, now: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE blobs SET refcount = refcount - 1,
+            unreferenced_since = CASE WHEN refcount - 1 <= 0 THEN ?2 ELSE unreferenced_since END
+         WHERE digest = ?1",
+        params![digest, now],
+    )?;
+    Ok(())
+}
+
+#[async_trait]
+impl MetaStore for SqliteMeta {
+    fn describe(&self) -> String {
+        format!("sqlite {}", self.path.display())
+    }
+
+    async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
+        let path = path.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT f.version, f.digest, b.logical_size, b.stored_size
+                 FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = ?1",
+            )?
+            .query_row([&path], |r| {
+                Ok(FileEntry {
+                    path: path.clone(),
+                    version: r.get(0)?,
+                    blob: BlobInfo {
+                        digest: parse_digest(r.get(1)?)?,
+                        logical_size: r.get::<_, i64>(2)? as u64,
+                        stored_size: r.get::<_, i64>(3)? as u64,
+                    },
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let digest = digest.to_hex();
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")?
+                .exists([&digest])
+        })
+        .await
+    }
+
+    async fn put_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError> {
+        let path = path.to_owned();
+        let blob = *blob;
+        self.write(move |conn| {
+            let digest = blob.digest.to_hex();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
+            let current: Option<(i64, String)> = tx
+                .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
+                .and_then(|mut s| s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(db_error)?;
+            if uploaded {
+                // A new row starts unreferenced, so the cleaner can reclaim its object if no
+                // file ends up pointing at it (e.g. a newer version was stored meanwhile).
+                tx.execute(
+                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                        unreferenced_since, created_at)
+                     VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)
+                     ON CONFLICT (digest) DO UPDATE SET state = 'live',
+                        logical_size = excluded.logical_size, stored_size = excluded.stored_size",
+                    params![digest, blob.logical_size as i64, blob.stored_size as i64, now],
+                )
+                .map_err(db_error)?;
+            } else {
+                let live = tx
+                    .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")
+                    .and_then(|mut s| s.exists([&digest]))
+                    .map_err(db_error)?;
+                if !live {
+                    return Err(MetaError::Inconsistent(format!(
+                        "blob {digest} is not live although its lock was held"
+                    )));
+                }
+            }
+            let outcome = match &current {
+                Some((stored, _)) if *stored > version => PutOutcome::Newer { version: *stored },
+                Some((_, old)) if *old == digest => {
+                    tx.execute(
+                        "UPDATE files SET version = ?2 WHERE path = ?1",
+                        params![path, version],
+                    )
+                    .map_err(db_error)?;
+                    PutOutcome::Stored { version }
+                }
+                _ => {
+                    tx.execute(
+                        "INSERT INTO files (path, version, digest) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (path) DO UPDATE SET version = excluded.version,
+                            digest = excluded.digest",
+                        params![path, version, digest],
+                    )
+                    .map_err(db_error)?;
+                    tx.execute(
+                        "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
+                         WHERE digest = ?1",
+                        [&digest],
+                    )
+                    .map_err(db_error)?;
+                    if let Some((_, old)) = &current {
+                        unreference(&tx, old, now).map_err(db_error)?;
+                    }
+                    PutOutcome::Stored { version }
+                }
+            };
+            tx.commit().map_err(db_error)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn delete_file(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<DeleteOutcome, MetaError> {
+        let path = path.to_owned();
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
+            let current: Option<(i64, String)> = tx
+                .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
+                .and_then(|mut s| s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(db_error)?;
+            let outcome = match current {
+                None => DeleteOutcome::NotFound,
+                Some((stored, _)) if stored > version => DeleteOutcome::Newer { version: stored },
+                Some((_, digest)) => {
+                    tx.execute("DELETE FROM files WHERE path = ?1", [&path])
+                        .map_err(db_error)?;
+                    unreference(&tx, &digest, now).map_err(db_error)?;
+                    DeleteOutcome::Deleted
+                }
+            };
+            tx.commit().map_err(db_error)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn list_files(
+        &self,
+        prefix: &str,
+        cutoff: Version,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        let start = after.unwrap_or(prefix).to_owned();
+        let end = prefix_end(prefix);
+        let limit = limit as i64;
+        self.read(move |c| {
+            let mut out = Vec::new();
+            let mut push = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+                out.push(r.get(0)?);
+                Ok(())
+            };
+            match &end {
+                Some(end) => {
+                    let mut s = c.prepare_cached(
+                        "SELECT path FROM files WHERE path > ?1 AND path < ?2 AND version <= ?3
+                         ORDER BY path LIMIT ?4",
+                    )?;
+                    let mut rows = s.query(params![start, end, cutoff, limit])?;
+                    while let Some(r) = rows.next()? {
+                        push(r)?;
+                    }
+                }
+                None => {
+                    let mut s = c.prepare_cached(
+                        "SELECT path FROM files WHERE path > ?1 AND version <= ?2
+                         ORDER BY path LIMIT ?3",
+                    )?;
+                    let mut rows = s.query(params![start, cutoff, limit])?;
+                    while let Some(r) = rows.next()? {
+                        push(r)?;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats, MetaError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT
+                    (SELECT COUNT(*) FROM files),
+                    (SELECT COUNT(*) FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(logical_size), 0) FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(stored_size), 0) FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(b.logical_size), 0)
+                       FROM files f JOIN blobs b ON b.digest = f.digest)",
+                [],
+                |r| {
+                    Ok(Stats {
+                        files: r.get::<_, i64>(0)? as u64,
+                        blobs: r.get::<_, i64>(1)? as u64,
+                        logical_bytes: r.get::<_, i64>(2)? as u64,
+                        stored_bytes: r.get::<_, i64>(3)? as u64,
+                        referenced_bytes: r.get::<_, i64>(4)? as u64,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError> {
+        self.read(|c| {
+            let mut s = c.prepare(
+                "SELECT digest, refcount, actual FROM (
+                    SELECT b.digest, b.refcount,
+                        (SELECT COUNT(*) FROM files f WHERE f.digest = b.digest) AS actual
+                    FROM blobs b)
+                 WHERE refcount != actual
+                 UNION ALL
+                 SELECT f.digest, 0, COUNT(*) FROM files f
+                    LEFT JOIN blobs b ON b.digest = f.digest
+                 WHERE b.digest IS NULL GROUP BY f.digest",
+            )?;
+            let rows = s.query_map([], |r| Ok((parse_digest(r.get(0)?)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), MetaError> {
+        self.read(|c| c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |_| Ok(())))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let dir_path = dir.path().to_owned();
+        super::super::conformance::run_all(async || -> Box<dyn MetaStore> {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = dir_path.join(format!("m{i}.sqlite3"));
+            let m = SqliteMeta::open(&p, 2, SqliteSync::Normal).await.unwrap();
+            Box::new(m) as Box<dyn MetaStore>
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/m.sqlite3");
+        let b = BlobInfo {
+            digest: Digest([9; 32]),
+            logical_size: 3,
+            stored_size: 23,
+        };
+        {
+            let m = SqliteMeta::open(&p, 1, SqliteSync::Full).await.unwrap();
+            m.put_file("/a", 1, &b, true, 0).await.unwrap();
+        }
+        let (m1, m2) = tokio::join!(
+            SqliteMeta::open(&p, 1, SqliteSync::Full),
+            SqliteMeta::open(&p, 1, SqliteSync::Full)
+        );
+        let m = m1.unwrap();
+        drop(m2.unwrap());
+        assert_eq!(m.get_file("/a").await.unwrap().unwrap().blob, b);
+        let n: i64 = m
+            .read(|c| c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn unopenable_database_is_unavailable() {
+        let e = SqliteMeta::open(Path::new("/proc/nope/m.sqlite3"), 1, SqliteSync::Full)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, MetaError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("/proc/nope"), "{e}");
+    }
+}

@@ -1,0 +1,118 @@
+//! The object store: where blob contents live, keyed by digest. The metadata database, not the
+//! store, decides whether a blob exists (DESIGN invariant 2); the store only holds bytes.
+
+mod fs;
+mod s3;
+
+use std::io;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+use crate::blob::Digest;
+
+pub use fs::FsStore;
+pub use s3::S3Store;
+
+/// The bytes of a stored object, streamed.
+pub type ObjectStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// Why the object store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} does not exist in the object store")]
+    NotFound { key: String },
+    #[error("object store unavailable while {op} {key}: {message}")]
+    Unavailable {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("object store is out of space while {op} {key}")]
+    Full { op: &'static str, key: String },
+    #[error("object store failed while {op} {key}: {source}")]
+    Io {
+        op: &'static str,
+        key: String,
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    fn io(op: &'static str, key: &str, source: io::Error) -> Self {
+        if source.raw_os_error() == Some(nix::libc::ENOSPC)
+            || source.raw_os_error() == Some(nix::libc::EDQUOT)
+        {
+            StoreError::Full {
+                op,
+                key: key.to_owned(),
+            }
+        } else {
+            StoreError::Io {
+                op,
+                key: key.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+/// A place that keeps blob objects. Implementations: a local directory and S3.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Human-readable description for logs (`s3://bucket/prefix`, `file:///var/lib/...`).
+    fn describe(&self) -> String;
+
+    /// The key (or relative path) of a digest's object.
+    fn key(&self, digest: &Digest) -> String;
+
+    /// Stores the spooled gzip bytes as the digest's object, durably, replacing any object there.
+    /// Consumes the spool file (it is renamed into place or deleted).
+    async fn put(
+        &self,
+        digest: &Digest,
+        spool: tempfile::NamedTempFile,
+        size: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Streams a digest's object; `NotFound` when there is none.
+    async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError>;
+
+    /// The object's stored size, or `None` when there is none.
+    async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// Deletes a digest's object; deleting a missing object succeeds.
+    async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
+
+    /// Checks that the store answers (for readiness and `/health`).
+    async fn check(&self) -> Result<(), StoreError>;
+}
+
+/// `<prefix>/<aa>/<bb>/<sha256>`: the upstream s3dedup layout, so its buckets can be adopted.
+pub fn object_key(prefix: &str, digest: &Digest) -> String {
+    let hex = digest.to_hex();
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        format!("{}/{}/{}", &hex[0..2], &hex[2..4], hex)
+    } else {
+        format!("{}/{}/{}/{}", prefix, &hex[0..2], &hex[2..4], hex)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_shard_by_two_levels() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0x12;
+        bytes[1] = 0xab;
+        let d = Digest(bytes);
+        let hex = d.to_hex();
+        assert_eq!(object_key("", &d), format!("12/ab/{hex}"));
+        assert_eq!(object_key("/blobs/", &d), format!("blobs/12/ab/{hex}"));
+    }
+}

@@ -1,0 +1,45 @@
+//! systemd integration: readiness, status and watchdog notifications, and socket activation.
+//! Outside systemd every call is a harmless no-op. These read only systemd's own protocol
+//! variables (`NOTIFY_SOCKET`, `LISTEN_FDS`, `WATCHDOG_USEC`), never configuration.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+/// Tells systemd the service is ready, with a first status line.
+pub fn notify_ready(status: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// Updates the one-line status `systemctl status` shows.
+pub fn notify_status(status: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Status(status)]);
+}
+
+/// Tells systemd the service is shutting down.
+pub fn notify_stopping(status: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// Pets the watchdog.
+pub fn notify_watchdog() {
+    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+}
+
+/// How often to pet the watchdog (half its timeout), when systemd enabled one for this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Listening sockets passed by systemd socket activation, as std listeners (first is fd 3).
+pub fn listen_sockets() -> std::io::Result<Vec<std::net::TcpListener>> {
+    let fds: Vec<RawFd> = sd_notify::listen_fds()?.collect();
+    Ok(fds
+        .into_iter()
+        // SAFETY: systemd passed these descriptors to this process for it to own; each is
+        // taken exactly once here (sd_notify only reads the variables).
+        .map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) })
+        .collect())
+}
