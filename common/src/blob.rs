@@ -43,8 +43,7 @@ impl FromStr for Digest {
     type Err = BlobError;
     fn from_str(s: &str) -> Result<Self, BlobError> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s.trim(), &mut out)
-            .map_err(|_| BlobError::BadDigest(s.to_owned()))?;
+        hex::decode_to_slice(s.trim(), &mut out).map_err(|_| BlobError::BadDigest(s.to_owned()))?;
         Ok(Digest(out))
     }
 }
@@ -278,7 +277,10 @@ pub fn ingest<R: Read, W: Write>(
             tee.count
         }
         Encoding::Identity => {
-            let counting = CountingWriter { inner: out, count: 0 };
+            let counting = CountingWriter {
+                inner: out,
+                count: 0,
+            };
             let mut encoder = GzEncoder::new(counting, Compression::new(opts.level.min(9)));
             let mut body = body;
             loop {
@@ -396,14 +398,35 @@ mod tests {
             sha256: Some(sha(b"abd")),
             logical_size: None,
         };
-        let e = ingest(&content[..], Encoding::Identity, io::sink(), &wrong_sum, &OPTS);
-        assert!(matches!(e, Err(BlobError::ChecksumMismatch { .. })), "{e:?}");
+        let e = ingest(
+            &content[..],
+            Encoding::Identity,
+            io::sink(),
+            &wrong_sum,
+            &OPTS,
+        );
+        assert!(
+            matches!(e, Err(BlobError::ChecksumMismatch { .. })),
+            "{e:?}"
+        );
         let wrong_size = Hints {
             sha256: None,
             logical_size: Some(4),
         };
-        let e = ingest(&content[..], Encoding::Identity, io::sink(), &wrong_size, &OPTS);
-        assert!(matches!(e, Err(BlobError::SizeMismatch { claimed: 4, actual: 3 })));
+        let e = ingest(
+            &content[..],
+            Encoding::Identity,
+            io::sink(),
+            &wrong_size,
+            &OPTS,
+        );
+        assert!(matches!(
+            e,
+            Err(BlobError::SizeMismatch {
+                claimed: 4,
+                actual: 3
+            })
+        ));
     }
 
     #[test]
@@ -418,17 +441,35 @@ mod tests {
         assert!(matches!(e, Err(BlobError::BadGzip(_))), "{e:?}");
         let gz = gzip(&b"x".repeat(100_000), 6);
         for cut in [5, gz.len() / 2, gz.len() - 4] {
-            let e = ingest(&gz[..cut], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+            let e = ingest(
+                &gz[..cut],
+                Encoding::Gzip,
+                io::sink(),
+                &Hints::default(),
+                &OPTS,
+            );
             assert!(e.is_err(), "truncated at {cut} of {} accepted", gz.len());
         }
         let mut corrupt = gz.clone();
         let n = corrupt.len();
         corrupt[n - 6] ^= 0xff; // CRC
-        let e = ingest(&corrupt[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+        let e = ingest(
+            &corrupt[..],
+            Encoding::Gzip,
+            io::sink(),
+            &Hints::default(),
+            &OPTS,
+        );
         assert!(e.is_err(), "bad CRC accepted");
         let mut trailing = gz.clone();
         trailing.extend_from_slice(b"garbage");
-        let e = ingest(&trailing[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS);
+        let e = ingest(
+            &trailing[..],
+            Encoding::Gzip,
+            io::sink(),
+            &Hints::default(),
+            &OPTS,
+        );
         assert!(e.is_err(), "trailing garbage accepted");
     }
 
@@ -436,7 +477,14 @@ mod tests {
     fn concatenated_gzip_members_are_one_content() {
         let mut gz = gzip(b"hello ", 9);
         gz.extend(gzip(b"world", 1));
-        let info = ingest(&gz[..], Encoding::Gzip, io::sink(), &Hints::default(), &OPTS).unwrap();
+        let info = ingest(
+            &gz[..],
+            Encoding::Gzip,
+            io::sink(),
+            &Hints::default(),
+            &OPTS,
+        )
+        .unwrap();
         assert_eq!(info.digest, sha(b"hello world"));
         assert_eq!(info.logical_size, 11);
     }
@@ -449,7 +497,13 @@ mod tests {
             level: 1,
             max_logical_size: 1 << 20,
         };
-        let e = ingest(&gz[..], Encoding::Gzip, io::sink(), &Hints::default(), &opts);
+        let e = ingest(
+            &gz[..],
+            Encoding::Gzip,
+            io::sink(),
+            &Hints::default(),
+            &opts,
+        );
         assert!(matches!(e, Err(BlobError::TooLarge(_))));
     }
 

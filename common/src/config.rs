@@ -344,7 +344,10 @@ impl Config {
 
 impl S3Config {
     /// The secret key: inline, from `secret_access_key_file`, or `None` (use the AWS default chain).
-    pub fn resolve_secret(&self, credentials_dir: Option<&Path>) -> Result<Option<String>, ConfigError> {
+    pub fn resolve_secret(
+        &self,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Option<String>, ConfigError> {
         if !self.secret_access_key.0.is_empty() {
             return Ok(Some(self.secret_access_key.0.clone()));
         }
@@ -361,6 +364,13 @@ impl S3Config {
             source,
         })?;
         Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+    }
+}
+
+/// Uses `dir` (systemd's `$STATE_DIRECTORY`) as the data directory unless one was configured.
+pub fn default_data_dir(cfg: &mut Config, dir: PathBuf) {
+    if cfg.data_dir == Config::default().data_dir {
+        cfg.data_dir = dir;
     }
 }
 
@@ -452,7 +462,9 @@ pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Config, Confi
                     .find(|(i, o)| o.key == key && !as_string[*i])
                     .map(|(i, _)| i);
                 match retry {
-                    Some(i) if !matches!(guess_value(&overrides[i].value), toml::Value::String(_)) => {
+                    Some(i)
+                        if !matches!(guess_value(&overrides[i].value), toml::Value::String(_)) =>
+                    {
                         as_string[i] = true;
                     }
                     _ => {
@@ -523,7 +535,10 @@ mod tests {
         assert_eq!(c.api.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(c.metadata.backend, MetadataBackend::Sqlite);
         assert_eq!(c.store.backend, StoreBackend::Local);
-        assert_eq!(c.sqlite_path(), PathBuf::from("s3dedup-data/metadata.sqlite3"));
+        assert_eq!(
+            c.sqlite_path(),
+            PathBuf::from("s3dedup-data/metadata.sqlite3")
+        );
         assert_eq!(c.local_store_path(), PathBuf::from("s3dedup-data/objects"));
         assert_eq!(
             c.lock_file_path(),
@@ -552,16 +567,28 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/srv/x"));
         assert_eq!(c.api.listen.port(), 3);
         assert_eq!(c.api.max_concurrent_requests, 7);
-        assert_eq!(c.store.s3.bucket, "123", "numeric-looking strings stay strings");
-        assert!(!format!("{c:?}").contains("hunter2"), "secrets are not printed");
-        assert_eq!(c.store.s3.resolve_secret(None).unwrap().as_deref(), Some("hunter2"));
+        assert_eq!(
+            c.store.s3.bucket, "123",
+            "numeric-looking strings stay strings"
+        );
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "secrets are not printed"
+        );
+        assert_eq!(
+            c.store.s3.resolve_secret(None).unwrap().as_deref(),
+            Some("hunter2")
+        );
     }
 
     #[test]
     fn errors_name_the_key_and_origin() {
         let e = load(None, &[ov("api.listen", "not an address")]).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("api.listen") && s.contains("test api.listen"), "{s}");
+        assert!(
+            s.contains("api.listen") && s.contains("test api.listen"),
+            "{s}"
+        );
 
         let e = load(None, &[ov("api.max_concurrent_requests", "many")]).unwrap_err();
         assert!(e.to_string().contains("api.max_concurrent_requests"), "{e}");
@@ -589,7 +616,11 @@ mod tests {
         std::fs::write(dir.path().join("s3-secret"), "s3cr3t\n").unwrap();
         let c = load(None, &[ov("store.s3.secret_access_key_file", "s3-secret")]).unwrap();
         assert_eq!(
-            c.store.s3.resolve_secret(Some(dir.path())).unwrap().as_deref(),
+            c.store
+                .s3
+                .resolve_secret(Some(dir.path()))
+                .unwrap()
+                .as_deref(),
             Some("s3cr3t")
         );
         let e = c.store.s3.resolve_secret(None).unwrap_err();

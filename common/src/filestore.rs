@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::blob::{BlobError, BlobInfo, Digest, Encoding, Hints, IngestOptions, ingest};
-use crate::locks::{LockError, LockManager, LockMode, blob_lock};
-use crate::meta::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome};
+use crate::config::{Config, LocksBackend, MetadataBackend, StoreBackend};
+use crate::locks::{FileLocks, LockError, LockManager, LockMode, blob_lock};
+use crate::meta::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome, SqliteMeta};
 use crate::protocol::Version;
-use crate::store::{ObjectStore, ObjectStream, StoreError};
+use crate::store::{FsStore, ObjectStore, ObjectStream, S3Store, StoreError};
 
 /// Why a file operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +29,26 @@ pub enum FileStoreError {
     Blob(#[from] BlobError),
     #[error("cannot create spool file in {dir}: {source}")]
     Spool { dir: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("object for {path} (blob {digest}) is missing from the object store")]
     ObjectMissing { path: String, digest: Digest },
+}
+
+impl FileStoreError {
+    /// True when a disk (the spool's or the local store's) ran out of space.
+    pub fn is_out_of_space(&self) -> bool {
+        let io = match self {
+            FileStoreError::Store(StoreError::Full { .. }) => return true,
+            FileStoreError::Blob(BlobError::Spool(io))
+            | FileStoreError::Spool { source: io, .. } => io,
+            _ => return false,
+        };
+        matches!(
+            io.raw_os_error(),
+            Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+        )
+    }
 }
 
 /// A verified body waiting in the spool, ready to be committed.
@@ -84,6 +103,41 @@ impl FileStore {
         })
     }
 
+    /// Opens the metadata store, object store and locks the configuration names. Secrets given
+    /// as files are read relative to `credentials_dir` (systemd's `$CREDENTIALS_DIRECTORY`).
+    pub async fn from_config(
+        cfg: &Config,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Self, FileStoreError> {
+        let meta: Arc<dyn MetaStore> = match cfg.metadata.backend {
+            MetadataBackend::Sqlite => Arc::new(
+                SqliteMeta::open(
+                    &cfg.sqlite_path(),
+                    cfg.metadata.sqlite.readers,
+                    cfg.metadata.sqlite.synchronous,
+                )
+                .await?,
+            ),
+        };
+        let store: Arc<dyn ObjectStore> = match cfg.store.backend {
+            StoreBackend::Local => Arc::new(FsStore::open(cfg.local_store_path())?),
+            StoreBackend::S3 => {
+                let secret = cfg.store.s3.resolve_secret(credentials_dir)?;
+                Arc::new(S3Store::connect(&cfg.store.s3, secret).await?)
+            }
+        };
+        let locks: Arc<dyn LockManager> = match cfg.locks.backend {
+            LocksBackend::File => Arc::new(FileLocks::open(&cfg.lock_file_path())?),
+        };
+        Self::new(
+            meta,
+            store,
+            locks,
+            &cfg.spool_dir(),
+            Duration::from_secs(cfg.api.lock_timeout_secs),
+        )
+    }
+
     /// A fresh spool file, deleted when dropped unless committed.
     pub fn spool_file(&self) -> Result<tempfile::NamedTempFile, FileStoreError> {
         tempfile::Builder::new()
@@ -120,7 +174,11 @@ impl FileStore {
         let Spooled { file, info } = spooled;
         let guard = self
             .locks
-            .lock(&blob_lock(&info.digest), LockMode::Exclusive, self.lock_timeout)
+            .lock(
+                &blob_lock(&info.digest),
+                LockMode::Exclusive,
+                self.lock_timeout,
+            )
             .await?;
         let live = self.meta.blob_is_live(&info.digest).await?;
         if !live {
@@ -185,9 +243,6 @@ impl FileStore {
 mod tests {
     use super::*;
     use crate::config::SqliteSync;
-    use crate::locks::FileLocks;
-    use crate::meta::SqliteMeta;
-    use crate::store::FsStore;
     use futures::TryStreamExt;
 
     async fn fixture(dir: &Path) -> FileStore {

@@ -33,7 +33,9 @@ pub enum ProtocolError {
     PathTooLong(usize),
     #[error("missing query parameter last_modified")]
     MissingVersion,
-    #[error("invalid date {0:?}: expected an RFC 2822 date such as 'Sun, 06 Nov 1994 08:49:37 GMT'")]
+    #[error(
+        "invalid date {0:?}: expected an RFC 2822 date such as 'Sun, 06 Nov 1994 08:49:37 GMT'"
+    )]
     BadDate(String),
     #[error("invalid query string: {0}")]
     BadQuery(String),
@@ -134,7 +136,10 @@ impl Route {
         let comps: Vec<&str> = path.split('/').collect();
         // A FILETRACKER_URL with a trailing slash yields `//files/x`: everything up to and
         // including the last empty component is dropped.
-        let start = comps.iter().rposition(|c| c.is_empty()).map_or(0, |i| i + 1);
+        let start = comps
+            .iter()
+            .rposition(|c| c.is_empty())
+            .map_or(0, |i| i + 1);
         let mut rest = &comps[start..];
         // Upstream s3dedup serves under `/ft`; accept both.
         if rest.len() > 1 && rest[0] == "ft" {
@@ -273,8 +278,14 @@ mod tests {
             Route::parse("/files/dir/a%20b%C5%BC.txt", MAX),
             Ok(file("/dir/a bż.txt"))
         );
-        assert_eq!(Route::parse("/files/%FF", MAX), Err(ProtocolError::BadEncoding));
-        assert_eq!(Route::parse("/files/a%00b", MAX), Err(ProtocolError::NulByte));
+        assert_eq!(
+            Route::parse("/files/%FF", MAX),
+            Err(ProtocolError::BadEncoding)
+        );
+        assert_eq!(
+            Route::parse("/files/a%00b", MAX),
+            Err(ProtocolError::NulByte)
+        );
     }
 
     #[test]

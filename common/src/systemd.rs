@@ -43,3 +43,22 @@ pub fn listen_sockets() -> std::io::Result<Vec<std::net::TcpListener>> {
         .map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) })
         .collect())
 }
+
+/// Sends logs to journald with structured fields when `to_journal` (the program saw
+/// `JOURNAL_STREAM`), else to stderr. `filter` is an `EnvFilter` directive such as `info`.
+pub fn init_logging(to_journal: bool, filter: &str) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if to_journal && let Ok(journald) = tracing_journald::layer() {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .init();
+        return;
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}

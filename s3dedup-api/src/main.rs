@@ -1,1 +1,101 @@
-fn main() {}
+//! `s3dedup-api`: the Filetracker v2 HTTP daemon.
+
+mod app;
+mod metrics;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use s3dedup_common::config::{self, Override};
+use s3dedup_common::filestore::FileStore;
+use s3dedup_common::systemd;
+
+/// Serves the Filetracker protocol v2, storing each distinct content once.
+///
+/// With no arguments and no configuration file it serves 127.0.0.1:9999 with SQLite metadata and
+/// objects under ./s3dedup-data. Every configuration key can also be set from the environment
+/// as S3DEDUP_<SECTION>__<KEY> (e.g. S3DEDUP_API__LISTEN).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on when systemd passes no socket (api.listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Directory for SQLite, local objects and the upload spool (data_dir).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn flag_overrides(cli: &Cli) -> Vec<Override> {
+    let mut out = Vec::new();
+    if let Some(l) = &cli.listen {
+        out.push(Override {
+            key: "api.listen".into(),
+            value: l.clone(),
+            origin: "--listen".into(),
+        });
+    }
+    if let Some(d) = &cli.data_dir {
+        out.push(Override {
+            key: "data_dir".into(),
+            value: d.display().to_string(),
+            origin: "--data-dir".into(),
+        });
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    systemd::init_logging(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut overrides = config::env_overrides(env);
+    overrides.extend(flag_overrides(&cli));
+    let mut cfg = match config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("s3dedup-api: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(state_dir) = std::env::var_os("STATE_DIRECTORY") {
+        config::default_data_dir(&mut cfg, PathBuf::from(state_dir));
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("s3dedup-api: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    match runtime.block_on(run(cfg, credentials)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("s3dedup-api: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Result<()> {
+    let files = FileStore::from_config(&cfg, credentials.as_deref())
+        .await
+        .context("opening the store")?;
+    let state = Arc::new(app::AppState::new(Arc::new(files), cfg.api.clone()));
+    server::run(state).await
+}

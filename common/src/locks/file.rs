@@ -86,7 +86,13 @@ impl FileLocks {
     }
 
     /// One non-blocking attempt at the cross-process lock.
-    fn try_fcntl(&self, file: &File, key: u64, mode: LockMode, name: &str) -> Result<bool, LockError> {
+    fn try_fcntl(
+        &self,
+        file: &File,
+        key: u64,
+        mode: LockMode,
+        name: &str,
+    ) -> Result<bool, LockError> {
         // Keys fill 62 bits so offset + length stays within off_t.
         let offset = (key >> 2) as libc::off_t;
         // SAFETY: flock is a plain C struct; all-zero is a valid value that we then fill in.
@@ -190,7 +196,12 @@ mod tests {
         let b = FileLocks::open(&p).unwrap();
         let g = a.try_lock("k", LockMode::Exclusive).await.unwrap().unwrap();
         assert!(b.try_lock("k", LockMode::Shared).await.unwrap().is_none());
-        assert!(b.try_lock("other", LockMode::Exclusive).await.unwrap().is_some());
+        assert!(
+            b.try_lock("other", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_some()
+        );
         let waiter = b.lock("k", LockMode::Exclusive, Duration::from_secs(5));
         let release = async {
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -200,6 +211,9 @@ mod tests {
         got.unwrap();
         let s1 = a.try_lock("s", LockMode::Shared).await.unwrap();
         let s2 = b.try_lock("s", LockMode::Shared).await.unwrap();
-        assert!(s1.is_some() && s2.is_some(), "shared locks coexist across processes");
+        assert!(
+            s1.is_some() && s2.is_some(),
+            "shared locks coexist across processes"
+        );
     }
 }

@@ -46,7 +46,9 @@ impl LockGuard {
 
 impl std::fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LockGuard").field("name", &self.name).finish()
+        f.debug_struct("LockGuard")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -90,7 +92,12 @@ pub(crate) mod conformance {
     pub async fn run_all(m: &dyn LockManager) {
         // Exclusive locks exclude each other.
         let g = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap();
-        assert!(m.try_lock("a", LockMode::Exclusive).await.unwrap().is_none());
+        assert!(
+            m.try_lock("a", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
         let e = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap_err();
         assert!(matches!(e, LockError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains('a'));
@@ -104,13 +111,26 @@ pub(crate) mod conformance {
         let s1 = m.try_lock("a", LockMode::Shared).await.unwrap().unwrap();
         // Shared locks coexist, and block exclusive.
         let s2 = m.try_lock("a", LockMode::Shared).await.unwrap().unwrap();
-        assert!(m.try_lock("a", LockMode::Exclusive).await.unwrap().is_none());
+        assert!(
+            m.try_lock("a", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
         drop(s1);
-        assert!(m.try_lock("a", LockMode::Exclusive).await.unwrap().is_none());
+        assert!(
+            m.try_lock("a", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
         s2.release();
         // A waiter gets the lock once it is released.
         let g = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap();
-        let waiter = async { m.lock("a", LockMode::Exclusive, Duration::from_secs(5)).await };
+        let waiter = async {
+            m.lock("a", LockMode::Exclusive, Duration::from_secs(5))
+                .await
+        };
         let release = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(g);

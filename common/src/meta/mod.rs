@@ -171,8 +171,14 @@ pub(crate) mod conformance {
             m.delete_file("/x", 9, 2).await.unwrap(),
             DeleteOutcome::Newer { version: 10 }
         );
-        assert_eq!(m.delete_file("/x", 10, 2).await.unwrap(), DeleteOutcome::Deleted);
-        assert_eq!(m.delete_file("/x", 10, 2).await.unwrap(), DeleteOutcome::NotFound);
+        assert_eq!(
+            m.delete_file("/x", 10, 2).await.unwrap(),
+            DeleteOutcome::Deleted
+        );
+        assert_eq!(
+            m.delete_file("/x", 10, 2).await.unwrap(),
+            DeleteOutcome::NotFound
+        );
         assert_eq!(m.get_file("/x").await.unwrap(), None);
     }
 
@@ -181,7 +187,9 @@ pub(crate) mod conformance {
         let b = blob(4, 10);
         for i in 0..5 {
             let uploaded = i == 0;
-            m.put_file(&format!("/d/{i}"), 1, &a, uploaded, 1).await.unwrap();
+            m.put_file(&format!("/d/{i}"), 1, &a, uploaded, 1)
+                .await
+                .unwrap();
         }
         m.put_file("/d/b", 1, &b, true, 1).await.unwrap();
         let s = m.stats().await.unwrap();
@@ -226,7 +234,10 @@ pub(crate) mod conformance {
         assert_eq!(all, ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/l/ż"]);
         let cut = m.list_files("/l/", 12, None, 100).await.unwrap();
         assert_eq!(cut, ["/l/a", "/l/b/c", "/l/b/d"], "cutoff is inclusive");
-        let page = m.list_files("/l/", i64::MAX, Some("/l/b/c"), 2).await.unwrap();
+        let page = m
+            .list_files("/l/", i64::MAX, Some("/l/b/c"), 2)
+            .await
+            .unwrap();
         assert_eq!(page, ["/l/b/d", "/l/z"]);
         let everything = m.list_files("", i64::MAX, None, 100).await.unwrap();
         assert_eq!(everything.len(), paths.len());

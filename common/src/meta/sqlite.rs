@@ -254,7 +254,10 @@ impl MetaStore for SqliteMeta {
                 .map_err(db_error)?;
             let current: Option<(i64, String)> = tx
                 .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
-                .and_then(|mut s| s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .and_then(|mut s| {
+                    s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(db_error)?;
             if uploaded {
                 // A new row starts unreferenced, so the cleaner can reclaim its object if no
@@ -265,7 +268,12 @@ impl MetaStore for SqliteMeta {
                      VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)
                      ON CONFLICT (digest) DO UPDATE SET state = 'live',
                         logical_size = excluded.logical_size, stored_size = excluded.stored_size",
-                    params![digest, blob.logical_size as i64, blob.stored_size as i64, now],
+                    params![
+                        digest,
+                        blob.logical_size as i64,
+                        blob.stored_size as i64,
+                        now
+                    ],
                 )
                 .map_err(db_error)?;
             } else {
@@ -328,7 +336,10 @@ impl MetaStore for SqliteMeta {
                 .map_err(db_error)?;
             let current: Option<(i64, String)> = tx
                 .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
-                .and_then(|mut s| s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .and_then(|mut s| {
+                    s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(db_error)?;
             let outcome = match current {
                 None => DeleteOutcome::NotFound,

@@ -133,7 +133,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path().join("objects")).unwrap();
         let d = Digest([7; 32]);
-        assert!(matches!(store.get(&d).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            store.get(&d).await,
+            Err(StoreError::NotFound { .. })
+        ));
         assert_eq!(store.head(&d).await.unwrap(), None);
 
         let mut spool = tempfile::NamedTempFile::new_in(dir.path()).unwrap();

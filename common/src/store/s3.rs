@@ -116,7 +116,9 @@ impl S3Store {
                         .length(Length::Exact(len))
                         .build()
                         .await
-                        .map_err(|e| StoreError::io("reading spool for", key, io::Error::other(e)))?;
+                        .map_err(|e| {
+                            StoreError::io("reading spool for", key, io::Error::other(e))
+                        })?;
                     let part_number = i as i32 + 1;
                     let out = self
                         .client

@@ -1,0 +1,649 @@
+//! HTTP handling: maps Filetracker requests onto the file store and its errors onto statuses.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use s3dedup_common::blob::{self, BlobError, ChannelReader, Chunk, Encoding, Hints, IngestOptions};
+use s3dedup_common::config::ApiConfig;
+use s3dedup_common::filestore::{FileStore, FileStoreError};
+use s3dedup_common::meta::{DeleteOutcome, MetaError, PutOutcome};
+use s3dedup_common::protocol::{self, FilePath, ProtocolError, Route};
+use s3dedup_common::store::StoreError;
+use s3dedup_common::unix_now;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::metrics::Metrics;
+
+/// Chunks buffered between the socket and the blocking ingest task (bounded memory per upload).
+const BODY_QUEUE: usize = 16;
+/// Paths listed per database round trip while streaming a listing.
+const LIST_PAGE: usize = 2000;
+
+/// Everything a request needs.
+pub struct AppState {
+    pub files: Arc<FileStore>,
+    pub metrics: Metrics,
+    pub cfg: ApiConfig,
+    slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Self {
+        AppState {
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            files,
+            metrics: Metrics::default(),
+            cfg,
+        }
+    }
+}
+
+/// An error answer: the message goes in a `text/plain` body and the `X-Exception` header.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Header values cannot hold newlines or non-visible bytes; keep the header readable.
+        let header_text: String = self
+            .message
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .take(1000)
+            .collect();
+        let mut r = (self.status, format!("{}\n", self.message)).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&header_text) {
+            r.headers_mut().insert(protocol::HEADER_EXCEPTION, v);
+        }
+        r
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(e: ProtocolError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl From<FileStoreError> for ApiError {
+    fn from(e: FileStoreError) -> Self {
+        let status = match &e {
+            FileStoreError::Meta(MetaError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            FileStoreError::Meta(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FileStoreError::Store(StoreError::Unavailable { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            FileStoreError::Store(StoreError::Full { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            FileStoreError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FileStoreError::Lock(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FileStoreError::Blob(BlobError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            _ if e.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
+            FileStoreError::Blob(b) if b.is_client_error() => StatusCode::BAD_REQUEST,
+            FileStoreError::Blob(_) | FileStoreError::Spool { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            FileStoreError::Config(_) | FileStoreError::ObjectMissing { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn route_label(route: &Route) -> &'static str {
+    match route {
+        Route::Version => "version",
+        Route::Status => "status",
+        Route::Health => "health",
+        Route::Metrics => "metrics",
+        Route::File(_) => "files",
+        Route::List(_) => "list",
+    }
+}
+
+/// The single entry point: method check, routing, concurrency bound, metrics.
+pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let (label, response) = match route(&state, req).await {
+        Ok((label, r)) => (label, r),
+        Err((label, e)) => (label, e.into_response()),
+    };
+    state.metrics.record(
+        label,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    req: Request,
+) -> Result<(&'static str, Response), (&'static str, ApiError)> {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    if ![Method::GET, Method::HEAD, Method::PUT, Method::DELETE].contains(&method) {
+        let e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed"),
+        );
+        return Err(("other", e));
+    }
+    let r = Route::parse(parts.uri.path(), state.cfg.max_path_length)
+        .map_err(|e| ("other", ApiError::from(e)))?;
+    let label = route_label(&r);
+    let read_only = method == Method::GET || method == Method::HEAD;
+    let not_allowed = || {
+        (
+            label,
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} not allowed here"),
+            ),
+        )
+    };
+    let result = match r {
+        Route::Version if read_only => Ok(version()),
+        Route::Status if read_only => Ok((StatusCode::OK, "OK\n").into_response()),
+        Route::Health if read_only => Ok(health(state).await),
+        Route::Metrics if read_only => Ok(metrics(state).await),
+        Route::File(path) => {
+            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            state.metrics.in_flight.fetch_add(1, Relaxed);
+            let result = match method {
+                Method::GET => get_file(state, &path, &parts.headers, permit).await,
+                Method::HEAD => head_file(state, &path, &parts.headers).await,
+                Method::PUT => put_file(state, path, &parts, body).await,
+                _ => delete_file(state, &path, &parts).await,
+            };
+            state.metrics.in_flight.fetch_sub(1, Relaxed);
+            result
+        }
+        Route::List(dir) if read_only => {
+            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            list(
+                state,
+                dir,
+                parts.uri.query(),
+                method == Method::HEAD,
+                permit,
+            )
+            .await
+        }
+        _ => return Err(not_allowed()),
+    };
+    result.map(|r| (label, r)).map_err(|e| (label, e))
+}
+
+async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    let wait = Duration::from_secs(state.cfg.queue_timeout_secs);
+    match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "server busy: {} requests in progress, waited {}s for a slot",
+                state.cfg.max_concurrent_requests, state.cfg.queue_timeout_secs
+            ),
+        )),
+    }
+}
+
+fn version() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"protocol_versions\": [2]}",
+    )
+        .into_response()
+}
+
+async fn health(state: &AppState) -> Response {
+    let (meta, store) = tokio::join!(state.files.meta.check(), state.files.store.check());
+    let ok = meta.is_ok() && store.is_ok();
+    let show = |r: Result<(), String>| match r {
+        Ok(()) => serde_json::Value::from("ok"),
+        Err(e) => serde_json::Value::from(e),
+    };
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "metadata": show(meta.map_err(|e| e.to_string())),
+        "store": show(store.map_err(|e| e.to_string())),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(state: &AppState) -> Response {
+    let stats = state.files.meta.stats().await.ok();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(stats.as_ref()),
+    )
+        .into_response()
+}
+
+fn header_str<'a>(
+    headers: &'a HeaderMap,
+    name: impl header::AsHeaderName,
+) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "header is not visible ASCII")),
+    }
+}
+
+fn last_modified(version: protocol::Version) -> (header::HeaderName, HeaderValue) {
+    let v = HeaderValue::from_str(&protocol::format_version(version))
+        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+    (header::LAST_MODIFIED, v)
+}
+
+/// Whether the client takes the stored gzip bytes. No `Accept-Encoding` means anything goes,
+/// which is what the old server assumed for every client.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let Some(v) = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    let mut star = None;
+    for item in v.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q_zero = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        match coding.as_str() {
+            "gzip" | "x-gzip" => return !q_zero,
+            "*" => star = Some(!q_zero),
+            _ => {}
+        }
+    }
+    star.unwrap_or(false)
+}
+
+fn file_headers(
+    entry: &s3dedup_common::meta::FileEntry,
+    gzip: bool,
+) -> [(header::HeaderName, HeaderValue); 4] {
+    let logical = entry.blob.logical_size;
+    let length = if gzip {
+        entry.blob.stored_size
+    } else {
+        logical
+    };
+    [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        ),
+        last_modified(entry.version),
+        (
+            header::HeaderName::from_static(protocol::HEADER_LOGICAL_SIZE),
+            HeaderValue::from(logical),
+        ),
+        (header::CONTENT_LENGTH, HeaderValue::from(length)),
+    ]
+}
+
+fn not_found(path: &FilePath) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("file {path} not found"))
+}
+
+async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {
+    let entry = state
+        .files
+        .stat(path.as_str())
+        .await?
+        .ok_or_else(|| not_found(path))?;
+    let gzip = accepts_gzip(headers);
+    let mut r = (file_headers(&entry, gzip), Body::empty()).into_response();
+    if gzip {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(r)
+}
+
+async fn get_file(
+    state: &Arc<AppState>,
+    path: &FilePath,
+    headers: &HeaderMap,
+    permit: OwnedSemaphorePermit,
+) -> ApiResult {
+    let opened = state
+        .files
+        .open(path.as_str())
+        .await?
+        .ok_or_else(|| not_found(path))?;
+    let gzip = accepts_gzip(headers);
+    let headers = file_headers(&opened.entry, gzip);
+    let stream: Body = if gzip {
+        Body::from_stream(counted(opened.body, state.clone(), permit))
+    } else {
+        Body::from_stream(counted(inflate_stream(opened.body), state.clone(), permit))
+    };
+    let mut r = (headers, stream).into_response();
+    if gzip {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(r)
+}
+
+/// Counts bytes sent and keeps the request's concurrency slot until the body is done.
+fn counted<S>(
+    s: S,
+    state: Arc<AppState>,
+    permit: OwnedSemaphorePermit,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    s.map(move |chunk| {
+        let _slot = &permit;
+        if let Ok(b) = &chunk {
+            state.metrics.bytes_out.fetch_add(b.len() as u64, Relaxed);
+        }
+        chunk
+    })
+}
+
+/// Serves identity bytes to a client that refuses gzip: inflates off the runtime.
+fn inflate_stream<S>(src: S) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
+{
+    let (in_tx, in_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel::<std::io::Result<Bytes>>(BODY_QUEUE);
+    tokio::spawn(async move {
+        let mut src = src;
+        while let Some(chunk) = src.next().await {
+            let msg = match chunk {
+                Ok(b) => Chunk::Data(b),
+                Err(e) => Chunk::Failed(e.to_string()),
+            };
+            if in_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+        let _ = in_tx.send(Chunk::End).await;
+    });
+    tokio::task::spawn_blocking(move || {
+        struct Sender(mpsc::Sender<std::io::Result<Bytes>>);
+        impl Write for Sender {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+                    .map_err(|_| std::io::Error::other("client went away"))?;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = std::io::BufWriter::with_capacity(64 * 1024, Sender(out_tx.clone()));
+        if let Err(e) = blob::inflate(ChannelReader::new(in_rx), out) {
+            let _ = out_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    tokio_stream_from(out_rx)
+}
+
+fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+fn parse_hints(headers: &HeaderMap) -> Result<Hints, ApiError> {
+    let sha256 = header_str(headers, protocol::HEADER_SHA256)?
+        .map(|s| {
+            s.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid SHA256-Checksum {s:?}"),
+                )
+            })
+        })
+        .transpose()?;
+    let logical_size = header_str(headers, protocol::HEADER_LOGICAL_SIZE)?
+        .map(|s| {
+            s.trim().parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid Logical-Size {s:?}"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(Hints {
+        sha256,
+        logical_size,
+    })
+}
+
+fn parse_encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+    match header_str(headers, header::CONTENT_ENCODING)?.map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(Encoding::Identity),
+        Some(e) if e.is_empty() || e == "identity" => Ok(Encoding::Identity),
+        Some(e) if e == "gzip" || e == "x-gzip" => Ok(Encoding::Gzip),
+        Some(e) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported Content-Encoding {e:?}: send gzip or identity"),
+        )),
+    }
+}
+
+fn request_version(
+    req_query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<protocol::Version, ApiError> {
+    let header = header_str(headers, header::LAST_MODIFIED)?;
+    Ok(protocol::request_version(req_query, header)?)
+}
+
+async fn put_file(state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body) -> ApiResult {
+    let version = request_version(req.uri.query(), &req.headers)?;
+    let ok = |v| Ok(([last_modified(v)], "").into_response());
+    // A strictly newer stored version wins: answer without reading the body.
+    if let Some(entry) = state.files.stat(path.as_str()).await?
+        && entry.version > version
+    {
+        return ok(entry.version);
+    }
+    let encoding = parse_encoding(&req.headers)?;
+    let hints = parse_hints(&req.headers)?;
+    let max = state.cfg.max_file_size;
+    if hints.logical_size.is_some_and(|n| n > max) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("content exceeds the maximum size of {max} bytes"),
+        ));
+    }
+    let opts = IngestOptions {
+        level: state.cfg.compression_level,
+        max_logical_size: max,
+    };
+    let (tx, rx) = mpsc::channel(BODY_QUEUE);
+    let files = state.files.clone();
+    let ingest = tokio::task::spawn_blocking(move || {
+        files.spool_blocking(ChannelReader::new(rx), encoding, &hints, &opts)
+    });
+    let mut body = body.into_data_stream();
+    let mut received = 0u64;
+    loop {
+        match body.next().await {
+            Some(Ok(bytes)) => {
+                received += bytes.len() as u64;
+                if tx.send(Chunk::Data(bytes)).await.is_err() {
+                    break; // the ingest task stopped early; its error says why
+                }
+            }
+            Some(Err(e)) => {
+                let _ = tx
+                    .send(Chunk::Failed(format!("reading request body: {e}")))
+                    .await;
+                break;
+            }
+            None => {
+                let _ = tx.send(Chunk::End).await;
+                break;
+            }
+        }
+    }
+    drop(tx);
+    state.metrics.bytes_in.fetch_add(received, Relaxed);
+    let spooled = ingest.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("ingest task failed: {e}"),
+        )
+    })??;
+    // Commit in a task of its own: a client hanging up now must not cancel it halfway.
+    let files = state.files.clone();
+    let p = path.as_str().to_owned();
+    let committed =
+        tokio::spawn(async move { files.commit(&p, version, spooled, unix_now()).await })
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("commit task failed: {e}"),
+                )
+            })??;
+    let counter = if committed.deduplicated {
+        &state.metrics.dedup_hits
+    } else {
+        &state.metrics.dedup_misses
+    };
+    counter.fetch_add(1, Relaxed);
+    match committed.outcome {
+        PutOutcome::Stored { version } | PutOutcome::Newer { version } => ok(version),
+    }
+}
+
+async fn delete_file(state: &AppState, path: &FilePath, req: &Parts) -> ApiResult {
+    let version = request_version(req.uri.query(), &req.headers)?;
+    match state
+        .files
+        .delete(path.as_str(), version, unix_now())
+        .await?
+    {
+        DeleteOutcome::Deleted => Ok((StatusCode::OK, "").into_response()),
+        DeleteOutcome::Newer { version } => Ok(([last_modified(version)], "").into_response()),
+        DeleteOutcome::NotFound => Err(not_found(path)),
+    }
+}
+
+async fn list(
+    state: &Arc<AppState>,
+    dir: Option<FilePath>,
+    query: Option<&str>,
+    head: bool,
+    permit: OwnedSemaphorePermit,
+) -> ApiResult {
+    let cutoff = match protocol::query_param(query, protocol::PARAM_LAST_MODIFIED)? {
+        Some(v) => protocol::parse_version(&v)?,
+        None => unix_now(),
+    };
+    let prefix = dir.map_or_else(|| "/".to_owned(), |d| d.dir_prefix());
+    // The first page is fetched before answering, so a database outage is a 503, not an
+    // empty listing.
+    let meta = state.files.meta.clone();
+    let first = meta
+        .list_files(&prefix, cutoff, None, LIST_PAGE)
+        .await
+        .map_err(FileStoreError::from)?;
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if head {
+        return Ok((headers, Body::empty()).into_response());
+    }
+    let render = {
+        let prefix = prefix.clone();
+        move |paths: &[String]| {
+            let mut out = String::with_capacity(paths.len() * 32);
+            for p in paths {
+                out.push_str(&p[prefix.len()..]);
+                out.push('\n');
+            }
+            Bytes::from(out)
+        }
+    };
+    let stream = futures::stream::unfold(Some(first), move |page| {
+        let meta = meta.clone();
+        let prefix = prefix.clone();
+        let render = render.clone();
+        async move {
+            let page = page?;
+            if page.is_empty() {
+                return None;
+            }
+            let chunk = render(&page);
+            let next = if page.len() < LIST_PAGE {
+                Some(Vec::new())
+            } else {
+                match meta
+                    .list_files(&prefix, cutoff, page.last().map(String::as_str), LIST_PAGE)
+                    .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, "listing failed midway");
+                        return Some((Err(std::io::Error::other(e.to_string())), None));
+                    }
+                }
+            };
+            Some((Ok::<_, std::io::Error>(chunk), next))
+        }
+    });
+    let body = Body::from_stream(counted(stream, state.clone(), permit));
+    Ok((headers, body).into_response())
+}

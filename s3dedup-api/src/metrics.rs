@@ -1,0 +1,201 @@
+//! Prometheus counters of the HTTP daemon, rendered as text for `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use s3dedup_common::meta::Stats;
+
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Live counters; cheap to update from every request.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    latency: Mutex<BTreeMap<&'static str, Histogram>>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    pub dedup_misses: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl Metrics {
+    /// Records a finished request.
+    pub fn record(&self, route: &'static str, method: &str, status: u16, took: Duration) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route, method.to_owned(), status)).or_default() += 1;
+        }
+        if let Ok(mut h) = self.latency.lock() {
+            let h = h.entry(route).or_default();
+            let secs = took.as_secs_f64();
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    h.counts[i] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        }
+    }
+
+    /// Total requests answered so far.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.lock().map_or(0, |m| m.values().sum())
+    }
+
+    /// The Prometheus text exposition, with store totals when the database answered.
+    pub fn render(&self, stats: Option<&Stats>) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
+        let _ = writeln!(out, "# TYPE s3dedup_requests_total counter");
+        if let Ok(m) = self.requests.lock() {
+            for ((route, method, status), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "s3dedup_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP s3dedup_request_duration_seconds Time to answer, until headers."
+        );
+        let _ = writeln!(out, "# TYPE s3dedup_request_duration_seconds histogram");
+        if let Ok(m) = self.latency.lock() {
+            for (route, h) in m.iter() {
+                for (i, b) in BUCKETS.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "s3dedup_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
+                        h.counts[i]
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "s3dedup_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "s3dedup_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                    h.sum
+                );
+                let _ = writeln!(
+                    out,
+                    "s3dedup_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                    h.count
+                );
+            }
+        }
+        let counters = [
+            (
+                "s3dedup_received_bytes_total",
+                "Request body bytes received.",
+                &self.bytes_in,
+            ),
+            (
+                "s3dedup_sent_bytes_total",
+                "Response body bytes sent.",
+                &self.bytes_out,
+            ),
+            (
+                "s3dedup_dedup_hits_total",
+                "Uploads whose content was already stored.",
+                &self.dedup_hits,
+            ),
+            (
+                "s3dedup_dedup_misses_total",
+                "Uploads that stored new content.",
+                &self.dedup_misses,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP s3dedup_requests_in_flight Requests being served.\n# TYPE s3dedup_requests_in_flight gauge\ns3dedup_requests_in_flight {}",
+            self.in_flight.load(Relaxed)
+        );
+        if let Some(s) = stats {
+            let gauges = [
+                ("s3dedup_files", "Files (paths) stored.", s.files),
+                ("s3dedup_blobs", "Distinct contents stored.", s.blobs),
+                (
+                    "s3dedup_logical_bytes",
+                    "Uncompressed bytes of distinct contents.",
+                    s.logical_bytes,
+                ),
+                (
+                    "s3dedup_stored_bytes",
+                    "Bytes held in the object store.",
+                    s.stored_bytes,
+                ),
+                (
+                    "s3dedup_referenced_bytes",
+                    "Uncompressed bytes of all files as clients see them.",
+                    s.referenced_bytes,
+                ),
+            ];
+            for (name, help, v) in gauges {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::default();
+        m.record("files", "GET", 200, Duration::from_millis(3));
+        m.record("files", "GET", 200, Duration::from_millis(300));
+        m.record("files", "PUT", 400, Duration::from_millis(1));
+        m.dedup_hits.fetch_add(2, Relaxed);
+        let text = m.render(Some(&Stats {
+            files: 5,
+            ..Stats::default()
+        }));
+        assert!(
+            text.contains(
+                "s3dedup_requests_total{route=\"files\",method=\"GET\",status=\"200\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "s3dedup_request_duration_seconds_bucket{route=\"files\",le=\"0.005\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3dedup_request_duration_seconds_bucket{route=\"files\",le=\"0.25\"} 2")
+        );
+        assert!(
+            text.contains("s3dedup_request_duration_seconds_bucket{route=\"files\",le=\"0.5\"} 3")
+        );
+        assert!(text.contains("s3dedup_dedup_hits_total 2"));
+        assert!(text.contains("s3dedup_files 5"));
+        assert_eq!(m.requests_total(), 3);
+    }
+}
