@@ -144,6 +144,8 @@ pub struct SqliteConfig {
     pub readers: usize,
     /// `full` survives power loss after a 200; `normal` only survives process crashes.
     pub synchronous: SqliteSync,
+    /// How long a statement waits for another process's write lock before answering 503.
+    pub busy_timeout_ms: u64,
 }
 
 impl Default for SqliteConfig {
@@ -152,6 +154,7 @@ impl Default for SqliteConfig {
             path: None,
             readers: 4,
             synchronous: SqliteSync::Full,
+            busy_timeout_ms: 10_000,
         }
     }
 }
@@ -420,7 +423,7 @@ pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Config, Confi
             })?;
             let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
                 path: path.to_owned(),
-                message: e.to_string(),
+                message: one_line(&e.to_string()),
             })?;
             (table, format!("config file {}", path.display()))
         }
@@ -468,7 +471,7 @@ pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Config, Confi
                         as_string[i] = true;
                     }
                     _ => {
-                        let message = e.into_inner().to_string();
+                        let message = one_line(&e.into_inner().to_string());
                         return Err(ConfigError::Key {
                             origin: origin_of(&key, overrides, &file_origin),
                             key,
@@ -478,6 +481,22 @@ pub fn load(file: Option<&Path>, overrides: &[Override]) -> Result<Config, Confi
                 }
             }
         }
+    }
+}
+
+/// toml's messages span lines (a source snippet, "in `key`"); keep the first and the last,
+/// which say where and what.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with("in `"))
+        .filter(|l| !l.chars().next().is_some_and(|c| c.is_ascii_digit()) || !l.contains(" | "))
+        .collect();
+    match lines.as_slice() {
+        [] => message.trim().to_owned(),
+        [one] => (*one).to_owned(),
+        [first, .., last] => format!("{first}: {last}"),
     }
 }
 
@@ -606,6 +625,9 @@ mod tests {
         writeln!(f, "[api\nlisten=").unwrap();
         let e = load(Some(f.path()), &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
+        let e = load(None, &[ov("api.listen", "nope")]).unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
         let e = load(Some(Path::new("/nonexistent/s3dedup.toml")), &[]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/s3dedup.toml"), "{e}");
     }

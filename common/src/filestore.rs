@@ -110,14 +110,9 @@ impl FileStore {
         credentials_dir: Option<&Path>,
     ) -> Result<Self, FileStoreError> {
         let meta: Arc<dyn MetaStore> = match cfg.metadata.backend {
-            MetadataBackend::Sqlite => Arc::new(
-                SqliteMeta::open(
-                    &cfg.sqlite_path(),
-                    cfg.metadata.sqlite.readers,
-                    cfg.metadata.sqlite.synchronous,
-                )
-                .await?,
-            ),
+            MetadataBackend::Sqlite => {
+                Arc::new(SqliteMeta::open(&cfg.sqlite_path(), (&cfg.metadata.sqlite).into()).await?)
+            }
         };
         let store: Arc<dyn ObjectStore> = match cfg.store.backend {
             StoreBackend::Local => Arc::new(FsStore::open(cfg.local_store_path())?),
@@ -242,11 +237,10 @@ impl FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SqliteSync;
     use futures::TryStreamExt;
 
     async fn fixture(dir: &Path) -> FileStore {
-        let meta = SqliteMeta::open(&dir.join("m.sqlite3"), 2, SqliteSync::Normal)
+        let meta = SqliteMeta::open(&dir.join("m.sqlite3"), crate::meta::sqlite_test_options())
             .await
             .unwrap();
         let store = FsStore::open(dir.join("objects")).unwrap();

@@ -1,1 +1,854 @@
+//! The real `s3dedup-api` binary over HTTP, on the local directory store and on a real S3 server
+//! process, both with SQLite. Each test starts its own processes on free loopback ports.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use s3dedup_tests::*;
+
+/// One API instance and, for the S3 flavour, its S3 server.
+struct Setup {
+    api: Api,
+    s3: Option<S3Server>,
+    http: reqwest::Client,
+}
+
+impl Setup {
+    fn local() -> Self {
+        Self::local_with(&[])
+    }
+
+    fn local_with(env: &[(&str, &str)]) -> Self {
+        Setup {
+            api: Api::start_with(Backend::Local, env).expect("api starts"),
+            s3: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn s3() -> Self {
+        Self::s3_with(&[])
+    }
+
+    fn s3_with(env: &[(&str, &str)]) -> Self {
+        let s3 = S3Server::start().expect("s3 server starts");
+        let api = Api::start_with(Backend::S3(&s3), env).expect("api starts");
+        Setup {
+            api,
+            s3: Some(s3),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Objects in the object store, looked at directly (not through the API).
+    async fn objects(&self) -> Vec<String> {
+        match &self.s3 {
+            Some(s3) => s3.list_keys().await.expect("list bucket"),
+            None => self
+                .api
+                .local_objects()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        }
+    }
+
+    async fn put(&self, path: &str, version: i64, body: Vec<u8>) -> reqwest::Response {
+        self.http
+            .put(
+                self.api
+                    .url(&format!("/files{path}?last_modified={}", lm(version))),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    async fn put_gzip(&self, path: &str, version: i64, content: &[u8]) -> reqwest::Response {
+        self.http
+            .put(
+                self.api
+                    .url(&format!("/files{path}?last_modified={}", lm(version))),
+            )
+            .header("Content-Encoding", "gzip")
+            .header("SHA256-Checksum", sha256_hex(content))
+            .header("Logical-Size", content.len().to_string())
+            .body(gzip(content))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.api.url(&format!("/files{path}")))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// GET and inflate: the content a client sees.
+    async fn content(&self, path: &str) -> Option<Vec<u8>> {
+        let r = self.get(path).await;
+        if r.status() == StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        Some(gunzip(&r.bytes().await.expect("body")))
+    }
+
+    async fn delete(&self, path: &str, version: i64) -> reqwest::Response {
+        self.http
+            .delete(
+                self.api
+                    .url(&format!("/files{path}?last_modified={}", lm(version))),
+            )
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    async fn list(&self, dir: &str, cutoff: Option<i64>) -> (StatusCode, String) {
+        let q = cutoff
+            .map(|c| format!("?last_modified={}", lm(c)))
+            .unwrap_or_default();
+        let r = self
+            .http
+            .get(self.api.url(&format!("/list{dir}{q}")))
+            .send()
+            .await
+            .expect("request sent");
+        (r.status(), r.text().await.expect("body"))
+    }
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs a test body once on the local store and once on S3.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(&super::Setup::local()).await })*
+        }
+        mod s3 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(&super::Setup::s3()).await })*
+        }
+    };
+}
+
+both_backends!(
+    protocol_endpoints,
+    put_get_head_list_delete_round_trip,
+    versions_follow_filetracker,
+    fifty_paths_one_object,
+    gzip_and_raw_uploads_are_the_same_content,
+    wrong_hints_store_nothing,
+    broken_gzip_is_refused,
+    bad_requests_are_400,
+    disconnect_mid_upload_leaves_nothing,
+    chunked_and_expect_continue_uploads_work,
+    identity_for_clients_refusing_gzip,
+    health_and_metrics,
+);
+
+async fn protocol_endpoints(s: &Setup) {
+    for path in [
+        "/version",
+        "/version/",
+        "//version/",
+        "/ft/version",
+        "/ft//version/",
+    ] {
+        let r = s.http.get(s.api.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&r, "content-type"), "application/json");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["protocol_versions"], serde_json::json!([2]), "{path}");
+    }
+    let r = s.http.get(s.api.url("/status")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for path in ["/", "/listC", "/filesx/a", "/version/extra"] {
+        let r = s.http.get(s.api.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert!(
+            !header(&r, "x-exception").is_empty(),
+            "{path} explains itself"
+        );
+    }
+    let r = s.http.post(s.api.url("/files/a")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let r = s.http.put(s.api.url("/version")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+async fn put_get_head_list_delete_round_trip(s: &Setup) {
+    let content = unique_content("roundtrip", 100_000);
+    let r = s
+        .put("/dir/sub/a.txt", 1_700_000_000, content.clone())
+        .await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
+    assert_eq!(header(&r, "last-modified"), "Tue, 14 Nov 2023 22:13:20 GMT");
+
+    // Under /ft and with a double slash, the same file.
+    for prefix in ["", "/ft", "/ft/", "/"] {
+        let r = s
+            .http
+            .get(s.api.url(&format!("{prefix}/files/dir/sub/a.txt")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "prefix {prefix:?}");
+        assert_eq!(header(&r, "content-type"), "application/octet-stream");
+        assert_eq!(header(&r, "content-encoding"), "gzip");
+        assert_eq!(header(&r, "logical-size"), "100000");
+        assert_eq!(header(&r, "last-modified"), "Tue, 14 Nov 2023 22:13:20 GMT");
+        let length: usize = header(&r, "content-length").parse().unwrap();
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), length);
+        assert_eq!(gunzip(&body), content);
+    }
+    let head = s
+        .http
+        .head(s.api.url("/files/dir/sub/a.txt"))
+        .send()
+        .await
+        .unwrap();
+    let get = s.get("/dir/sub/a.txt").await;
+    for h in [
+        "content-length",
+        "content-encoding",
+        "logical-size",
+        "last-modified",
+        "content-type",
+    ] {
+        assert_eq!(
+            header(&head, h),
+            header(&get, h),
+            "HEAD sends what GET sends: {h}"
+        );
+    }
+
+    s.put("/dir/b.txt", 1_700_000_100, b"b".to_vec()).await;
+    s.put("/other/c.txt", 1_700_000_000, b"c".to_vec()).await;
+    assert_eq!(
+        s.list("/dir", None).await,
+        (StatusCode::OK, "b.txt\nsub/a.txt\n".into())
+    );
+    assert_eq!(s.list("/dir/", None).await.1, "b.txt\nsub/a.txt\n");
+    assert_eq!(
+        s.list("/dir", Some(1_700_000_099)).await.1,
+        "sub/a.txt\n",
+        "cutoff excludes newer files"
+    );
+    assert_eq!(
+        s.list("/dir", Some(1_700_000_100)).await.1,
+        "b.txt\nsub/a.txt\n",
+        "inclusive"
+    );
+    assert_eq!(
+        s.list("/", None).await.1,
+        "dir/b.txt\ndir/sub/a.txt\nother/c.txt\n"
+    );
+    assert_eq!(
+        s.list("", None).await.1,
+        "dir/b.txt\ndir/sub/a.txt\nother/c.txt\n"
+    );
+    assert_eq!(
+        s.list("/nothing", None).await,
+        (StatusCode::OK, String::new())
+    );
+
+    assert_eq!(
+        s.delete("/dir/b.txt", 1_700_000_100).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.get("/dir/b.txt").await.status(), StatusCode::NOT_FOUND);
+    let r = s.delete("/dir/b.txt", 1_700_000_100).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(header(&r, "x-exception").contains("not found"));
+}
+
+async fn versions_follow_filetracker(s: &Setup) {
+    let v1 = unique_content("v1", 1000);
+    let v2 = unique_content("v2", 1000);
+    assert_eq!(s.put("/v", 2000, v1.clone()).await.status(), StatusCode::OK);
+    // Older PUT: 200 with the stored version, content unchanged.
+    let r = s.put("/v", 1000, v2.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "last-modified"), "Thu, 01 Jan 1970 00:33:20 GMT");
+    assert_eq!(s.content("/v").await.unwrap(), v1);
+    // Equal version overwrites.
+    let r = s.put("/v", 2000, v2.clone()).await;
+    assert_eq!(header(&r, "last-modified"), "Thu, 01 Jan 1970 00:33:20 GMT");
+    assert_eq!(s.content("/v").await.unwrap(), v2);
+    // Newer overwrites.
+    s.put("/v", 3000, v1.clone()).await;
+    assert_eq!(s.content("/v").await.unwrap(), v1);
+    // Older DELETE is a no-op answered 200.
+    assert_eq!(s.delete("/v", 2999).await.status(), StatusCode::OK);
+    assert_eq!(s.content("/v").await.unwrap(), v1);
+    // DELETE at the exact version returned by PUT deletes.
+    assert_eq!(s.delete("/v", 3000).await.status(), StatusCode::OK);
+    assert_eq!(s.content("/v").await, None);
+    // The v1 way: version in a Last-Modified request header.
+    let r = s
+        .http
+        .put(s.api.url("/files/v1style"))
+        .header("Last-Modified", "Tue, 14 Nov 2023 22:13:20 GMT")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "last-modified"), "Tue, 14 Nov 2023 22:13:20 GMT");
+}
+
+async fn fifty_paths_one_object(s: &Setup) {
+    let before = s.objects().await.len();
+    let content = unique_content("fifty", 50_000);
+    for i in 0..50 {
+        let r = s
+            .put(&format!("/same/{i}"), 1000 + i, content.clone())
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(s.objects().await.len(), before + 1, "50 paths, one object");
+    for i in 0..49 {
+        assert_eq!(
+            s.delete(&format!("/same/{i}"), 5000).await.status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        s.objects().await.len(),
+        before + 1,
+        "the last reference keeps the object"
+    );
+    assert_eq!(s.content("/same/49").await.unwrap(), content);
+    let m = s
+        .http
+        .get(s.api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("s3dedup_dedup_hits_total 49"), "{m}");
+}
+
+async fn gzip_and_raw_uploads_are_the_same_content(s: &Setup) {
+    let before = s.objects().await.len();
+    let content = unique_content("gz-vs-raw", 30_000);
+    assert_eq!(
+        s.put_gzip("/gz", 1, &content).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.put("/raw", 1, content.clone()).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.objects().await.len(),
+        before + 1,
+        "equal by SHA-256 of the uncompressed bytes"
+    );
+    assert_eq!(s.content("/gz").await.unwrap(), content);
+    assert_eq!(s.content("/raw").await.unwrap(), content);
+    let keys = s.objects().await;
+    assert!(
+        keys.iter().any(|k| k.ends_with(&sha256_hex(&content))),
+        "object keyed by the digest: {keys:?}"
+    );
+}
+
+async fn wrong_hints_store_nothing(s: &Setup) {
+    let before = s.objects().await.len();
+    let content = unique_content("hints", 10_000);
+    let url = s.api.url(&format!("/files/bad?last_modified={}", lm(5)));
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "checksum",
+            sha256_hex(b"something else"),
+            content.len().to_string(),
+        ),
+        (
+            "size",
+            sha256_hex(&content),
+            (content.len() + 1).to_string(),
+        ),
+    ];
+    for (what, sum, size) in cases {
+        for gz in [true, false] {
+            let mut req = s
+                .http
+                .put(&url)
+                .header("SHA256-Checksum", &sum)
+                .header("Logical-Size", &size);
+            req = if gz {
+                req.header("Content-Encoding", "gzip").body(gzip(&content))
+            } else {
+                req.body(content.clone())
+            };
+            let r = req.send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::BAD_REQUEST,
+                "wrong {what}, gzip {gz}"
+            );
+            assert!(
+                header(&r, "x-exception")
+                    .to_lowercase()
+                    .contains("mismatch"),
+                "{what}"
+            );
+        }
+    }
+    assert_eq!(s.get("/bad").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.objects().await.len(), before, "no object added");
+    assert!(
+        s.api.spool_files().is_empty(),
+        "spool cleaned: {:?}",
+        s.api.spool_files()
+    );
+}
+
+async fn broken_gzip_is_refused(s: &Setup) {
+    let before = s.objects().await.len();
+    let good = gzip(&unique_content("broken", 50_000));
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() / 2);
+    for (what, body) in [
+        ("garbage", b"definitely not gzip".to_vec()),
+        ("truncated", truncated),
+    ] {
+        let r = s
+            .http
+            .put(s.api.url(&format!("/files/broken?last_modified={}", lm(5))))
+            .header("Content-Encoding", "gzip")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
+        assert!(
+            header(&r, "x-exception").contains("gzip"),
+            "{what}: {}",
+            header(&r, "x-exception")
+        );
+    }
+    assert_eq!(s.get("/broken").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.objects().await.len(), before);
+}
+
+async fn bad_requests_are_400(s: &Setup) {
+    let a = s.api.addr;
+    let req = |line: &str| {
+        let r = raw_request(
+            a,
+            format!(
+                "{line} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+            )
+            .as_bytes(),
+        )
+        .expect("answer");
+        r.lines().next().unwrap_or_default().to_owned()
+    };
+    let date = lm(1_700_000_000);
+    assert!(req("PUT /files/a").contains("400"), "missing last_modified");
+    assert!(
+        req("PUT /files/a?last_modified=yesterday").contains("400"),
+        "bad date"
+    );
+    assert!(
+        req("DELETE /files/a").contains("400"),
+        "missing last_modified on DELETE"
+    );
+    assert!(
+        req(&format!("PUT /files/a/../b?last_modified={date}")).contains("400"),
+        ".."
+    );
+    assert!(
+        req(&format!("PUT /files/a/%2e%2e/b?last_modified={date}")).contains("400"),
+        "encoded .."
+    );
+    assert!(
+        req(&format!("PUT /files/%ff?last_modified={date}")).contains("400"),
+        "bad UTF-8"
+    );
+    assert!(
+        req("GET /list/?last_modified=garbage").contains("400"),
+        "bad cutoff"
+    );
+    assert!(req("GET /nope").contains("400"), "unknown endpoint");
+    assert_eq!(s.list("", None).await.1, "", "nothing was stored");
+}
+
+async fn disconnect_mid_upload_leaves_nothing(s: &Setup) {
+    let before = s.objects().await.len();
+    let content = unique_content("cut", 2 << 20);
+    for gz in [false, true] {
+        let body = if gz { gzip(&content) } else { content.clone() };
+        let mut sock = TcpStream::connect(s.api.addr).unwrap();
+        let enc = if gz { "Content-Encoding: gzip\r\n" } else { "" };
+        write!(
+            sock,
+            "PUT /files/cut?last_modified={} HTTP/1.1\r\nHost: x\r\n{enc}Content-Length: {}\r\n\r\n",
+            lm(7),
+            body.len()
+        )
+        .unwrap();
+        sock.write_all(&body[..body.len() / 2]).unwrap();
+        sock.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(sock);
+    }
+    // The server notices the cut, drops the spool file and stores nothing.
+    let mut spool = s.api.spool_files();
+    for _ in 0..50 {
+        if spool.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        spool = s.api.spool_files();
+    }
+    assert!(spool.is_empty(), "spool files left: {spool:?}");
+    assert_eq!(s.get("/cut").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.objects().await.len(), before);
+    assert_eq!(s.list("", None).await.1, "");
+}
+
+async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
+    // Chunked transfer encoding from a streaming body.
+    let content = unique_content("chunked", 300_000);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        content.chunks(7777).map(|c| Ok(c.to_vec())).collect();
+    let r = s
+        .http
+        .put(
+            s.api
+                .url(&format!("/files/chunked?last_modified={}", lm(9))),
+        )
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
+    assert_eq!(s.content("/chunked").await.unwrap(), content);
+
+    // Expect: 100-continue, as curl sends: the body goes only after the interim answer.
+    let body = unique_content("expect", 5000);
+    let mut sock = TcpStream::connect(s.api.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        sock,
+        "PUT /files/expect?last_modified={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        lm(9),
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 25];
+    sock.read_exact(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 100 Continue"));
+    sock.write_all(&body).unwrap();
+    let mut rest = String::new();
+    sock.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
+    assert_eq!(s.content("/expect").await.unwrap(), body);
+}
+
+async fn identity_for_clients_refusing_gzip(s: &Setup) {
+    let content = unique_content("identity", 200_000);
+    s.put_gzip("/id", 3, &content).await;
+    let r = s
+        .http
+        .get(s.api.url("/files/id"))
+        .header("Accept-Encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-encoding"), "");
+    assert_eq!(header(&r, "content-length"), "200000");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), content);
+    let r = s
+        .http
+        .get(s.api.url("/files/id"))
+        .header("Accept-Encoding", "gzip;q=0, identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "content-encoding"), "");
+}
+
+async fn health_and_metrics(s: &Setup) {
+    let r = s.http.get(s.api.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+    s.put("/m", 1, b"metrics".to_vec()).await;
+    s.get("/m").await;
+    let m = s
+        .http
+        .get(s.api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "s3dedup_requests_total{route=\"files\",method=\"PUT\",status=\"200\"} 1",
+        "s3dedup_request_duration_seconds_bucket{route=\"files\"",
+        "s3dedup_files 1",
+        "s3dedup_blobs 1",
+        "s3dedup_logical_bytes 7",
+        "s3dedup_received_bytes_total 7",
+        "s3dedup_dedup_misses_total 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in\n{m}");
+    }
+    assert!(!m.contains(S3_SECRET_KEY), "no secret in metrics");
+}
+
+/// S3 stopped: reads and writes fail with 503 and a message, never a 404; metadata-only HEAD
+/// still answers; after S3 returns everything works and nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_is_503_never_404() {
+    let mut s = Setup::s3();
+    let content = unique_content("outage", 10_000);
+    assert_eq!(
+        s.put("/kept", 1, content.clone()).await.status(),
+        StatusCode::OK
+    );
+    s.s3.as_mut().unwrap().stop();
+
+    let r = s.get("/kept").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        header(&r, "x-exception").contains("object store unavailable"),
+        "{}",
+        header(&r, "x-exception")
+    );
+    let r = s.put("/new", 1, unique_content("during", 100)).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let r = s.http.get(s.api.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        s.get("/missing").await.status(),
+        StatusCode::NOT_FOUND,
+        "absence is still known"
+    );
+    assert!(s.api.spool_files().is_empty());
+
+    s.s3.as_mut().unwrap().restart().unwrap();
+    assert_eq!(s.content("/kept").await.unwrap(), content);
+    assert_eq!(
+        s.get("/new").await.status(),
+        StatusCode::NOT_FOUND,
+        "the failed PUT left nothing"
+    );
+    assert_eq!(
+        s.put("/new", 1, b"after".to_vec()).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.content("/new").await.unwrap(), b"after");
+}
+
+/// The metadata database locked by another process: 503 with a message, nothing half-written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_locked_is_503() {
+    let s = Setup::local_with(&[("S3DEDUP_METADATA__SQLITE__BUSY_TIMEOUT_MS", "300")]);
+    assert_eq!(
+        s.put("/before", 1, b"x".to_vec()).await.status(),
+        StatusCode::OK
+    );
+    let db = s.api.data_dir.join("metadata.sqlite3");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let r = s.put("/during", 1, unique_content("locked", 100)).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        header(&r, "x-exception").contains("metadata database unavailable"),
+        "{}",
+        header(&r, "x-exception")
+    );
+    let r = s.delete("/before", 5).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(s.get("/during").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.content("/before").await.unwrap(), b"x");
+    assert_eq!(
+        s.put("/during", 1, b"y".to_vec()).await.status(),
+        StatusCode::OK
+    );
+}
+
+/// Large objects go to S3 in parts (small thresholds here) and come back intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_upload_to_s3() {
+    let s = Setup::s3_with(&[
+        ("S3DEDUP_STORE__S3__MULTIPART_THRESHOLD", "5242880"),
+        ("S3DEDUP_STORE__S3__PART_SIZE", "5242880"),
+    ]);
+    // Random-looking hex does not compress below 5 MiB parts: several parts.
+    let content = unique_content("multipart", 24 << 20);
+    let r = s.put("/big", 1, content.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
+    assert_eq!(s.content("/big").await.unwrap(), content);
+    assert_eq!(s.objects().await.len(), 1);
+}
+
+/// A bad configuration is one clear line naming the key, exit code 2.
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let out = std::process::Command::new(bin("s3dedup-api"))
+        .env("S3DEDUP_API__LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("api.listen") && err.contains("S3DEDUP_API__LISTEN"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("s3dedup.toml");
+    std::fs::write(&cfg, "[store]\nbackend = \"s3\"\n").unwrap();
+    let out = std::process::Command::new(bin("s3dedup-api"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.s3.bucket"));
+}
+
+/// SIGTERM lets an in-flight upload finish before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let mut s = Setup::local();
+    let content = unique_content("drain", 1 << 20);
+    let mut sock = TcpStream::connect(s.api.addr).unwrap();
+    write!(
+        sock,
+        "PUT /files/drained?last_modified={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        lm(1),
+        content.len()
+    )
+    .unwrap();
+    sock.write_all(&content[..1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &s.api.proc.pid().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    sock.write_all(&content[1000..]).unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = s.api.proc.child.wait().unwrap();
+    assert!(status.success(), "clean exit after drain: {status}");
+    // A new instance on the same data serves the file.
+    s.api.restart().unwrap();
+    assert_eq!(s.content("/drained").await.unwrap(), content);
+}
+
+/// Streams `size` bytes of moderately compressible content up, then down, verifying the SHA-256
+/// on both sides without ever holding the file; returns the daemon's peak RSS in KiB.
+async fn round_trip_streaming(s: &Setup, size: u64) -> u64 {
+    use sha2::Digest as _;
+    const CHUNK: usize = 1 << 20;
+    let base = unique_content("huge", CHUNK);
+    let chunks = size.div_ceil(CHUNK as u64);
+    let mut expected = sha2::Sha256::new();
+    let make = move |i: u64| {
+        let mut c = base.clone();
+        c[..8].copy_from_slice(&i.to_be_bytes());
+        c.truncate((size - i * CHUNK as u64).min(CHUNK as u64) as usize);
+        c
+    };
+    for i in 0..chunks {
+        expected.update(make(i));
+    }
+    let expected = hex::encode(expected.finalize());
+    let body = futures::stream::iter((0..chunks).map(move |i| Ok::<_, std::io::Error>(make(i))));
+    let r = s
+        .http
+        .put(s.api.url(&format!("/files/huge?last_modified={}", lm(1))))
+        .header("SHA256-Checksum", &expected)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
+
+    let mut r = s.get("/huge").await;
+    assert_eq!(header(&r, "logical-size"), size.to_string());
+    struct HashSink(sha2::Sha256, u64);
+    impl Write for HashSink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            self.1 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut inflater = flate2::write::GzDecoder::new(HashSink(sha2::Sha256::new(), 0));
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        inflater.write_all(&chunk).unwrap();
+    }
+    let sink = inflater.finish().unwrap();
+    assert_eq!(sink.1, size);
+    assert_eq!(
+        hex::encode(sink.0.finalize()),
+        expected,
+        "downloaded content is intact"
+    );
+    s.api.proc.peak_rss_kib()
+}
+
+/// DESIGN invariant 5: memory does not grow with file size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_round_trip_keeps_rss_under_100_mib_local() {
+    let s = Setup::local();
+    let peak = round_trip_streaming(&s, 1 << 30).await;
+    eprintln!(
+        "local store: peak RSS after 1 GiB up and down: {} KiB",
+        peak
+    );
+    assert!(peak > 0 && peak < 100 * 1024, "peak RSS {peak} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_round_trip_keeps_rss_under_100_mib_s3() {
+    let s = Setup::s3();
+    let peak = round_trip_streaming(&s, 1 << 30).await;
+    eprintln!("S3 store: peak RSS after 1 GiB up and down: {} KiB", peak);
+    assert!(peak > 0 && peak < 100 * 1024, "peak RSS {peak} KiB");
+}

@@ -1,1 +1,420 @@
+//! Helpers for suites that drive the real binaries: start an S3 server process and `s3dedup-api`
+//! on free loopback ports with private directories, talk HTTP to them, look into their stores,
+//! and read their memory high-water mark. Every process is killed when its handle drops.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sha2::Digest as _;
+
+/// Credentials the S3 test server accepts.
+pub const S3_ACCESS_KEY: &str = "test-access-key";
+pub const S3_SECRET_KEY: &str = "test-secret-key";
+pub const S3_BUCKET: &str = "s3dedup-test";
+
+/// Where cargo put the workspace binaries (next to this test's `deps/` directory).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("S3DEDUP_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process that is killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal and waits for the exit status.
+    pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A real S3 server process (s3s-fs) with one bucket.
+pub struct S3Server {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl S3Server {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().to_owned();
+        let mut s = Self::start_at(&root, "127.0.0.1:0")?;
+        s._dir = Some(dir);
+        Ok(s)
+    }
+
+    /// Starts (or restarts) a server on `root` at `listen`.
+    pub fn start_at(root: &Path, listen: &str) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin("s3-test-server"))
+            .args(["--listen", listen, "--bucket", S3_BUCKET])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting s3-test-server")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("stdout")?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected s3-test-server output {line:?}"))?
+            .parse()?;
+        Ok(S3Server {
+            proc: Proc {
+                child,
+                name: "s3-test-server".into(),
+            },
+            addr,
+            root: root.to_owned(),
+            _dir: None,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server, keeping its data.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same address and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start_at(&self.root, &self.addr.to_string()) {
+                Ok(mut s) => {
+                    std::mem::swap(&mut self.proc, &mut s.proc);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Keys of all objects in the bucket, through the S3 API.
+    pub async fn list_keys(&self) -> anyhow::Result<Vec<String>> {
+        let client = self.client();
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let out = client
+                .list_objects_v2()
+                .bucket(S3_BUCKET)
+                .set_continuation_token(token)
+                .send()
+                .await?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+            token = out.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(keys)
+    }
+
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let cfg = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                S3_ACCESS_KEY,
+                S3_SECRET_KEY,
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(cfg)
+    }
+}
+
+/// Which object store an API instance uses.
+pub enum Backend<'a> {
+    Local,
+    S3(&'a S3Server),
+}
+
+/// A running `s3dedup-api`.
+pub struct Api {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub stderr_log: PathBuf,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    pub fn start(backend: Backend<'_>) -> anyhow::Result<Self> {
+        Self::start_with(backend, &[])
+    }
+
+    /// Starts the API with extra `S3DEDUP_*` environment overrides.
+    pub fn start_with(backend: Backend<'_>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut all: Vec<(String, String)> = vec![("RUST_LOG".into(), "warn".into())];
+        if let Backend::S3(s3) = backend {
+            for (k, v) in [
+                ("S3DEDUP_STORE__BACKEND", "s3".to_owned()),
+                ("S3DEDUP_STORE__S3__BUCKET", S3_BUCKET.to_owned()),
+                ("S3DEDUP_STORE__S3__ENDPOINT", s3.endpoint()),
+                ("S3DEDUP_STORE__S3__ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),
+                (
+                    "S3DEDUP_STORE__S3__SECRET_ACCESS_KEY",
+                    S3_SECRET_KEY.to_owned(),
+                ),
+            ] {
+                all.push((k.into(), v));
+            }
+        }
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let data_dir = dir.path().join("data");
+        let stderr_log = dir.path().join("api.log");
+        let proc = Self::spawn(addr, &data_dir, &stderr_log, &all)?;
+        let mut api = Api {
+            proc,
+            addr,
+            data_dir,
+            stderr_log,
+            env: all,
+            _dir: dir,
+        };
+        api.wait_ready()?;
+        Ok(api)
+    }
+
+    fn spawn(
+        addr: SocketAddr,
+        data_dir: &Path,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Proc> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(bin("s3dedup-api"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting s3dedup-api")?;
+        Ok(Proc {
+            child,
+            name: "s3dedup-api".into(),
+        })
+    }
+
+    /// Starts the process again (after it exited or was killed) on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill();
+        self.proc = Self::spawn(self.addr, &self.data_dir, &self.stderr_log, &self.env)?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                bail!("s3dedup-api exited with {status}: {}", self.log());
+            }
+            if let Ok(r) = raw_request(
+                self.addr,
+                b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            ) && r.starts_with("HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("s3dedup-api did not answer within 30 s: {}", self.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Files in the local object store (`Backend::Local`).
+    pub fn local_objects(&self) -> Vec<PathBuf> {
+        walk(&self.data_dir.join("objects"))
+    }
+
+    /// Files left in the upload spool.
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        walk(&self.data_dir.join("spool"))
+    }
+}
+
+/// All regular files below `dir`.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Sends raw bytes and reads the whole answer (the request should say `Connection: close`).
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(request)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+pub fn gunzip(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(data)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+/// Unique content for this run (both servers deduplicate; tests must not collide).
+pub fn unique_content(tag: &str, len: usize) -> Vec<u8> {
+    let seed = format!("{tag}-{}-{:?}", std::process::id(), Instant::now());
+    let mut out = Vec::with_capacity(len + 64);
+    let mut block = sha2::Sha256::digest(seed.as_bytes()).to_vec();
+    while out.len() < len {
+        out.extend_from_slice(hex::encode(&block).as_bytes());
+        block = sha2::Sha256::digest(&block).to_vec();
+    }
+    out.truncate(len);
+    out
+}
+
+/// `last_modified` query value for a version, form-encoded the way the real client does
+/// (`email.utils.formatdate`, a `-0000` zone).
+pub fn lm(version: i64) -> String {
+    let date = chrono::DateTime::from_timestamp(version, 0)
+        .expect("version in range")
+        .format("%a, %d %b %Y %H:%M:%S -0000")
+        .to_string();
+    date.replace(' ', "+")
+        .replace(',', "%2C")
+        .replace(':', "%3A")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_dates_like_python() {
+        // email.utils.formatdate(1700000000) == 'Tue, 14 Nov 2023 22:13:20 -0000'
+        assert_eq!(
+            super::lm(1_700_000_000),
+            "Tue%2C+14+Nov+2023+22%3A13%3A20+-0000"
+        );
+    }
+}

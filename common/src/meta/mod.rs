@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use crate::blob::{BlobInfo, Digest};
 use crate::protocol::Version;
 
-pub use sqlite::SqliteMeta;
+#[cfg(test)]
+pub(crate) use sqlite::tests::test_options as sqlite_test_options;
+pub use sqlite::{SqliteMeta, SqliteOptions};
 
 /// A file as the metadata knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,9 +16,6 @@ use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
 use crate::protocol::Version;
 
-/// How long a statement waits for another process's write lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Versioned schema changes, applied in order, each once, each in its own transaction.
 const MIGRATIONS: &[&str] = &[
     // 1: files and blobs.
@@ -66,16 +63,16 @@ fn db_error(e: rusqlite::Error) -> MetaError {
     }
 }
 
-fn open_connection(path: &Path, sync: SqliteSync) -> rusqlite::Result<Connection> {
+fn open_connection(path: &Path, opts: &SqliteOptions) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(opts.busy_timeout)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    let sync = match sync {
+    let sync = match opts.synchronous {
         SqliteSync::Full => "FULL",
         SqliteSync::Normal => "NORMAL",
     };
@@ -114,9 +111,29 @@ fn parse_digest(s: String) -> rusqlite::Result<Digest> {
     })
 }
 
+/// How to open the database.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// Read connections in the pool.
+    pub readers: usize,
+    pub synchronous: SqliteSync,
+    /// How long a statement waits for another process's write lock before failing.
+    pub busy_timeout: Duration,
+}
+
+impl From<&crate::config::SqliteConfig> for SqliteOptions {
+    fn from(c: &crate::config::SqliteConfig) -> Self {
+        SqliteOptions {
+            readers: c.readers,
+            synchronous: c.synchronous,
+            busy_timeout: Duration::from_millis(c.busy_timeout_ms),
+        }
+    }
+}
+
 impl SqliteMeta {
     /// Opens (creating and migrating) the database file.
-    pub async fn open(path: &Path, readers: usize, sync: SqliteSync) -> Result<Self, MetaError> {
+    pub async fn open(path: &Path, opts: SqliteOptions) -> Result<Self, MetaError> {
         let path = path.to_owned();
         let p = path.clone();
         let (writer, pool) = tokio::task::spawn_blocking(move || {
@@ -131,10 +148,10 @@ impl SqliteMeta {
                 }
                 other => other,
             };
-            let mut writer = open_connection(&p, sync).map_err(ctx)?;
+            let mut writer = open_connection(&p, &opts).map_err(ctx)?;
             migrate(&mut writer).map_err(ctx)?;
-            let pool = (0..readers)
-                .map(|_| open_connection(&p, sync))
+            let pool = (0..opts.readers)
+                .map(|_| open_connection(&p, &opts))
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(ctx)?;
             Ok::<_, MetaError>((writer, pool))
@@ -451,8 +468,16 @@ impl MetaStore for SqliteMeta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    pub(crate) fn test_options() -> SqliteOptions {
+        SqliteOptions {
+            readers: 2,
+            synchronous: SqliteSync::Normal,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
 
     #[tokio::test]
     async fn conformance_suite() {
@@ -462,7 +487,7 @@ mod tests {
         super::super::conformance::run_all(async || -> Box<dyn MetaStore> {
             let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let p = dir_path.join(format!("m{i}.sqlite3"));
-            let m = SqliteMeta::open(&p, 2, SqliteSync::Normal).await.unwrap();
+            let m = SqliteMeta::open(&p, test_options()).await.unwrap();
             Box::new(m) as Box<dyn MetaStore>
         })
         .await;
@@ -478,12 +503,12 @@ mod tests {
             stored_size: 23,
         };
         {
-            let m = SqliteMeta::open(&p, 1, SqliteSync::Full).await.unwrap();
+            let m = SqliteMeta::open(&p, test_options()).await.unwrap();
             m.put_file("/a", 1, &b, true, 0).await.unwrap();
         }
         let (m1, m2) = tokio::join!(
-            SqliteMeta::open(&p, 1, SqliteSync::Full),
-            SqliteMeta::open(&p, 1, SqliteSync::Full)
+            SqliteMeta::open(&p, test_options()),
+            SqliteMeta::open(&p, test_options())
         );
         let m = m1.unwrap();
         drop(m2.unwrap());
@@ -497,7 +522,7 @@ mod tests {
 
     #[tokio::test]
     async fn unopenable_database_is_unavailable() {
-        let e = SqliteMeta::open(Path::new("/proc/nope/m.sqlite3"), 1, SqliteSync::Full)
+        let e = SqliteMeta::open(Path::new("/proc/nope/m.sqlite3"), test_options())
             .await
             .err()
             .unwrap();
