@@ -264,10 +264,10 @@ async fn metrics(state: &AppState) -> Response {
         .into_response()
 }
 
-fn header_str<'a>(
-    headers: &'a HeaderMap,
+fn header_str(
+    headers: &HeaderMap,
     name: impl header::AsHeaderName,
-) -> Result<Option<&'a str>, ApiError> {
+) -> Result<Option<&str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v

@@ -1,1 +1,6 @@
-fn main() {}
+//! `s3dedup-migrator`: not implemented yet; refuses to run rather than pretend to succeed.
+
+fn main() -> std::process::ExitCode {
+    eprintln!("s3dedup-migrator: not implemented yet");
+    std::process::ExitCode::FAILURE
+}

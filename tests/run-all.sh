@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every test suite of s3dedup on a fresh Debian 12 machine with Rust, installing what the
+# suites need first: Debian packages, a Python venv with the real Filetracker client from PyPI,
+# and the S3 server process the suites start (built from the workspace: tests/s3-test-server).
+#
+#   tests/run-all.sh            everything: format, lint, unit, integration and client suites
+#
+# Environment: S3DEDUP_TEST_VENV (default target/test-venv) to reuse a venv elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "System packages"
+# libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv.
+missing=()
+for pkg in libdb-dev python3-venv python3-dev pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+else
+    echo "all present"
+fi
+
+step "Python venv with filetracker==2.3.3 (the real client and old server)"
+venv="${S3DEDUP_TEST_VENV:-target/test-venv}"
+if ! "$venv/bin/python" -c 'import filetracker, pytest, requests' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    YES_I_HAVE_THE_RIGHT_TO_USE_THIS_BERKELEY_DB_VERSION=1 \
+        "$venv/bin/pip" install -q 'filetracker[server]==2.3.3' 'pytest>=7' requests
+fi
+"$venv/bin/python" -c 'import filetracker; print("filetracker client ready")'
+
+step "Formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "Lints (cargo clippy --all-targets -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Build every binary (the suites drive the real programs)"
+cargo build --workspace --bins --locked
+
+step "Rust unit and integration tests"
+cargo test --workspace --locked
+
+step "Filetracker client suite (real client against the real binary, local store and S3)"
+S3DEDUP_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
+
+step "All suites passed"
