@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test suite of s3dedup on a fresh Debian 12 machine with Rust, installing what the
-# suites need first: Debian packages, a Python venv with the real Filetracker client from PyPI,
-# and the S3 server process the suites start (built from the workspace: tests/s3-test-server).
+# suites need first: Debian packages (PostgreSQL among them), a Python venv with the real
+# Filetracker client from PyPI, and the S3 server process the suites start (built from the
+# workspace: tests/s3-test-server).
 #
 #   tests/run-all.sh            everything: format, lint, unit, integration and client suites
 #
-# Environment: S3DEDUP_TEST_VENV (default target/test-venv) to reuse a venv elsewhere.
+# Environment: TESTS_VENV (default target/test-venv) to reuse a venv elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +14,10 @@ step() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 step "System packages"
-# libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv.
+# libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv;
+# postgresql: a real server for the metadata and lock suites (pg_virtualenv runs a throw-away one).
 missing=()
-for pkg in libdb-dev python3-venv python3-dev pkg-config; do
+for pkg in libdb-dev python3-venv python3-dev pkg-config postgresql postgresql-common; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -26,7 +28,7 @@ else
 fi
 
 step "Python venv with filetracker==2.3.3 (the real client and old server)"
-venv="${S3DEDUP_TEST_VENV:-target/test-venv}"
+venv="${TESTS_VENV:-target/test-venv}"
 if ! "$venv/bin/python" -c 'import filetracker, pytest, requests' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
@@ -44,10 +46,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "Build every binary (the suites drive the real programs)"
 cargo build --workspace --bins --locked
 
-step "Rust unit and integration tests"
-cargo test --workspace --locked
+step "Rust unit and integration tests, with a throw-away PostgreSQL (pg_virtualenv)"
+# Tests that need PostgreSQL are #[ignore]d for a plain `cargo test`; here they all run.
+pg_virtualenv cargo test --workspace --locked -- --include-ignored
 
 step "Filetracker client suite (real client against the real binary, local store and S3)"
-S3DEDUP_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
+TESTS_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
 
 step "All suites passed"

@@ -115,6 +115,7 @@ impl Default for ApiConfig {
 #[serde(rename_all = "lowercase")]
 pub enum MetadataBackend {
     Sqlite,
+    Postgres,
 }
 
 /// `[metadata]`.
@@ -123,6 +124,7 @@ pub enum MetadataBackend {
 pub struct MetadataConfig {
     pub backend: MetadataBackend,
     pub sqlite: SqliteConfig,
+    pub postgres: PostgresConfig,
 }
 
 impl Default for MetadataConfig {
@@ -130,7 +132,53 @@ impl Default for MetadataConfig {
         MetadataConfig {
             backend: MetadataBackend::Sqlite,
             sqlite: SqliteConfig::default(),
+            postgres: PostgresConfig::default(),
         }
+    }
+}
+
+/// `[metadata.postgres]`: also the server of `postgres` advisory locks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style `host=... port=... user=... dbname=...` or a `postgres://` URL.
+    pub url: String,
+    /// Overrides any password in `url`.
+    pub password: Secret,
+    /// Read the password from this file (relative: `$CREDENTIALS_DIRECTORY`).
+    pub password_file: Option<PathBuf>,
+    /// Schema holding the tables (created if missing); one per bucket on a shared server.
+    pub schema: String,
+    /// Connections for metadata queries.
+    pub pool_size: usize,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            password: Secret::default(),
+            password_file: None,
+            schema: "public".into(),
+            pool_size: 16,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The password: inline, from `password_file`, or `None` (from `url`, `.pgpass` or none).
+    pub fn resolve_password(
+        &self,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Option<String>, ConfigError> {
+        resolve_secret(
+            &self.password,
+            self.password_file.as_deref(),
+            "metadata.postgres.password_file",
+            credentials_dir,
+        )
     }
 }
 
@@ -258,6 +306,7 @@ impl Default for S3Config {
 #[serde(rename_all = "lowercase")]
 pub enum LocksBackend {
     File,
+    Postgres,
 }
 
 /// `[locks]`.
@@ -267,6 +316,8 @@ pub struct LocksConfig {
     pub backend: LocksBackend,
     /// Lock file for `file` locks; default beside the SQLite database (`<db>.locks`).
     pub path: Option<PathBuf>,
+    /// Connections (to `metadata.postgres`) that hold `postgres` advisory locks.
+    pub postgres_connections: usize,
 }
 
 impl Default for LocksConfig {
@@ -274,6 +325,7 @@ impl Default for LocksConfig {
         LocksConfig {
             backend: LocksBackend::File,
             path: None,
+            postgres_connections: 4,
         }
     }
 }
@@ -323,6 +375,31 @@ impl Config {
         if self.metadata.sqlite.readers == 0 {
             return bad("metadata.sqlite.readers", "must be at least 1");
         }
+        let pg = &self.metadata.postgres;
+        let needs_pg = self.metadata.backend == MetadataBackend::Postgres
+            || self.locks.backend == LocksBackend::Postgres;
+        if needs_pg {
+            if pg.url.is_empty() {
+                return bad("metadata.postgres.url", "required when PostgreSQL is used");
+            }
+            if let Err(e) = pg.url.parse::<tokio_postgres::Config>() {
+                return Err(("metadata.postgres.url".into(), e.to_string()));
+            }
+            if pg.pool_size == 0 {
+                return bad("metadata.postgres.pool_size", "must be at least 1");
+            }
+            if pg.schema.is_empty()
+                || !pg
+                    .schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return bad("metadata.postgres.schema", "must be letters, digits and _");
+            }
+            if self.locks.postgres_connections == 0 {
+                return bad("locks.postgres_connections", "must be at least 1");
+            }
+        }
         if self.store.backend == StoreBackend::S3 {
             let s3 = &self.store.s3;
             if s3.bucket.is_empty() {
@@ -351,23 +428,36 @@ impl S3Config {
         &self,
         credentials_dir: Option<&Path>,
     ) -> Result<Option<String>, ConfigError> {
-        if !self.secret_access_key.0.is_empty() {
-            return Ok(Some(self.secret_access_key.0.clone()));
-        }
-        let Some(file) = &self.secret_access_key_file else {
-            return Ok(None);
-        };
-        let path = match credentials_dir {
-            Some(dir) if file.is_relative() => dir.join(file),
-            _ => file.clone(),
-        };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Secret {
-            key: "store.s3.secret_access_key_file".into(),
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+        resolve_secret(
+            &self.secret_access_key,
+            self.secret_access_key_file.as_deref(),
+            "store.s3.secret_access_key_file",
+            credentials_dir,
+        )
     }
+}
+
+/// A secret given inline or as a file (relative paths resolve in `credentials_dir`).
+fn resolve_secret(
+    inline: &Secret,
+    file: Option<&Path>,
+    key: &str,
+    credentials_dir: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    if !inline.0.is_empty() {
+        return Ok(Some(inline.0.clone()));
+    }
+    let Some(file) = file else { return Ok(None) };
+    let path = match credentials_dir {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file.to_owned(),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Secret {
+        key: key.into(),
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
 }
 
 /// Uses `dir` (systemd's `$STATE_DIRECTORY`) as the data directory unless one was configured.

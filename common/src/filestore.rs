@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use crate::blob::{BlobError, BlobInfo, Digest, Encoding, Hints, IngestOptions, ingest};
 use crate::config::{Config, LocksBackend, MetadataBackend, StoreBackend};
-use crate::locks::{FileLocks, LockError, LockManager, LockMode, blob_lock};
-use crate::meta::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome, SqliteMeta};
+use crate::locks::{FileLocks, LockError, LockManager, LockMode, PgLocks, blob_lock};
+use crate::meta::{
+    DeleteOutcome, FileEntry, MetaError, MetaStore, PostgresMeta, PutOutcome, SqliteMeta,
+    postgres_connection_config,
+};
 use crate::protocol::Version;
 use crate::store::{FsStore, ObjectStore, ObjectStream, S3Store, StoreError};
 
@@ -113,6 +116,10 @@ impl FileStore {
             MetadataBackend::Sqlite => {
                 Arc::new(SqliteMeta::open(&cfg.sqlite_path(), (&cfg.metadata.sqlite).into()).await?)
             }
+            MetadataBackend::Postgres => {
+                let pg = &cfg.metadata.postgres;
+                Arc::new(PostgresMeta::connect(pg, pg.resolve_password(credentials_dir)?).await?)
+            }
         };
         let store: Arc<dyn ObjectStore> = match cfg.store.backend {
             StoreBackend::Local => Arc::new(FsStore::open(cfg.local_store_path())?),
@@ -123,6 +130,11 @@ impl FileStore {
         };
         let locks: Arc<dyn LockManager> = match cfg.locks.backend {
             LocksBackend::File => Arc::new(FileLocks::open(&cfg.lock_file_path())?),
+            LocksBackend::Postgres => {
+                let pg = &cfg.metadata.postgres;
+                let conn = postgres_connection_config(pg, pg.resolve_password(credentials_dir)?)?;
+                Arc::new(PgLocks::new(conn, cfg.locks.postgres_connections))
+            }
         };
         Self::new(
             meta,
@@ -180,7 +192,7 @@ impl FileStore {
             self.store.put(&info.digest, file, info.stored_size).await?;
         }
         let outcome = self.meta.put_file(path, version, &info, !live, now).await?;
-        guard.release();
+        guard.release().await;
         Ok(Committed {
             outcome,
             deduplicated: live,

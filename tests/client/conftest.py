@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN_DIR = Path(os.environ.get("S3DEDUP_BIN_DIR", ROOT / "target" / "debug"))
+BIN_DIR = Path(os.environ.get("TESTS_BIN_DIR", ROOT / "target" / "debug"))
 S3_BUCKET = "s3dedup-test"
 S3_KEY, S3_SECRET = "test-access-key", "test-secret-key"
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -47,9 +47,11 @@ class Server:
         self.backend = backend
         self.tmp = Path(tmp)
         self.procs = []
-        env = dict(os.environ, RUST_LOG="warn")
-        for k in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_FDS"):
-            env.pop(k, None)
+        # Hermetic: no configuration or systemd variables leak in from the caller.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("S3DEDUP_")
+               and k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "LISTEN_FDS")}
+        env["RUST_LOG"] = "warn"
         if backend == "s3":
             self.s3_root = self.tmp / "s3"
             s3 = subprocess.Popen(

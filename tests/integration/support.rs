@@ -18,7 +18,7 @@ pub const S3_BUCKET: &str = "s3dedup-test";
 
 /// Where cargo put the workspace binaries (next to this test's `deps/` directory).
 pub fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("S3DEDUP_BIN_DIR") {
+    if let Some(dir) = std::env::var_os("TESTS_BIN_DIR") {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("test executable path");
@@ -393,6 +393,51 @@ pub fn unique_content(tag: &str, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// The PostgreSQL that `pg_virtualenv` provides (tests/run-all.sh), as a libpq conninfo string.
+pub fn pg_conninfo() -> String {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    assert!(
+        std::env::var("PGHOST").is_ok(),
+        "PostgreSQL suites need PGHOST etc.: run them through tests/run-all.sh (pg_virtualenv)"
+    );
+    format!(
+        "host={} port={} user={} password={} dbname={}",
+        var("PGHOST", "localhost"),
+        var("PGPORT", "5432"),
+        var("PGUSER", "postgres"),
+        var("PGPASSWORD", ""),
+        var("PGDATABASE", "postgres"),
+    )
+}
+
+/// A schema name no other test uses.
+pub fn unique_schema(tag: &str) -> String {
+    format!("{tag}_{}_{}", std::process::id(), rand::random::<u32>())
+}
+
+/// Environment that points `s3dedup-api` at PostgreSQL metadata and advisory locks.
+pub fn pg_env(schema: &str) -> Vec<(String, String)> {
+    vec![
+        ("S3DEDUP_METADATA__BACKEND".into(), "postgres".into()),
+        ("S3DEDUP_METADATA__POSTGRES__URL".into(), pg_conninfo()),
+        ("S3DEDUP_METADATA__POSTGRES__SCHEMA".into(), schema.into()),
+        ("S3DEDUP_LOCKS__BACKEND".into(), "postgres".into()),
+    ]
+}
+
+/// The metadata store an API with `pg_env(schema)` uses, opened from the test to check it.
+pub async fn pg_meta(schema: &str) -> s3dedup_common::meta::PostgresMeta {
+    let cfg = s3dedup_common::config::PostgresConfig {
+        url: pg_conninfo(),
+        schema: schema.into(),
+        pool_size: 2,
+        ..Default::default()
+    };
+    s3dedup_common::meta::PostgresMeta::connect(&cfg, None)
+        .await
+        .expect("connect to the test PostgreSQL")
 }
 
 /// `last_modified` query value for a version, form-encoded the way the real client does

@@ -1,16 +1,28 @@
 //! Advisory locks that work across processes, named by stable strings (`blob:<digest>`,
 //! `path:<path>`, `cleaner`, `migrator:<source>`) and mapped to 64-bit keys by a stable hash.
+//!
+//! Every backend has two layers: an in-process async lock per key, so tasks of one process queue
+//! without threads or polling, and the cross-process lock (fcntl byte ranges, or PostgreSQL
+//! advisory locks), taken with non-blocking attempts and backoff until a deadline.
 
 mod file;
+mod postgres;
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::time::Instant;
 
 use crate::blob::Digest;
 
 pub use file::FileLocks;
+pub use postgres::PgLocks;
 
 /// Shared locks coexist; an exclusive lock excludes every other lock on the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +40,21 @@ pub enum LockError {
     Backend { name: String, message: String },
 }
 
-/// A held lock; released when dropped (and by the OS or server if the process dies).
+/// A future that releases a cross-process lock.
+pub(crate) type Release = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The cross-process half of a held lock.
+pub(crate) trait Held: Send + Sync + 'static {
+    /// Releases it; `None` when that already happened synchronously.
+    fn release(self: Box<Self>) -> Option<Release>;
+}
+
+/// A held lock; released by [`LockGuard::release`], when dropped, and by the OS or the database
+/// server if the process dies.
 pub struct LockGuard {
     name: String,
-    _held: Box<dyn Send + Sync>,
+    held: Option<Box<dyn Held>>,
+    local: Option<LocalGuard>,
 }
 
 impl LockGuard {
@@ -40,8 +63,32 @@ impl LockGuard {
         &self.name
     }
 
-    /// Releases the lock now (same as dropping it, but explicit at call sites).
-    pub fn release(self) {}
+    /// Releases the lock and waits until the release reached the backend.
+    pub async fn release(mut self) {
+        if let Some(fut) = self.held.take().and_then(|h| h.release()) {
+            fut.await;
+        }
+        self.local.take();
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let local = self.local.take();
+        if let Some(fut) = held.release() {
+            // Keep this process's waiters out until the backend has really let go.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        fut.await;
+                        drop(local);
+                    });
+                }
+                Err(_) => drop(local),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -81,15 +128,108 @@ pub fn blob_lock(digest: &Digest) -> String {
     format!("blob:{digest}")
 }
 
+pub(crate) enum LocalGuard {
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+}
+
+/// The in-process layer: one async reader-writer lock per key, created on demand.
+#[derive(Default)]
+pub(crate) struct LocalLocks {
+    map: Mutex<HashMap<u64, Weak<RwLock<()>>>>,
+}
+
+impl LocalLocks {
+    fn entry(&self, key: u64) -> Arc<RwLock<()>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get(&key).and_then(Weak::upgrade) {
+            return l;
+        }
+        if map.len() >= 4096 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let l = Arc::new(RwLock::new(()));
+        map.insert(key, Arc::downgrade(&l));
+        l
+    }
+
+    async fn acquire(
+        &self,
+        key: u64,
+        mode: LockMode,
+        deadline: Option<Instant>,
+    ) -> Option<LocalGuard> {
+        let l = self.entry(key);
+        match (mode, deadline) {
+            (LockMode::Shared, None) => l.try_read_owned().ok().map(LocalGuard::Shared),
+            (LockMode::Exclusive, None) => l.try_write_owned().ok().map(LocalGuard::Exclusive),
+            (LockMode::Shared, Some(d)) => tokio::time::timeout_at(d, l.read_owned())
+                .await
+                .ok()
+                .map(LocalGuard::Shared),
+            (LockMode::Exclusive, Some(d)) => tokio::time::timeout_at(d, l.write_owned())
+                .await
+                .ok()
+                .map(LocalGuard::Exclusive),
+        }
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Takes the local layer, then polls `attempt` (one non-blocking try of the cross-process lock)
+/// with exponential backoff until it succeeds or the deadline passes (`None`: one try).
+pub(crate) async fn acquire<F, Fut>(
+    local: &LocalLocks,
+    name: &str,
+    mode: LockMode,
+    deadline: Option<Instant>,
+    mut attempt: F,
+) -> Result<Option<LockGuard>, LockError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<Box<dyn Held>>, LockError>>,
+{
+    let Some(local) = local.acquire(lock_key(name), mode, deadline).await else {
+        return Ok(None);
+    };
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        if let Some(held) = attempt().await? {
+            return Ok(Some(LockGuard {
+                name: name.to_owned(),
+                held: Some(held),
+                local: Some(local),
+            }));
+        }
+        match deadline {
+            Some(d) if Instant::now() + backoff < d => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// `lock` in terms of `acquire`: a timeout error instead of `None`.
+pub(crate) fn timed_out(name: &str, timeout: Duration) -> LockError {
+    LockError::Timeout {
+        name: name.to_owned(),
+        waited: timeout,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod conformance {
-    //! Behaviour every lock backend must have (within one process; the cross-process cases
-    //! are integration tests that spawn processes).
+    //! Behaviour every lock backend must have within one process; `two` is a second manager on
+    //! the same backend, standing in for another process (only the cross-process layer is
+    //! shared). Cases with real processes are integration tests.
     use super::*;
 
     const SHORT: Duration = Duration::from_millis(150);
 
-    pub async fn run_all(m: &dyn LockManager) {
+    pub async fn run_all(m: &dyn LockManager, two: &dyn LockManager) {
         // Exclusive locks exclude each other.
         let g = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap();
         assert!(
@@ -101,34 +241,50 @@ pub(crate) mod conformance {
         let e = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap_err();
         assert!(matches!(e, LockError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains('a'));
+        assert!(
+            two.try_lock("a", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let e = two.lock("a", LockMode::Shared, SHORT).await.unwrap_err();
+        assert!(matches!(e, LockError::Timeout { .. }), "{e}");
         // Independent keys.
-        let other = m.try_lock("b", LockMode::Exclusive).await.unwrap();
+        let other = two.try_lock("b", LockMode::Exclusive).await.unwrap();
         assert!(other.is_some());
         // Exclusive blocks shared.
         assert!(m.try_lock("a", LockMode::Shared).await.unwrap().is_none());
-        // Release on drop.
-        drop(g);
+        // Release (explicit, then by drop).
+        g.release().await;
         let s1 = m.try_lock("a", LockMode::Shared).await.unwrap().unwrap();
-        // Shared locks coexist, and block exclusive.
+        // Shared locks coexist, also across managers, and block exclusive.
         let s2 = m.try_lock("a", LockMode::Shared).await.unwrap().unwrap();
+        let s3 = two.try_lock("a", LockMode::Shared).await.unwrap().unwrap();
         assert!(
             m.try_lock("a", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            two.try_lock("a", LockMode::Exclusive)
                 .await
                 .unwrap()
                 .is_none()
         );
         drop(s1);
+        s3.release().await;
         assert!(
-            m.try_lock("a", LockMode::Exclusive)
+            two.try_lock("a", LockMode::Exclusive)
                 .await
                 .unwrap()
                 .is_none()
         );
-        s2.release();
-        // A waiter gets the lock once it is released.
+        s2.release().await;
+        // A waiter in the other manager gets the lock once it is released by drop.
         let g = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap();
         let waiter = async {
-            m.lock("a", LockMode::Exclusive, Duration::from_secs(5))
+            two.lock("a", LockMode::Exclusive, Duration::from_secs(5))
                 .await
         };
         let release = async {
@@ -136,7 +292,29 @@ pub(crate) mod conformance {
             drop(g);
         };
         let (got, ()) = tokio::join!(waiter, release);
-        assert_eq!(got.unwrap().name(), "a");
+        let got = got.unwrap();
+        assert_eq!(got.name(), "a");
+        got.release().await;
+        // Many tasks contending on one key each get it, one at a time.
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        let inside = std::sync::atomic::AtomicUsize::new(0);
+        let tasks = (0..20).map(|i| {
+            let mgr = if i % 2 == 0 { m } else { two };
+            let (counter, inside) = (&counter, &inside);
+            async move {
+                let g = mgr
+                    .lock("hot", LockMode::Exclusive, Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                assert_eq!(inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst), 0);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                g.release().await;
+            }
+        });
+        futures::future::join_all(tasks).await;
+        assert_eq!(counter.into_inner(), 20);
     }
 }
 

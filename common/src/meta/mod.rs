@@ -2,6 +2,7 @@
 //! count. It is the only judge of liveness (DESIGN invariant 2). Every change a request makes is
 //! one transaction.
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -9,6 +10,9 @@ use async_trait::async_trait;
 use crate::blob::{BlobInfo, Digest};
 use crate::protocol::Version;
 
+#[cfg(test)]
+pub(crate) use postgres::tests::test_config as postgres_test_config;
+pub use postgres::{PostgresMeta, connection_config as postgres_connection_config};
 #[cfg(test)]
 pub(crate) use sqlite::tests::test_options as sqlite_test_options;
 pub use sqlite::{SqliteMeta, SqliteOptions};
@@ -41,6 +45,18 @@ pub enum DeleteOutcome {
     NotFound,
 }
 
+/// A blob row: one distinct content and its reference count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRow {
+    pub info: BlobInfo,
+    pub refcount: i64,
+    /// False once the cleaner has tombstoned it (its object may already be gone).
+    pub live: bool,
+    /// When the last reference went away (Unix seconds), if it has none.
+    pub unreferenced_since: Option<i64>,
+    pub created_at: i64,
+}
+
 /// Totals for `/metrics` and reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -65,7 +81,14 @@ pub enum MetaError {
     Inconsistent(String),
 }
 
-/// The metadata database. Implementations: SQLite (one host).
+/// The message of a PostgreSQL error, with the server's own text and the cause.
+pub fn postgres_error_text(e: tokio_postgres::Error) -> String {
+    match postgres::pg_error(e) {
+        MetaError::Unavailable(m) | MetaError::Database(m) | MetaError::Inconsistent(m) => m,
+    }
+}
+
+/// The metadata database. Implementations: SQLite (one host) and PostgreSQL (several).
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// Human-readable description for logs.
@@ -109,6 +132,14 @@ pub trait MetaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<String>, MetaError>;
 
+    /// Blob rows in digest order, strictly after `after`, at most `limit` (for verification and
+    /// reports; memory stays bounded by the page size).
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobRow>, MetaError>;
+
     /// Totals over files and live blobs.
     async fn stats(&self) -> Result<Stats, MetaError>;
 
@@ -118,6 +149,67 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn check(&self) -> Result<(), MetaError>;
+}
+
+/// What a PUT changes, decided from the path's current `(version, digest)`. Both backends
+/// execute this plan inside their transaction, so the rules live in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PutPlan {
+    /// A strictly newer version is stored: change nothing.
+    Keep { stored: Version },
+    /// Same content: only the version changes, no reference moves.
+    Touch,
+    /// Point the path at the new blob (one more reference) and drop the old blob's reference.
+    Replace { old: Option<String> },
+}
+
+pub(crate) fn plan_put(
+    current: Option<(Version, &str)>,
+    version: Version,
+    digest: &str,
+) -> PutPlan {
+    match current {
+        Some((stored, _)) if stored > version => PutPlan::Keep { stored },
+        Some((_, old)) if old == digest => PutPlan::Touch,
+        other => PutPlan::Replace {
+            old: other.map(|(_, d)| d.to_owned()),
+        },
+    }
+}
+
+/// What a DELETE changes, decided from the path's current `(version, digest)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeletePlan {
+    Missing,
+    Keep { stored: Version },
+    Remove { digest: String },
+}
+
+pub(crate) fn plan_delete(current: Option<(Version, String)>, version: Version) -> DeletePlan {
+    match current {
+        None => DeletePlan::Missing,
+        Some((stored, _)) if stored > version => DeletePlan::Keep { stored },
+        Some((_, digest)) => DeletePlan::Remove { digest },
+    }
+}
+
+impl PutPlan {
+    pub(crate) fn outcome(&self, version: Version) -> PutOutcome {
+        match self {
+            PutPlan::Keep { stored } => PutOutcome::Newer { version: *stored },
+            _ => PutOutcome::Stored { version },
+        }
+    }
+}
+
+impl DeletePlan {
+    pub(crate) fn outcome(&self) -> DeleteOutcome {
+        match self {
+            DeletePlan::Missing => DeleteOutcome::NotFound,
+            DeletePlan::Keep { stored } => DeleteOutcome::Newer { version: *stored },
+            DeletePlan::Remove { .. } => DeleteOutcome::Deleted,
+        }
+    }
 }
 
 /// The smallest string greater than every string starting with `prefix` (for range scans).
@@ -224,6 +316,13 @@ pub(crate) mod conformance {
         m.put_file("/n", 50, &b, true, 1).await.unwrap();
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         assert_eq!(m.stats().await.unwrap().blobs, 2);
+        let rows = m.list_blobs(None, 10).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].info, rows[0].refcount, rows[0].live), (a, 1, true));
+        assert_eq!((rows[1].info, rows[1].refcount), (b, 0));
+        assert_eq!(rows[1].unreferenced_since, Some(1));
+        assert_eq!(m.list_blobs(Some(&a.digest), 10).await.unwrap(), rows[1..]);
+        assert_eq!(m.list_blobs(None, 1).await.unwrap(), rows[..1]);
     }
 
     pub async fn listing_is_sorted_prefixed_and_cut_off(m: &dyn MetaStore) {

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::Semaphore;
 
-use super::{DeleteOutcome, FileEntry, MetaError, MetaStore, PutOutcome, Stats, prefix_end};
+use super::{
+    BlobRow, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan,
+    Stats, plan_delete, plan_put, prefix_end,
+};
 use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
 use crate::protocol::Version;
@@ -304,17 +307,21 @@ impl MetaStore for SqliteMeta {
                     )));
                 }
             }
-            let outcome = match &current {
-                Some((stored, _)) if *stored > version => PutOutcome::Newer { version: *stored },
-                Some((_, old)) if *old == digest => {
+            let plan = plan_put(
+                current.as_ref().map(|(v, d)| (*v, d.as_str())),
+                version,
+                &digest,
+            );
+            match &plan {
+                PutPlan::Keep { .. } => {}
+                PutPlan::Touch => {
                     tx.execute(
                         "UPDATE files SET version = ?2 WHERE path = ?1",
                         params![path, version],
                     )
                     .map_err(db_error)?;
-                    PutOutcome::Stored { version }
                 }
-                _ => {
+                PutPlan::Replace { old } => {
                     tx.execute(
                         "INSERT INTO files (path, version, digest) VALUES (?1, ?2, ?3)
                          ON CONFLICT (path) DO UPDATE SET version = excluded.version,
@@ -328,12 +335,12 @@ impl MetaStore for SqliteMeta {
                         [&digest],
                     )
                     .map_err(db_error)?;
-                    if let Some((_, old)) = &current {
+                    if let Some(old) = old {
                         unreference(&tx, old, now).map_err(db_error)?;
                     }
-                    PutOutcome::Stored { version }
                 }
-            };
+            }
+            let outcome = plan.outcome(version);
             tx.commit().map_err(db_error)?;
             Ok(outcome)
         })
@@ -358,16 +365,13 @@ impl MetaStore for SqliteMeta {
                         .optional()
                 })
                 .map_err(db_error)?;
-            let outcome = match current {
-                None => DeleteOutcome::NotFound,
-                Some((stored, _)) if stored > version => DeleteOutcome::Newer { version: stored },
-                Some((_, digest)) => {
-                    tx.execute("DELETE FROM files WHERE path = ?1", [&path])
-                        .map_err(db_error)?;
-                    unreference(&tx, &digest, now).map_err(db_error)?;
-                    DeleteOutcome::Deleted
-                }
-            };
+            let plan = plan_delete(current, version);
+            if let DeletePlan::Remove { digest } = &plan {
+                tx.execute("DELETE FROM files WHERE path = ?1", [&path])
+                    .map_err(db_error)?;
+                unreference(&tx, digest, now).map_err(db_error)?;
+            }
+            let outcome = plan.outcome();
             tx.commit().map_err(db_error)?;
             Ok(outcome)
         })
@@ -413,6 +417,37 @@ impl MetaStore for SqliteMeta {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobRow>, MetaError> {
+        let after = after.map(Digest::to_hex).unwrap_or_default();
+        let limit = limit as i64;
+        self.read(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
+                        created_at
+                 FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
+            )?;
+            let rows = s.query_map(params![after, limit], |r| {
+                Ok(BlobRow {
+                    info: BlobInfo {
+                        digest: parse_digest(r.get(0)?)?,
+                        logical_size: r.get::<_, i64>(1)? as u64,
+                        stored_size: r.get::<_, i64>(2)? as u64,
+                    },
+                    refcount: r.get(3)?,
+                    live: r.get::<_, String>(4)? == "live",
+                    unreferenced_since: r.get(5)?,
+                    created_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
         })
         .await
     }

@@ -1,0 +1,206 @@
+//! Locks for several hosts: PostgreSQL session advisory locks (`pg_try_advisory_lock[_shared]`)
+//! on a few connections of their own. A key always uses the same connection, so its unlock
+//! reaches the session that holds it; the server releases everything a session held when its
+//! connection ends, including when the process dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{
+    Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire, lock_key,
+    timed_out,
+};
+
+/// One lock connection with its prepared statements.
+struct Session {
+    client: Client,
+    lock: [Statement; 2],
+    unlock: [Statement; 2],
+}
+
+fn index(mode: LockMode) -> usize {
+    match mode {
+        LockMode::Shared => 0,
+        LockMode::Exclusive => 1,
+    }
+}
+
+/// PostgreSQL advisory [`LockManager`].
+pub struct PgLocks {
+    config: tokio_postgres::Config,
+    sessions: Vec<Mutex<Option<Arc<Session>>>>,
+    local: LocalLocks,
+}
+
+struct HeldPg {
+    session: Arc<Session>,
+    key: i64,
+    mode: LockMode,
+}
+
+impl Held for HeldPg {
+    fn release(self: Box<Self>) -> Option<Release> {
+        if self.session.client.is_closed() {
+            return None; // the server already released it with the session
+        }
+        Some(Box::pin(async move {
+            let stmt = &self.session.unlock[index(self.mode)];
+            if let Err(e) = self.session.client.execute(stmt, &[&self.key]).await {
+                tracing::warn!(error = %e, "releasing an advisory lock failed; it ends with its session");
+            }
+        }))
+    }
+}
+
+impl PgLocks {
+    /// Lock sessions on the server `config` names; connected on first use and after failures.
+    pub fn new(config: tokio_postgres::Config, connections: usize) -> Self {
+        PgLocks {
+            config,
+            sessions: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            local: LocalLocks::default(),
+        }
+    }
+
+    async fn session(&self, key: u64, name: &str) -> Result<Arc<Session>, LockError> {
+        let slot = &self.sessions[(key % self.sessions.len() as u64) as usize];
+        let mut slot = slot.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.client.is_closed()) {
+            return Ok(s.clone());
+        }
+        let err = |e: tokio_postgres::Error| LockError::Backend {
+            name: name.to_owned(),
+            message: crate::meta::postgres_error_text(e),
+        };
+        let (client, connection) = self.config.connect(NoTls).await.map_err(err)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "advisory lock connection ended");
+            }
+        });
+        let prepare = |sql: &'static str| client.prepare(sql);
+        let session = Session {
+            lock: [
+                prepare("SELECT pg_try_advisory_lock_shared($1)")
+                    .await
+                    .map_err(err)?,
+                prepare("SELECT pg_try_advisory_lock($1)")
+                    .await
+                    .map_err(err)?,
+            ],
+            unlock: [
+                prepare("SELECT pg_advisory_unlock_shared($1)")
+                    .await
+                    .map_err(err)?,
+                prepare("SELECT pg_advisory_unlock($1)")
+                    .await
+                    .map_err(err)?,
+            ],
+            client,
+        };
+        let session = Arc::new(session);
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn try_pg(&self, name: &str, mode: LockMode) -> Result<Option<Box<dyn Held>>, LockError> {
+        let key = lock_key(name);
+        let session = self.session(key, name).await?;
+        let key = key as i64;
+        let row = session
+            .client
+            .query_one(&session.lock[index(mode)], &[&key])
+            .await
+            .map_err(|e| LockError::Backend {
+                name: name.to_owned(),
+                message: crate::meta::postgres_error_text(e),
+            })?;
+        let got: bool = row.get(0);
+        Ok(got.then(|| Box::new(HeldPg { session, key, mode }) as Box<dyn Held>))
+    }
+}
+
+#[async_trait]
+impl LockManager for PgLocks {
+    async fn lock(
+        &self,
+        name: &str,
+        mode: LockMode,
+        timeout: Duration,
+    ) -> Result<LockGuard, LockError> {
+        let deadline = Some(Instant::now() + timeout);
+        acquire(&self.local, name, mode, deadline, || {
+            self.try_pg(name, mode)
+        })
+        .await?
+        .ok_or_else(|| timed_out(name, timeout))
+    }
+
+    async fn try_lock(&self, name: &str, mode: LockMode) -> Result<Option<LockGuard>, LockError> {
+        acquire(&self.local, name, mode, None, || self.try_pg(name, mode)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locks(connections: usize) -> PgLocks {
+        let cfg = crate::meta::postgres_test_config();
+        let pw = cfg.resolve_password(None).unwrap();
+        PgLocks::new(
+            crate::meta::postgres_connection_config(&cfg, pw).unwrap(),
+            connections,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+    async fn conformance_suite() {
+        // Two managers have separate sessions, like two processes.
+        super::super::conformance::run_all(&locks(2), &locks(1)).await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+    async fn a_lost_session_releases_its_locks() {
+        let a = locks(1);
+        let b = locks(1);
+        let g = a
+            .lock("conn-loss", LockMode::Exclusive, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(
+            b.try_lock("conn-loss", LockMode::Exclusive)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        drop(g);
+        drop(a); // closes the session without unlocking explicitly
+        let got = b
+            .lock("conn-loss", LockMode::Exclusive, Duration::from_secs(5))
+            .await;
+        assert!(got.is_ok(), "the server released the lock with the session");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_a_backend_error_naming_the_lock() {
+        let cfg: tokio_postgres::Config = "host=127.0.0.1 port=1 user=x connect_timeout=1"
+            .parse()
+            .unwrap();
+        let e = PgLocks::new(cfg, 1)
+            .lock("blob:x", LockMode::Exclusive, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, LockError::Backend { .. }) && e.to_string().contains("blob:x"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,675 @@
+//! Metadata in PostgreSQL, for several API instances (and hosts) on one bucket.
+//!
+//! Same logical schema as SQLite. Writers to one path are serialized by a transaction-level
+//! advisory lock on `path:<path>`; blob rows are locked in digest order, so two requests moving
+//! references between the same blobs cannot deadlock.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{GenericClient, NoTls};
+
+use super::{
+    BlobRow, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan, Stats, plan_delete,
+    plan_put, prefix_end,
+};
+use crate::blob::{BlobInfo, Digest};
+use crate::config::PostgresConfig;
+use crate::locks::lock_key;
+use crate::protocol::Version;
+
+/// Versioned schema changes, applied in order, each once.
+const MIGRATIONS: &[&str] = &[
+    // 1: files and blobs. "C" collation: paths sort bytewise, as in SQLite.
+    "CREATE TABLE blobs (
+        digest TEXT COLLATE \"C\" PRIMARY KEY,
+        logical_size BIGINT NOT NULL,
+        stored_size BIGINT NOT NULL,
+        refcount BIGINT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
+        unreferenced_since BIGINT,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE files (
+        path TEXT COLLATE \"C\" PRIMARY KEY,
+        version BIGINT NOT NULL,
+        digest TEXT COLLATE \"C\" NOT NULL
+    );
+    CREATE INDEX files_by_digest ON files (digest);
+    CREATE INDEX blobs_unreferenced ON blobs (unreferenced_since) WHERE refcount = 0;",
+];
+
+/// How often a transaction is retried after a serialization failure or deadlock.
+const TX_ATTEMPTS: usize = 5;
+
+/// PostgreSQL-backed [`MetaStore`].
+pub struct PostgresMeta {
+    pool: Pool,
+    describe: String,
+}
+
+/// The connection settings of `[metadata.postgres]`, with the password resolved.
+pub fn connection_config(
+    cfg: &PostgresConfig,
+    password: Option<String>,
+) -> Result<tokio_postgres::Config, MetaError> {
+    let mut c: tokio_postgres::Config = cfg
+        .url
+        .parse()
+        .map_err(|e| MetaError::Database(format!("metadata.postgres.url: {e}")))?;
+    if let Some(p) = password {
+        c.password(p);
+    }
+    c.connect_timeout(Duration::from_secs(cfg.connect_timeout_secs));
+    c.application_name("s3dedup");
+    // Every connection works in the configured schema.
+    c.options(format!("-c search_path={}", cfg.schema));
+    Ok(c)
+}
+
+fn describe(c: &tokio_postgres::Config, schema: &str) -> String {
+    let host = c
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_default();
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres {host}:{port}/{} schema {schema}",
+        c.get_dbname().unwrap_or("")
+    )
+}
+
+/// Connection trouble is "unavailable" (503, retry later); anything else is a database error.
+pub(crate) fn pg_error(e: tokio_postgres::Error) -> MetaError {
+    let unavailable = e.is_closed()
+        || e.code().is_none() && e.as_db_error().is_none()
+        || e.code().is_some_and(|c| {
+            let c = c.code();
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+        });
+    // The Display of tokio_postgres errors omits the server's message; include it.
+    let message = match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => match std::error::Error::source(&e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    };
+    if unavailable {
+        MetaError::Unavailable(message)
+    } else {
+        MetaError::Database(message)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> MetaError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => MetaError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+fn advisory_key(name: &str) -> i64 {
+    lock_key(name) as i64
+}
+
+impl PostgresMeta {
+    /// Connects, creates the schema if needed and applies pending migrations. Two instances
+    /// starting at once serialize on an advisory lock.
+    pub async fn connect(
+        cfg: &PostgresConfig,
+        password: Option<String>,
+    ) -> Result<Self, MetaError> {
+        let pg = connection_config(cfg, password)?;
+        let describe = describe(&pg, &cfg.schema);
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_secs(cfg.connect_timeout_secs.max(1)));
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| MetaError::Database(format!("building the connection pool: {e}")))?;
+        let meta = PostgresMeta { pool, describe };
+        meta.migrate(&cfg.schema).await.map_err(|e| match e {
+            MetaError::Unavailable(m) => MetaError::Unavailable(format!("{}: {m}", meta.describe)),
+            other => other,
+        })?;
+        Ok(meta)
+    }
+
+    async fn migrate(&self, schema: &str) -> Result<(), MetaError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&advisory_key(&format!("migrations:{schema}"))],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
+        ))
+        .await
+        .map_err(pg_error)?;
+        let applied: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version > applied {
+                tx.batch_execute(sql).await.map_err(pg_error)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at)
+                     VALUES ($1, EXTRACT(EPOCH FROM now())::BIGINT)",
+                    &[&version],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, MetaError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs `body` in a transaction, retrying serialization failures and deadlocks.
+    async fn in_transaction<T, F>(&self, mut body: F) -> Result<T, MetaError>
+    where
+        F: for<'a> FnMut(
+            &'a tokio_postgres::Transaction<'a>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>,
+        >,
+    {
+        let mut client = self.client().await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let result = match body(&tx).await {
+                Ok(v) => tx.commit().await.map(|()| v),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) && attempt < TX_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                }
+                Err(e) => return Err(pg_error(e)),
+            }
+        }
+    }
+}
+
+/// Locks the blob rows about to change, in digest order (deadlock freedom).
+async fn lock_blobs(
+    tx: &impl GenericClient,
+    digests: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let mut sorted: Vec<&str> = digests.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    tx.query(
+        "SELECT 1 FROM blobs WHERE digest = ANY($1) ORDER BY digest FOR UPDATE",
+        &[&sorted],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn current_row(
+    tx: &impl GenericClient,
+    path: &str,
+) -> Result<Option<(i64, String)>, tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&advisory_key(&format!("path:{path}"))],
+    )
+    .await?;
+    Ok(tx
+        .query_opt(
+            "SELECT version, digest FROM files WHERE path = $1",
+            &[&path],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+async fn unreference(
+    tx: &impl GenericClient,
+    digest: &str,
+    now: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE blobs SET refcount = refcount - 1,
+            unreferenced_since = CASE WHEN refcount - 1 <= 0 THEN $2 ELSE unreferenced_since END
+         WHERE digest = $1",
+        &[&digest, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The outcome of a put transaction, or the reason it must not commit.
+enum PutResult {
+    Done(PutOutcome),
+    NotLive(String),
+}
+
+#[async_trait]
+impl MetaStore for PostgresMeta {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT f.version, f.digest, b.logical_size, b.stored_size
+                 FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = $1",
+                &[&path],
+            )
+            .await
+            .map_err(pg_error)?;
+        row.map(|r| {
+            let digest: String = r.get(1);
+            Ok(FileEntry {
+                path: path.to_owned(),
+                version: r.get(0),
+                blob: BlobInfo {
+                    digest: digest
+                        .parse()
+                        .map_err(|_| MetaError::Inconsistent(format!("bad digest {digest:?}")))?,
+                    logical_size: r.get::<_, i64>(2) as u64,
+                    stored_size: r.get::<_, i64>(3) as u64,
+                },
+            })
+        })
+        .transpose()
+    }
+
+    async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
+                &[&digest.to_hex()],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.is_some())
+    }
+
+    async fn put_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError> {
+        let digest = blob.digest.to_hex();
+        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
+        let result = self
+            .in_transaction(|tx| {
+                let digest = digest.clone();
+                let path = path.to_owned();
+                Box::pin(async move {
+                    let path = path.as_str();
+                    let current = current_row(tx, path).await?;
+                    let old = current.as_ref().map(|(_, d)| d.as_str());
+                    let touched: Vec<&str> =
+                        [Some(digest.as_str()), old].into_iter().flatten().collect();
+                    lock_blobs(tx, &touched).await?;
+                    if uploaded {
+                        tx.execute(
+                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                                unreferenced_since, created_at)
+                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
+                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
+                                logical_size = EXCLUDED.logical_size,
+                                stored_size = EXCLUDED.stored_size",
+                            &[&digest, &logical, &stored, &now],
+                        )
+                        .await?;
+                    } else if tx
+                        .query_opt(
+                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
+                            &[&digest],
+                        )
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(PutResult::NotLive(digest));
+                    }
+                    let plan = plan_put(
+                        current.as_ref().map(|(v, d)| (*v, d.as_str())),
+                        version,
+                        &digest,
+                    );
+                    match &plan {
+                        PutPlan::Keep { .. } => {}
+                        PutPlan::Touch => {
+                            tx.execute(
+                                "UPDATE files SET version = $2 WHERE path = $1",
+                                &[&path, &version],
+                            )
+                            .await?;
+                        }
+                        PutPlan::Replace { old } => {
+                            tx.execute(
+                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
+                                 ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
+                                    digest = EXCLUDED.digest",
+                                &[&path, &version, &digest],
+                            )
+                            .await?;
+                            tx.execute(
+                                "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
+                                 WHERE digest = $1",
+                                &[&digest],
+                            )
+                            .await?;
+                            if let Some(old) = old {
+                                unreference(tx, old, now).await?;
+                            }
+                        }
+                    }
+                    Ok(PutResult::Done(plan.outcome(version)))
+                })
+            })
+            .await?;
+        match result {
+            PutResult::Done(o) => Ok(o),
+            // The transaction committed nothing of substance (no row was written).
+            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
+                "blob {d} is not live although its lock was held"
+            ))),
+        }
+    }
+
+    async fn delete_file(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<super::DeleteOutcome, MetaError> {
+        self.in_transaction(|tx| {
+            let path = path.to_owned();
+            Box::pin(async move {
+                let path = path.as_str();
+                let current = current_row(tx, path).await?;
+                let plan = plan_delete(current, version);
+                if let DeletePlan::Remove { digest } = &plan {
+                    lock_blobs(tx, &[digest]).await?;
+                    tx.execute("DELETE FROM files WHERE path = $1", &[&path])
+                        .await?;
+                    unreference(tx, digest, now).await?;
+                }
+                Ok(plan.outcome())
+            })
+        })
+        .await
+    }
+
+    async fn list_files(
+        &self,
+        prefix: &str,
+        cutoff: Version,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        let client = self.client().await?;
+        let start = after.unwrap_or(prefix);
+        let limit = limit as i64;
+        let rows = match prefix_end(prefix) {
+            Some(end) => client
+                .query(
+                    "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
+                     ORDER BY path LIMIT $4",
+                    &[&start, &end, &cutoff, &limit],
+                )
+                .await,
+            None => client
+                .query(
+                    "SELECT path FROM files WHERE path > $1 AND version <= $2 ORDER BY path LIMIT $3",
+                    &[&start, &cutoff, &limit],
+                )
+                .await,
+        }
+        .map_err(pg_error)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobRow>, MetaError> {
+        let client = self.client().await?;
+        let after = after.map(Digest::to_hex).unwrap_or_default();
+        let rows = client
+            .query(
+                "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
+                        created_at
+                 FROM blobs WHERE digest > $1 ORDER BY digest LIMIT $2",
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                let d: String = r.get(0);
+                Ok(BlobRow {
+                    info: BlobInfo {
+                        digest: d
+                            .parse()
+                            .map_err(|_| MetaError::Inconsistent(format!("bad digest {d:?}")))?,
+                        logical_size: r.get::<_, i64>(1) as u64,
+                        stored_size: r.get::<_, i64>(2) as u64,
+                    },
+                    refcount: r.get(3),
+                    live: r.get::<_, String>(4) == "live",
+                    unreferenced_since: r.get(5),
+                    created_at: r.get(6),
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self) -> Result<Stats, MetaError> {
+        let client = self.client().await?;
+        let r = client
+            .query_one(
+                "SELECT
+                    (SELECT COUNT(*) FROM files),
+                    (SELECT COUNT(*) FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(logical_size), 0)::BIGINT FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(stored_size), 0)::BIGINT FROM blobs WHERE state = 'live'),
+                    (SELECT COALESCE(SUM(b.logical_size), 0)::BIGINT
+                       FROM files f JOIN blobs b ON b.digest = f.digest)",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(Stats {
+            files: r.get::<_, i64>(0) as u64,
+            blobs: r.get::<_, i64>(1) as u64,
+            logical_bytes: r.get::<_, i64>(2) as u64,
+            stored_bytes: r.get::<_, i64>(3) as u64,
+            referenced_bytes: r.get::<_, i64>(4) as u64,
+        })
+    }
+
+    async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT b.digest, b.refcount, COUNT(f.path) AS actual
+                 FROM blobs b LEFT JOIN files f ON f.digest = b.digest
+                 GROUP BY b.digest, b.refcount HAVING b.refcount != COUNT(f.path)
+                 UNION ALL
+                 SELECT f.digest, 0, COUNT(*) FROM files f LEFT JOIN blobs b ON b.digest = f.digest
+                 WHERE b.digest IS NULL GROUP BY f.digest",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                let d: String = r.get(0);
+                let digest = d
+                    .parse()
+                    .map_err(|_| MetaError::Inconsistent(format!("bad digest {d:?}")))?;
+                Ok((digest, r.get(1), r.get(2)))
+            })
+            .collect()
+    }
+
+    async fn check(&self) -> Result<(), MetaError> {
+        let client = self.client().await?;
+        client
+            .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Settings for the PostgreSQL that `pg_virtualenv` (tests/run-all.sh) provides through the
+    /// libpq environment variables; a fresh schema per call.
+    pub(crate) fn test_config() -> PostgresConfig {
+        let var = |k: &str| std::env::var(k).ok();
+        let Some(host) = var("PGHOST") else {
+            panic!(
+                "PostgreSQL tests need PGHOST etc.: run them through tests/run-all.sh (pg_virtualenv)"
+            );
+        };
+        let url = format!(
+            "host={host} port={} user={} dbname={}",
+            var("PGPORT").unwrap_or_else(|| "5432".into()),
+            var("PGUSER").unwrap_or_else(|| "postgres".into()),
+            var("PGDATABASE").unwrap_or_else(|| "postgres".into()),
+        );
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PostgresConfig {
+            url,
+            password: crate::config::Secret(var("PGPASSWORD").unwrap_or_default()),
+            schema: format!("t{}_{n}", std::process::id()),
+            pool_size: 4,
+            ..PostgresConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+    async fn conformance_suite() {
+        super::super::conformance::run_all(async || -> Box<dyn MetaStore> {
+            let cfg = test_config();
+            Box::new(
+                PostgresMeta::connect(&cfg, cfg.resolve_password(None).unwrap())
+                    .await
+                    .unwrap(),
+            ) as Box<dyn MetaStore>
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+    async fn concurrent_starts_migrate_once_and_concurrent_writers_agree() {
+        let cfg = test_config();
+        let pw = cfg.resolve_password(None).unwrap();
+        let (a, b) = tokio::join!(
+            PostgresMeta::connect(&cfg, pw.clone()),
+            PostgresMeta::connect(&cfg, pw.clone())
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        // Many writers moving references between two blobs on overlapping paths.
+        let x = BlobInfo {
+            digest: Digest([1; 32]),
+            logical_size: 1,
+            stored_size: 21,
+        };
+        let y = BlobInfo {
+            digest: Digest([2; 32]),
+            logical_size: 2,
+            stored_size: 22,
+        };
+        a.put_file("/seed-x", 1, &x, true, 0).await.unwrap();
+        a.put_file("/seed-y", 1, &y, true, 0).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let m = if i % 2 == 0 { &a } else { &b };
+            let blob = if i % 3 == 0 { x } else { y };
+            let path = format!("/p{}", i % 7);
+            tasks.push(async move {
+                if i % 5 == 4 {
+                    m.delete_file(&path, i, 0).await.map(|_| ())
+                } else {
+                    m.put_file(&path, i / 2, &blob, false, 0).await.map(|_| ())
+                }
+            });
+        }
+        for r in futures::future::join_all(tasks).await {
+            r.unwrap();
+        }
+        assert_eq!(a.refcount_mismatches().await.unwrap(), vec![]);
+        let n: i64 = a
+            .client()
+            .await
+            .unwrap()
+            .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable() {
+        let cfg = PostgresConfig {
+            url: "host=127.0.0.1 port=1 user=x dbname=x".into(),
+            connect_timeout_secs: 1,
+            ..PostgresConfig::default()
+        };
+        let e = PostgresMeta::connect(&cfg, None).await.err().unwrap();
+        assert!(matches!(e, MetaError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+    }
+}

@@ -1,0 +1,319 @@
+//! Several `s3dedup-api` processes on one PostgreSQL and one real S3 server process, as an
+//! operator runs them behind a load balancer. Needs PostgreSQL: run through tests/run-all.sh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use s3dedup_common::locks::{LockManager, LockMode, PgLocks, blob_lock};
+use s3dedup_common::meta::MetaStore;
+use s3dedup_tests::*;
+
+struct Cluster {
+    s3: S3Server,
+    apis: Vec<Api>,
+    schema: String,
+}
+
+impl Cluster {
+    fn start(instances: usize) -> Cluster {
+        let s3 = S3Server::start().expect("s3 server");
+        let schema = unique_schema("multi");
+        let env = pg_env(&schema);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let apis = (0..instances)
+            .map(|_| Api::start_with(Backend::S3(&s3), &env).expect("api starts"))
+            .collect();
+        Cluster { s3, apis, schema }
+    }
+
+    /// The store is consistent: refcounts match the files, and every live blob's object exists
+    /// in the bucket with the SHA-256 it is named by.
+    async fn assert_consistent(&self) {
+        let meta = pg_meta(&self.schema).await;
+        assert_eq!(
+            meta.refcount_mismatches().await.unwrap(),
+            vec![],
+            "refcounts match the files"
+        );
+        let client = self.s3.client();
+        let mut after = None;
+        let mut checked = 0;
+        loop {
+            let page = meta.list_blobs(after.as_ref(), 100).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.info.digest);
+            for row in page.iter().filter(|r| r.live) {
+                let hex = row.info.digest.to_hex();
+                let key = format!("{}/{}/{hex}", &hex[..2], &hex[2..4]);
+                let obj = client
+                    .get_object()
+                    .bucket(S3_BUCKET)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("live blob {hex} has no object: {e}"));
+                let bytes = obj.body.collect().await.unwrap().into_bytes();
+                assert_eq!(
+                    bytes.len() as u64,
+                    row.info.stored_size,
+                    "{hex} stored size"
+                );
+                assert_eq!(
+                    sha256_hex(&gunzip(&bytes)),
+                    hex,
+                    "object {hex} holds its content"
+                );
+                checked += 1;
+            }
+        }
+        eprintln!("verified {checked} live blobs against their objects");
+    }
+}
+
+fn version_of(r: &reqwest::Response) -> Option<i64> {
+    let h = r.headers().get("last-modified")?.to_str().ok()?;
+    chrono::DateTime::parse_from_rfc2822(h)
+        .ok()
+        .map(|d| d.timestamp())
+}
+
+#[derive(Default)]
+struct Record {
+    /// Per path: (version, content index) of PUTs answered with their own version (stored).
+    stored: HashMap<usize, Vec<(i64, usize)>>,
+    /// Per path: versions of DELETEs that deleted (200 without a newer version).
+    deleted: HashMap<usize, Vec<i64>>,
+    server_errors: Vec<String>,
+    ops: usize,
+}
+
+/// Many clients, two instances, overlapping paths, contents and versions (equal ones too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+async fn two_instances_many_clients_lose_nothing() {
+    const CLIENTS: usize = 16;
+    const OPS: usize = 120;
+    const PATHS: usize = 8;
+    let cluster = Cluster::start(2);
+    let contents: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..6)
+            .map(|i| unique_content(&format!("torture{i}"), 2_000 + i * 5_000))
+            .collect(),
+    );
+    let digests: HashMap<String, usize> = contents
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (sha256_hex(c), i))
+        .collect();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let urls: Arc<Vec<String>> = Arc::new(cluster.apis.iter().map(|a| a.url("")).collect());
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let (contents, record, urls, http) =
+            (contents.clone(), record.clone(), urls.clone(), http.clone());
+        let digests = digests.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+            for op in 0..OPS {
+                let base = &urls[(client + op) % urls.len()];
+                let p = rng.random_range(0..PATHS);
+                // Versions climb as the run goes on; neighbours collide (equal versions) or lag.
+                let v = op as i64 / 3 + rng.random_range(0..3);
+                let kind = rng.random_range(0..100);
+                let url = format!("{base}/files/torture/{p}?last_modified={}", lm(v));
+                let result = if kind < 60 {
+                    let c = rng.random_range(0..contents.len());
+                    let req = http.put(&url);
+                    let req = if rng.random_bool(0.5) {
+                        req.header("Content-Encoding", "gzip")
+                            .header("SHA256-Checksum", sha256_hex(&contents[c]))
+                            .body(gzip(&contents[c]))
+                    } else {
+                        req.body(contents[c].clone())
+                    };
+                    req.send().await.map(|r| {
+                        if r.status() == StatusCode::OK && version_of(&r) == Some(v) {
+                            record
+                                .lock()
+                                .unwrap()
+                                .stored
+                                .entry(p)
+                                .or_default()
+                                .push((v, c));
+                        }
+                        r.status()
+                    })
+                } else if kind < 85 {
+                    match http.get(format!("{base}/files/torture/{p}")).send().await {
+                        Ok(r) if r.status() == StatusCode::OK => {
+                            let body = gunzip(&r.bytes().await.unwrap());
+                            assert!(
+                                digests.contains_key(&sha256_hex(&body)),
+                                "GET returned unknown content"
+                            );
+                            Ok(StatusCode::OK)
+                        }
+                        other => other.map(|r| r.status()),
+                    }
+                } else {
+                    http.delete(&url).send().await.map(|r| {
+                        if r.status() == StatusCode::OK && version_of(&r).is_none() {
+                            record.lock().unwrap().deleted.entry(p).or_default().push(v);
+                        }
+                        r.status()
+                    })
+                };
+                let mut rec = record.lock().unwrap();
+                rec.ops += 1;
+                match result {
+                    Ok(s) if s.is_server_error() => rec.server_errors.push(format!("{url}: {s}")),
+                    Ok(_) => {}
+                    Err(e) => rec.server_errors.push(format!("{url}: {e}")),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rec = std::mem::take(&mut *record.lock().unwrap());
+    assert!(
+        rec.server_errors.is_empty(),
+        "5xx or failures: {:?}",
+        rec.server_errors
+    );
+    assert_eq!(rec.ops, CLIENTS * OPS);
+
+    // Each path holds an acknowledged (version, content); nothing acknowledged at a higher
+    // version was lost unless a DELETE at or above that version was acknowledged.
+    let http = reqwest::Client::new();
+    for p in 0..PATHS {
+        let stored = rec.stored.get(&p).cloned().unwrap_or_default();
+        let max_put = stored.iter().map(|(v, _)| *v).max();
+        let max_del = rec.deleted.get(&p).and_then(|d| d.iter().copied().max());
+        let deleted_above_max = matches!((max_put, max_del), (Some(m), Some(d)) if d >= m);
+        for api in &cluster.apis {
+            let r = http
+                .get(api.url(&format!("/files/torture/{p}")))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == StatusCode::NOT_FOUND {
+                assert!(
+                    max_put.is_none() || deleted_above_max,
+                    "path {p} lost version {max_put:?}"
+                );
+                continue;
+            }
+            assert_eq!(r.status(), StatusCode::OK);
+            let v = version_of(&r).unwrap();
+            let c = digests[&sha256_hex(&gunzip(&r.bytes().await.unwrap()))];
+            assert!(
+                stored.contains(&(v, c)),
+                "path {p}: ({v}, content {c}) was never acknowledged"
+            );
+            assert!(
+                Some(v) == max_put || deleted_above_max,
+                "path {p}: {v} but {max_put:?} was acknowledged"
+            );
+        }
+    }
+    let puts: usize = rec.stored.values().map(Vec::len).sum();
+    let dels: usize = rec.deleted.values().map(Vec::len).sum();
+    eprintln!(
+        "{} operations: {puts} stored PUTs, {dels} deleting DELETEs, no 5xx",
+        rec.ops
+    );
+    cluster.assert_consistent().await;
+}
+
+/// SIGKILL of one instance in the middle of uploads: the other keeps serving, no metadata points
+/// at a missing object, and no lock stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+async fn sigkill_of_one_instance_mid_upload() {
+    let mut cluster = Cluster::start(2);
+    let http = reqwest::Client::new();
+    let victim = cluster.apis[0].addr;
+    // Slow uploads of new contents to the victim, cut off by the kill.
+    let big: Vec<Vec<u8>> = (0..6)
+        .map(|i| unique_content(&format!("killed{i}"), 3 << 20))
+        .collect();
+    let mut uploads = Vec::new();
+    for (i, content) in big.iter().cloned().enumerate() {
+        let http = http.clone();
+        uploads.push(tokio::spawn(async move {
+            let chunks: Vec<Vec<u8>> = content.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+            let slow = futures::StreamExt::then(futures::stream::iter(chunks), |c| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<_, std::io::Error>(c)
+            });
+            let url = format!("http://{victim}/files/killed/{i}?last_modified={}", lm(1));
+            http.put(url)
+                .body(reqwest::Body::wrap_stream(slow))
+                .send()
+                .await
+                .map(|r| r.status())
+        }));
+    }
+    // Small uploads that complete on the victim before the kill (so it held locks and rows).
+    for i in 0..20 {
+        let r = http
+            .put(cluster.apis[0].url(&format!("/files/small/{i}?last_modified={}", lm(1))))
+            .body(unique_content("small", 1000 + i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.apis[0].proc.child.kill().unwrap();
+    cluster.apis[0].proc.child.wait().unwrap();
+    for u in uploads {
+        let _ = u.await.unwrap(); // errors are expected: the server died
+    }
+    // The survivor serves reads and writes, including the contents the victim was uploading.
+    let survivor = &cluster.apis[1];
+    for (i, content) in big.iter().enumerate() {
+        let r = http
+            .put(survivor.url(&format!("/files/after/{i}?last_modified={}", lm(2))))
+            .body(content.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "put after the kill");
+        let r = http
+            .get(survivor.url(&format!("/files/after/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gunzip(&r.bytes().await.unwrap()), *content);
+    }
+    for i in 0..20 {
+        let r = http
+            .get(survivor.url(&format!("/files/small/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "files acknowledged by the dead instance survive"
+        );
+    }
+    cluster.assert_consistent().await;
+    // No advisory lock of the dead instance stays held.
+    let locks = PgLocks::new(pg_conninfo().parse().unwrap(), 1);
+    for content in &big {
+        let digest = sha256_hex(content).parse().unwrap();
+        let g = locks
+            .try_lock(&blob_lock(&digest), LockMode::Exclusive)
+            .await
+            .unwrap();
+        assert!(g.is_some(), "lock of {digest} still held");
+    }
+}
