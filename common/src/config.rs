@@ -59,6 +59,7 @@ pub struct Config {
     pub metadata: MetadataConfig,
     pub store: StoreConfig,
     pub locks: LocksConfig,
+    pub cleaner: CleanerConfig,
 }
 
 impl Default for Config {
@@ -69,6 +70,30 @@ impl Default for Config {
             metadata: MetadataConfig::default(),
             store: StoreConfig::default(),
             locks: LocksConfig::default(),
+            cleaner: CleanerConfig::default(),
+        }
+    }
+}
+
+/// `[cleaner]`: garbage collection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CleanerConfig {
+    /// Unreferenced blobs and row-less objects younger than this are kept. It must exceed the
+    /// longest upload (an object is written before its row) and the clock skew between hosts.
+    pub grace_period_secs: u64,
+    /// How long to wait for a blob's lock (held by a PUT) before leaving it to the next run.
+    pub lock_timeout_secs: u64,
+    /// Rows or keys per round trip; bounds the cleaner's memory.
+    pub page_size: usize,
+}
+
+impl Default for CleanerConfig {
+    fn default() -> Self {
+        CleanerConfig {
+            grace_period_secs: 3600,
+            lock_timeout_secs: 5,
+            page_size: 1000,
         }
     }
 }
@@ -369,6 +394,9 @@ impl Config {
         if self.api.compression_level > 9 {
             return bad("api.compression_level", "must be between 0 and 9");
         }
+        if self.cleaner.page_size == 0 {
+            return bad("cleaner.page_size", "must be at least 1");
+        }
         if self.api.max_concurrent_requests == 0 {
             return bad("api.max_concurrent_requests", "must be at least 1");
         }
@@ -460,11 +488,49 @@ fn resolve_secret(
     Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
 }
 
-/// Uses `dir` (systemd's `$STATE_DIRECTORY`) as the data directory unless one was configured.
-pub fn default_data_dir(cfg: &mut Config, dir: PathBuf) {
-    if cfg.data_dir == Config::default().data_dir {
+/// Command-line flags every program takes to find its configuration.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (every key also settable as S3DEDUP_<SECTION>__<KEY>).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for SQLite, local objects and the upload spool (data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What a program found in its process environment, passed in so this module reads none.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessEnv {
+    /// All environment variables; only `S3DEDUP_*` ones are used.
+    pub vars: Vec<(String, String)>,
+    /// systemd's `$STATE_DIRECTORY`: the data directory unless one is configured.
+    pub state_directory: Option<PathBuf>,
+}
+
+/// Loads a program's configuration: defaults, file, `S3DEDUP_*` variables, then flags
+/// (`args` and `extra`, e.g. `--listen`).
+pub fn load_for_program(
+    args: &ConfigArgs,
+    extra: Vec<Override>,
+    env: ProcessEnv,
+) -> Result<Config, ConfigError> {
+    let mut overrides = env_overrides(env.vars);
+    if let Some(d) = &args.data_dir {
+        overrides.push(Override {
+            key: "data_dir".into(),
+            value: d.display().to_string(),
+            origin: "--data-dir".into(),
+        });
+    }
+    overrides.extend(extra);
+    let mut cfg = load(args.config.as_deref(), &overrides)?;
+    if let Some(dir) = env.state_directory
+        && cfg.data_dir == Config::default().data_dir
+    {
         cfg.data_dir = dir;
     }
+    Ok(cfg)
 }
 
 /// One override of a configuration key, e.g. from an environment variable or a flag.

@@ -6,6 +6,7 @@
 pub mod blob;
 pub mod config;
 pub mod filestore;
+pub mod gc;
 pub mod locks;
 pub mod meta;
 pub mod protocol;

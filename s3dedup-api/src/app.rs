@@ -490,14 +490,57 @@ fn request_version(
     Ok(protocol::request_version(req_query, header)?)
 }
 
+/// Reads and discards what is left of a request body, at most `limit` bytes; returns the count.
+/// Answering before the body is read makes the server close the connection, which a client
+/// still sending (or reusing the connection) sees as a broken pipe instead of the answer.
+async fn drain(body: &mut axum::body::BodyDataStream, limit: u64) -> u64 {
+    let mut n = 0u64;
+    while n <= limit {
+        match body.next().await {
+            Some(Ok(b)) => n += b.len() as u64,
+            _ => break,
+        }
+    }
+    n
+}
+
+/// How much of an unwanted body is read before answering an error anyway.
+const DRAIN_ON_ERROR: u64 = 16 << 20;
+
 async fn put_file(state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body) -> ApiResult {
+    let mut body = body.into_data_stream();
+    match put_checks(state, &path, req).await {
+        Ok(PutStart::Ingest(encoding, hints, version)) => {
+            put_body(state, path, body, encoding, hints, version).await
+        }
+        Ok(PutStart::Newer(version)) => {
+            // A strictly newer stored version wins: nothing to store, but read the body so the
+            // client gets its 200 on a healthy connection.
+            let n = drain(&mut body, state.cfg.max_file_size).await;
+            state.metrics.bytes_in.fetch_add(n, Relaxed);
+            Ok(([last_modified(version)], "").into_response())
+        }
+        Err(e) => {
+            if e.status != StatusCode::PAYLOAD_TOO_LARGE {
+                drain(&mut body, DRAIN_ON_ERROR).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+enum PutStart {
+    Ingest(Encoding, Hints, protocol::Version),
+    Newer(protocol::Version),
+}
+
+/// Everything a PUT can decide from its headers and the metadata, before reading the body.
+async fn put_checks(state: &AppState, path: &FilePath, req: &Parts) -> Result<PutStart, ApiError> {
     let version = request_version(req.uri.query(), &req.headers)?;
-    let ok = |v| Ok(([last_modified(v)], "").into_response());
-    // A strictly newer stored version wins: answer without reading the body.
     if let Some(entry) = state.files.stat(path.as_str()).await?
         && entry.version > version
     {
-        return ok(entry.version);
+        return Ok(PutStart::Newer(entry.version));
     }
     let encoding = parse_encoding(&req.headers)?;
     let hints = parse_hints(&req.headers)?;
@@ -508,23 +551,36 @@ async fn put_file(state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body
             format!("content exceeds the maximum size of {max} bytes"),
         ));
     }
+    Ok(PutStart::Ingest(encoding, hints, version))
+}
+
+async fn put_body(
+    state: &Arc<AppState>,
+    path: FilePath,
+    mut body: axum::body::BodyDataStream,
+    encoding: Encoding,
+    hints: Hints,
+    version: protocol::Version,
+) -> ApiResult {
     let opts = IngestOptions {
         level: state.cfg.compression_level,
-        max_logical_size: max,
+        max_logical_size: state.cfg.max_file_size,
     };
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     let files = state.files.clone();
     let ingest = tokio::task::spawn_blocking(move || {
         files.spool_blocking(ChannelReader::new(rx), encoding, &hints, &opts)
     });
-    let mut body = body.into_data_stream();
     let mut received = 0u64;
     loop {
         match body.next().await {
             Some(Ok(bytes)) => {
                 received += bytes.len() as u64;
                 if tx.send(Chunk::Data(bytes)).await.is_err() {
-                    break; // the ingest task stopped early; its error says why
+                    // The ingest task stopped early (bad gzip, too large); its error says why.
+                    // Read a bounded rest of the body so the client sees that error.
+                    received += drain(&mut body, DRAIN_ON_ERROR).await;
+                    break;
                 }
             }
             Some(Err(e)) => {
@@ -566,7 +622,9 @@ async fn put_file(state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body
     };
     counter.fetch_add(1, Relaxed);
     match committed.outcome {
-        PutOutcome::Stored { version } | PutOutcome::Newer { version } => ok(version),
+        PutOutcome::Stored { version } | PutOutcome::Newer { version } => {
+            Ok(([last_modified(version)], "").into_response())
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use s3dedup_common::config::{self, Override};
+use s3dedup_common::config::{self, ConfigArgs, Override, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::systemd;
 
@@ -22,55 +22,35 @@ use s3dedup_common::systemd;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    /// TOML configuration file.
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    cfg: ConfigArgs,
     /// Address to listen on when systemd passes no socket (api.listen).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
-    /// Directory for SQLite, local objects and the upload spool (data_dir).
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-}
-
-fn flag_overrides(cli: &Cli) -> Vec<Override> {
-    let mut out = Vec::new();
-    if let Some(l) = &cli.listen {
-        out.push(Override {
-            key: "api.listen".into(),
-            value: l.clone(),
-            origin: "--listen".into(),
-        });
-    }
-    if let Some(d) = &cli.data_dir {
-        out.push(Override {
-            key: "data_dir".into(),
-            value: d.display().to_string(),
-            origin: "--data-dir".into(),
-        });
-    }
-    out
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let env: Vec<(String, String)> = std::env::vars().collect();
     systemd::init_logging(
         std::env::var_os("JOURNAL_STREAM").is_some(),
         &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     );
-    let mut overrides = config::env_overrides(env);
-    overrides.extend(flag_overrides(&cli));
-    let mut cfg = match config::load(cli.config.as_deref(), &overrides) {
+    let listen = cli.listen.iter().map(|l| Override {
+        key: "api.listen".into(),
+        value: l.clone(),
+        origin: "--listen".into(),
+    });
+    let env = ProcessEnv {
+        vars: std::env::vars().collect(),
+        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+    };
+    let cfg = match config::load_for_program(&cli.cfg, listen.collect(), env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("s3dedup-api: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(state_dir) = std::env::var_os("STATE_DIRECTORY") {
-        config::default_data_dir(&mut cfg, PathBuf::from(state_dir));
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

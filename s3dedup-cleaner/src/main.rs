@@ -1,6 +1,209 @@
-//! `s3dedup-cleaner`: not implemented yet; refuses to run rather than pretend to succeed.
+//! `s3dedup-cleaner`: one garbage-collection run (or a verification, or a report), then exit.
+//! Started by `s3dedup-cleaner.timer`; safe beside any number of running API instances.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("s3dedup-cleaner: not implemented yet");
-    std::process::ExitCode::FAILURE
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
+use s3dedup_common::filestore::FileStore;
+use s3dedup_common::gc::{self, GcOptions, GcReport, VerifyReport};
+use s3dedup_common::{systemd, unix_now};
+
+/// Deletes contents no file references any more (after a grace period), and objects that have
+/// no metadata row. Exit codes: 0 ok, 1 some deletions failed (or the store is unreachable),
+/// 2 bad configuration, 3 --verify found problems.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stop after this many deletions.
+    #[arg(long, value_name = "N")]
+    max_deletes: Option<u64>,
+    /// Grace period in seconds (overrides cleaner.grace_period_secs).
+    #[arg(long, value_name = "SECS")]
+    grace_secs: Option<u64>,
+    /// Skip the sweep for objects that have no metadata row.
+    #[arg(long)]
+    no_orphans: bool,
+    /// Check that every live blob's object exists with its recorded size, and every reference
+    /// count; delete nothing.
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: also re-read and re-hash every object.
+    #[arg(long, requires = "verify")]
+    deep: bool,
+    /// Print files, blobs, bytes and the deduplication ratio; delete nothing.
+    #[arg(long)]
+    stats: bool,
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_VERIFY: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    systemd::init_logging(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let env = ProcessEnv {
+        vars: std::env::vars().collect(),
+        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+    };
+    let cfg = match config::load_for_program(&cli.cfg, Vec::new(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("s3dedup-cleaner: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("s3dedup-cleaner: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    match runtime.block_on(run(&cli, cfg, credentials)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("s3dedup-cleaner: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Result<u8> {
+    let fs = FileStore::from_config(&cfg, credentials.as_deref())
+        .await
+        .context("opening the store")?;
+    let started = Instant::now();
+    if cli.stats {
+        print_stats(&fs).await?;
+        return Ok(0);
+    }
+    if cli.verify {
+        let progress = |r: &VerifyReport| {
+            systemd::notify_status(&format!("verifying: {} blobs checked", r.blobs_checked));
+        };
+        let report = gc::verify(&fs, cli.deep, cfg.cleaner.page_size, &progress)
+            .await
+            .context("verifying")?;
+        return Ok(print_verify(&report, cli.deep, started.elapsed()));
+    }
+    let opts = GcOptions {
+        grace: Duration::from_secs(cli.grace_secs.unwrap_or(cfg.cleaner.grace_period_secs)),
+        dry_run: cli.dry_run,
+        max_deletes: cli.max_deletes,
+        lock_timeout: Duration::from_secs(cfg.cleaner.lock_timeout_secs),
+        page_size: cfg.cleaner.page_size,
+        orphans: !cli.no_orphans,
+    };
+    let progress = |r: &GcReport| systemd::notify_status(&r.summary(opts.dry_run));
+    let Some(report) = gc::run(&fs, &opts, unix_now(), &progress)
+        .await
+        .context("collecting garbage")?
+    else {
+        let msg = "another cleaner run holds the cleaner lock; nothing to do";
+        tracing::info!("{msg}");
+        println!("{msg}");
+        return Ok(0);
+    };
+    let line = format!(
+        "{} in {:.1?}",
+        report.summary(opts.dry_run),
+        started.elapsed()
+    );
+    systemd::notify_status(&line);
+    tracing::info!(
+        blobs = report.blobs_deleted,
+        bytes = report.bytes_freed,
+        orphans = report.orphans_deleted,
+        errors = report.errors.len(),
+        dry_run = opts.dry_run,
+        "{line}"
+    );
+    println!("{line}");
+    for e in &report.errors {
+        tracing::error!("{e}");
+        println!("error: {e}");
+    }
+    Ok(if report.errors.is_empty() {
+        0
+    } else {
+        EXIT_FAILED
+    })
+}
+
+fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
+    let kind = if deep { "deep" } else { "shallow" };
+    let line = format!(
+        "{kind} verify: {} blobs ({} bytes) checked in {took:.1?}; {} problems: {} missing, \
+         {} wrong size, {} corrupt, {} wrong reference counts",
+        r.blobs_checked,
+        r.bytes_checked,
+        r.problems(),
+        r.missing.len(),
+        r.wrong_size.len(),
+        r.corrupt.len(),
+        r.refcounts.len()
+    );
+    println!("{line}");
+    systemd::notify_status(&line);
+    for d in &r.missing {
+        println!("missing: blob {d} has no object");
+    }
+    for (d, want, got) in &r.wrong_size {
+        println!("wrong size: blob {d} recorded {want} bytes, object has {got}");
+    }
+    for (d, why) in &r.corrupt {
+        println!("corrupt: blob {d}: {why}");
+    }
+    for (d, want, got) in &r.refcounts {
+        println!("refcount: blob {d} records {want} references, {got} files point at it");
+    }
+    if r.problems() == 0 {
+        tracing::info!("{line}");
+        0
+    } else {
+        tracing::error!("{line}");
+        EXIT_VERIFY
+    }
+}
+
+async fn print_stats(fs: &FileStore) -> anyhow::Result<()> {
+    let s = fs.meta.stats().await.context("reading statistics")?;
+    let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+    let saved = s.referenced_bytes.saturating_sub(s.stored_bytes);
+    println!("files:                      {}", s.files);
+    println!("distinct contents (blobs):  {}", s.blobs);
+    println!("bytes as clients see them:  {}", s.referenced_bytes);
+    println!("bytes of distinct contents: {}", s.logical_bytes);
+    println!("bytes stored:               {}", s.stored_bytes);
+    println!(
+        "deduplication ratio:        {:.2}",
+        ratio(s.referenced_bytes, s.logical_bytes)
+    );
+    println!(
+        "compression ratio:          {:.2}",
+        ratio(s.logical_bytes, s.stored_bytes)
+    );
+    println!(
+        "savings:                    {saved} bytes ({:.1}%)",
+        100.0 * (1.0 - ratio(s.stored_bytes, s.referenced_bytes.max(1)).min(1.0))
+    );
+    Ok(())
 }

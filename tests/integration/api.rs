@@ -160,6 +160,7 @@ both_backends!(
     chunked_and_expect_continue_uploads_work,
     identity_for_clients_refusing_gzip,
     health_and_metrics,
+    answers_without_storing_keep_the_connection,
 );
 
 async fn protocol_endpoints(s: &Setup) {
@@ -567,6 +568,62 @@ async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
     sock.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("HTTP/1.1 200"), "{rest}");
     assert_eq!(s.content("/expect").await.unwrap(), body);
+}
+
+/// PUTs answered without storing (a newer version exists; a bad hint) still read the body, so
+/// the client gets the answer and can reuse the connection: no broken pipe, no reset.
+async fn answers_without_storing_keep_the_connection(s: &Setup) {
+    s.put("/kept-newer", 5000, b"newer".to_vec()).await;
+    let mut sock = TcpStream::connect(s.api.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = unique_content("older", 3 << 20);
+    let read_answer = |sock: &mut TcpStream| {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            sock.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut rest = vec![0u8; len];
+        sock.read_exact(&mut rest).unwrap();
+        head
+    };
+    let cases = [
+        ("older version", 1000, ""),
+        ("bad hint", 9000, "SHA256-Checksum: nonsense\r\n"),
+    ];
+    for (what, version, extra) in cases {
+        write!(
+            sock,
+            "PUT /files/kept-newer?last_modified={} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\n\r\n",
+            lm(version),
+            body.len()
+        )
+        .unwrap();
+        sock.write_all(&body).expect("the whole body is accepted");
+        let head = read_answer(&mut sock);
+        let want = if extra.is_empty() {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/1.1 400"
+        };
+        assert!(head.starts_with(want), "{what}: {head}");
+    }
+    // The same connection still serves.
+    write!(sock, "GET /files/kept-newer HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let head = read_answer(&mut sock);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(s.content("/kept-newer").await.unwrap(), b"newer");
 }
 
 async fn identity_for_clients_refusing_gzip(s: &Setup) {

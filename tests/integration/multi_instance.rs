@@ -1,11 +1,8 @@
 //! Several `s3dedup-api` processes on one PostgreSQL and one real S3 server process, as an
 //! operator runs them behind a load balancer. Needs PostgreSQL: run through tests/run-all.sh.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use s3dedup_common::locks::{LockManager, LockMode, PgLocks, blob_lock};
 use s3dedup_common::meta::MetaStore;
@@ -73,161 +70,15 @@ impl Cluster {
     }
 }
 
-fn version_of(r: &reqwest::Response) -> Option<i64> {
-    let h = r.headers().get("last-modified")?.to_str().ok()?;
-    chrono::DateTime::parse_from_rfc2822(h)
-        .ok()
-        .map(|d| d.timestamp())
-}
-
-#[derive(Default)]
-struct Record {
-    /// Per path: (version, content index) of PUTs answered with their own version (stored).
-    stored: HashMap<usize, Vec<(i64, usize)>>,
-    /// Per path: versions of DELETEs that deleted (200 without a newer version).
-    deleted: HashMap<usize, Vec<i64>>,
-    server_errors: Vec<String>,
-    ops: usize,
-}
-
 /// Many clients, two instances, overlapping paths, contents and versions (equal ones too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
 async fn two_instances_many_clients_lose_nothing() {
-    const CLIENTS: usize = 16;
-    const OPS: usize = 120;
-    const PATHS: usize = 8;
     let cluster = Cluster::start(2);
-    let contents: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..6)
-            .map(|i| unique_content(&format!("torture{i}"), 2_000 + i * 5_000))
-            .collect(),
-    );
-    let digests: HashMap<String, usize> = contents
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (sha256_hex(c), i))
-        .collect();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let urls: Arc<Vec<String>> = Arc::new(cluster.apis.iter().map(|a| a.url("")).collect());
-    let http = reqwest::Client::new();
-    let mut tasks = Vec::new();
-    for client in 0..CLIENTS {
-        let (contents, record, urls, http) =
-            (contents.clone(), record.clone(), urls.clone(), http.clone());
-        let digests = digests.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
-            for op in 0..OPS {
-                let base = &urls[(client + op) % urls.len()];
-                let p = rng.random_range(0..PATHS);
-                // Versions climb as the run goes on; neighbours collide (equal versions) or lag.
-                let v = op as i64 / 3 + rng.random_range(0..3);
-                let kind = rng.random_range(0..100);
-                let url = format!("{base}/files/torture/{p}?last_modified={}", lm(v));
-                let result = if kind < 60 {
-                    let c = rng.random_range(0..contents.len());
-                    let req = http.put(&url);
-                    let req = if rng.random_bool(0.5) {
-                        req.header("Content-Encoding", "gzip")
-                            .header("SHA256-Checksum", sha256_hex(&contents[c]))
-                            .body(gzip(&contents[c]))
-                    } else {
-                        req.body(contents[c].clone())
-                    };
-                    req.send().await.map(|r| {
-                        if r.status() == StatusCode::OK && version_of(&r) == Some(v) {
-                            record
-                                .lock()
-                                .unwrap()
-                                .stored
-                                .entry(p)
-                                .or_default()
-                                .push((v, c));
-                        }
-                        r.status()
-                    })
-                } else if kind < 85 {
-                    match http.get(format!("{base}/files/torture/{p}")).send().await {
-                        Ok(r) if r.status() == StatusCode::OK => {
-                            let body = gunzip(&r.bytes().await.unwrap());
-                            assert!(
-                                digests.contains_key(&sha256_hex(&body)),
-                                "GET returned unknown content"
-                            );
-                            Ok(StatusCode::OK)
-                        }
-                        other => other.map(|r| r.status()),
-                    }
-                } else {
-                    http.delete(&url).send().await.map(|r| {
-                        if r.status() == StatusCode::OK && version_of(&r).is_none() {
-                            record.lock().unwrap().deleted.entry(p).or_default().push(v);
-                        }
-                        r.status()
-                    })
-                };
-                let mut rec = record.lock().unwrap();
-                rec.ops += 1;
-                match result {
-                    Ok(s) if s.is_server_error() => rec.server_errors.push(format!("{url}: {s}")),
-                    Ok(_) => {}
-                    Err(e) => rec.server_errors.push(format!("{url}: {e}")),
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let rec = std::mem::take(&mut *record.lock().unwrap());
-    assert!(
-        rec.server_errors.is_empty(),
-        "5xx or failures: {:?}",
-        rec.server_errors
-    );
-    assert_eq!(rec.ops, CLIENTS * OPS);
-
-    // Each path holds an acknowledged (version, content); nothing acknowledged at a higher
-    // version was lost unless a DELETE at or above that version was acknowledged.
-    let http = reqwest::Client::new();
-    for p in 0..PATHS {
-        let stored = rec.stored.get(&p).cloned().unwrap_or_default();
-        let max_put = stored.iter().map(|(v, _)| *v).max();
-        let max_del = rec.deleted.get(&p).and_then(|d| d.iter().copied().max());
-        let deleted_above_max = matches!((max_put, max_del), (Some(m), Some(d)) if d >= m);
-        for api in &cluster.apis {
-            let r = http
-                .get(api.url(&format!("/files/torture/{p}")))
-                .send()
-                .await
-                .unwrap();
-            if r.status() == StatusCode::NOT_FOUND {
-                assert!(
-                    max_put.is_none() || deleted_above_max,
-                    "path {p} lost version {max_put:?}"
-                );
-                continue;
-            }
-            assert_eq!(r.status(), StatusCode::OK);
-            let v = version_of(&r).unwrap();
-            let c = digests[&sha256_hex(&gunzip(&r.bytes().await.unwrap()))];
-            assert!(
-                stored.contains(&(v, c)),
-                "path {p}: ({v}, content {c}) was never acknowledged"
-            );
-            assert!(
-                Some(v) == max_put || deleted_above_max,
-                "path {p}: {v} but {max_put:?} was acknowledged"
-            );
-        }
-    }
-    let puts: usize = rec.stored.values().map(Vec::len).sum();
-    let dels: usize = rec.deleted.values().map(Vec::len).sum();
-    eprintln!(
-        "{} operations: {puts} stored PUTs, {dels} deleting DELETEs, no 5xx",
-        rec.ops
-    );
+    let workload = Workload::new("multi", 16, 120, 8);
+    let urls: Vec<String> = cluster.apis.iter().map(|a| a.url("")).collect();
+    let outcome = workload.run(&urls).await;
+    workload.check_final(&outcome, &urls).await;
     cluster.assert_consistent().await;
 }
 

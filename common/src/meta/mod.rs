@@ -140,6 +140,25 @@ pub trait MetaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError>;
 
+    /// Blobs the cleaner may delete: no references since at or before `cutoff`, or already
+    /// tombstoned by a run that did not finish. Digest order, strictly after `after`.
+    async fn unreferenced_blobs(
+        &self,
+        cutoff: i64,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, MetaError>;
+
+    /// One atomic re-check and mark: if the blob still has no references since `cutoff` (or is
+    /// already tombstoned), mark it `deleting` and return true. Callers hold its lock.
+    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError>;
+
+    /// Removes a tombstoned, unreferenced blob row (after its object is gone).
+    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError>;
+
+    /// Which of `digests` have a row, in any state.
+    async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError>;
+
     /// Totals over files and live blobs.
     async fn stats(&self) -> Result<Stats, MetaError>;
 
@@ -344,7 +363,87 @@ pub(crate) mod conformance {
         assert_eq!(everything.len(), paths.len());
     }
 
+    pub async fn garbage_is_found_rechecked_and_removed(m: &dyn MetaStore) {
+        let a = blob(8, 10);
+        let b = blob(9, 20);
+        let c = blob(10, 30);
+        m.put_file("/ga", 1, &a, true, 100).await.unwrap();
+        m.put_file("/gb", 1, &b, true, 100).await.unwrap();
+        m.put_file("/gc", 1, &c, true, 100).await.unwrap();
+        m.delete_file("/ga", 1, 200).await.unwrap(); // a: unreferenced since 200
+        m.delete_file("/gb", 1, 300).await.unwrap(); // b: unreferenced since 300
+        let digests = |v: Vec<BlobInfo>| v.into_iter().map(|b| b.digest).collect::<Vec<_>>();
+        assert_eq!(
+            digests(m.unreferenced_blobs(199, None, 10).await.unwrap()),
+            vec![]
+        );
+        assert_eq!(
+            digests(m.unreferenced_blobs(250, None, 10).await.unwrap()),
+            vec![a.digest]
+        );
+        assert_eq!(
+            digests(m.unreferenced_blobs(300, None, 10).await.unwrap()),
+            vec![a.digest, b.digest]
+        );
+        assert_eq!(
+            digests(
+                m.unreferenced_blobs(300, Some(&a.digest), 10)
+                    .await
+                    .unwrap()
+            ),
+            vec![b.digest]
+        );
+        // The re-check refuses what is too young or referenced again.
+        assert!(
+            !m.tombstone_blob(&b.digest, 250).await.unwrap(),
+            "inside the grace period"
+        );
+        assert!(
+            !m.tombstone_blob(&c.digest, 1000).await.unwrap(),
+            "referenced"
+        );
+        m.put_file("/gb2", 1, &b, false, 400).await.unwrap();
+        assert!(
+            !m.tombstone_blob(&b.digest, 1000).await.unwrap(),
+            "re-referenced"
+        );
+        // Tombstone, then remove.
+        assert!(m.tombstone_blob(&a.digest, 250).await.unwrap());
+        assert!(
+            !m.blob_is_live(&a.digest).await.unwrap(),
+            "tombstoned blobs are not live"
+        );
+        assert_eq!(m.stats().await.unwrap().blobs, 2);
+        // A run that died after the tombstone: the next one finds it whatever the cutoff.
+        assert_eq!(
+            digests(m.unreferenced_blobs(0, None, 10).await.unwrap()),
+            vec![a.digest]
+        );
+        assert!(m.tombstone_blob(&a.digest, 0).await.unwrap());
+        let known = m
+            .known_blobs(&[a.digest, b.digest, blob(99, 1).digest])
+            .await
+            .unwrap();
+        assert_eq!(known.len(), 2);
+        assert!(m.remove_blob(&a.digest).await.unwrap());
+        assert!(
+            !m.remove_blob(&b.digest).await.unwrap(),
+            "only tombstoned rows go"
+        );
+        assert_eq!(m.known_blobs(&[a.digest]).await.unwrap(), vec![]);
+        // A PUT revives a tombstoned row with a fresh upload.
+        m.put_file("/gc2", 1, &c, false, 1).await.unwrap();
+        m.delete_file("/gc", 1, 500).await.unwrap();
+        m.delete_file("/gc2", 1, 500).await.unwrap();
+        assert!(m.tombstone_blob(&c.digest, 500).await.unwrap());
+        m.put_file("/gc3", 1, &c, true, 600).await.unwrap();
+        assert!(m.blob_is_live(&c.digest).await.unwrap());
+        assert!(!m.remove_blob(&c.digest).await.unwrap());
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
     pub async fn run_all(make: impl AsyncFn() -> Box<dyn MetaStore>) {
+        garbage_is_found_rechecked_and_removed(&*make().await).await;
         versions_follow_filetracker(&*make().await).await;
         refcounts_track_references(&*make().await).await;
         newer_put_of_a_new_blob_keeps_its_row(&*make().await).await;

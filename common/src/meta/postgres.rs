@@ -120,6 +120,11 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
         || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
 }
 
+fn parse_digest(s: String) -> Result<Digest, MetaError> {
+    s.parse()
+        .map_err(|_| MetaError::Inconsistent(format!("bad digest {s:?} in the blobs table")))
+}
+
 fn advisory_key(name: &str) -> i64 {
     lock_key(name) as i64
 }
@@ -302,14 +307,11 @@ impl MetaStore for PostgresMeta {
             .await
             .map_err(pg_error)?;
         row.map(|r| {
-            let digest: String = r.get(1);
             Ok(FileEntry {
                 path: path.to_owned(),
                 version: r.get(0),
                 blob: BlobInfo {
-                    digest: digest
-                        .parse()
-                        .map_err(|_| MetaError::Inconsistent(format!("bad digest {digest:?}")))?,
+                    digest: parse_digest(r.get(1))?,
                     logical_size: r.get::<_, i64>(2) as u64,
                     stored_size: r.get::<_, i64>(3) as u64,
                 },
@@ -489,12 +491,9 @@ impl MetaStore for PostgresMeta {
             .map_err(pg_error)?;
         rows.iter()
             .map(|r| {
-                let d: String = r.get(0);
                 Ok(BlobRow {
                     info: BlobInfo {
-                        digest: d
-                            .parse()
-                            .map_err(|_| MetaError::Inconsistent(format!("bad digest {d:?}")))?,
+                        digest: parse_digest(r.get(0))?,
                         logical_size: r.get::<_, i64>(1) as u64,
                         stored_size: r.get::<_, i64>(2) as u64,
                     },
@@ -505,6 +504,70 @@ impl MetaStore for PostgresMeta {
                 })
             })
             .collect()
+    }
+
+    async fn unreferenced_blobs(
+        &self,
+        cutoff: i64,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, MetaError> {
+        let client = self.client().await?;
+        let after = after.map(Digest::to_hex).unwrap_or_default();
+        let rows = client
+            .query(
+                "SELECT digest, logical_size, stored_size FROM blobs
+                 WHERE digest > $1 AND refcount <= 0
+                   AND (state = 'deleting' OR unreferenced_since <= $2)
+                 ORDER BY digest LIMIT $3",
+                &[&after, &cutoff, &(limit as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(BlobInfo {
+                    digest: parse_digest(r.get(0))?,
+                    logical_size: r.get::<_, i64>(1) as u64,
+                    stored_size: r.get::<_, i64>(2) as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE blobs SET state = 'deleting' WHERE digest = $1 AND refcount <= 0
+                   AND (state = 'deleting' OR unreferenced_since <= $2)",
+                &[&digest.to_hex(), &cutoff],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(n == 1)
+    }
+
+    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM blobs WHERE digest = $1 AND state = 'deleting' AND refcount <= 0",
+                &[&digest.to_hex()],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(n == 1)
+    }
+
+    async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError> {
+        let client = self.client().await?;
+        let hexes: Vec<String> = digests.iter().map(Digest::to_hex).collect();
+        let rows = client
+            .query("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&hexes])
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(|r| parse_digest(r.get(0))).collect()
     }
 
     async fn stats(&self) -> Result<Stats, MetaError> {
@@ -546,13 +609,7 @@ impl MetaStore for PostgresMeta {
             .await
             .map_err(pg_error)?;
         rows.iter()
-            .map(|r| {
-                let d: String = r.get(0);
-                let digest = d
-                    .parse()
-                    .map_err(|_| MetaError::Inconsistent(format!("bad digest {d:?}")))?;
-                Ok((digest, r.get(1), r.get(2)))
-            })
+            .map(|r| Ok((parse_digest(r.get(0))?, r.get(1), r.get(2))))
             .collect()
     }
 

@@ -452,6 +452,75 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn unreferenced_blobs(
+        &self,
+        cutoff: i64,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>, MetaError> {
+        let after = after.map(Digest::to_hex).unwrap_or_default();
+        let limit = limit as i64;
+        self.read(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT digest, logical_size, stored_size FROM blobs
+                 WHERE digest > ?1 AND refcount <= 0
+                   AND (state = 'deleting' OR unreferenced_since <= ?2)
+                 ORDER BY digest LIMIT ?3",
+            )?;
+            let rows = s.query_map(params![after, cutoff, limit], |r| {
+                Ok(BlobInfo {
+                    digest: parse_digest(r.get(0)?)?,
+                    logical_size: r.get::<_, i64>(1)? as u64,
+                    stored_size: r.get::<_, i64>(2)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
+        let digest = digest.to_hex();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE blobs SET state = 'deleting' WHERE digest = ?1 AND refcount <= 0
+                   AND (state = 'deleting' OR unreferenced_since <= ?2)",
+                params![digest, cutoff],
+            )
+            .map(|n| n == 1)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let digest = digest.to_hex();
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM blobs WHERE digest = ?1 AND state = 'deleting' AND refcount <= 0",
+                [digest],
+            )
+            .map(|n| n == 1)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError> {
+        let hexes: Vec<String> = digests.iter().map(Digest::to_hex).collect();
+        self.read(move |c| {
+            let mut s = c.prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1")?;
+            let mut out = Vec::new();
+            for h in hexes {
+                if s.exists([&h])? {
+                    out.push(parse_digest(h)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<Stats, MetaError> {
         self.read(|c| {
             c.query_row(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::io::ReaderStream;
 
-use super::{ObjectStore, ObjectStream, StoreError, object_key};
+use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, digest_of_key, object_key};
 use crate::blob::Digest;
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -29,6 +29,66 @@ impl FsStore {
     fn path(&self, digest: &Digest) -> PathBuf {
         self.root.join(object_key("", digest))
     }
+}
+
+/// Sorted names of the entries of `dir` that are `>= from` (a missing directory is empty).
+fn sorted_names(dir: &Path, from: &str) -> io::Result<Vec<String>> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.as_str() >= from)
+            .collect(),
+        // Missing, or a stray file where a shard directory would be: nothing of ours inside.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// Walks `<root>/<aa>/<bb>/<sha256>` in order from `after`, reading only the directories it
+/// needs, so memory is bounded by one shard directory and `limit`.
+fn list_sorted(root: &Path, after: Option<&Digest>, limit: usize) -> io::Result<Vec<ObjectEntry>> {
+    let after_hex = after.map(Digest::to_hex).unwrap_or_default();
+    let (a0, b0) = if after_hex.is_empty() {
+        ("", "")
+    } else {
+        (&after_hex[0..2], &after_hex[2..4])
+    };
+    let mut out = Vec::new();
+    for aa in sorted_names(root, a0)? {
+        let b_from = if aa == a0 { b0 } else { "" };
+        for bb in sorted_names(&root.join(&aa), b_from)? {
+            let dir = root.join(&aa).join(&bb);
+            for name in sorted_names(&dir, "")? {
+                if name.as_str() <= after_hex.as_str() {
+                    continue;
+                }
+                let Some(digest) = digest_of_key("", &format!("{aa}/{bb}/{name}")) else {
+                    continue; // spool leftovers of an EXDEV copy, foreign files: never ours
+                };
+                let Ok(meta) = std::fs::metadata(dir.join(&name)) else {
+                    continue; // deleted meanwhile
+                };
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs() as i64);
+                out.push(ObjectEntry {
+                    digest,
+                    size: meta.len(),
+                    modified,
+                });
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -108,6 +168,20 @@ impl ObjectStore for FsStore {
         }
     }
 
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ObjectEntry>, StoreError> {
+        let root = self.root.clone();
+        let after = after.copied();
+        let key = root.display().to_string();
+        tokio::task::spawn_blocking(move || list_sorted(&root, after.as_ref(), limit))
+            .await
+            .map_err(|e| StoreError::io("listing", &key, io::Error::other(e)))?
+            .map_err(|e| StoreError::io("listing", &key, e))
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
         match tokio::fs::metadata(&root).await {
@@ -152,5 +226,35 @@ mod tests {
         store.delete(&d).await.unwrap();
         assert_eq!(store.head(&d).await.unwrap(), None);
         store.check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn listing_pages_in_digest_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path().join("objects")).unwrap();
+        let mut digests: Vec<Digest> = (0..40u8)
+            .map(|i| {
+                let mut b = [i.wrapping_mul(37); 32];
+                b[1] = i % 3;
+                Digest(b)
+            })
+            .collect();
+        for d in &digests {
+            let mut spool = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+            spool.write_all(b"x").unwrap();
+            store.put(d, spool, 1).await.unwrap();
+        }
+        std::fs::write(dir.path().join("objects/notes.txt"), "not an object").unwrap();
+        digests.sort();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list(after.as_ref(), 7).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest);
+            assert!(page.iter().all(|e| e.size == 1 && e.modified > 0));
+            seen.extend(page.iter().map(|e| e.digest));
+        }
+        assert_eq!(seen, digests);
     }
 }

@@ -59,6 +59,15 @@ impl StoreError {
     }
 }
 
+/// An object found by listing the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectEntry {
+    pub digest: Digest,
+    pub size: u64,
+    /// Last modification, Unix seconds (for the orphan grace period).
+    pub modified: i64,
+}
+
 /// A place that keeps blob objects. Implementations: a local directory and S3.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
@@ -88,6 +97,33 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Checks that the store answers (for readiness and `/health`).
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// Objects in digest order, strictly after `after`, at most `limit`. Only keys of our own
+    /// layout are listed; anything else under the prefix is never touched.
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ObjectEntry>, StoreError>;
+}
+
+/// The digest a key of our layout names (`[<prefix>/]<aa>/<bb>/<sha256>`), if it is one.
+pub fn digest_of_key(prefix: &str, key: &str) -> Option<Digest> {
+    let prefix = prefix.trim_matches('/');
+    let rest = if prefix.is_empty() {
+        key
+    } else {
+        key.strip_prefix(prefix)?.strip_prefix('/')?
+    };
+    let mut parts = rest.split('/');
+    let (aa, bb, hex) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || hex.len() != 64 || !hex.starts_with(aa) || hex[2..4] != *bb {
+        return None;
+    }
+    if aa.len() != 2 || hex.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    hex.parse().ok()
 }
 
 /// `<prefix>/<aa>/<bb>/<sha256>`: the upstream s3dedup layout, so its buckets can be adopted.
@@ -114,5 +150,18 @@ mod tests {
         let hex = d.to_hex();
         assert_eq!(object_key("", &d), format!("12/ab/{hex}"));
         assert_eq!(object_key("/blobs/", &d), format!("blobs/12/ab/{hex}"));
+        assert_eq!(digest_of_key("", &object_key("", &d)), Some(d));
+        assert_eq!(digest_of_key("blobs", &object_key("blobs", &d)), Some(d));
+        assert_eq!(
+            digest_of_key("", &format!("12/ac/{hex}")),
+            None,
+            "shard must match"
+        );
+        assert_eq!(
+            digest_of_key("", &format!("12/ab/{}", hex.to_uppercase())),
+            None
+        );
+        assert_eq!(digest_of_key("", "12/ab/notes.txt"), None);
+        assert_eq!(digest_of_key("other", &object_key("blobs", &d)), None);
     }
 }

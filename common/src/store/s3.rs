@@ -15,7 +15,7 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::{StreamExt, TryStreamExt};
 
-use super::{ObjectStore, ObjectStream, StoreError, object_key};
+use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, digest_of_key, object_key};
 use crate::blob::Digest;
 use crate::config::S3Config;
 
@@ -262,6 +262,50 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| unavailable("deleting", &key, e))?;
         Ok(())
+    }
+
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ObjectEntry>, StoreError> {
+        let prefix = self.prefix.trim_matches('/');
+        let list_prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        let mut start_after = after.map(|d| self.key(d));
+        let mut out = Vec::new();
+        // Foreign keys under the prefix are skipped, so a page may need several requests.
+        while out.len() < limit {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&list_prefix)
+                .set_start_after(start_after.clone())
+                .max_keys((limit - out.len()).min(1000) as i32)
+                .send()
+                .await
+                .map_err(|e| unavailable("listing", &list_prefix, e))?;
+            let contents = page.contents();
+            for o in contents {
+                let Some(key) = o.key() else { continue };
+                start_after = Some(key.to_owned());
+                if let Some(digest) = digest_of_key(prefix, key) {
+                    out.push(ObjectEntry {
+                        digest,
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().map_or(0, |t| t.secs()),
+                    });
+                }
+            }
+            if contents.is_empty() || page.is_truncated() != Some(true) {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn check(&self) -> Result<(), StoreError> {

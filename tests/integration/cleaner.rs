@@ -1,0 +1,283 @@
+//! The real `s3dedup-cleaner` beside real API processes: it never deletes live data, however the
+//! runs interleave with uploads, overwrites and deletes, and it recovers from being killed.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::StatusCode;
+use s3dedup_tests::*;
+
+fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("program runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs the cleaner back to back (grace 0) until stopped; returns (runs, blobs freed, failures).
+fn cleaner_loop(
+    api: &Api,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u64, Vec<String>)> {
+    let mk = {
+        let cmd = api.sibling("s3dedup-cleaner");
+        move || {
+            let mut c = Command::new(cmd.get_program());
+            c.args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                match v {
+                    Some(v) => c.env(k, v),
+                    None => c.env_remove(k),
+                };
+            }
+            c.args(["--grace-secs", "0"]).env("RUST_LOG", "warn");
+            c
+        }
+    };
+    std::thread::spawn(move || {
+        let (mut runs, mut total) = (0, 0);
+        let mut failures = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let out = run(mk());
+            runs += 1;
+            total += freed(&out);
+            if !out.status.success() {
+                failures.push(format!(
+                    "{}: {}{}",
+                    out.status,
+                    stdout(&out),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        (runs, total, failures)
+    })
+}
+
+fn verify_deep(api: &Api) {
+    let mut cmd = api.sibling("s3dedup-cleaner");
+    cmd.args(["--verify", "--deep"]);
+    let out = run(cmd);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "verify --deep: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(" 0 problems"), "{text}");
+    eprintln!("{}", text.trim());
+}
+
+async fn torture(apis: &[&Api], tag: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cleaner = cleaner_loop(apis[0], stop.clone());
+    let workload = Workload::new(tag, 16, 250, 6);
+    let urls: Vec<String> = apis.iter().map(|a| a.url("")).collect();
+    let outcome = workload.run(&urls).await;
+    stop.store(true, Ordering::Relaxed);
+    for api in apis {
+        let log = api.log();
+        assert!(!log.contains("panicked"), "API log: {log}");
+        if !log.is_empty() {
+            eprintln!(
+                "API log:\n{}",
+                log.lines().take(20).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+    let (runs, freed, failures) = cleaner.join().unwrap();
+    eprintln!("{runs} cleaner runs during the workload freed {freed} blobs");
+    assert!(failures.is_empty(), "cleaner failures: {failures:?}");
+    assert!(
+        runs >= 3,
+        "the cleaner ran alongside the workload ({runs} runs)"
+    );
+    assert!(
+        freed > 0,
+        "the cleaner deleted blobs while the workload ran"
+    );
+    workload.check_final(&outcome, &urls).await;
+    // A last run collects what is left; the store must still be complete.
+    let mut last = apis[0].sibling("s3dedup-cleaner");
+    last.args(["--grace-secs", "0"]);
+    assert!(run(last).status.success());
+    workload.check_final(&outcome, &urls).await;
+    verify_deep(apis[0]);
+}
+
+/// API and cleaner as separate processes on one host, sharing SQLite and the lock file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torture_sqlite() {
+    let api = Api::start(Backend::Local).unwrap();
+    torture(&[&api], "torture-sqlite").await;
+}
+
+/// Two API instances on PostgreSQL and S3, with the cleaner as a third process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+async fn torture_postgres_two_instances() {
+    let s3 = S3Server::start().unwrap();
+    let schema = unique_schema("torture");
+    let env = pg_env(&schema);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    let b = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    torture(&[&a, &b], "torture-pg").await;
+}
+
+/// Uploads `n` contents and deletes their paths: garbage for the cleaner.
+async fn make_garbage(api: &Api, n: usize, tag: &str) {
+    let http = reqwest::Client::new();
+    for i in 0..n {
+        let path = format!("/garbage/{tag}/{i}");
+        let r = http
+            .put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
+            .body(unique_content(tag, 100 + i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = http
+            .delete(api.url(&format!("/files{path}?last_modified={}", lm(1))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+}
+
+fn freed(out: &Output) -> u64 {
+    let text = stdout(out);
+    text.split_whitespace()
+        .skip_while(|w| *w != "freed")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_cleaner_works_at_a_time() {
+    let api = Api::start(Backend::Local).unwrap();
+    make_garbage(&api, 150, "two").await;
+    // Held by another process: the run says so, exits 0 and deletes nothing.
+    let lockfile = api.data_dir.join("metadata.sqlite3.locks");
+    let mut holder = Command::new(bin("lock-holder"))
+        .args([
+            &format!("file:{}", lockfile.display()),
+            "cleaner",
+            "exclusive",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "0"]);
+    let out = run(c);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains("another cleaner run holds the cleaner lock"),
+        "{}",
+        stdout(&out)
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    // Two started at once: exactly one of them does the work.
+    let spawn = || {
+        let mut c = api.sibling("s3dedup-cleaner");
+        c.args(["--grace-secs", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    let (one, two) = (spawn(), spawn());
+    let (one, two) = (
+        one.wait_with_output().unwrap(),
+        two.wait_with_output().unwrap(),
+    );
+    assert!(one.status.success() && two.status.success());
+    let counts = [freed(&one), freed(&two)];
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        150,
+        "{} / {}",
+        stdout(&one),
+        stdout(&two)
+    );
+    assert_eq!(
+        counts.iter().filter(|n| **n > 0).count(),
+        1,
+        "exactly one worked: {counts:?}"
+    );
+}
+
+/// SIGKILL at random points, then a complete run: the store is consistent and complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_cleaner_leaves_a_consistent_store() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let live: Vec<Vec<u8>> = (0..20).map(|i| unique_content("live", 500 + i)).collect();
+    for (i, c) in live.iter().enumerate() {
+        let r = http
+            .put(api.url(&format!("/files/live/{i}?last_modified={}", lm(1))))
+            .body(c.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    make_garbage(&api, 300, "killed").await;
+    let mut rng = rand::rng();
+    let mut killed = 0;
+    for _ in 0..6 {
+        let mut c = api.sibling("s3dedup-cleaner");
+        c.args(["--grace-secs", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    eprintln!("{killed} of 6 runs killed mid-way");
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "0"]);
+    let out = run(c);
+    assert!(out.status.success(), "{}", stdout(&out));
+    verify_deep(&api);
+    for (i, c) in live.iter().enumerate() {
+        let r = http
+            .get(api.url(&format!("/files/live/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            gunzip(&r.bytes().await.unwrap()),
+            *c,
+            "live file {i} intact"
+        );
+    }
+    let keys = s3.list_keys().await.unwrap();
+    assert_eq!(
+        keys.len(),
+        live.len(),
+        "all garbage collected, nothing else: {} objects",
+        keys.len()
+    );
+}
