@@ -60,6 +60,26 @@ pub struct Config {
     pub store: StoreConfig,
     pub locks: LocksConfig,
     pub cleaner: CleanerConfig,
+    pub migrator: MigratorConfig,
+}
+
+/// `[migrator]`: what `s3dedup-migrator` (and its systemd unit) imports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigratorConfig {
+    /// `v1:DIR` (Filetracker v1 `files/`) or `v2:DIR` (`filetracker-server -d DIR`); empty: none.
+    pub source: String,
+    /// Files imported at once.
+    pub jobs: usize,
+}
+
+impl Default for MigratorConfig {
+    fn default() -> Self {
+        MigratorConfig {
+            source: String::new(),
+            jobs: 4,
+        }
+    }
 }
 
 impl Default for Config {
@@ -71,6 +91,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             locks: LocksConfig::default(),
             cleaner: CleanerConfig::default(),
+            migrator: MigratorConfig::default(),
         }
     }
 }
@@ -393,6 +414,14 @@ impl Config {
         let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
         if self.api.compression_level > 9 {
             return bad("api.compression_level", "must be between 0 and 9");
+        }
+        if !self.migrator.source.is_empty()
+            && let Err(e) = self.migrator.source.parse::<crate::migrate::Source>()
+        {
+            return Err(("migrator.source".into(), e));
+        }
+        if self.migrator.jobs == 0 {
+            return bad("migrator.jobs", "must be at least 1");
         }
         if self.cleaner.page_size == 0 {
             return bad("cleaner.page_size", "must be at least 1");

@@ -9,6 +9,7 @@ pub mod filestore;
 pub mod gc;
 pub mod locks;
 pub mod meta;
+pub mod migrate;
 pub mod protocol;
 pub mod store;
 pub mod systemd;

@@ -1,6 +1,129 @@
-//! `s3dedup-migrator`: not implemented yet; refuses to run rather than pretend to succeed.
+//! `s3dedup-migrator`: imports an existing Filetracker store in one run, then exits. Safe to run
+//! while the API serves, and to re-run: what is already stored is skipped.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("s3dedup-migrator: not implemented yet");
-    std::process::ExitCode::FAILURE
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
+use s3dedup_common::filestore::FileStore;
+use s3dedup_common::migrate::{self, MigrateReport, Source};
+use s3dedup_common::{systemd, unix_now};
+
+/// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files) or v2 data directory
+/// (`v2:DIR`, as given to `filetracker-server -d`), keeping every version, verifying every
+/// content. Exit codes: 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// What to import (overrides migrator.source): v1:DIR or v2:DIR.
+    #[arg(long, value_name = "SOURCE")]
+    source: Option<String>,
+    /// Files imported at once (overrides migrator.jobs).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Report what would be imported; store nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    systemd::init_logging(
+        std::env::var_os("JOURNAL_STREAM").is_some(),
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let env = ProcessEnv {
+        vars: std::env::vars().collect(),
+        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+    };
+    let cfg = match config::load_for_program(&cli.cfg, Vec::new(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("s3dedup-migrator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let source = cli
+        .source
+        .clone()
+        .unwrap_or_else(|| cfg.migrator.source.clone());
+    let source: Source = match source.parse() {
+        Ok(s) => s,
+        Err(e) if source.is_empty() => {
+            eprintln!("s3dedup-migrator: no source: pass --source or set migrator.source ({e})");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("s3dedup-migrator: --source: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("s3dedup-migrator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let jobs = cli.jobs.unwrap_or(cfg.migrator.jobs);
+    match runtime.block_on(run(cfg, credentials, source, jobs, cli.dry_run)) {
+        Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("s3dedup-migrator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    cfg: config::Config,
+    credentials: Option<PathBuf>,
+    source: Source,
+    jobs: usize,
+    dry_run: bool,
+) -> anyhow::Result<MigrateReport> {
+    let root = match &source {
+        Source::V1Dir(d) => d.join("files"),
+        Source::V2Dir(d) => d.join("links"),
+    };
+    if !root.is_dir() {
+        bail!("source {source}: {} is not a directory", root.display());
+    }
+    let fs = FileStore::from_config(&cfg, credentials.as_deref())
+        .await
+        .context("opening the store")?;
+    let started = Instant::now();
+    tracing::info!(%source, jobs, dry_run, "migrating");
+    let progress =
+        |r: &MigrateReport| systemd::notify_status(&format!("migrating {source}: {}", r.summary()));
+    let report = migrate::run(Arc::new(fs), &source, jobs, dry_run, unix_now(), &progress).await;
+    let line = format!(
+        "{source}: {} in {:.1?}",
+        report.summary(),
+        started.elapsed()
+    );
+    systemd::notify_status(&line);
+    println!("{line}");
+    tracing::info!(
+        migrated = report.migrated,
+        skipped = report.skipped,
+        failed = report.failed.len(),
+        "{line}"
+    );
+    for (file, why) in &report.failed {
+        println!("failed: {file}: {why}");
+    }
+    Ok(report)
 }
