@@ -15,9 +15,11 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 step "System packages"
 # libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv;
-# postgresql: a real server for the metadata and lock suites (pg_virtualenv runs a throw-away one).
+# postgresql: a real server for the metadata and lock suites (pg_virtualenv runs a throw-away one);
+# debhelper, lintian: the Debian packages; systemd-container, debootstrap: a booted systemd.
 missing=()
-for pkg in libdb-dev python3-venv python3-dev pkg-config postgresql postgresql-common; do
+for pkg in libdb-dev python3-venv python3-dev pkg-config postgresql postgresql-common \
+           debhelper lintian systemd-container debootstrap; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -52,5 +54,12 @@ pg_virtualenv cargo test --workspace --locked -- --include-ignored
 
 step "Filetracker client suite (real client against the real binary, local store and S3)"
 TESTS_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
+
+step "Debian packages (debian/build.sh) and lintian"
+debian/build.sh
+lintian --fail-on error --suppress-tags-from-file debian/lintian-suppressed target/debian/*.deb
+
+step "systemd suite: the packages in a booted Debian 12 container (tests/systemd/e2e.sh)"
+FT_PIP="$venv/bin/pip" tests/systemd/e2e.sh target/debian/*.deb
 
 step "All suites passed"

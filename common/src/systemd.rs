@@ -50,7 +50,11 @@ pub fn init_logging(to_journal: bool, filter: &str) {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if to_journal && let Ok(journald) = tracing_journald::layer() {
+    // Event fields become S3DEDUP_<NAME> journal fields (journalctl S3DEDUP_ADDR=...).
+    if to_journal
+        && let Ok(journald) =
+            tracing_journald::layer().map(|l| l.with_field_prefix(Some("S3DEDUP".into())))
+    {
         tracing_subscriber::registry()
             .with(filter)
             .with(journald)

@@ -1,0 +1,208 @@
+#!/bin/bash
+# tests/systemd/e2e.sh DEB... : installs the s3dedup .debs into a throw-away Debian 12 container
+# booted with a real systemd as PID 1 (systemd-nspawn; no host systemd needed) and drives them as
+# a user would: apt install, socket activation with the real Filetracker client, restart under
+# load, watchdog, timer, migrator, journal, remove, purge. Needs root.
+# Touches nothing on the host except: apt-get install of systemd-container + debootstrap (first
+# run), the cached base rootfs under $E2E_CACHE, and short-lived cgroup dirs / /run/systemd/nspawn
+# that it removes again. Prints "N passed, M failed" last; exit 0 only if nothing failed.
+# Environment: E2E_CACHE (base rootfs cache), FT_PIP (a pip that can fetch the Filetracker client).
+set -uo pipefail
+
+E2E_CACHE=${E2E_CACHE:-/var/tmp/s3dedup-e2e/cache}
+# The Debian mirror this machine's apt uses.
+E2E_MIRROR=${E2E_MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null)}
+PORT=9999
+NAME=e2e$$
+BASE=$E2E_CACHE/bookworm-systemd
+RUN=/var/tmp/s3dedup-e2e/run-$NAME
+CG=e2e-$NAME
+PASS=0; FAIL=0
+
+log()  { printf '\n### %s\n' "$*"; }
+ok()   { PASS=$((PASS+1)); echo "PASS: $*"; }
+bad()  { FAIL=$((FAIL+1)); echo "FAIL: $*"; }
+check(){ local d=$1; shift; if "$@"; then ok "$d"; else bad "$d"; fi; }
+in_box(){ nsenter -t "$CPID" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb LANG=C.UTF-8 \
+            SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"; }
+prop() { in_box systemctl show -p "$2" --value "$1"; }
+not()  { ! "$@"; }
+# The real Filetracker client inside the container (bundle bind-mounted at /ftclient).
+ft()   { in_box env PYTHONPATH=/ftclient python3 /ftclient/client_check.py "$@"; }
+# (capture first: with pipefail, 'systemctl ... | grep -q' fails randomly when grep exits early)
+has()  { local text; text=$("${@:2}"); grep -q -- "$1" <<<"$text"; }
+port_answers() { in_box curl -s -m 3 "http://127.0.0.1:$PORT/status" >/dev/null; }
+cleaner_runs() { local j; j=$(in_box journalctl -u s3dedup-cleaner.service -o cat); grep -c '^Finished' <<<"$j"; }
+
+[ $# -ge 1 ] || { echo "usage: $0 pkg.deb..."; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "needs root"; exit 2; }
+T0=$(date +%s)
+
+# ---------------------------------------------------------------- tools
+if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing systemd-container debootstrap"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd-container debootstrap >/dev/null
+fi
+
+# ---------------------------------------------------------------- base rootfs (cached)
+if [ ! -x "$BASE/lib/systemd/systemd" ] || [ ! -x "$BASE/usr/bin/python3" ]; then
+  log "debootstrap bookworm from $E2E_MIRROR (first run only)"
+  rm -rf "$BASE" "$BASE.partial"; mkdir -p "$E2E_CACHE"
+  debootstrap --variant=minbase \
+     --include=systemd,systemd-sysv,dbus,adduser,curl,ca-certificates,procps,iproute2,python3 \
+     bookworm "$BASE.partial" "$E2E_MIRROR" > "$E2E_CACHE/debootstrap.log" 2>&1 \
+     || { tail -20 "$E2E_CACHE/debootstrap.log"; echo "0 passed, 1 failed"; exit 1; }
+  # quiet, deterministic boots: no apt/e2scrub/fstrim timers, no getty on the (passive) console
+  for u in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer \
+           e2scrub_reap.service console-getty.service getty@tty1.service; do
+    ln -sf /dev/null "$BASE.partial/etc/systemd/system/$u"
+  done
+  rm -f "$BASE.partial/usr/sbin/policy-rc.d"
+  echo s3dedup-e2e > "$BASE.partial/etc/hostname"
+  mv "$BASE.partial" "$BASE"
+fi
+
+# ---------------------------------------------------------------- what the container gets
+mkdir -p "$RUN/debs" "$RUN/ftclient" "$RUN/v1/files/imported/sub"
+cp -- "$@" "$RUN/debs/"
+PIP=${FT_PIP:-pip3}
+# The client and its pure-Python dependencies, for the container's own python3 (no network there).
+"$PIP" install -q --target "$RUN/ftclient" --no-deps filetracker==2.3.3 requests urllib3 idna certifi \
+    charset-normalizer six > "$RUN/pip.log" 2>&1 || { cat "$RUN/pip.log"; echo "0 passed, 1 failed"; exit 1; }
+cp "$(dirname "$0")/client_check.py" "$RUN/ftclient/"
+# A Filetracker v1 directory for the migrator unit.
+printf 'from the old filetracker\n' > "$RUN/v1/files/imported/sub/old.txt"
+touch -d @1500000000 "$RUN/v1/files/imported/sub/old.txt"
+printf 'second\n' > "$RUN/v1/files/imported/two.txt"
+touch -d @1600000000 "$RUN/v1/files/imported/two.txt"
+
+cleanup() {
+  if [ -n "${NSPID:-}" ] && kill -0 "$NSPID" 2>/dev/null; then
+    kill -TERM "$NSPID"                              # nspawn turns this into a clean halt
+    for _ in $(seq 50); do kill -0 "$NSPID" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$NSPID" 2>/dev/null && kill -KILL "$NSPID"
+    wait "$NSPID" 2>/dev/null
+  fi
+  for h in systemd unified; do
+    [ -d /sys/fs/cgroup/$h/$CG ] && find /sys/fs/cgroup/$h/$CG -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  find /run/systemd/nspawn -depth -type d -empty -exec rmdir {} \; 2>/dev/null
+  rm -rf "$RUN"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- boot
+log "booting container $NAME"
+for h in systemd unified; do mkdir -p /sys/fs/cgroup/$h/$CG; done
+(
+  # own cgroup, so nspawn's payload/supervisor cgroups are created below it and removed with it
+  for h in systemd unified; do echo "$BASHPID" > /sys/fs/cgroup/$h/$CG/cgroup.procs 2>/dev/null; done
+  export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
+  exec systemd-nspawn --quiet -D "$BASE" -M "$NAME" \
+       --register=no --keep-unit --volatile=overlay --private-network \
+       --bind-ro="$RUN/debs:/debs" --bind-ro="$RUN/ftclient:/ftclient" --bind-ro="$RUN/v1:/srv/ftv1" \
+       --console=passive --boot
+) > "$RUN/console.log" 2>&1 < /dev/null &
+NSPID=$!
+CPID=
+for _ in $(seq 100); do CPID=$(pgrep -P "$NSPID" | head -1); [ -n "$CPID" ] && break; sleep 0.1; done
+[ -n "$CPID" ] || { cat "$RUN/console.log"; echo "0 passed, 1 failed"; exit 1; }
+for _ in $(seq 120); do
+  STATE=$(timeout 60 nsenter -t "$CPID" -a systemctl is-system-running --wait 2>/dev/null)
+  case "$STATE" in running|degraded) break;; esac; sleep 0.25
+done
+check "container booted to running (state=$STATE)" test "$STATE" = running
+
+# ---------------------------------------------------------------- install like a user
+log "apt-get install /debs/*.deb"
+DEBS=$(cd "$RUN/debs" && printf '/debs/%s ' *.deb)
+check "apt-get install of the .debs" in_box sh -c "apt-get install -y $DEBS > /tmp/apt.log 2>&1 || { cat /tmp/apt.log; false; }"
+check "system user s3dedup exists"  in_box getent passwd s3dedup
+check "config installed as a conffile" has /etc/s3dedup/s3dedup.toml in_box dpkg-query -W -f='${Conffiles}' s3dedup
+check "socket enabled"              test "$(in_box systemctl is-enabled s3dedup-api.socket)" = enabled
+check "timer enabled"               test "$(in_box systemctl is-enabled s3dedup-cleaner.timer)" = enabled
+check "units pass systemd-analyze verify" in_box systemd-analyze verify --man=no \
+      s3dedup-api.socket s3dedup-api.service s3dedup-cleaner.timer s3dedup-cleaner.service s3dedup-migrator.service
+
+# ---------------------------------------------------------------- socket activation + the real client
+log "socket activation"
+check "systemctl start s3dedup-api.socket" in_box systemctl start s3dedup-api.socket
+check "service inactive before the first connection" test "$(prop s3dedup-api.service ActiveState)" = inactive
+check "real Filetracker client: put, get, list, delete through the socket" ft basic
+check "service active/running after it (READY=1 seen)" \
+      test "$(prop s3dedup-api.service ActiveState)/$(prop s3dedup-api.service SubState)" = active/running
+check "service runs as s3dedup" test "$(in_box ps -o user= -p "$(prop s3dedup-api.service MainPID)")" = s3dedup
+check "STATUS= line reported" test -n "$(prop s3dedup-api.service StatusText)"
+
+log "restart while a client sends a stream of requests"
+in_box sh -c 'PYTHONPATH=/ftclient python3 /ftclient/client_check.py stream 25 > /tmp/stream.log 2>&1; echo $? > /tmp/stream.rc' &
+STREAM=$!
+sleep 2
+in_box systemctl restart s3dedup-api.service; sleep 2
+in_box systemctl restart s3dedup-api.service
+wait $STREAM
+check "no request failed across two restarts ($(in_box tail -1 /tmp/stream.log))" test "$(in_box cat /tmp/stream.rc)" = 0
+
+log "package upgrade restarts a running API"
+OLD=$(prop s3dedup-api.service MainPID)
+check "apt-get install --reinstall s3dedup-api" in_box sh -c 'apt-get install -y --reinstall /debs/s3dedup-api_*.deb > /tmp/apt2.log 2>&1 || { cat /tmp/apt2.log; false; }'
+check "new MainPID after upgrade" test "$(prop s3dedup-api.service MainPID)" != "$OLD"
+check "still serving after upgrade" ft basic
+
+log "watchdog: a frozen daemon is restarted"
+in_box sh -c 'mkdir -p /run/systemd/system/s3dedup-api.service.d && printf "[Service]\nWatchdogSec=2s\nRestartSec=100ms\n" > /run/systemd/system/s3dedup-api.service.d/e2e.conf && systemctl daemon-reload && systemctl restart s3dedup-api.service'
+sleep 3
+check "no watchdog restart while healthy" test "$(prop s3dedup-api.service NRestarts)" = 0
+OLD=$(prop s3dedup-api.service MainPID); in_box kill -STOP "$OLD"; sleep 5
+check "watchdog fired and restarted it (NRestarts=$(prop s3dedup-api.service NRestarts))" test "$(prop s3dedup-api.service NRestarts)" -ge 1
+check "new MainPID after the watchdog" test "$(prop s3dedup-api.service MainPID)" != "$OLD"
+in_box sh -c 'rm -r /run/systemd/system/s3dedup-api.service.d; systemctl daemon-reload; systemctl restart s3dedup-api.service; systemctl reset-failed'
+check "serving again" ft basic
+
+# ---------------------------------------------------------------- cleaner: service + timer
+log "cleaner"
+check "systemctl start s3dedup-cleaner.service" in_box systemctl start s3dedup-cleaner.service
+check "cleaner Result=success" test "$(prop s3dedup-cleaner.service Result)" = success
+in_box sh -c 'mkdir -p /run/systemd/system/s3dedup-cleaner.timer.d && printf "[Timer]\nOnActiveSec=1s\nRandomizedDelaySec=0\nAccuracySec=100ms\n" > /run/systemd/system/s3dedup-cleaner.timer.d/e2e.conf && systemctl daemon-reload && systemctl restart s3dedup-cleaner.timer'
+N0=$(cleaner_runs); sleep 4; N1=$(cleaner_runs)
+check "the timer fired the cleaner ($N0 -> $N1 runs)" test "$N1" -gt "$N0"
+check "cleaner summary in the journal" has "freed" in_box journalctl -u s3dedup-cleaner.service -o cat
+
+# ---------------------------------------------------------------- migrator
+log "migrator imports a v1 directory"
+# As an operator would: set the source in the shipped configuration.
+in_box sed -i 's|^# source = "v2:/var/lib/filetracker".*|source = "v1:/srv/ftv1"|' /etc/s3dedup/s3dedup.toml
+check "migrator.source set in the config" has 'source = "v1:/srv/ftv1"' in_box cat /etc/s3dedup/s3dedup.toml
+check "systemctl start s3dedup-migrator.service" in_box systemctl start s3dedup-migrator.service
+check "migrator active (exited), status 0" \
+      test "$(prop s3dedup-migrator.service ActiveState)/$(prop s3dedup-migrator.service SubState)/$(prop s3dedup-migrator.service ExecMainStatus)" = active/exited/0
+check "migrated files readable with their versions through the client" ft migrated
+
+# ---------------------------------------------------------------- journal + health
+log "journal"
+JSON=$(in_box journalctl -u s3dedup-api.service -o json --no-pager)
+check "structured fields in the journal (S3DEDUP_ADDR)" grep -q '"S3DEDUP_ADDR":"127.0.0.1:9999"' <<<"$JSON"
+check "structured fields in the journal (TARGET)" grep -q '"TARGET":"s3dedup_api::server"' <<<"$JSON"
+FAILED=$(in_box systemctl --failed --plain --no-legend)
+check "no failed units ${FAILED:+($FAILED)}" test -z "$FAILED"
+
+# ---------------------------------------------------------------- remove / purge
+log "remove"
+check "apt-get remove" in_box sh -c 'apt-get remove -y s3dedup s3dedup-api s3dedup-cleaner s3dedup-migrator > /tmp/rm.log 2>&1 || { cat /tmp/rm.log; false; }'
+check "socket stopped, port closed" not port_answers
+check "service stopped" test "$(prop s3dedup-api.service ActiveState)" != active
+check "configuration kept after remove" in_box test -f /etc/s3dedup/s3dedup.toml
+check "state kept after remove" in_box test -d /var/lib/s3dedup
+log "purge"
+check "apt-get purge" in_box sh -c 'apt-get purge -y s3dedup s3dedup-api s3dedup-cleaner s3dedup-migrator > /tmp/purge.log 2>&1 || { cat /tmp/purge.log; false; }'
+check "configuration gone" not in_box test -e /etc/s3dedup
+check "state gone" not in_box test -e /var/lib/s3dedup
+check "units gone" test -z "$(in_box systemctl list-unit-files --plain --no-legend 's3dedup*')"
+check "no enable links left" test -z "$(in_box find /etc/systemd/system -name 's3dedup*')"
+
+if [ "$FAIL" != 0 ]; then
+  log "diagnostics"; in_box systemctl --no-pager status 's3dedup*'; in_box journalctl -b --no-pager -n 80
+fi
+echo; echo "total $(( $(date +%s)-T0 ))s"
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" = 0 ]
