@@ -10,6 +10,7 @@ pub mod gc;
 pub mod locks;
 pub mod meta;
 pub mod migrate;
+pub mod program;
 pub mod protocol;
 pub mod store;
 pub mod systemd;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, Override, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
+use s3dedup_common::program;
 use s3dedup_common::systemd;
 
 /// Serves the Filetracker protocol v2, storing each distinct content once.
@@ -44,21 +45,11 @@ fn main() -> ExitCode {
         vars: std::env::vars().collect(),
         state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
     };
-    let cfg = match config::load_for_program(&cli.cfg, listen.collect(), env) {
-        Ok(c) => c,
+    let (cfg, runtime) = match program::start(&cli.cfg, listen.collect(), env) {
+        Ok(started) => started,
         Err(e) => {
-            eprintln!("s3dedup-api: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("s3dedup-api: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("s3dedup-api: {}", e.message);
+            return ExitCode::from(e.code);
         }
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);

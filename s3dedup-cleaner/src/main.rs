@@ -10,6 +10,7 @@ use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::gc::{self, GcOptions, GcReport, VerifyReport};
+use s3dedup_common::program;
 use s3dedup_common::{systemd, unix_now};
 
 /// Deletes contents no file references any more (after a grace period), and objects that have
@@ -44,8 +45,8 @@ struct Cli {
     stats: bool,
 }
 
-const EXIT_FAILED: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
+use program::EXIT_FAILURE as EXIT_FAILED;
+/// `--verify` found problems.
 const EXIT_VERIFY: u8 = 3;
 
 fn main() -> ExitCode {
@@ -58,21 +59,11 @@ fn main() -> ExitCode {
         vars: std::env::vars().collect(),
         state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
     };
-    let cfg = match config::load_for_program(&cli.cfg, Vec::new(), env) {
-        Ok(c) => c,
+    let (cfg, runtime) = match program::start(&cli.cfg, Vec::new(), env) {
+        Ok(started) => started,
         Err(e) => {
-            eprintln!("s3dedup-cleaner: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("s3dedup-cleaner: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            eprintln!("s3dedup-cleaner: {}", e.message);
+            return ExitCode::from(e.code);
         }
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);

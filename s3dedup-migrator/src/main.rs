@@ -11,6 +11,7 @@ use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::migrate::{self, MigrateReport, Source};
+use s3dedup_common::program;
 use s3dedup_common::{systemd, unix_now};
 
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files) or v2 data directory
@@ -42,11 +43,11 @@ fn main() -> ExitCode {
         vars: std::env::vars().collect(),
         state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
     };
-    let cfg = match config::load_for_program(&cli.cfg, Vec::new(), env) {
-        Ok(c) => c,
+    let (cfg, runtime) = match program::start(&cli.cfg, Vec::new(), env) {
+        Ok(started) => started,
         Err(e) => {
-            eprintln!("s3dedup-migrator: {e}");
-            return ExitCode::from(2);
+            eprintln!("s3dedup-migrator: {}", e.message);
+            return ExitCode::from(e.code);
         }
     };
     let source = cli
@@ -57,21 +58,11 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) if source.is_empty() => {
             eprintln!("s3dedup-migrator: no source: pass --source or set migrator.source ({e})");
-            return ExitCode::from(2);
+            return ExitCode::from(program::EXIT_CONFIG);
         }
         Err(e) => {
             eprintln!("s3dedup-migrator: --source: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("s3dedup-migrator: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(program::EXIT_CONFIG);
         }
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
