@@ -1,0 +1,505 @@
+//! `s3dedup-bench`: identical workloads against several Filetracker servers (and an S3 server
+//! directly, the ceiling for a proxy), side by side in one run; prints a Markdown table with
+//! ratios. Run it through tests/bench/run.sh, which starts the servers on fresh data.
+//!
+//!   s3dedup-bench --target NAME=URL[@PID] ... [--s3 ENDPOINT] [--baseline NAME] [--small-ops N]
+//!                 [--large-mib N] [--list-files N]
+//!
+//! Every content is fresh random bytes (both kinds of server deduplicate). Bounded in work, not
+//! timed by the test suite: this measures, it does not assert.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use rand::RngCore;
+use s3dedup_tests::{
+    S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, gzip, lm, proc_status_kib, sha256_hex,
+};
+
+struct Target {
+    name: String,
+    url: String,
+    pid: Option<u32>,
+}
+
+#[derive(Default, Clone)]
+struct Measure {
+    ops: usize,
+    bytes: u64,
+    wall: Duration,
+    latencies: Vec<Duration>,
+    errors: usize,
+}
+
+impl Measure {
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+    fn mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(((l.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+/// Compressible like real test data: random words from a small alphabet.
+fn text_like(n: usize) -> Vec<u8> {
+    let mut rng = rand::rng();
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let w = rng.next_u32();
+        for i in 0..(w % 8 + 1) {
+            v.push(b'a' + ((w >> (i * 3)) % 20) as u8);
+        }
+        v.push(if w.is_multiple_of(11) { b'\n' } else { b' ' });
+    }
+    v.truncate(n);
+    v
+}
+
+fn client(keep_alive: bool) -> reqwest::Client {
+    let b = reqwest::Client::builder().tcp_nodelay(true);
+    let b = if keep_alive {
+        b
+    } else {
+        b.pool_max_idle_per_host(0)
+    };
+    b.build().expect("http client")
+}
+
+/// Runs `ops` requests, `concurrency` at a time; `f(i)` performs request `i` and returns its bytes.
+async fn drive<F, Fut>(ops: usize, concurrency: usize, f: F) -> Measure
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    let started = Instant::now();
+    let results: Vec<(Duration, anyhow::Result<u64>)> = futures::stream::iter(0..ops)
+        .map(|i| {
+            let fut = f(i);
+            async move {
+                let t = Instant::now();
+                let r = fut.await;
+                (t.elapsed(), r)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut m = Measure {
+        wall: started.elapsed(),
+        ..Measure::default()
+    };
+    for (lat, r) in results {
+        match r {
+            Ok(b) => {
+                m.ops += 1;
+                m.bytes += b;
+                m.latencies.push(lat);
+            }
+            Err(e) => {
+                if m.errors == 0 {
+                    eprintln!("  first error: {e:#}");
+                }
+                m.errors += 1;
+            }
+        }
+    }
+    m
+}
+
+/// A body ready to send: raw, or pre-gzipped with its hints (prepared before timing).
+#[derive(Clone)]
+enum Body {
+    Raw(Vec<u8>),
+    Gzip {
+        gz: Vec<u8>,
+        sha256: String,
+        size: usize,
+    },
+}
+
+impl Body {
+    fn gzipped(content: &[u8]) -> Body {
+        Body::Gzip {
+            gz: gzip_fast(content),
+            sha256: sha256_hex(content),
+            size: content.len(),
+        }
+    }
+}
+
+async fn ft_put(http: &reqwest::Client, url: &str, path: &str, body: Body) -> anyhow::Result<u64> {
+    let mut req = http.put(format!(
+        "{url}/files{path}?last_modified={}",
+        lm(1_700_000_000)
+    ));
+    let len;
+    req = match body {
+        Body::Gzip { gz, sha256, size } => {
+            len = size as u64;
+            req.header("Content-Encoding", "gzip")
+                .header("SHA256-Checksum", sha256)
+                .header("Logical-Size", size.to_string())
+                .body(gz)
+        }
+        Body::Raw(b) => {
+            len = b.len() as u64;
+            req.body(b)
+        }
+    };
+    let r = req.send().await?;
+    if !r.status().is_success() {
+        bail!("PUT {path}: {}", r.status());
+    }
+    Ok(len)
+}
+
+fn gzip_fast(data: &[u8]) -> Vec<u8> {
+    if data.len() < 1 << 20 {
+        return gzip(data);
+    }
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+async fn ft_get(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<u64> {
+    let mut r = http.get(format!("{url}/files{path}")).send().await?;
+    if !r.status().is_success() {
+        bail!("GET {path}: {}", r.status());
+    }
+    let mut n = 0u64;
+    while let Some(c) = r.chunk().await? {
+        n += c.len() as u64;
+    }
+    Ok(n)
+}
+
+struct Config {
+    small_ops: usize,
+    large_mib: usize,
+    list_files: usize,
+}
+
+async fn filetracker_suite(
+    t: &Target,
+    cfg: &Config,
+    out: &mut BTreeMap<String, Measure>,
+) -> anyhow::Result<()> {
+    let run = format!("/bench/{}", rand::rng().next_u32());
+    let url = t.url.trim_end_matches('/').to_owned();
+    let (fresh, keep) = (client(false), client(true));
+    let small: Arc<Vec<Vec<u8>>> = Arc::new((0..cfg.small_ops * 3).map(|_| random(4096)).collect());
+    let mut slot = 0;
+    for (label, http, conc) in [
+        ("4 KiB PUT, new conn, c=1", &fresh, 1),
+        ("4 KiB PUT, new conn, c=16", &fresh, 16),
+        ("4 KiB PUT, keep-alive, c=16", &keep, 16),
+    ] {
+        let ops = if conc == 1 {
+            cfg.small_ops / 4
+        } else {
+            cfg.small_ops
+        };
+        let base = slot;
+        slot += ops;
+        let m = drive(ops, conc, |i| {
+            let body = small[base + i].clone();
+            let (http, url, run) = (http.clone(), url.clone(), run.clone());
+            async move {
+                ft_put(
+                    &http,
+                    &url,
+                    &format!("{run}/s/{}", base + i),
+                    Body::Raw(body),
+                )
+                .await
+            }
+        })
+        .await;
+        eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
+        out.insert(label.into(), m);
+    }
+    for (label, http, conc) in [
+        ("4 KiB GET, new conn, c=1", &fresh, 1),
+        ("4 KiB GET, new conn, c=16", &fresh, 16),
+        ("4 KiB GET, keep-alive, c=16", &keep, 16),
+    ] {
+        let ops = if conc == 1 {
+            cfg.small_ops / 4
+        } else {
+            cfg.small_ops
+        };
+        let m = drive(ops, conc, |i| {
+            let (http, url, run) = (http.clone(), url.clone(), run.clone());
+            async move { ft_get(&http, &url, &format!("{run}/s/{}", i % slot.max(1))).await }
+        })
+        .await;
+        eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
+        out.insert(label.into(), m);
+    }
+    let m = drive(cfg.small_ops, 16, |i| {
+        let body = small[i % 8].clone();
+        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+        async move { ft_put(&http, &url, &format!("{run}/dup/{i}"), Body::Raw(body)).await }
+    })
+    .await;
+    eprintln!("  dedup hit: {:.0} ops/s", m.ops_per_sec());
+    out.insert(
+        "4 KiB re-upload of known content (dedup hit), c=16".into(),
+        m,
+    );
+
+    let large = cfg.large_mib << 20;
+    for (label, gz) in [
+        ("64 MiB PUT, pre-gzipped + hints", true),
+        ("64 MiB PUT, raw", false),
+    ] {
+        let bodies: Vec<Body> = (0..3)
+            .map(|_| text_like(large))
+            .map(|c| if gz { Body::gzipped(&c) } else { Body::Raw(c) })
+            .collect();
+        let m = drive(3, 1, |i| {
+            let body = bodies[i].clone();
+            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+            async move { ft_put(&http, &url, &format!("{run}/large/{gz}/{i}"), body).await }
+        })
+        .await;
+        eprintln!("  {label}: {:.0} MiB/s", m.mib_per_sec());
+        out.insert(label.replace("64", &cfg.large_mib.to_string()), m);
+    }
+    let m = drive(3, 1, |i| {
+        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+        async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
+    })
+    .await;
+    eprintln!("  large GET: {:.0} MiB/s", m.mib_per_sec());
+    out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+
+    if cfg.list_files > 0 {
+        let populate = drive(cfg.list_files, 16, |i| {
+            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+            let body = Body::Raw(format!("{i}").into_bytes());
+            async move { ft_put(&http, &url, &format!("{run}/list/{i:06}"), body).await }
+        })
+        .await;
+        eprintln!(
+            "  populated {} files at {:.0} ops/s",
+            populate.ops,
+            populate.ops_per_sec()
+        );
+        let m = drive(3, 1, |_| {
+            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+            async move {
+                let r = http.get(format!("{url}/list{run}/list")).send().await?;
+                let body = r.bytes().await?;
+                let lines = body.iter().filter(|b| **b == b'\n').count();
+                if lines != populate.ops {
+                    bail!("listing has {lines} lines, expected {}", populate.ops);
+                }
+                Ok(body.len() as u64)
+            }
+        })
+        .await;
+        eprintln!("  list: p50 {:?}", m.pct(0.5));
+        out.insert(format!("list a directory of {} files", cfg.list_files), m);
+    }
+    Ok(())
+}
+
+async fn s3_suite(
+    endpoint: &str,
+    cfg: &Config,
+    out: &mut BTreeMap<String, Measure>,
+) -> anyhow::Result<()> {
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+            None,
+            None,
+            "bench",
+        ))
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+        .build();
+    let s3 = aws_sdk_s3::Client::from_conf(conf);
+    let run = rand::rng().next_u32();
+    let put = |key: String, body: Vec<u8>| {
+        let s3 = s3.clone();
+        async move {
+            let n = body.len() as u64;
+            s3.put_object()
+                .bucket(S3_BUCKET)
+                .key(key)
+                .body(body.into())
+                .send()
+                .await?;
+            Ok::<_, anyhow::Error>(n)
+        }
+    };
+    let get = |key: String| {
+        let s3 = s3.clone();
+        async move {
+            let o = s3.get_object().bucket(S3_BUCKET).key(key).send().await?;
+            Ok::<_, anyhow::Error>(o.body.collect().await?.into_bytes().len() as u64)
+        }
+    };
+    let m = drive(cfg.small_ops, 16, |i| {
+        put(format!("{run}/s/{i}"), random(4096))
+    })
+    .await;
+    out.insert("4 KiB PUT, keep-alive, c=16".into(), m);
+    let m = drive(cfg.small_ops, 16, |i| get(format!("{run}/s/{i}"))).await;
+    out.insert("4 KiB GET, keep-alive, c=16".into(), m);
+    let large = cfg.large_mib << 20;
+    let bodies: Vec<Vec<u8>> = (0..3).map(|_| gzip_fast(&text_like(large))).collect();
+    let logical = large as u64;
+    let m = drive(3, 1, |i| {
+        let b = bodies[i].clone();
+        let put = &put;
+        async move { put(format!("{run}/l/{i}"), b).await.map(|_| logical) }
+    })
+    .await;
+    out.insert(format!("{} MiB PUT, pre-gzipped + hints", cfg.large_mib), m);
+    let m = drive(3, 1, |i| get(format!("{run}/l/{i}"))).await;
+    out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+    Ok(())
+}
+
+/// Peak RSS (VmHWM) of a process and all its descendants, in KiB.
+fn tree_peak_rss(pid: u32) -> u64 {
+    let mut total = proc_status_kib(pid, "VmHWM:");
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            total += tree_peak_rss(c);
+        }
+    }
+    total
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut targets = Vec::new();
+    let mut s3 = None;
+    let mut baseline = "old".to_owned();
+    let mut cfg = Config {
+        small_ops: 2000,
+        large_mib: 64,
+        list_files: 0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().context(format!("{a} needs a value"));
+        match a.as_str() {
+            "--target" => {
+                let v = val()?;
+                let (name, rest) = v.split_once('=').context("--target NAME=URL[@PID]")?;
+                let (url, pid) = match rest.rsplit_once('@') {
+                    Some((u, p)) => (u.to_owned(), Some(p.parse()?)),
+                    None => (rest.to_owned(), None),
+                };
+                targets.push(Target {
+                    name: name.into(),
+                    url,
+                    pid,
+                });
+            }
+            "--s3" => s3 = Some(val()?),
+            "--baseline" => baseline = val()?,
+            "--small-ops" => cfg.small_ops = val()?.parse()?,
+            "--large-mib" => cfg.large_mib = val()?.parse()?,
+            "--list-files" => cfg.list_files = val()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let mut results: Vec<(String, BTreeMap<String, Measure>, Option<u64>)> = Vec::new();
+    for t in &targets {
+        eprintln!("== {} ({})", t.name, t.url);
+        let mut out = BTreeMap::new();
+        filetracker_suite(t, &cfg, &mut out).await?;
+        results.push((t.name.clone(), out, t.pid.map(tree_peak_rss)));
+    }
+    if let Some(ep) = &s3 {
+        eprintln!("== S3 directly ({ep})");
+        let mut out = BTreeMap::new();
+        s3_suite(ep, &cfg, &mut out).await?;
+        results.push(("s3-direct".into(), out, None));
+    }
+    print_table(&results, &baseline);
+    Ok(())
+}
+
+fn print_table(results: &[(String, BTreeMap<String, Measure>, Option<u64>)], baseline: &str) {
+    let workloads: Vec<&String> = results[0].1.keys().collect();
+    let find = |name: &str, w: &str| {
+        results
+            .iter()
+            .find(|r| r.0 == name)
+            .and_then(|r| r.1.get(w))
+    };
+    println!(
+        "| workload | server | ops/s | MiB/s | p50 ms | p99 ms | errors | vs {baseline} | vs s3-direct |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for w in workloads {
+        let large = w.contains("MiB");
+        for (name, out, _) in results {
+            let Some(m) = out.get(w) else { continue };
+            let ratio = |other: Option<&Measure>| match other {
+                Some(o) if name != baseline && o.ops > 0 => {
+                    let (a, b) = if large {
+                        (m.mib_per_sec(), o.mib_per_sec())
+                    } else {
+                        (m.ops_per_sec(), o.ops_per_sec())
+                    };
+                    format!("{:.2}×", a / b)
+                }
+                _ => String::new(),
+            };
+            let vs_s3 = if name == "s3-direct" {
+                String::new()
+            } else {
+                ratio(find("s3-direct", w))
+            };
+            println!(
+                "| {w} | {name} | {:.0} | {:.1} | {:.2} | {:.2} | {} | {} | {vs_s3} |",
+                m.ops_per_sec(),
+                m.mib_per_sec(),
+                m.pct(0.5).as_secs_f64() * 1e3,
+                m.pct(0.99).as_secs_f64() * 1e3,
+                m.errors,
+                ratio(find(baseline, w)),
+            );
+        }
+    }
+    println!();
+    println!("| server | peak RSS (MiB, process tree) |");
+    println!("|---|---:|");
+    for (name, _, rss) in results {
+        if let Some(kib) = rss {
+            println!("| {name} | {:.1} |", *kib as f64 / 1024.0);
+        }
+    }
+}
