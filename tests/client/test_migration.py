@@ -1,0 +1,121 @@
+"""s3dedup-migrator against the real old server: a filetracker-server (PyPI filetracker==2.3.3)
+filled through the real client, imported from its data directory (v2) and from a v1 directory of
+the same files, then compared through the real client."""
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from filetracker.client import Client
+
+from conftest import BIN_DIR, free_port, wait_http
+
+# The venv running this suite also has the old server (and gunicorn, which it execs).
+VENV_BIN = Path(sys.executable).parent
+
+
+def content(i, size):
+    seed = hashlib.sha256(f"mig-{i}".encode()).digest()
+    return (seed * (size // 32 + 1))[:size]
+
+
+@pytest.fixture(scope="module")
+def old_server():
+    """The old server on a fresh data dir, filled through the real client; yields
+    (data dir, {path: (version, bytes)})."""
+    tmp = Path(tempfile.mkdtemp(prefix="s3dedup-old-"))
+    data = tmp / "data"
+    port = free_port()
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    proc = subprocess.Popen(
+        [VENV_BIN / "filetracker-server", "-d", data, "-l", "127.0.0.1", "-p", str(port), "-D",
+         "-L", tmp / "old.log"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/version/", proc, "filetracker-server")
+    c = Client(remote_url=url, local_store=None)
+    rng = random.Random(7)
+    expected = {}
+    names = [f"/dir{i % 7}/sub{i % 3}/file {i}.txt" for i in range(200)]
+    names += [f"/zażółć/gęślą jaźń {i}.in" for i in range(20)]
+    for n, name in enumerate(names):
+        body = content(n % 40, rng.choice([10, 1000, 50_000]))  # many duplicates
+        for version in sorted(rng.sample(range(1_000_000, 2_000_000), rng.choice([1, 1, 2, 3]))):
+            with tempfile.NamedTemporaryFile(delete=False) as f:
+                f.write(body + str(version).encode())
+            got = c.put_file(f"{name}@{version}", f.name)
+            assert got == f"{name}@{version}"
+            expected[name] = (version, body + str(version).encode())
+            os.unlink(f.name)
+    for name, body in [("/empty", b""), ("/big.bin", os.urandom(3 << 20))]:
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(body)
+        c.put_file(f"{name}@1500000", f.name)
+        expected[name] = (1500000, body)
+    proc.terminate()
+    proc.wait()
+    yield data, expected
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def migrate_and_serve(source, tmp):
+    """A fresh s3dedup: migrate `source` into it, then start its API."""
+    data_dir = tmp / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S3DEDUP_")}
+    run = lambda: subprocess.run(
+        [BIN_DIR / "s3dedup-migrator", "--data-dir", data_dir, "--source", source],
+        env=env, capture_output=True, text=True, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run()
+    assert again.returncode == 0 and " 0 files migrated" in again.stdout, again.stdout
+    return first.stdout, again.stdout
+
+
+def compare(url, expected):
+    c = Client(remote_url=url, local_store=None)
+    listed = sorted(c.list_remote_files(None, "/", False))
+    assert listed == sorted(p[1:] for p in expected)
+    for path, (version, body) in expected.items():
+        assert c.file_version(path) == version, path
+        stream, name = c.get_stream(path)
+        assert name == f"{path}@{version}"
+        assert stream.read() == body, path
+
+
+@pytest.mark.parametrize("kind", ["v2", "v1"])
+def test_migration_from_the_real_old_server(old_server, tmp_path, kind):
+    data, expected = old_server
+    if kind == "v2":
+        source = f"v2:{data}"
+    else:
+        # The same files as a v1 directory: files/<path>, mtime = version.
+        for path, (version, body) in expected.items():
+            f = tmp_path / "v1" / "files" / path[1:]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(body)
+            os.utime(f, (version, version))
+        source = f"v1:{tmp_path / 'v1'}"
+    first, again = migrate_and_serve(source, tmp_path)
+    assert f"{len(expected)} files migrated" in first, first
+    assert f"{len(expected)} already present" in again, again
+    # Serve the imported store with a real API and compare through the real client.
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S3DEDUP_")}
+    api = subprocess.Popen([BIN_DIR / "s3dedup-api", "--listen", f"127.0.0.1:{port}",
+                            "--data-dir", tmp_path / "data"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/status", api, "s3dedup-api")
+        compare(f"http://127.0.0.1:{port}", expected)
+        distinct = {hashlib.sha256(b).hexdigest() for _, b in expected.values()}
+        objects = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file()]
+        assert len(objects) == len(distinct), "each distinct content stored once"
+    finally:
+        api.kill()
+        api.wait()
