@@ -20,15 +20,27 @@ pub enum Source {
     /// Filetracker v2 (`filetracker-server -d DIR`): `DIR/links/<path>` symlinks (their own
     /// mtime = version) to gzip blobs `DIR/blobs/<aa>/<sha256>`.
     V2Dir(PathBuf),
+    /// A running Filetracker v2 server (its root URL): `GET /list/`, then each file.
+    Http(String),
 }
 
 impl std::str::FromStr for Source {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("http://") {
+            return Ok(Source::Http(s.trim_end_matches('/').to_owned()));
+        }
+        if s.starts_with("https://") {
+            return Err(
+                "https sources are not supported: use the old server's http address".into(),
+            );
+        }
         match s.split_once(':') {
             Some(("v1", dir)) if !dir.is_empty() => Ok(Source::V1Dir(dir.into())),
             Some(("v2", dir)) if !dir.is_empty() => Ok(Source::V2Dir(dir.into())),
-            _ => Err(format!("unknown source {s:?}: expected v1:DIR or v2:DIR")),
+            _ => Err(format!(
+                "unknown source {s:?}: expected v1:DIR, v2:DIR or http://HOST:PORT"
+            )),
         }
     }
 }
@@ -38,6 +50,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::V1Dir(d) => write!(f, "v1:{}", d.display()),
             Source::V2Dir(d) => write!(f, "v2:{}", d.display()),
+            Source::Http(u) => f.write_str(u),
         }
     }
 }
@@ -46,11 +59,29 @@ impl std::fmt::Display for Source {
 #[derive(Debug, Clone)]
 struct Item {
     path: FilePath,
-    version: Version,
-    file: PathBuf,
-    encoding: Encoding,
-    /// v2 blobs are named by their digest: what the content must hash to.
-    expected: Option<crate::blob::Digest>,
+    origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+enum Origin {
+    File {
+        version: Version,
+        file: PathBuf,
+        encoding: Encoding,
+        /// v2 blobs are named by their digest: what the content must hash to.
+        expected: Option<crate::blob::Digest>,
+    },
+    /// Version and content come from the server, file by file.
+    Http { base: String },
+}
+
+impl Item {
+    fn shown(&self) -> String {
+        match &self.origin {
+            Origin::File { file, .. } => format!("{} ({})", self.path, file.display()),
+            Origin::Http { .. } => self.path.to_string(),
+        }
+    }
 }
 
 /// What a run did.
@@ -102,6 +133,7 @@ fn walk(source: &Source, tx: &tokio::sync::mpsc::Sender<Result<Item, (String, St
     let (root, v2) = match source {
         Source::V1Dir(d) => (d.join("files"), false),
         Source::V2Dir(d) => (d.join("links"), true),
+        Source::Http(_) => return,
     };
     let mut stack = vec![root.clone()];
     while let Some(dir) = stack.pop() {
@@ -158,10 +190,12 @@ fn describe(
         }
         return Ok(Item {
             path,
-            version: mtime(meta),
-            file: p.to_owned(),
-            encoding: Encoding::Identity,
-            expected: None,
+            origin: Origin::File {
+                version: mtime(meta),
+                file: p.to_owned(),
+                encoding: Encoding::Identity,
+                expected: None,
+            },
         });
     }
     if !meta.file_type().is_symlink() {
@@ -183,11 +217,13 @@ fn describe(
     }
     Ok(Item {
         path,
-        // The symlink's own mtime is the version (lstat, not the blob's).
-        version: mtime(meta),
-        file: target,
-        encoding: Encoding::Gzip,
-        expected,
+        origin: Origin::File {
+            // The symlink's own mtime is the version (lstat, not the blob's).
+            version: mtime(meta),
+            file: target,
+            encoding: Encoding::Gzip,
+            expected,
+        },
     })
 }
 
@@ -196,42 +232,203 @@ enum Done {
     Skipped,
 }
 
-async fn import(fs: &Arc<FileStore>, item: &Item, dry_run: bool, now: i64) -> Result<Done, String> {
+const INGEST: IngestOptions = IngestOptions {
+    level: 6,
+    max_logical_size: u64::MAX,
+};
+
+async fn import(
+    fs: &Arc<FileStore>,
+    http: &reqwest::Client,
+    item: &Item,
+    dry_run: bool,
+    now: i64,
+) -> Result<Done, String> {
     let current = fs
         .stat(item.path.as_str())
         .await
         .map_err(|e| e.to_string())?;
-    if current.is_some_and(|c| c.version >= item.version) {
+    let stored = current.map(|c| c.version);
+    match &item.origin {
+        Origin::File {
+            version,
+            file,
+            encoding,
+            expected,
+        } => {
+            if stored.is_some_and(|s| s >= *version) {
+                return Ok(Done::Skipped);
+            }
+            if dry_run {
+                return Ok(Done::Migrated(0));
+            }
+            let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let hints = Hints {
+                sha256: *expected,
+                logical_size: None,
+            };
+            let (fs2, encoding) = (fs.clone(), *encoding);
+            let spooled = tokio::task::spawn_blocking(move || {
+                fs2.spool_blocking(std::io::BufReader::new(f), encoding, &hints, &INGEST)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            commit(fs, &item.path, *version, spooled, now).await
+        }
+        Origin::Http { base } => {
+            import_http(fs, http, base, &item.path, stored, dry_run, now).await
+        }
+    }
+}
+
+async fn commit(
+    fs: &FileStore,
+    path: &FilePath,
+    version: Version,
+    spooled: crate::filestore::Spooled,
+    now: i64,
+) -> Result<Done, String> {
+    let size = spooled.info.logical_size;
+    fs.commit(path.as_str(), version, spooled, now)
+        .await
+        .map_err(|e: FileStoreError| e.to_string())?;
+    Ok(Done::Migrated(size))
+}
+
+fn file_url(base: &str, path: &FilePath) -> String {
+    const SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    format!(
+        "{base}/files{}",
+        percent_encoding::utf8_percent_encode(path.as_str(), SAFE)
+    )
+}
+
+fn version_of(r: &reqwest::Response) -> Result<Version, String> {
+    let h = r
+        .headers()
+        .get(reqwest::header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no Last-Modified header")?;
+    crate::protocol::parse_version(h).map_err(|e| e.to_string())
+}
+
+/// HEAD first, so a path already stored at that version is skipped without a download.
+async fn import_http(
+    fs: &Arc<FileStore>,
+    http: &reqwest::Client,
+    base: &str,
+    path: &FilePath,
+    stored: Option<Version>,
+    dry_run: bool,
+    now: i64,
+) -> Result<Done, String> {
+    let url = file_url(base, path);
+    let head = http
+        .head(&url)
+        .send()
+        .await
+        .map_err(|e| format!("HEAD {url}: {e}"))?;
+    if !head.status().is_success() {
+        return Err(format!("HEAD {url}: {}", head.status()));
+    }
+    if stored.is_some_and(|s| version_of(&head).is_ok_and(|v| s >= v)) {
         return Ok(Done::Skipped);
     }
     if dry_run {
         return Ok(Done::Migrated(0));
     }
-    let file =
-        std::fs::File::open(&item.file).map_err(|e| format!("{}: {e}", item.file.display()))?;
-    let (encoding, expected) = (item.encoding, item.expected);
-    let spooled = {
-        let hints = Hints {
-            sha256: expected,
-            logical_size: None,
-        };
-        let opts = IngestOptions {
-            level: 6,
-            max_logical_size: u64::MAX,
-        };
-        let fs = fs.clone();
-        tokio::task::spawn_blocking(move || {
-            fs.spool_blocking(std::io::BufReader::new(file), encoding, &hints, &opts)
-        })
+    let r = http
+        .get(&url)
+        .send()
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("GET {url}: {}", r.status()));
+    }
+    let version = version_of(&r)?;
+    if stored.is_some_and(|s| s >= version) {
+        return Ok(Done::Skipped);
+    }
+    let gzip = r
+        .headers()
+        .get(reqwest::header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let logical_size = r
+        .headers()
+        .get(crate::protocol::HEADER_LOGICAL_SIZE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let encoding = if gzip {
+        Encoding::Gzip
+    } else {
+        Encoding::Identity
     };
-    let size = spooled.info.logical_size;
-    fs.commit(item.path.as_str(), item.version, spooled, now)
+    let hints = Hints {
+        sha256: None,
+        logical_size: if gzip { logical_size } else { None },
+    };
+    let spooled = fs
+        .spool_stream(r.bytes_stream(), encoding, hints, INGEST)
         .await
-        .map_err(|e: FileStoreError| e.to_string())?;
-    Ok(Done::Migrated(size))
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    commit(fs, path, version, spooled, now).await
+}
+
+/// Streams `GET <base>/list/` into items, line by line (memory stays flat).
+async fn list_http(
+    http: reqwest::Client,
+    base: String,
+    tx: tokio::sync::mpsc::Sender<Result<Item, (String, String)>>,
+) {
+    let url = format!("{base}/list/");
+    let fail = |why: String| (url.clone(), why);
+    let r = match http.get(&url).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            let _ = tx.send(Err(fail(format!("listing: {}", r.status())))).await;
+            return;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(fail(format!("listing: {e}")))).await;
+            return;
+        }
+    };
+    let mut body = r.bytes_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match body.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                let _ = tx.send(Err(fail(format!("listing cut off: {e}")))).await;
+                return;
+            }
+            None => break,
+        };
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            // The old server lists its on-disk names, double-encoded like its links/ directory.
+            let line = decode_v2_name(&String::from_utf8_lossy(&line[..line.len() - 1]));
+            if line.is_empty() {
+                continue;
+            }
+            let item = FilePath::parse(&line, crate::protocol::DEFAULT_MAX_PATH_LEN)
+                .map(|path| Item {
+                    path,
+                    origin: Origin::Http { base: base.clone() },
+                })
+                .map_err(|e| (line.clone(), e.to_string()));
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Imports everything from `source`, `jobs` files at a time. Failures are collected, not fatal.
@@ -244,19 +441,22 @@ pub async fn run(
     progress: &(dyn Fn(&MigrateReport) + Sync),
 ) -> MigrateReport {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let src = source.clone();
-    let walker = tokio::task::spawn_blocking(move || walk(&src, &tx));
+    let http = reqwest::Client::new();
+    let walker = match source {
+        Source::Http(base) => tokio::spawn(list_http(http.clone(), base.clone(), tx)),
+        _ => {
+            let src = source.clone();
+            tokio::task::spawn_blocking(move || walk(&src, &tx))
+        }
+    };
     let items =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
     let results = items
         .map(|item| {
-            let fs = fs.clone();
+            let (fs, http) = (fs.clone(), http.clone());
             async move {
                 match item {
-                    Ok(item) => {
-                        let shown = format!("{} ({})", item.path, item.file.display());
-                        (import(&fs, &item, dry_run, now).await, shown)
-                    }
+                    Ok(item) => (import(&fs, &http, &item, dry_run, now).await, item.shown()),
                     Err((file, why)) => (Err(why), file),
                 }
             }
@@ -308,5 +508,10 @@ mod tests {
         assert_eq!("v2:/srv/ft".parse(), Ok(Source::V2Dir("/srv/ft".into())));
         assert!("v3:/x".parse::<Source>().is_err());
         assert!("v1:".parse::<Source>().is_err());
+        assert_eq!(
+            "http://127.0.0.1:9999/".parse(),
+            Ok(Source::Http("http://127.0.0.1:9999".into()))
+        );
+        assert!("https://x".parse::<Source>().is_err());
     }
 }

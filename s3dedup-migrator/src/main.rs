@@ -14,15 +14,15 @@ use s3dedup_common::migrate::{self, MigrateReport, Source};
 use s3dedup_common::program;
 use s3dedup_common::{systemd, unix_now};
 
-/// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files) or v2 data directory
-/// (`v2:DIR`, as given to `filetracker-server -d`), keeping every version, verifying every
-/// content. Exit codes: 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
+/// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
+/// (`v2:DIR`, as given to `filetracker-server -d`) or a running v2 server (`http://HOST:PORT`,
+/// its root URL), keeping every version, verifying every content. Exit codes: 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// What to import (overrides migrator.source): v1:DIR or v2:DIR.
+    /// What to import (overrides migrator.source): v1:DIR, v2:DIR or http://HOST:PORT.
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
     /// Files imported at once (overrides migrator.jobs).
@@ -86,10 +86,11 @@ async fn run(
     dry_run: bool,
 ) -> anyhow::Result<MigrateReport> {
     let root = match &source {
-        Source::V1Dir(d) => d.join("files"),
-        Source::V2Dir(d) => d.join("links"),
+        Source::V1Dir(d) => Some(d.join("files")),
+        Source::V2Dir(d) => Some(d.join("links")),
+        Source::Http(_) => None,
     };
-    if !root.is_dir() {
+    if let Some(root) = root.filter(|r| !r.is_dir()) {
         bail!("source {source}: {} is not a directory", root.display());
     }
     let fs = FileStore::from_config(&cfg, credentials.as_deref())

@@ -1,6 +1,6 @@
 """s3dedup-migrator against the real old server: a filetracker-server (PyPI filetracker==2.3.3)
-filled through the real client, imported from its data directory (v2) and from a v1 directory of
-the same files, then compared through the real client."""
+filled through the real client, imported from its data directory (v2), over HTTP from the running
+server, and from a v1 directory of the same files, then compared through the real client."""
 
 import hashlib
 import os
@@ -57,9 +57,9 @@ def old_server():
             f.write(body)
         c.put_file(f"{name}@1500000", f.name)
         expected[name] = (1500000, body)
+    yield data, expected, url
     proc.terminate()
     proc.wait()
-    yield data, expected
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -88,11 +88,13 @@ def compare(url, expected):
         assert stream.read() == body, path
 
 
-@pytest.mark.parametrize("kind", ["v2", "v1"])
+@pytest.mark.parametrize("kind", ["v2", "v1", "http"])
 def test_migration_from_the_real_old_server(old_server, tmp_path, kind):
-    data, expected = old_server
+    data, expected, url = old_server
     if kind == "v2":
         source = f"v2:{data}"
+    elif kind == "http":
+        source = url
     else:
         # The same files as a v1 directory: files/<path>, mtime = version.
         for path, (version, body) in expected.items():
