@@ -22,7 +22,7 @@ struct Histogram {
 /// Live counters; cheap to update from every request.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -34,8 +34,16 @@ pub struct Metrics {
 impl Metrics {
     /// Records a finished request.
     pub fn record(&self, route: &'static str, method: &str, status: u16, took: Duration) {
+        // A fixed set of labels: clients choose the method string, and must not grow this map.
+        let method = match method {
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "PUT" => "PUT",
+            "DELETE" => "DELETE",
+            _ => "other",
+        };
         if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route, method.to_owned(), status)).or_default() += 1;
+            *m.entry((route, method, status)).or_default() += 1;
         }
         if let Ok(mut h) = self.latency.lock() {
             let h = h.entry(route).or_default();
@@ -171,6 +179,8 @@ mod tests {
         m.record("files", "GET", 200, Duration::from_millis(3));
         m.record("files", "GET", 200, Duration::from_millis(300));
         m.record("files", "PUT", 400, Duration::from_millis(1));
+        m.record("other", "BREW", 405, Duration::from_millis(1));
+        m.record("other", "WHEN", 405, Duration::from_millis(1));
         m.dedup_hits.fetch_add(2, Relaxed);
         let text = m.render(Some(&Stats {
             files: 5,
@@ -196,6 +206,11 @@ mod tests {
         );
         assert!(text.contains("s3dedup_dedup_hits_total 2"));
         assert!(text.contains("s3dedup_files 5"));
-        assert_eq!(m.requests_total(), 3);
+        assert!(
+            text.contains(
+                "s3dedup_requests_total{route=\"other\",method=\"other\",status=\"405\"} 2"
+            )
+        );
+        assert_eq!(m.requests_total(), 5);
     }
 }
