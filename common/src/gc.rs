@@ -169,6 +169,10 @@ async fn delete_blob(
     }
 }
 
+/// Orphans deleted per batch: one `DeleteObjects` request, with each digest's lock held (and
+/// as many lock files open, which is why it is well below S3's limit of 1000).
+const ORPHAN_BATCH: usize = 100;
+
 async fn sweep_orphans(
     fs: &FileStore,
     cutoff: i64,
@@ -186,49 +190,83 @@ async fn sweep_orphans(
         let old: Vec<&ObjectEntry> = page.iter().filter(|o| o.modified <= cutoff).collect();
         let digests: Vec<Digest> = old.iter().map(|o| o.digest).collect();
         let known = fs.meta.known_blobs(&digests).await?;
-        for o in old.into_iter().filter(|o| !known.contains(&o.digest)) {
-            if limit_reached(report, opts) {
-                return Ok(());
-            }
-            delete_orphan(fs, o, opts, report).await;
+        let mut candidates: Vec<&ObjectEntry> = old
+            .into_iter()
+            .filter(|o| !known.contains(&o.digest))
+            .collect();
+        if let Some(max) = opts.max_deletes {
+            candidates.truncate(max.saturating_sub(report.deletions()) as usize);
+        }
+        for batch in candidates.chunks(ORPHAN_BATCH) {
+            delete_orphans(fs, batch, opts, report).await;
         }
         progress(report);
+        if limit_reached(report, opts) {
+            return Ok(());
+        }
     }
 }
 
-async fn delete_orphan(fs: &FileStore, o: &ObjectEntry, opts: &GcOptions, report: &mut GcReport) {
+async fn delete_orphans(
+    fs: &FileStore,
+    batch: &[&ObjectEntry],
+    opts: &GcOptions,
+    report: &mut GcReport,
+) {
     if opts.dry_run {
-        report.orphans_deleted += 1;
-        report.orphan_bytes += o.size;
+        report.orphans_deleted += batch.len() as u64;
+        report.orphan_bytes += batch.iter().map(|o| o.size).sum::<u64>();
         return;
     }
-    let d = o.digest;
-    let Ok(guard) = fs
-        .locks
-        .lock(&blob_lock(&d), LockMode::Exclusive, opts.lock_timeout)
-        .await
-    else {
-        report.skipped_busy += 1;
-        return;
-    };
-    // Under the lock no PUT is between its upload and its commit: a row now means it committed.
-    let result: Result<bool, FileStoreError> = async {
-        if !fs.meta.known_blobs(&[d]).await?.is_empty() {
-            return Ok(false);
+    let mut held = Vec::with_capacity(batch.len());
+    for o in batch {
+        match fs
+            .locks
+            .lock(
+                &blob_lock(&o.digest),
+                LockMode::Exclusive,
+                opts.lock_timeout,
+            )
+            .await
+        {
+            Ok(g) => held.push((*o, g)),
+            Err(crate::locks::LockError::Timeout { .. }) => report.skipped_busy += 1,
+            Err(e) => report.errors.push(format!("orphan {}: {e}", o.digest)),
         }
-        fs.store.delete(&d).await?;
-        Ok(true)
+    }
+    // Under the locks no PUT is between its upload and its commit: a row now means it committed.
+    let digests: Vec<Digest> = held.iter().map(|(o, _)| o.digest).collect();
+    let result = async {
+        let known = fs.meta.known_blobs(&digests).await?;
+        let doomed: Vec<&ObjectEntry> = held
+            .iter()
+            .map(|(o, _)| *o)
+            .filter(|o| !known.contains(&o.digest))
+            .collect();
+        let ids: Vec<Digest> = doomed.iter().map(|o| o.digest).collect();
+        let failed = fs.store.delete_many(&ids).await?;
+        Ok::<_, FileStoreError>((doomed, failed))
     }
     .await;
-    guard.release().await;
+    for (_, g) in held {
+        g.release().await;
+    }
     match result {
-        Ok(true) => {
-            report.orphans_deleted += 1;
-            report.orphan_bytes += o.size;
-            tracing::debug!(digest = %d, "deleted orphaned object");
+        Ok((doomed, failed)) => {
+            for o in doomed {
+                if let Some((_, why)) = failed.iter().find(|(d, _)| *d == o.digest) {
+                    report.errors.push(format!("orphan {}: {why}", o.digest));
+                } else {
+                    report.orphans_deleted += 1;
+                    report.orphan_bytes += o.size;
+                    tracing::debug!(digest = %o.digest, "deleted orphaned object");
+                }
+            }
         }
-        Ok(false) => {}
-        Err(e) => report.errors.push(format!("orphan {d}: {e}")),
+        Err(e) => report.errors.push(format!(
+            "orphans {}..: {e}",
+            digests.first().map(Digest::to_hex).unwrap_or_default()
+        )),
     }
 }
 

@@ -281,3 +281,74 @@ async fn killed_cleaner_leaves_a_consistent_store() {
         keys.len()
     );
 }
+
+/// On S3: objects without a row go, in batches; keys that are not of our layout stay; live
+/// objects stay. A verify that finds a damaged object exits 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let live = unique_content("live-orphan-test", 5000);
+    let r = reqwest::Client::new()
+        .put(api.url(&format!("/files/live?last_modified={}", lm(1))))
+        .body(live.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let client = s3.client();
+    let put = |key: String, body: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            client
+                .put_object()
+                .bucket(S3_BUCKET)
+                .key(key)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    for i in 0..150 {
+        let c = unique_content(&format!("orphan{i}"), 100);
+        let hex = sha256_hex(&c);
+        put(format!("{}/{}/{hex}", &hex[..2], &hex[2..4]), gzip(&c)).await;
+    }
+    let foreign = ["notes/readme.txt", "ab/cd/not-a-digest", "00/00/backup.tar"];
+    for k in foreign {
+        put(k.to_owned(), b"not ours".to_vec()).await;
+    }
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "0"]);
+    let out = run(c);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("and 150 orphaned objects"),
+        "{}",
+        stdout(&out)
+    );
+    let mut keys = s3.list_keys().await.unwrap();
+    keys.sort();
+    let hex = sha256_hex(&live);
+    let mut want: Vec<String> = foreign.iter().map(|k| k.to_string()).collect();
+    want.push(format!("{}/{}/{hex}", &hex[..2], &hex[2..4]));
+    want.sort();
+    assert_eq!(keys, want, "only orphans of our layout were deleted");
+
+    // Damage the live object: verify reports it and exits 3.
+    put(
+        format!("{}/{}/{hex}", &hex[..2], &hex[2..4]),
+        b"truncated".to_vec(),
+    )
+    .await;
+    let mut v = api.sibling("s3dedup-cleaner");
+    v.arg("--verify");
+    let out = run(v);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("wrong size: blob"),
+        "{}",
+        stdout(&out)
+    );
+}

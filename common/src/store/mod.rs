@@ -95,6 +95,18 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Deletes a digest's object; deleting a missing object succeeds.
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
 
+    /// Deletes several objects in as few requests as the store allows (at most 1000 a call);
+    /// returns the ones that failed, with why.
+    async fn delete_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, String)>, StoreError> {
+        let mut failed = Vec::new();
+        for d in digests {
+            if let Err(e) = self.delete(d).await {
+                failed.push((*d, e.to_string()));
+            }
+        }
+        Ok(failed)
+    }
+
     /// Checks that the store answers (for readiness and `/health`).
     async fn check(&self) -> Result<(), StoreError>;
 

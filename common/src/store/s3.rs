@@ -12,7 +12,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, digest_of_key, object_key};
@@ -306,6 +306,37 @@ impl ObjectStore for S3Store {
             }
         }
         Ok(out)
+    }
+
+    async fn delete_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, String)>, StoreError> {
+        let mut failed = Vec::new();
+        for chunk in digests.chunks(1000) {
+            let objects = chunk
+                .iter()
+                .map(|d| ObjectIdentifier::builder().key(self.key(d)).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StoreError::io("deleting", &self.bucket, io::Error::other(e)))?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| StoreError::io("deleting", &self.bucket, io::Error::other(e)))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| unavailable("deleting objects in", &self.bucket, e))?;
+            for err in out.errors() {
+                let key = err.key().unwrap_or_default();
+                if let Some(d) = digest_of_key(&self.prefix, key) {
+                    failed.push((d, err.message().unwrap_or("delete failed").to_owned()));
+                }
+            }
+        }
+        Ok(failed)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
