@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use rand::RngCore;
-use s3dedup_tests::{
-    S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, gzip, lm, proc_status_kib, sha256_hex,
-};
+use s3dedup_tests::{S3_BUCKET, gzip, lm, proc_status_kib, s3_client, sha256_hex};
 
 struct Target {
     name: String,
@@ -328,22 +326,7 @@ async fn s3_suite(
     cfg: &Config,
     out: &mut BTreeMap<String, Measure>,
 ) -> anyhow::Result<()> {
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-        .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .force_path_style(true)
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            S3_ACCESS_KEY,
-            S3_SECRET_KEY,
-            None,
-            None,
-            "bench",
-        ))
-        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
-        .build();
-    let s3 = aws_sdk_s3::Client::from_conf(conf);
+    let s3 = s3_client(endpoint);
     let run = rand::rng().next_u32();
     let put = |key: String, body: Vec<u8>| {
         let s3 = s3.clone();

@@ -187,21 +187,29 @@ impl S3Server {
     }
 
     pub fn client(&self) -> aws_sdk_s3::Client {
-        let cfg = aws_sdk_s3::config::Builder::new()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(self.endpoint())
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                S3_ACCESS_KEY,
-                S3_SECRET_KEY,
-                None,
-                None,
-                "test",
-            ))
-            .build();
-        aws_sdk_s3::Client::from_conf(cfg)
+        s3_client(&self.endpoint())
     }
+}
+
+/// An S3 client for the test server at `endpoint`, without extra checksums.
+pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+    let cfg = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+            None,
+            None,
+            "test",
+        ))
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(cfg)
 }
 
 /// Which object store an API instance uses.
