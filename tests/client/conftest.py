@@ -47,6 +47,15 @@ class Server:
         self.backend = backend
         self.tmp = Path(tmp)
         self.procs = []
+        self.log = None
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # no teardown runs for a fixture that failed: end what we started
+            raise
+
+    def _start(self):
+        backend = self.backend
         # Hermetic: no configuration or systemd variables leak in from the caller.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("S3DEDUP_")
@@ -86,7 +95,8 @@ class Server:
         for p in reversed(self.procs):
             p.kill()
             p.wait()
-        self.log.close()
+        if self.log:
+            self.log.close()
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])

@@ -110,7 +110,7 @@ impl S3Server {
 
     /// Starts (or restarts) a server on `root` at `listen`.
     pub fn start_at(root: &Path, listen: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin("s3-test-server"))
+        let child = Command::new(bin("s3-test-server"))
             .args(["--listen", listen, "--bucket", S3_BUCKET])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
             .arg(root)
@@ -118,8 +118,13 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .context("starting s3-test-server")?;
+        // Owned by a Proc at once, so a failure below kills it instead of leaking it.
+        let mut proc = Proc {
+            child,
+            name: "s3-test-server".into(),
+        };
         let mut line = String::new();
-        let stdout = child.stdout.take().context("stdout")?;
+        let stdout = proc.child.stdout.take().context("stdout")?;
         BufReader::new(stdout).read_line(&mut line)?;
         let addr = line
             .trim()
@@ -127,10 +132,7 @@ impl S3Server {
             .with_context(|| format!("unexpected s3-test-server output {line:?}"))?
             .parse()?;
         Ok(S3Server {
-            proc: Proc {
-                child,
-                name: "s3-test-server".into(),
-            },
+            proc,
             addr,
             root: root.to_owned(),
             _dir: None,
