@@ -132,6 +132,27 @@ impl ChannelReader {
     }
 }
 
+/// Sends a byte stream to a [`ChannelReader`]: each chunk, then `End`, or `Failed` with the
+/// stream's error. Returns early when the reader has gone away (it stopped with an error).
+pub async fn feed<S, E>(mut stream: S, tx: &tokio::sync::mpsc::Sender<Chunk>)
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: fmt::Display,
+{
+    use futures::StreamExt;
+    loop {
+        let msg = match stream.next().await {
+            Some(Ok(b)) => Chunk::Data(b),
+            Some(Err(e)) => Chunk::Failed(e.to_string()),
+            None => Chunk::End,
+        };
+        let last = !matches!(msg, Chunk::Data(_));
+        if tx.send(msg).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// The io::Error kind that carries an interruption of the body through readers.
 const INTERRUPTED_KIND: io::ErrorKind = io::ErrorKind::ConnectionAborted;
 

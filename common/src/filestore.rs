@@ -173,7 +173,7 @@ impl FileStore {
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
     pub async fn spool_stream<S, E>(
         self: &Arc<Self>,
-        mut body: S,
+        body: S,
         encoding: Encoding,
         hints: Hints,
         opts: IngestOptions,
@@ -182,23 +182,13 @@ impl FileStore {
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        use futures::StreamExt;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let fs = self.clone();
         let ingest = tokio::task::spawn_blocking(move || {
             fs.spool_blocking(crate::blob::ChannelReader::new(rx), encoding, &hints, &opts)
         });
-        loop {
-            let msg = match body.next().await {
-                Some(Ok(b)) => crate::blob::Chunk::Data(b),
-                Some(Err(e)) => crate::blob::Chunk::Failed(e.to_string()),
-                None => crate::blob::Chunk::End,
-            };
-            let last = !matches!(msg, crate::blob::Chunk::Data(_));
-            if tx.send(msg).await.is_err() || last {
-                break; // ended, or the ingest stopped early and its error says why
-            }
-        }
+        // If the ingest stops early, its error says why.
+        crate::blob::feed(body, &tx).await;
         drop(tx);
         ingest
             .await

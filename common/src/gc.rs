@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::blob::{self, BlobInfo, ChannelReader, Chunk, Digest};
+use crate::blob::{self, BlobInfo, ChannelReader, Digest};
 use crate::filestore::{FileStore, FileStoreError};
 use crate::locks::{LockMode, blob_lock};
 use crate::store::{ObjectEntry, StoreError};
@@ -364,21 +364,10 @@ async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Result<Check, F
 
 /// Inflates a stored object stream off the runtime, returning its content's digest and size.
 pub async fn inflate_digest(
-    mut stream: crate::store::ObjectStream,
+    stream: crate::store::ObjectStream,
 ) -> Result<(Digest, u64), blob::BlobError> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let feeder = async move {
-        while let Some(chunk) = stream.next().await {
-            let msg = match chunk {
-                Ok(b) => Chunk::Data(b),
-                Err(e) => Chunk::Failed(e.to_string()),
-            };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-        let _ = tx.send(Chunk::End).await;
-    };
+    let feeder = async move { blob::feed(stream, &tx).await };
     let inflater =
         tokio::task::spawn_blocking(move || blob::inflate(ChannelReader::new(rx), io::sink()));
     let ((), result) = tokio::join!(feeder, inflater);

@@ -405,19 +405,7 @@ where
 {
     let (in_tx, in_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<std::io::Result<Bytes>>(BODY_QUEUE);
-    tokio::spawn(async move {
-        let mut src = src;
-        while let Some(chunk) = src.next().await {
-            let msg = match chunk {
-                Ok(b) => Chunk::Data(b),
-                Err(e) => Chunk::Failed(e.to_string()),
-            };
-            if in_tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-        let _ = in_tx.send(Chunk::End).await;
-    });
+    tokio::spawn(async move { blob::feed(src, &in_tx).await });
     tokio::task::spawn_blocking(move || {
         struct Sender(mpsc::Sender<std::io::Result<Bytes>>);
         impl Write for Sender {
