@@ -71,6 +71,8 @@ pub struct MigratorConfig {
     pub source: String,
     /// Files imported at once.
     pub jobs: usize,
+    /// Bytes read from the source per second, over all jobs; 0: unlimited.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for MigratorConfig {
@@ -78,6 +80,7 @@ impl Default for MigratorConfig {
         MigratorConfig {
             source: String::new(),
             jobs: 4,
+            max_bytes_per_sec: 0,
         }
     }
 }
@@ -107,6 +110,9 @@ pub struct CleanerConfig {
     pub lock_timeout_secs: u64,
     /// Rows or keys per round trip; bounds the cleaner's memory.
     pub page_size: usize,
+    /// Deleted paths are remembered this long, so a migration (migrator or the API's fallback)
+    /// does not bring them back; 0: forever.
+    pub remember_deletions_days: u64,
 }
 
 impl Default for CleanerConfig {
@@ -115,6 +121,7 @@ impl Default for CleanerConfig {
             grace_period_secs: 3600,
             lock_timeout_secs: 5,
             page_size: 1000,
+            remember_deletions_days: 90,
         }
     }
 }
@@ -139,6 +146,14 @@ pub struct ApiConfig {
     pub lock_timeout_secs: u64,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub shutdown_timeout_secs: u64,
+    /// Live migration: the old Filetracker server's root URL (`http://HOST:PORT`). A GET, HEAD
+    /// or DELETE of a path not stored here first imports it from there. Empty: off.
+    pub fallback_url: String,
+    /// With `fallback_url`: PUTs and DELETEs that succeed here are also sent to the old server,
+    /// so switching back to it loses nothing.
+    pub fallback_forward_writes: bool,
+    /// With `fallback_url`: how long one request to the old server may stall.
+    pub fallback_timeout_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -152,6 +167,9 @@ impl Default for ApiConfig {
             compression_level: 1,
             lock_timeout_secs: 60,
             shutdown_timeout_secs: 30,
+            fallback_url: String::new(),
+            fallback_forward_writes: false,
+            fallback_timeout_secs: 30,
         }
     }
 }
@@ -419,6 +437,14 @@ impl Config {
             && let Err(e) = self.migrator.source.parse::<crate::migrate::Source>()
         {
             return Err(("migrator.source".into(), e));
+        }
+        if !self.api.fallback_url.is_empty()
+            && !matches!(
+                self.api.fallback_url.parse::<crate::migrate::Source>(),
+                Ok(crate::migrate::Source::Http(_))
+            )
+        {
+            return bad("api.fallback_url", "must be the old server's http://HOST:PORT");
         }
         if self.migrator.jobs == 0 {
             return bad("migrator.jobs", "must be at least 1");

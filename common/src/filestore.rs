@@ -203,6 +203,29 @@ impl FileStore {
         spooled: Spooled,
         now: i64,
     ) -> Result<Committed, FileStoreError> {
+        self.commit_as(path, version, spooled, now, false).await
+    }
+
+    /// Like [`FileStore::commit`], for a file imported from an old Filetracker: a path deleted
+    /// here at or after `version` stays deleted ([`PutOutcome::Deleted`]).
+    pub async fn import(
+        &self,
+        path: &str,
+        version: Version,
+        spooled: Spooled,
+        now: i64,
+    ) -> Result<Committed, FileStoreError> {
+        self.commit_as(path, version, spooled, now, true).await
+    }
+
+    async fn commit_as(
+        &self,
+        path: &str,
+        version: Version,
+        spooled: Spooled,
+        now: i64,
+        import: bool,
+    ) -> Result<Committed, FileStoreError> {
         let Spooled { file, info } = spooled;
         let guard = self
             .locks
@@ -216,7 +239,11 @@ impl FileStore {
         if !live {
             self.store.put(&info.digest, file, info.stored_size).await?;
         }
-        let outcome = self.meta.put_file(path, version, &info, !live, now).await?;
+        let outcome = if import {
+            self.meta.import_file(path, version, &info, !live, now).await?
+        } else {
+            self.meta.put_file(path, version, &info, !live, now).await?
+        };
         guard.release().await;
         Ok(Committed {
             outcome,

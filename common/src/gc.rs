@@ -34,6 +34,8 @@ pub struct GcOptions {
     pub page_size: usize,
     /// Also sweep the object store for objects that have no row.
     pub orphans: bool,
+    /// Forget remembered deletions of paths older than this; `None`: keep them forever.
+    pub remember_deletions: Option<Duration>,
 }
 
 /// What a run did (or, in a dry run, would do).
@@ -45,6 +47,8 @@ pub struct GcReport {
     pub orphan_bytes: u64,
     /// Blobs left for the next run because a PUT held their lock.
     pub skipped_busy: u64,
+    /// Remembered deletions of paths forgotten (older than `remember_deletions`).
+    pub deletions_forgotten: u64,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
 }
@@ -58,12 +62,14 @@ impl GcReport {
     pub fn summary(&self, dry_run: bool) -> String {
         let verb = if dry_run { "would free" } else { "freed" };
         format!(
-            "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} busy, {} errors",
+            "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} busy, {} old \
+             deletions forgotten, {} errors",
             self.blobs_deleted,
             self.bytes_freed,
             self.orphans_deleted,
             self.orphan_bytes,
             self.skipped_busy,
+            self.deletions_forgotten,
             self.errors.len()
         )
     }
@@ -115,6 +121,10 @@ pub async fn collect(
     }
     if opts.orphans && !limit_reached(&report, opts) {
         sweep_orphans(fs, cutoff, opts, &mut report, progress).await?;
+    }
+    if let Some(keep) = opts.remember_deletions.filter(|_| !opts.dry_run) {
+        let before = now - keep.as_secs() as i64;
+        report.deletions_forgotten = fs.meta.purge_deletions(before).await?;
     }
     progress(&report);
     Ok(report)
@@ -420,6 +430,7 @@ mod tests {
             lock_timeout: Duration::from_millis(200),
             page_size: 2,
             orphans: true,
+            remember_deletions: Some(Duration::from_secs(100)),
         }
     }
 
@@ -444,9 +455,14 @@ mod tests {
             fs.store.head(&old).await.unwrap().is_some(),
             "dry run deletes nothing"
         );
+        assert_eq!(fs.meta.deleted_version("/old").await.unwrap(), Some(1));
 
         let r = collect(&fs, &opts(500), 2000, &no_progress).await.unwrap();
         assert_eq!((r.blobs_deleted, r.errors.len()), (1, 0), "{r:?}");
+        // Deletions are remembered for 100 s in these options: /old's (at 1000) is forgotten.
+        assert_eq!(r.deletions_forgotten, 1);
+        assert_eq!(fs.meta.deleted_version("/old").await.unwrap(), None);
+        assert_eq!(fs.meta.deleted_version("/young").await.unwrap(), Some(1));
         assert!(fs.store.head(&old).await.unwrap().is_none());
         assert!(
             fs.store.head(&young).await.unwrap().is_some(),

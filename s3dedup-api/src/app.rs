@@ -16,6 +16,7 @@ use s3dedup_common::blob::{self, BlobError, ChannelReader, Chunk, Encoding, Hint
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::{FileStore, FileStoreError};
 use s3dedup_common::meta::{DeleteOutcome, MetaError, PutOutcome};
+use s3dedup_common::migrate::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{self, FilePath, ProtocolError, Route};
 use s3dedup_common::store::StoreError;
 use s3dedup_common::unix_now;
@@ -34,16 +35,26 @@ pub struct AppState {
     pub metrics: Metrics,
     pub cfg: ApiConfig,
     slots: Arc<Semaphore>,
+    /// Live migration: the old server that misses are imported from.
+    fallback: Option<OldServer>,
 }
 
 impl AppState {
-    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Self {
-        AppState {
+    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, String> {
+        let fallback = match cfg.fallback_url.as_str() {
+            "" => None,
+            url => Some(OldServer::new(
+                url,
+                Duration::from_secs(cfg.fallback_timeout_secs),
+            )?),
+        };
+        Ok(AppState {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             files,
             metrics: Metrics::default(),
             cfg,
-        }
+            fallback,
+        })
     }
 }
 
@@ -121,6 +132,18 @@ impl From<FileStoreError> for ApiError {
             tracing::error!(error = %e, "request failed");
         }
         ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<OldServerError> for ApiError {
+    fn from(e: OldServerError) -> Self {
+        match e {
+            OldServerError::Store(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "live migration failed");
+                ApiError::new(StatusCode::BAD_GATEWAY, other.to_string())
+            }
+        }
     }
 }
 
@@ -339,12 +362,32 @@ fn not_found(path: &FilePath) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("file {path} not found"))
 }
 
+/// Live migration: on a miss, imports `path` from the old server. True when it is stored now.
+async fn import_miss(state: &AppState, path: &FilePath) -> Result<bool, ApiError> {
+    let Some(old) = &state.fallback else {
+        return Ok(false);
+    };
+    let opts = IngestOptions {
+        level: state.cfg.compression_level,
+        max_logical_size: state.cfg.max_file_size,
+    };
+    let imported = old
+        .import(&state.files, path, opts, None, false, unix_now())
+        .await?;
+    if let Imported::Stored { version, .. } = imported {
+        state.metrics.fallback_imports.fetch_add(1, Relaxed);
+        tracing::info!(%path, version, old_server = old.base(), "imported on a miss");
+    }
+    // `Present`: a concurrent request stored it meanwhile.
+    Ok(matches!(imported, Imported::Stored { .. } | Imported::Present))
+}
+
 async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {
-    let entry = state
-        .files
-        .stat(path.as_str())
-        .await?
-        .ok_or_else(|| not_found(path))?;
+    let mut entry = state.files.stat(path.as_str()).await?;
+    if entry.is_none() && import_miss(state, path).await? {
+        entry = state.files.stat(path.as_str()).await?;
+    }
+    let entry = entry.ok_or_else(|| not_found(path))?;
     let gzip = accepts_gzip(headers);
     let mut r = (file_headers(&entry, gzip), Body::empty()).into_response();
     if gzip {
@@ -360,11 +403,11 @@ async fn get_file(
     headers: &HeaderMap,
     permit: OwnedSemaphorePermit,
 ) -> ApiResult {
-    let opened = state
-        .files
-        .open(path.as_str())
-        .await?
-        .ok_or_else(|| not_found(path))?;
+    let mut opened = state.files.open(path.as_str()).await?;
+    if opened.is_none() && import_miss(state, path).await? {
+        opened = state.files.open(path.as_str()).await?;
+    }
+    let opened = opened.ok_or_else(|| not_found(path))?;
     let gzip = accepts_gzip(headers);
     let headers = file_headers(&opened.entry, gzip);
     let stream: Body = if gzip {
@@ -610,20 +653,57 @@ async fn put_body(
     };
     counter.fetch_add(1, Relaxed);
     match committed.outcome {
-        PutOutcome::Stored { version } | PutOutcome::Newer { version } => {
+        PutOutcome::Stored { version } => {
+            if let Some(old) = forward_writes(state) {
+                old.forward_put(&state.files, &path)
+                    .await
+                    .map_err(stored_but_not_forwarded)?;
+            }
+            Ok(([last_modified(version)], "").into_response())
+        }
+        // Client PUTs are not imports, so never `Deleted`; answer with what is stored.
+        PutOutcome::Newer { version } | PutOutcome::Deleted { version } => {
             Ok(([last_modified(version)], "").into_response())
         }
     }
 }
 
+/// The old server, when writes are to be forwarded to it (live migration with rollback).
+fn forward_writes(state: &AppState) -> Option<&OldServer> {
+    state
+        .fallback
+        .as_ref()
+        .filter(|_| state.cfg.fallback_forward_writes)
+}
+
+fn stored_but_not_forwarded(e: OldServerError) -> ApiError {
+    let e = ApiError::from(e);
+    ApiError::new(
+        e.status,
+        format!("done here, but not on the old server: {}", e.message),
+    )
+}
+
 async fn delete_file(state: &AppState, path: &FilePath, req: &Parts) -> ApiResult {
     let version = request_version(req.uri.query(), &req.headers)?;
+    // Live migration: a file only the old server holds is imported first, so deleting it here
+    // is remembered and neither the fallback nor the migrator brings it back.
+    if state.fallback.is_some() && state.files.stat(path.as_str()).await?.is_none() {
+        import_miss(state, path).await?;
+    }
     match state
         .files
         .delete(path.as_str(), version, unix_now())
         .await?
     {
-        DeleteOutcome::Deleted => Ok((StatusCode::OK, "").into_response()),
+        DeleteOutcome::Deleted => {
+            if let Some(old) = forward_writes(state) {
+                old.forward_delete(path, version)
+                    .await
+                    .map_err(stored_but_not_forwarded)?;
+            }
+            Ok((StatusCode::OK, "").into_response())
+        }
         DeleteOutcome::Newer { version } => Ok(([last_modified(version)], "").into_response()),
         DeleteOutcome::NotFound => Err(not_found(path)),
     }

@@ -67,6 +67,7 @@ async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Resul
     let files = FileStore::from_config(&cfg, credentials.as_deref())
         .await
         .context("opening the store")?;
-    let state = Arc::new(app::AppState::new(Arc::new(files), cfg.api.clone()));
+    let state = app::AppState::new(Arc::new(files), cfg.api.clone()).map_err(anyhow::Error::msg)?;
+    let state = Arc::new(state);
     server::run(state).await
 }

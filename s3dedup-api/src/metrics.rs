@@ -29,6 +29,8 @@ pub struct Metrics {
     pub dedup_hits: AtomicU64,
     pub dedup_misses: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Files brought over from the old server on a miss (live migration).
+    pub fallback_imports: AtomicU64,
 }
 
 impl Metrics {
@@ -127,6 +129,11 @@ impl Metrics {
                 "s3dedup_dedup_misses_total",
                 "Uploads that stored new content.",
                 &self.dedup_misses,
+            ),
+            (
+                "s3dedup_fallback_imports_total",
+                "Files imported from the old server on a miss (live migration).",
+                &self.fallback_imports,
             ),
         ];
         for (name, help, v) in counters {

@@ -102,6 +102,10 @@ async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> an
         lock_timeout: Duration::from_secs(cfg.cleaner.lock_timeout_secs),
         page_size: cfg.cleaner.page_size,
         orphans: !cli.no_orphans,
+        remember_deletions: match cfg.cleaner.remember_deletions_days {
+            0 => None,
+            days => Some(Duration::from_secs(days * 86400)),
+        },
     };
     let progress = |r: &GcReport| systemd::notify_status(&r.summary(opts.dry_run));
     let Some(report) = gc::run(&fs, &opts, unix_now(), &progress)

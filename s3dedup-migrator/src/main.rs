@@ -1,22 +1,26 @@
 //! `s3dedup-migrator`: imports an existing Filetracker store in one run, then exits. Safe to run
-//! while the API serves, and to re-run: what is already stored is skipped.
+//! while the API serves, and to re-run: what is already stored is skipped, a killed run resumes
+//! from its checkpoint.
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
-use s3dedup_common::migrate::{self, MigrateReport, Source};
+use s3dedup_common::migrate::{self, MigrateReport, RunOptions, Source};
 use s3dedup_common::program;
 use s3dedup_common::{systemd, unix_now};
 
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
 /// (`v2:DIR`, as given to `filetracker-server -d`) or a running v2 server (`http://HOST:PORT`,
-/// its root URL), keeping every version, verifying every content. Exit codes: 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
+/// its root URL), keeping every version, verifying every content. Exit codes: 0 ok, 1 some
+/// files failed (listed at the end), 2 bad configuration.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
@@ -28,6 +32,10 @@ struct Cli {
     /// Files imported at once (overrides migrator.jobs).
     #[arg(long, value_name = "N")]
     jobs: Option<usize>,
+    /// Bytes read from the source per second, all jobs together (overrides
+    /// migrator.max_bytes_per_sec; 0: unlimited).
+    #[arg(long, value_name = "BYTES")]
+    max_bytes_per_sec: Option<u64>,
     /// Report what would be imported; store nothing.
     #[arg(long)]
     dry_run: bool,
@@ -35,8 +43,9 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     systemd::init_logging(
-        std::env::var_os("JOURNAL_STREAM").is_some(),
+        under_systemd,
         &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     );
     let env = ProcessEnv {
@@ -66,8 +75,17 @@ fn main() -> ExitCode {
         }
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let jobs = cli.jobs.unwrap_or(cfg.migrator.jobs);
-    match runtime.block_on(run(cfg, credentials, source, jobs, cli.dry_run)) {
+    let opts = RunOptions {
+        jobs: cli.jobs.unwrap_or(cfg.migrator.jobs),
+        dry_run: cli.dry_run,
+        max_bytes_per_sec: cli
+            .max_bytes_per_sec
+            .unwrap_or(cfg.migrator.max_bytes_per_sec),
+        http_timeout: Duration::from_secs(cfg.api.fallback_timeout_secs),
+        now: unix_now(),
+    };
+    let bar = !under_systemd && std::io::stderr().is_terminal();
+    match runtime.block_on(run(cfg, credentials, source, opts, bar)) {
         Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
@@ -78,12 +96,79 @@ fn main() -> ExitCode {
     }
 }
 
+/// Progress on a terminal (a bar with rate and ETA) or for systemd (`STATUS=`).
+struct Progress {
+    source: String,
+    started: Instant,
+    last: std::sync::Mutex<Instant>,
+    /// Files the run will look at, once counted; 0 until then.
+    total: Arc<AtomicU64>,
+    bar: bool,
+}
+
+impl Progress {
+    fn show(&self, r: &MigrateReport, last: bool) {
+        let every = if self.bar {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if let Ok(mut shown) = self.last.lock() {
+            if !last && shown.elapsed() < every {
+                return;
+            }
+            *shown = Instant::now();
+        }
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let seen = r.seen();
+        let rate = seen as f64 / secs;
+        let mib = r.bytes as f64 / secs / (1 << 20) as f64;
+        let total = self.total.load(Ordering::Relaxed);
+        if !self.bar {
+            systemd::notify_status(&format!(
+                "migrating {}: {}; {rate:.0} files/s",
+                self.source,
+                r.summary()
+            ));
+            return;
+        }
+        let line = if total > 0 {
+            let done = seen.min(total);
+            let width = 30;
+            let filled = (done * width / total) as usize;
+            let eta = (total - done) as f64 / rate.max(0.001);
+            format!(
+                "[{}{}] {done}/{total} files, {rate:.0} files/s, {mib:.1} MiB/s, ETA {}, {} failed",
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                clock(eta),
+                r.failed.len()
+            )
+        } else {
+            format!(
+                "{seen} files (counting…), {rate:.0} files/s, {mib:.1} MiB/s, {} failed",
+                r.failed.len()
+            )
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line}\x1b[K");
+        if last {
+            let _ = writeln!(err);
+        }
+    }
+}
+
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 async fn run(
     cfg: config::Config,
     credentials: Option<PathBuf>,
     source: Source,
-    jobs: usize,
-    dry_run: bool,
+    opts: RunOptions,
+    bar: bool,
 ) -> anyhow::Result<MigrateReport> {
     let root = match &source {
         Source::V1Dir(d) => Some(d.join("files")),
@@ -93,24 +178,46 @@ async fn run(
     if let Some(root) = root.filter(|r| !r.is_dir()) {
         bail!("source {source}: {} is not a directory", root.display());
     }
-    let fs = FileStore::from_config(&cfg, credentials.as_deref())
+    let fs = Arc::new(
+        FileStore::from_config(&cfg, credentials.as_deref())
+            .await
+            .context("opening the store")?,
+    );
+    let progress = Progress {
+        source: source.to_string(),
+        started: Instant::now(),
+        last: std::sync::Mutex::new(Instant::now()),
+        total: Arc::new(AtomicU64::new(0)),
+        bar,
+    };
+    if bar {
+        // Counting is a second walk of the source: only worth it for a human watching.
+        let (fs, source, total) = (fs.clone(), source.clone(), progress.total.clone());
+        tokio::spawn(async move {
+            let n = migrate::count_files(&fs, &source, opts.http_timeout).await;
+            total.store(n.max(1), Ordering::Relaxed);
+        });
+    }
+    tracing::info!(%source, jobs = opts.jobs, dry_run = opts.dry_run, "migrating");
+    let report = migrate::run(fs, &source, opts, &|r| progress.show(r, false))
         .await
-        .context("opening the store")?;
-    let started = Instant::now();
-    tracing::info!(%source, jobs, dry_run, "migrating");
-    let progress =
-        |r: &MigrateReport| systemd::notify_status(&format!("migrating {source}: {}", r.summary()));
-    let report = migrate::run(Arc::new(fs), &source, jobs, dry_run, unix_now(), &progress).await;
+        .with_context(|| format!("migrating {source}"))?;
+    progress.show(&report, true);
+    let resumed = match &report.resumed_after {
+        Some(pos) => format!(" (resumed after {pos})"),
+        None => String::new(),
+    };
     let line = format!(
-        "{source}: {} in {:.1?}",
+        "{source}: {}{resumed} in {:.1?}",
         report.summary(),
-        started.elapsed()
+        progress.started.elapsed()
     );
     systemd::notify_status(&line);
     println!("{line}");
     tracing::info!(
         migrated = report.migrated,
         skipped = report.skipped,
+        kept_deleted = report.kept_deleted,
         failed = report.failed.len(),
         "{line}"
     );

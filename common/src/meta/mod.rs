@@ -32,6 +32,9 @@ pub enum PutOutcome {
     Stored { version: Version },
     /// A strictly newer version is stored; nothing changed.
     Newer { version: Version },
+    /// An import only: the path was deleted here at `version`, at or after the imported
+    /// version, so the old store's copy must not resurrect it.
+    Deleted { version: Version },
 }
 
 /// What a DELETE did.
@@ -114,7 +117,19 @@ pub trait MetaStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<PutOutcome, MetaError>;
 
-    /// One transaction: remove `path` unless a strictly newer version is stored.
+    /// Like [`MetaStore::put_file`], for a file imported from an old Filetracker (migrator, live
+    /// fallback): also refused when the path was deleted here at or after `version`.
+    async fn import_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError>;
+
+    /// One transaction: remove `path` unless a strictly newer version is stored, and remember
+    /// the deletion (path and version) so imports do not resurrect it.
     async fn delete_file(
         &self,
         path: &str,
@@ -166,6 +181,23 @@ pub trait MetaStore: Send + Sync + 'static {
     /// as `(digest, recorded, actual)`. Empty on a consistent store.
     async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError>;
 
+    /// The version at which `path` was last deleted, if its deletion is remembered.
+    async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError>;
+
+    /// Forgets deletions recorded before `before` (Unix seconds); returns how many.
+    async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError>;
+
+    /// The position an interrupted migration of `source` reached, if any.
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError>;
+
+    /// Records (`Some`) or clears (`None`) the migration checkpoint of `source`.
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        position: Option<&str>,
+        now: i64,
+    ) -> Result<(), MetaError>;
+
     /// Checks that the database answers.
     async fn check(&self) -> Result<(), MetaError>;
 }
@@ -176,17 +208,26 @@ pub trait MetaStore: Send + Sync + 'static {
 pub(crate) enum PutPlan {
     /// A strictly newer version is stored: change nothing.
     Keep { stored: Version },
+    /// An import of a path deleted here at or after its version: change nothing.
+    Deleted { at: Version },
     /// Same content: only the version changes, no reference moves.
     Touch,
     /// Point the path at the new blob (one more reference) and drop the old blob's reference.
     Replace { old: Option<String> },
 }
 
+/// `deleted` is the path's remembered deletion, passed for imports only.
 pub(crate) fn plan_put(
     current: Option<(Version, &str)>,
+    deleted: Option<Version>,
     version: Version,
     digest: &str,
 ) -> PutPlan {
+    if current.is_none()
+        && let Some(at) = deleted.filter(|at| *at >= version)
+    {
+        return PutPlan::Deleted { at };
+    }
     match current {
         Some((stored, _)) if stored > version => PutPlan::Keep { stored },
         Some((_, old)) if old == digest => PutPlan::Touch,
@@ -216,6 +257,7 @@ impl PutPlan {
     pub(crate) fn outcome(&self, version: Version) -> PutOutcome {
         match self {
             PutPlan::Keep { stored } => PutOutcome::Newer { version: *stored },
+            PutPlan::Deleted { at } => PutOutcome::Deleted { version: *at },
             _ => PutOutcome::Stored { version },
         }
     }
@@ -442,7 +484,60 @@ pub(crate) mod conformance {
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
 
+    pub async fn deletions_are_remembered_for_imports(m: &dyn MetaStore) {
+        let a = blob(11, 5);
+        let b = blob(12, 6);
+        assert_eq!(m.deleted_version("/t").await.unwrap(), None);
+        m.put_file("/t", 10, &a, true, 1).await.unwrap();
+        assert_eq!(m.delete_file("/t", 20, 2).await.unwrap(), DeleteOutcome::Deleted);
+        assert_eq!(m.deleted_version("/t").await.unwrap(), Some(20));
+        // An import of the old store's copy (version 10, or even 20) does not resurrect it.
+        for v in [10, 20] {
+            assert_eq!(
+                m.import_file("/t", v, &b, true, 3).await.unwrap(),
+                PutOutcome::Deleted { version: 20 }
+            );
+        }
+        assert_eq!(m.get_file("/t").await.unwrap(), None);
+        // The uploaded blob's row is still recorded, unreferenced, for the cleaner.
+        assert!(m.blob_is_live(&b.digest).await.unwrap());
+        // A newer version in the old store is a newer file: imported.
+        assert_eq!(
+            m.import_file("/t", 21, &b, false, 3).await.unwrap(),
+            PutOutcome::Stored { version: 21 }
+        );
+        // Clients may write a deleted path again at any version.
+        m.delete_file("/t", 30, 4).await.unwrap();
+        assert_eq!(
+            m.put_file("/t", 5, &a, false, 5).await.unwrap(),
+            PutOutcome::Stored { version: 5 }
+        );
+        // A second delete at a lower version keeps the higher one remembered.
+        m.delete_file("/t", 5, 6).await.unwrap();
+        assert_eq!(m.deleted_version("/t").await.unwrap(), Some(30));
+        // Nothing is remembered for a delete of a missing path.
+        assert_eq!(m.delete_file("/u", 5, 6).await.unwrap(), DeleteOutcome::NotFound);
+        assert_eq!(m.deleted_version("/u").await.unwrap(), None);
+        assert_eq!(m.purge_deletions(6).await.unwrap(), 0, "recorded at 6");
+        assert_eq!(m.purge_deletions(7).await.unwrap(), 1);
+        assert_eq!(m.deleted_version("/t").await.unwrap(), None);
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
+    pub async fn checkpoints_are_per_source(m: &dyn MetaStore) {
+        assert_eq!(m.checkpoint("v1:/a").await.unwrap(), None);
+        m.set_checkpoint("v1:/a", Some("x/y"), 1).await.unwrap();
+        m.set_checkpoint("v1:/b", Some("z"), 1).await.unwrap();
+        m.set_checkpoint("v1:/a", Some("x/z"), 2).await.unwrap();
+        assert_eq!(m.checkpoint("v1:/a").await.unwrap().as_deref(), Some("x/z"));
+        m.set_checkpoint("v1:/a", None, 3).await.unwrap();
+        assert_eq!(m.checkpoint("v1:/a").await.unwrap(), None);
+        assert_eq!(m.checkpoint("v1:/b").await.unwrap().as_deref(), Some("z"));
+    }
+
     pub async fn run_all(make: impl AsyncFn() -> Box<dyn MetaStore>) {
+        deletions_are_remembered_for_imports(&*make().await).await;
+        checkpoints_are_per_source(&*make().await).await;
         garbage_is_found_rechecked_and_removed(&*make().await).await;
         versions_follow_filetracker(&*make().await).await;
         refcounts_track_references(&*make().await).await;

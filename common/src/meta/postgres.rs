@@ -39,6 +39,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX files_by_digest ON files (digest);
     CREATE INDEX blobs_unreferenced ON blobs (unreferenced_since) WHERE refcount = 0;",
+    // 2: remembered deletions (so imports do not resurrect them) and migration checkpoints.
+    "CREATE TABLE deleted_paths (
+        path TEXT COLLATE \"C\" PRIMARY KEY,
+        version BIGINT NOT NULL,
+        deleted_at BIGINT NOT NULL
+    );
+    CREATE INDEX deleted_paths_by_age ON deleted_paths (deleted_at);
+    CREATE TABLE migration_checkpoints (
+        source TEXT PRIMARY KEY,
+        position TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );",
 ];
 
 /// How often a transaction is retried after a serialization failure or deadlock.
@@ -202,6 +214,107 @@ impl PostgresMeta {
         tx.commit().await.map_err(pg_error)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    async fn put(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+        import: bool,
+    ) -> Result<PutOutcome, MetaError> {
+        let digest = blob.digest.to_hex();
+        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
+        let result = self
+            .in_transaction(|tx| {
+                let digest = digest.clone();
+                let path = path.to_owned();
+                Box::pin(async move {
+                    let path = path.as_str();
+                    let current = current_row(tx, path).await?;
+                    let old = current.as_ref().map(|(_, d)| d.as_str());
+                    let touched: Vec<&str> =
+                        [Some(digest.as_str()), old].into_iter().flatten().collect();
+                    lock_blobs(tx, &touched).await?;
+                    if uploaded {
+                        tx.execute(
+                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                                unreferenced_since, created_at)
+                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
+                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
+                                logical_size = EXCLUDED.logical_size,
+                                stored_size = EXCLUDED.stored_size",
+                            &[&digest, &logical, &stored, &now],
+                        )
+                        .await?;
+                    } else if tx
+                        .query_opt(
+                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
+                            &[&digest],
+                        )
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(PutResult::NotLive(digest));
+                    }
+                    let deleted: Option<i64> = if import {
+                        tx.query_opt(
+                            "SELECT version FROM deleted_paths WHERE path = $1",
+                            &[&path],
+                        )
+                        .await?
+                        .map(|r| r.get(0))
+                    } else {
+                        None
+                    };
+                    let plan = plan_put(
+                        current.as_ref().map(|(v, d)| (*v, d.as_str())),
+                        deleted,
+                        version,
+                        &digest,
+                    );
+                    match &plan {
+                        PutPlan::Keep { .. } | PutPlan::Deleted { .. } => {}
+                        PutPlan::Touch => {
+                            tx.execute(
+                                "UPDATE files SET version = $2 WHERE path = $1",
+                                &[&path, &version],
+                            )
+                            .await?;
+                        }
+                        PutPlan::Replace { old } => {
+                            tx.execute(
+                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
+                                 ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
+                                    digest = EXCLUDED.digest",
+                                &[&path, &version, &digest],
+                            )
+                            .await?;
+                            tx.execute(
+                                "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
+                                 WHERE digest = $1",
+                                &[&digest],
+                            )
+                            .await?;
+                            if let Some(old) = old {
+                                unreference(tx, old, now).await?;
+                            }
+                        }
+                    }
+                    Ok(PutResult::Done(plan.outcome(version)))
+                })
+            })
+            .await?;
+        match result {
+            PutResult::Done(o) => Ok(o),
+            // The transaction committed nothing of substance (no row was written).
+            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
+                "blob {d} is not live although its lock was held"
+            ))),
+        }
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, MetaError> {
         self.pool.get().await.map_err(pool_error)
     }
@@ -340,84 +453,18 @@ impl MetaStore for PostgresMeta {
         uploaded: bool,
         now: i64,
     ) -> Result<PutOutcome, MetaError> {
-        let digest = blob.digest.to_hex();
-        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
-        let result = self
-            .in_transaction(|tx| {
-                let digest = digest.clone();
-                let path = path.to_owned();
-                Box::pin(async move {
-                    let path = path.as_str();
-                    let current = current_row(tx, path).await?;
-                    let old = current.as_ref().map(|(_, d)| d.as_str());
-                    let touched: Vec<&str> =
-                        [Some(digest.as_str()), old].into_iter().flatten().collect();
-                    lock_blobs(tx, &touched).await?;
-                    if uploaded {
-                        tx.execute(
-                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
-                                                unreferenced_since, created_at)
-                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
-                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
-                                logical_size = EXCLUDED.logical_size,
-                                stored_size = EXCLUDED.stored_size",
-                            &[&digest, &logical, &stored, &now],
-                        )
-                        .await?;
-                    } else if tx
-                        .query_opt(
-                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
-                            &[&digest],
-                        )
-                        .await?
-                        .is_none()
-                    {
-                        return Ok(PutResult::NotLive(digest));
-                    }
-                    let plan = plan_put(
-                        current.as_ref().map(|(v, d)| (*v, d.as_str())),
-                        version,
-                        &digest,
-                    );
-                    match &plan {
-                        PutPlan::Keep { .. } => {}
-                        PutPlan::Touch => {
-                            tx.execute(
-                                "UPDATE files SET version = $2 WHERE path = $1",
-                                &[&path, &version],
-                            )
-                            .await?;
-                        }
-                        PutPlan::Replace { old } => {
-                            tx.execute(
-                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
-                                 ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
-                                    digest = EXCLUDED.digest",
-                                &[&path, &version, &digest],
-                            )
-                            .await?;
-                            tx.execute(
-                                "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
-                                 WHERE digest = $1",
-                                &[&digest],
-                            )
-                            .await?;
-                            if let Some(old) = old {
-                                unreference(tx, old, now).await?;
-                            }
-                        }
-                    }
-                    Ok(PutResult::Done(plan.outcome(version)))
-                })
-            })
-            .await?;
-        match result {
-            PutResult::Done(o) => Ok(o),
-            // The transaction committed nothing of substance (no row was written).
-            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
-                "blob {d} is not live although its lock was held"
-            ))),
-        }
+        self.put(path, version, blob, uploaded, now, false).await
+    }
+
+    async fn import_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError> {
+        self.put(path, version, blob, uploaded, now, true).await
     }
 
     async fn delete_file(
@@ -437,6 +484,13 @@ impl MetaStore for PostgresMeta {
                     tx.execute("DELETE FROM files WHERE path = $1", &[&path])
                         .await?;
                     unreference(tx, digest, now).await?;
+                    tx.execute(
+                        "INSERT INTO deleted_paths (path, version, deleted_at) VALUES ($1, $2, $3)
+                         ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
+                            version = GREATEST(deleted_paths.version, EXCLUDED.version)",
+                        &[&path, &version, &now],
+                    )
+                    .await?;
                 }
                 Ok(plan.outcome())
             })
@@ -611,6 +665,66 @@ impl MetaStore for PostgresMeta {
         rows.iter()
             .map(|r| Ok((parse_digest(r.get(0))?, r.get(1), r.get(2))))
             .collect()
+    }
+
+    async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT version FROM deleted_paths WHERE path = $1", &[&path])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM deleted_paths WHERE deleted_at < $1", &[&before])
+            .await
+            .map_err(pg_error)
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT position FROM migration_checkpoints WHERE source = $1",
+                &[&source],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        position: Option<&str>,
+        now: i64,
+    ) -> Result<(), MetaError> {
+        let client = self.client().await?;
+        match position {
+            Some(p) => {
+                client
+                    .execute(
+                        "INSERT INTO migration_checkpoints (source, position, updated_at)
+                         VALUES ($1, $2, $3) ON CONFLICT (source) DO UPDATE
+                         SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at",
+                        &[&source, &p, &now],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .execute(
+                        "DELETE FROM migration_checkpoints WHERE source = $1",
+                        &[&source],
+                    )
+                    .await
+            }
+        }
+        .map(drop)
+        .map_err(pg_error)
     }
 
     async fn check(&self) -> Result<(), MetaError> {

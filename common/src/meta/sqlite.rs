@@ -38,6 +38,18 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX files_by_digest ON files (digest);
     CREATE INDEX blobs_unreferenced ON blobs (unreferenced_since) WHERE refcount = 0;",
+    // 2: remembered deletions (so imports do not resurrect them) and migration checkpoints.
+    "CREATE TABLE deleted_paths (
+        path TEXT PRIMARY KEY NOT NULL,
+        version INTEGER NOT NULL,
+        deleted_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX deleted_paths_by_age ON deleted_paths (deleted_at);
+    CREATE TABLE migration_checkpoints (
+        source TEXT PRIMARY KEY NOT NULL,
+        position TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// SQLite-backed [`MetaStore`].
@@ -196,6 +208,106 @@ impl SqliteMeta {
         .map_err(|e| MetaError::Database(e.to_string()))?
     }
 
+    #[allow(clippy::too_many_arguments)]
+    async fn put(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+        import: bool,
+    ) -> Result<PutOutcome, MetaError> {
+        let path = path.to_owned();
+        let blob = *blob;
+        self.write(move |conn| {
+            let digest = blob.digest.to_hex();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
+            let current: Option<(i64, String)> = tx
+                .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
+                .and_then(|mut s| {
+                    s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
+                .map_err(db_error)?;
+            if uploaded {
+                // A new row starts unreferenced, so the cleaner can reclaim its object if no
+                // file ends up pointing at it (e.g. a newer version was stored meanwhile).
+                tx.execute(
+                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                        unreferenced_since, created_at)
+                     VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)
+                     ON CONFLICT (digest) DO UPDATE SET state = 'live',
+                        logical_size = excluded.logical_size, stored_size = excluded.stored_size",
+                    params![
+                        digest,
+                        blob.logical_size as i64,
+                        blob.stored_size as i64,
+                        now
+                    ],
+                )
+                .map_err(db_error)?;
+            } else {
+                let live = tx
+                    .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")
+                    .and_then(|mut s| s.exists([&digest]))
+                    .map_err(db_error)?;
+                if !live {
+                    return Err(MetaError::Inconsistent(format!(
+                        "blob {digest} is not live although its lock was held"
+                    )));
+                }
+            }
+            let deleted: Option<i64> = if import {
+                tx.prepare_cached("SELECT version FROM deleted_paths WHERE path = ?1")
+                    .and_then(|mut s| s.query_row([&path], |r| r.get(0)).optional())
+                    .map_err(db_error)?
+            } else {
+                None
+            };
+            let plan = plan_put(
+                current.as_ref().map(|(v, d)| (*v, d.as_str())),
+                deleted,
+                version,
+                &digest,
+            );
+            match &plan {
+                PutPlan::Keep { .. } | PutPlan::Deleted { .. } => {}
+                PutPlan::Touch => {
+                    tx.execute(
+                        "UPDATE files SET version = ?2 WHERE path = ?1",
+                        params![path, version],
+                    )
+                    .map_err(db_error)?;
+                }
+                PutPlan::Replace { old } => {
+                    tx.execute(
+                        "INSERT INTO files (path, version, digest) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (path) DO UPDATE SET version = excluded.version,
+                            digest = excluded.digest",
+                        params![path, version, digest],
+                    )
+                    .map_err(db_error)?;
+                    tx.execute(
+                        "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
+                         WHERE digest = ?1",
+                        [&digest],
+                    )
+                    .map_err(db_error)?;
+                    if let Some(old) = old {
+                        unreference(&tx, old, now).map_err(db_error)?;
+                    }
+                }
+            }
+            let outcome = plan.outcome(version);
+            tx.commit().map_err(db_error)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
     async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
     where
         T: Send + 'static,
@@ -265,86 +377,18 @@ impl MetaStore for SqliteMeta {
         uploaded: bool,
         now: i64,
     ) -> Result<PutOutcome, MetaError> {
-        let path = path.to_owned();
-        let blob = *blob;
-        self.write(move |conn| {
-            let digest = blob.digest.to_hex();
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_error)?;
-            let current: Option<(i64, String)> = tx
-                .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
-                .and_then(|mut s| {
-                    s.query_row([&path], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
-                })
-                .map_err(db_error)?;
-            if uploaded {
-                // A new row starts unreferenced, so the cleaner can reclaim its object if no
-                // file ends up pointing at it (e.g. a newer version was stored meanwhile).
-                tx.execute(
-                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
-                                        unreferenced_since, created_at)
-                     VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)
-                     ON CONFLICT (digest) DO UPDATE SET state = 'live',
-                        logical_size = excluded.logical_size, stored_size = excluded.stored_size",
-                    params![
-                        digest,
-                        blob.logical_size as i64,
-                        blob.stored_size as i64,
-                        now
-                    ],
-                )
-                .map_err(db_error)?;
-            } else {
-                let live = tx
-                    .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")
-                    .and_then(|mut s| s.exists([&digest]))
-                    .map_err(db_error)?;
-                if !live {
-                    return Err(MetaError::Inconsistent(format!(
-                        "blob {digest} is not live although its lock was held"
-                    )));
-                }
-            }
-            let plan = plan_put(
-                current.as_ref().map(|(v, d)| (*v, d.as_str())),
-                version,
-                &digest,
-            );
-            match &plan {
-                PutPlan::Keep { .. } => {}
-                PutPlan::Touch => {
-                    tx.execute(
-                        "UPDATE files SET version = ?2 WHERE path = ?1",
-                        params![path, version],
-                    )
-                    .map_err(db_error)?;
-                }
-                PutPlan::Replace { old } => {
-                    tx.execute(
-                        "INSERT INTO files (path, version, digest) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (path) DO UPDATE SET version = excluded.version,
-                            digest = excluded.digest",
-                        params![path, version, digest],
-                    )
-                    .map_err(db_error)?;
-                    tx.execute(
-                        "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
-                         WHERE digest = ?1",
-                        [&digest],
-                    )
-                    .map_err(db_error)?;
-                    if let Some(old) = old {
-                        unreference(&tx, old, now).map_err(db_error)?;
-                    }
-                }
-            }
-            let outcome = plan.outcome(version);
-            tx.commit().map_err(db_error)?;
-            Ok(outcome)
-        })
-        .await
+        self.put(path, version, blob, uploaded, now, false).await
+    }
+
+    async fn import_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError> {
+        self.put(path, version, blob, uploaded, now, true).await
     }
 
     async fn delete_file(
@@ -370,6 +414,13 @@ impl MetaStore for SqliteMeta {
                 tx.execute("DELETE FROM files WHERE path = ?1", [&path])
                     .map_err(db_error)?;
                 unreference(&tx, digest, now).map_err(db_error)?;
+                tx.execute(
+                    "INSERT INTO deleted_paths (path, version, deleted_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (path) DO UPDATE SET deleted_at = excluded.deleted_at,
+                        version = MAX(deleted_paths.version, excluded.version)",
+                    params![path, version, now],
+                )
+                .map_err(db_error)?;
             }
             let outcome = plan.outcome();
             tx.commit().map_err(db_error)?;
@@ -561,6 +612,61 @@ impl MetaStore for SqliteMeta {
             )?;
             let rows = s.query_map([], |r| Ok((parse_digest(r.get(0)?)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
+        let path = path.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT version FROM deleted_paths WHERE path = ?1")?
+                .query_row([&path], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
+        self.write(move |c| {
+            c.execute("DELETE FROM deleted_paths WHERE deleted_at < ?1", [before])
+                .map(|n| n as u64)
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
+        let source = source.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT position FROM migration_checkpoints WHERE source = ?1")?
+                .query_row([&source], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_checkpoint(
+        &self,
+        source: &str,
+        position: Option<&str>,
+        now: i64,
+    ) -> Result<(), MetaError> {
+        let (source, position) = (source.to_owned(), position.map(str::to_owned));
+        self.write(move |c| {
+            match position {
+                Some(p) => c.execute(
+                    "INSERT INTO migration_checkpoints (source, position, updated_at)
+                     VALUES (?1, ?2, ?3) ON CONFLICT (source) DO UPDATE
+                     SET position = excluded.position, updated_at = excluded.updated_at",
+                    params![source, p, now],
+                ),
+                None => c.execute(
+                    "DELETE FROM migration_checkpoints WHERE source = ?1",
+                    [source],
+                ),
+            }
+            .map(drop)
+            .map_err(db_error)
         })
         .await
     }
