@@ -444,7 +444,10 @@ impl Config {
                 Ok(crate::migrate::Source::Http(_))
             )
         {
-            return bad("api.fallback_url", "must be the old server's http://HOST:PORT");
+            return bad(
+                "api.fallback_url",
+                "must be the old server's http://HOST:PORT",
+            );
         }
         if self.migrator.jobs == 0 {
             return bad("migrator.jobs", "must be at least 1");

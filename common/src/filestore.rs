@@ -240,7 +240,9 @@ impl FileStore {
             self.store.put(&info.digest, file, info.stored_size).await?;
         }
         let outcome = if import {
-            self.meta.import_file(path, version, &info, !live, now).await?
+            self.meta
+                .import_file(path, version, &info, !live, now)
+                .await?
         } else {
             self.meta.put_file(path, version, &info, !live, now).await?
         };

@@ -379,7 +379,10 @@ async fn import_miss(state: &AppState, path: &FilePath) -> Result<bool, ApiError
         tracing::info!(%path, version, old_server = old.base(), "imported on a miss");
     }
     // `Present`: a concurrent request stored it meanwhile.
-    Ok(matches!(imported, Imported::Stored { .. } | Imported::Present))
+    Ok(matches!(
+        imported,
+        Imported::Stored { .. } | Imported::Present
+    ))
 }
 
 async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {

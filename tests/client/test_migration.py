@@ -121,3 +121,96 @@ def test_migration_from_the_real_old_server(old_server, tmp_path, kind):
     finally:
         api.kill()
         api.wait()
+
+
+def start_api(tmp, **config):
+    """An s3dedup API on a fresh data dir; `config` become S3DEDUP_API__* settings."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S3DEDUP_")}
+    env.update({f"S3DEDUP_API__{k.upper()}": str(v) for k, v in config.items()})
+    api = subprocess.Popen([BIN_DIR / "s3dedup-api", "--listen", f"127.0.0.1:{port}",
+                            "--data-dir", tmp / "data"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=open(tmp / "api.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/status", api, "s3dedup-api")
+    except Exception:
+        api.kill()
+        raise
+    return api, url
+
+
+def metric(url, name):
+    import urllib.request
+    for line in urllib.request.urlopen(url + "/metrics").read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_live_migration_reads_through_and_deletes_stick(old_server, tmp_path):
+    data, expected, old_url = old_server
+    api, url = start_api(tmp_path, fallback_url=old_url)
+    try:
+        c = Client(remote_url=url, local_store=None)
+        # A file deleted through s3dedup before anything read it: imported, then deleted.
+        gone = "/dir3/sub0/file 3.txt"
+        version = expected[gone][0]
+        c.delete_file(f"{gone}@{version}")
+        with pytest.raises(Exception):
+            c.file_version(gone)
+        # Every other old file reads through s3dedup: versions and contents identical.
+        for path, (version, body) in expected.items():
+            if path == gone:
+                continue
+            assert c.file_version(path) == version, path
+            stream, name = c.get_stream(path)
+            assert name == f"{path}@{version}"
+            assert stream.read() == body, path
+        assert metric(url, "s3dedup_fallback_imports_total") == len(expected)
+        distinct = {hashlib.sha256(b).hexdigest() for p, (_, b) in expected.items() if p != gone}
+        objects = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file()]
+        # The deleted file's content stays until the cleaner runs, unless another file has it.
+        assert len(distinct) <= len(objects) <= len(distinct) + 1
+        # The old server still has it, but neither the fallback nor the migrator brings it back.
+        assert Client(remote_url=old_url, local_store=None).file_version(gone) == expected[gone][0]
+        for source in [old_url, f"v2:{data}"]:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("S3DEDUP_")}
+            run = subprocess.run(
+                [BIN_DIR / "s3dedup-migrator", "--data-dir", tmp_path / "data", "--source", source],
+                env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert " 0 files migrated" in run.stdout and "1 deleted here" in run.stdout, run.stdout
+        with pytest.raises(Exception):
+            c.get_stream(gone)
+        with pytest.raises(Exception):
+            c.file_version(gone)
+    finally:
+        api.kill()
+        api.wait()
+
+
+def test_live_migration_forwards_writes_to_the_old_server(old_server, tmp_path):
+    _, expected, old_url = old_server
+    api, url = start_api(tmp_path, fallback_url=old_url, fallback_forward_writes="true")
+    try:
+        c = Client(remote_url=url, local_store=None)
+        old = Client(remote_url=old_url, local_store=None)
+        src = tmp_path / "new.txt"
+        src.write_bytes(b"written during the migration\n" * 100)
+        assert c.put_file("/live/new.txt@1700000000", str(src)) == "/live/new.txt@1700000000"
+        # The old server got the same file and version, so switching back to it loses nothing.
+        assert old.file_version("/live/new.txt") == 1700000000
+        stream, _ = old.get_stream("/live/new.txt")
+        assert stream.read() == src.read_bytes()
+        c.delete_file("/live/new.txt@1700000001")
+        with pytest.raises(Exception):
+            old.file_version("/live/new.txt")
+        with pytest.raises(Exception):
+            c.file_version("/live/new.txt")
+        # Reads of old files still come through.
+        path, (version, body) = next(iter(expected.items()))
+        assert c.get_stream(path)[0].read() == body
+    finally:
+        api.kill()
+        api.wait()

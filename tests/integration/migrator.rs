@@ -147,3 +147,135 @@ async fn v2_directory_is_imported_verified_and_decoded() {
     );
     assert_eq!(api.local_objects().len(), 2);
 }
+
+fn count_in(out: &str, what: &str) -> u64 {
+    let at = out
+        .find(what)
+        .unwrap_or_else(|| panic!("{what:?} not in {out}"));
+    let digits: String = out[..at]
+        .chars()
+        .rev()
+        .skip_while(|c| *c == ' ')
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.chars().rev().collect::<String>().parse().unwrap()
+}
+
+async fn listed(api: &Api) -> usize {
+    let r = reqwest::get(api.url("/list/")).await.unwrap();
+    r.text().await.unwrap().lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let (n, size) = (1500usize, 2048usize);
+    let path = |i: usize| format!("/d{:02}/f{i:05}", i % 17);
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| unique_content(&format!("resume-{i}"), size))
+        .collect();
+    for (i, body) in bodies.iter().enumerate() {
+        let f = src.path().join("files").join(&path(i)[1..]);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, body).unwrap();
+        set_mtime(&f, 1_600_000_000 + i as i64, false);
+    }
+    let source = format!("v1:{}", src.path().display());
+    let limit = 100_000u64;
+    let log = src.path().join("first.log");
+    let first = api
+        .sibling("s3dedup-migrator")
+        .args(["--source", &source, "--jobs", "4"])
+        .args(["--max-bytes-per-sec", &limit.to_string()])
+        .env("RUST_LOG", "debug")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = Proc {
+        child: first,
+        name: "first migrator".into(),
+    };
+    let started = std::time::Instant::now();
+    // Past a few checkpoints (one every 2 s), then kill it.
+    let mut done = 0;
+    while started.elapsed() < std::time::Duration::from_secs(5) || done < 150 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        done = listed(&api).await;
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no progress: {done}; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    first.kill();
+    let done = listed(&api).await;
+    assert!(done < n / 2, "the throttle let {done} files through");
+    // The bandwidth bound: what was read fits in the limit (plus one file in flight per job).
+    let read = (done * size) as f64;
+    assert!(
+        read <= limit as f64 * elapsed + (4 * size) as f64,
+        "{read} bytes in {elapsed:.1} s exceeds {limit} B/s"
+    );
+
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok, "{out}");
+    assert!(out.contains("resumed after d"), "{out}");
+    let (migrated, present) = (
+        count_in(&out, "files migrated"),
+        count_in(&out, "already present"),
+    );
+    assert!(migrated > 0, "{out}");
+    assert!(
+        (migrated + present) < n as u64,
+        "a resumed run starts after its checkpoint, not from the start: {out}"
+    );
+    assert_eq!(
+        listed(&api).await,
+        n,
+        "everything is there after the resume"
+    );
+    for i in 0..n {
+        assert_file(&api, &path(i), &bodies[i], 1_600_000_000 + i as i64).await;
+    }
+    // Finished: the checkpoint is gone, so a third run walks everything and copies nothing.
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok && !out.contains("resumed"), "{out}");
+    assert_eq!(count_in(&out, "files migrated"), 0, "{out}");
+    assert_eq!(count_in(&out, "already present"), n as u64, "{out}");
+    assert_eq!(api.local_objects().len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_deleted_here_is_not_brought_back() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    for (name, version) in [("kept", 1_600_000_000), ("gone", 1_600_000_000)] {
+        let f = src.path().join("files").join(name);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, name).unwrap();
+        set_mtime(&f, version, false);
+    }
+    let source = format!("v1:{}", src.path().display());
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok && out.contains("2 files migrated"), "{out}");
+    let r = reqwest::Client::new()
+        .delete(api.url(&format!("/files/gone?last_modified={}", lm(1_600_000_100))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok, "{out}");
+    assert_eq!(count_in(&out, "files migrated"), 0, "{out}");
+    assert_eq!(count_in(&out, "deleted here"), 1, "{out}");
+    let r = reqwest::get(api.url("/files/gone")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "stays deleted");
+    // A version written to the old store after the deletion is a new file: it comes over.
+    set_mtime(&src.path().join("files/gone"), 1_600_000_200, false);
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok && out.contains("1 files migrated"), "{out}");
+    assert_file(&api, "/gone", b"gone", 1_600_000_200).await;
+}

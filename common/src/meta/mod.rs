@@ -489,7 +489,10 @@ pub(crate) mod conformance {
         let b = blob(12, 6);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
         m.put_file("/t", 10, &a, true, 1).await.unwrap();
-        assert_eq!(m.delete_file("/t", 20, 2).await.unwrap(), DeleteOutcome::Deleted);
+        assert_eq!(
+            m.delete_file("/t", 20, 2).await.unwrap(),
+            DeleteOutcome::Deleted
+        );
         assert_eq!(m.deleted_version("/t").await.unwrap(), Some(20));
         // An import of the old store's copy (version 10, or even 20) does not resurrect it.
         for v in [10, 20] {
@@ -516,7 +519,10 @@ pub(crate) mod conformance {
         m.delete_file("/t", 5, 6).await.unwrap();
         assert_eq!(m.deleted_version("/t").await.unwrap(), Some(30));
         // Nothing is remembered for a delete of a missing path.
-        assert_eq!(m.delete_file("/u", 5, 6).await.unwrap(), DeleteOutcome::NotFound);
+        assert_eq!(
+            m.delete_file("/u", 5, 6).await.unwrap(),
+            DeleteOutcome::NotFound
+        );
         assert_eq!(m.deleted_version("/u").await.unwrap(), None);
         assert_eq!(m.purge_deletions(6).await.unwrap(), 0, "recorded at 6");
         assert_eq!(m.purge_deletions(7).await.unwrap(), 1);

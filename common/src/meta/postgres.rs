@@ -670,7 +670,10 @@ impl MetaStore for PostgresMeta {
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT version FROM deleted_paths WHERE path = $1", &[&path])
+            .query_opt(
+                "SELECT version FROM deleted_paths WHERE path = $1",
+                &[&path],
+            )
             .await
             .map_err(pg_error)?;
         Ok(row.map(|r| r.get(0)))
@@ -679,7 +682,10 @@ impl MetaStore for PostgresMeta {
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         let client = self.client().await?;
         client
-            .execute("DELETE FROM deleted_paths WHERE deleted_at < $1", &[&before])
+            .execute(
+                "DELETE FROM deleted_paths WHERE deleted_at < $1",
+                &[&before],
+            )
             .await
             .map_err(pg_error)
     }

@@ -280,12 +280,20 @@ async fn import(
         };
     };
     let path = item.path.as_str();
-    let stored = fs.stat(path).await.map_err(|e| e.to_string())?.map(|e| e.version);
+    let stored = fs
+        .stat(path)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|e| e.version);
     if stored.is_some_and(|s| s >= *version) {
         return Ok(Done::Skipped);
     }
     if stored.is_none()
-        && let Some(at) = fs.meta.deleted_version(path).await.map_err(|e| e.to_string())?
+        && let Some(at) = fs
+            .meta
+            .deleted_version(path)
+            .await
+            .map_err(|e| e.to_string())?
         && at >= *version
     {
         return Ok(Done::KeptDeleted);
@@ -339,7 +347,11 @@ fn walk_root(source: &Source) -> Option<(PathBuf, bool)> {
 fn checkpoint_key(source: &Source) -> String {
     match source {
         Source::V1Dir(d) | Source::V2Dir(d) => {
-            let kind = if matches!(source, Source::V1Dir(_)) { "v1" } else { "v2" };
+            let kind = if matches!(source, Source::V1Dir(_)) {
+                "v1"
+            } else {
+                "v2"
+            };
             let dir = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
             format!("{kind}:{}", dir.display())
         }
@@ -399,7 +411,12 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
         _ => None,
     };
     let resume = match walk_root(source) {
-        Some(_) => fs.meta.checkpoint(&checkpoint_key(source)).await.ok().flatten(),
+        Some(_) => fs
+            .meta
+            .checkpoint(&checkpoint_key(source))
+            .await
+            .ok()
+            .flatten(),
         None => None,
     };
     let mut rx = produce(source, old, resume);
@@ -442,7 +459,8 @@ pub async fn run(
     };
     let rx = produce(source, old.clone(), resume);
     let throttle = Throttle::new(opts.max_bytes_per_sec).map(Arc::new);
-    let work = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
+    let work =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
     // In order, so everything before a finished position is finished too.
     let results = work
         .map(|w| {

@@ -128,7 +128,11 @@ impl OldServer {
         let stored = fs.stat(path.as_str()).await?.map(|e| e.version);
         let deleted = match stored {
             Some(_) => None,
-            None => fs.meta.deleted_version(path.as_str()).await.map_err(FileStoreError::from)?,
+            None => fs
+                .meta
+                .deleted_version(path.as_str())
+                .await
+                .map_err(FileStoreError::from)?,
         };
         let newest_here = stored.max(deleted);
         if newest_here.is_some() || dry_run {
@@ -188,7 +192,11 @@ impl OldServer {
             })?;
         let bytes = spooled.info.logical_size;
         Ok(
-            match fs.import(path.as_str(), version, spooled, now).await?.outcome {
+            match fs
+                .import(path.as_str(), version, spooled, now)
+                .await?
+                .outcome
+            {
                 PutOutcome::Stored { version } => Imported::Stored { version, bytes },
                 PutOutcome::Newer { .. } => Imported::Present,
                 PutOutcome::Deleted { .. } => Imported::Deleted,
@@ -208,7 +216,10 @@ impl OldServer {
         let req = self
             .http
             .put(&url)
-            .query(&[(protocol::PARAM_LAST_MODIFIED, protocol::format_version(e.version))])
+            .query(&[(
+                protocol::PARAM_LAST_MODIFIED,
+                protocol::format_version(e.version),
+            )])
             .header(reqwest::header::CONTENT_ENCODING, "gzip")
             .header(reqwest::header::CONTENT_LENGTH, e.blob.stored_size)
             .header(protocol::HEADER_SHA256, e.blob.digest.to_hex())
@@ -231,10 +242,10 @@ impl OldServer {
         version: Version,
     ) -> Result<(), OldServerError> {
         let url = self.file_url(path);
-        let req = self
-            .http
-            .delete(&url)
-            .query(&[(protocol::PARAM_LAST_MODIFIED, protocol::format_version(version))]);
+        let req = self.http.delete(&url).query(&[(
+            protocol::PARAM_LAST_MODIFIED,
+            protocol::format_version(version),
+        )]);
         self.send("DELETE", &url, req).await.map(drop)
     }
 
