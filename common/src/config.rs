@@ -67,7 +67,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigratorConfig {
-    /// `v1:DIR` (Filetracker v1 `files/`) or `v2:DIR` (`filetracker-server -d DIR`); empty: none.
+    /// `v1:DIR` (Filetracker v1 `files/`), `v2:DIR` (`filetracker-server -d DIR`), an old
+    /// server's `http://HOST:PORT`, or an upstream s3dedup bucket (`upstream:BUCKET:…`); empty:
+    /// none.
     pub source: String,
     /// Files imported at once.
     pub jobs: usize,

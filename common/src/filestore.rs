@@ -253,6 +253,62 @@ impl FileStore {
         })
     }
 
+    /// Adopts an object that is already in the store under its digest (an upstream s3dedup
+    /// bucket) as `path` at `version`, as an import. Nothing is copied; the object is read once
+    /// to check that it inflates to its digest, unless a live row already vouches for it.
+    pub async fn adopt(
+        &self,
+        path: &str,
+        version: Version,
+        digest: &Digest,
+        now: i64,
+    ) -> Result<Committed, FileStoreError> {
+        let guard = self
+            .locks
+            .lock(&blob_lock(digest), LockMode::Exclusive, self.lock_timeout)
+            .await?;
+        let live = self.meta.blob_is_live(digest).await?;
+        let info = if live {
+            // Sizes come from the existing row; put_file does not change them.
+            BlobInfo {
+                digest: *digest,
+                logical_size: 0,
+                stored_size: 0,
+            }
+        } else {
+            let missing = || FileStoreError::ObjectMissing {
+                path: path.to_owned(),
+                digest: *digest,
+            };
+            let stored_size = self.store.head(digest).await?.ok_or_else(missing)?;
+            let body = match self.store.get(digest).await {
+                Err(StoreError::NotFound { .. }) => return Err(missing()),
+                other => other?,
+            };
+            let (actual, logical_size) = crate::gc::inflate_digest(body).await?;
+            if actual != *digest {
+                return Err(FileStoreError::Blob(BlobError::ChecksumMismatch {
+                    claimed: *digest,
+                    actual,
+                }));
+            }
+            BlobInfo {
+                digest: *digest,
+                logical_size,
+                stored_size,
+            }
+        };
+        let outcome = self
+            .meta
+            .import_file(path, version, &info, !live, now)
+            .await?;
+        guard.release().await;
+        Ok(Committed {
+            outcome,
+            deduplicated: true,
+        })
+    }
+
     /// The file's metadata, without touching the object store.
     pub async fn stat(&self, path: &str) -> Result<Option<FileEntry>, FileStoreError> {
         Ok(self.meta.get_file(path).await?)

@@ -19,14 +19,16 @@ use s3dedup_common::{systemd, unix_now};
 
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
 /// (`v2:DIR`, as given to `filetracker-server -d`) or a running v2 server (`http://HOST:PORT`,
-/// its root URL), keeping every version, verifying every content. Exit codes: 0 ok, 1 some
-/// files failed (listed at the end), 2 bad configuration.
+/// its root URL), or adopts an upstream s3dedup bucket in place (`upstream:BUCKET:sqlite:PATH`,
+/// `upstream:BUCKET:postgres://…`), keeping every version, verifying every content. Exit codes:
+/// 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// What to import (overrides migrator.source): v1:DIR, v2:DIR or http://HOST:PORT.
+    /// What to import (overrides migrator.source): v1:DIR, v2:DIR, http://HOST:PORT or
+    /// upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://USER@HOST/DB.
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
     /// Files imported at once (overrides migrator.jobs).
@@ -173,7 +175,7 @@ async fn run(
     let root = match &source {
         Source::V1Dir(d) => Some(d.join("files")),
         Source::V2Dir(d) => Some(d.join("links")),
-        Source::Http(_) => None,
+        Source::Http(_) | Source::Upstream { .. } => None,
     };
     if let Some(root) = root.filter(|r| !r.is_dir()) {
         bail!("source {source}: {} is not a directory", root.display());

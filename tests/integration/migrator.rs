@@ -279,3 +279,175 @@ async fn a_path_deleted_here_is_not_brought_back() {
     assert!(ok && out.contains("1 files migrated"), "{out}");
     assert_file(&api, "/gone", b"gone", 1_600_000_200).await;
 }
+
+/// Where the upstream deployment under test keeps its metadata.
+enum UpstreamDb {
+    Sqlite,
+    Postgres,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_s3dedup_bucket_on_sqlite_is_adopted_in_place_and_verified() {
+    adopt_upstream(UpstreamDb::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh (pg_virtualenv)"]
+async fn an_upstream_s3dedup_bucket_on_postgres_is_adopted_in_place_and_verified() {
+    adopt_upstream(UpstreamDb::Postgres).await;
+}
+
+/// Upstream's tables: shared by buckets on SQLite, prefixed by the bucket on PostgreSQL.
+fn upstream_schema(prefix: &str) -> String {
+    [
+        "refcount (bucket TEXT, hash TEXT, refcount INTEGER, PRIMARY KEY (bucket, hash))",
+        "modified (bucket TEXT, path TEXT, modified BIGINT, PRIMARY KEY (bucket, path))",
+        "ref_file (bucket TEXT, path TEXT, hash TEXT, PRIMARY KEY (bucket, path))",
+        "logical_size (bucket TEXT, hash TEXT, logical_size BIGINT, PRIMARY KEY (bucket, hash))",
+    ]
+    .iter()
+    .map(|t| format!("CREATE TABLE {prefix}{t};"))
+    .collect()
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn adopt_upstream(db_kind: UpstreamDb) {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let client = s3.client();
+    // The upstream deployment's objects: gzip under <aa>/<bb>/<sha256>, in the same bucket.
+    let put = |key: String, body: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            client
+                .put_object()
+                .bucket(S3_BUCKET)
+                .key(key)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let key = |hex: &str| format!("{}/{}/{hex}", &hex[..2], &hex[2..4]);
+    let shared = unique_content("upstream-shared", 70_000);
+    let single = b"only once".to_vec();
+    let (h_shared, h_single) = (sha256_hex(&shared), sha256_hex(&single));
+    put(key(&h_shared), gzip(&shared)).await;
+    put(key(&h_single), gzip(&single)).await;
+    // It trusted client hints: an object that does not hold what its name says.
+    let h_lie = sha256_hex(b"what the client claimed");
+    put(key(&h_lie), gzip(b"something else entirely")).await;
+    let h_missing = sha256_hex(b"never uploaded");
+    let objects_before = s3.list_keys().await.unwrap().len();
+
+    let rows: [(&str, &str, i64, &str); 7] = [
+        (S3_BUCKET, "tests/a.in", 1_600_000_001, &h_shared),
+        (S3_BUCKET, "tests/b.in", 1_600_000_002, &h_shared),
+        (S3_BUCKET, "zażółć/c d.out", 1_600_000_003, &h_single),
+        (S3_BUCKET, "gone.txt", 0, &h_single), // modified 0: deleted upstream
+        (S3_BUCKET, "lie.txt", 1_600_000_004, &h_lie),
+        (S3_BUCKET, "missing.txt", 1_600_000_005, &h_missing),
+        ("other-bucket", "elsewhere.txt", 1_600_000_006, &h_single),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let source = match db_kind {
+        UpstreamDb::Sqlite => {
+            let db = dir.path().join("upstream.sqlite");
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch(&upstream_schema("")).unwrap();
+            for (bucket, path, modified, hash) in rows {
+                conn.execute(
+                    "INSERT INTO modified VALUES (?1, ?2, ?3)",
+                    rusqlite::params![bucket, path, modified],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO ref_file VALUES (?1, ?2, ?3)",
+                    rusqlite::params![bucket, path, hash],
+                )
+                .unwrap();
+            }
+            format!("upstream:{S3_BUCKET}:sqlite:{}", db.display())
+        }
+        UpstreamDb::Postgres => {
+            let _ = pg_conninfo(); // asserts pg_virtualenv's environment
+            let prefix = format!("{}_", S3_BUCKET.replace('-', "_"));
+            let mut sql = format!(
+                "DROP TABLE IF EXISTS {prefix}refcount, {prefix}modified, {prefix}ref_file, \
+                 {prefix}logical_size; {}",
+                upstream_schema(&prefix)
+            );
+            for (bucket, path, modified, hash) in rows {
+                sql += &format!(
+                    "INSERT INTO {prefix}modified VALUES ('{bucket}', '{path}', {modified});
+                     INSERT INTO {prefix}ref_file VALUES ('{bucket}', '{path}', '{hash}');"
+                );
+            }
+            psql(&sql);
+            let var = |k: &str| std::env::var(k).unwrap_or_default();
+            format!(
+                "upstream:{S3_BUCKET}:postgres://{}:{}@{}:{}/{}",
+                var("PGUSER"),
+                var("PGPASSWORD"),
+                var("PGHOST"),
+                var("PGPORT"),
+                var("PGDATABASE")
+            )
+        }
+    };
+    let (ok, out) = migrate(&api, &source);
+    assert!(!ok, "two bad rows make the run exit 1: {out}");
+    assert_eq!(count_in(&out, "files migrated"), 3, "{out}");
+    assert_eq!(count_in(&out, "failed"), 2, "{out}");
+    assert!(
+        out.contains("failed: /lie.txt: ") && out.contains("SHA256"),
+        "{out}"
+    );
+    assert!(out.contains("failed: /missing.txt: "), "{out}");
+    assert_file(&api, "/tests/a.in", &shared, 1_600_000_001).await;
+    assert_file(&api, "/tests/b.in", &shared, 1_600_000_002).await;
+    assert_file(
+        &api,
+        "/za%C5%BC%C3%B3%C5%82%C4%87/c%20d.out",
+        &single,
+        1_600_000_003,
+    )
+    .await;
+    for absent in ["/gone.txt", "/lie.txt", "/missing.txt", "/elsewhere.txt"] {
+        let r = reqwest::get(api.url(&format!("/files{absent}")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{absent}");
+    }
+    assert_eq!(
+        s3.list_keys().await.unwrap().len(),
+        objects_before,
+        "adoption copies nothing"
+    );
+    let (_, out) = migrate(&api, &source);
+    assert_eq!(count_in(&out, "files migrated"), 0, "{out}");
+    assert_eq!(count_in(&out, "already present"), 3, "{out}");
+    // The adopted store is consistent: refcounts, sizes and every object's digest.
+    let verify = api
+        .sibling("s3dedup-cleaner")
+        .args(["--verify", "--deep"])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}

@@ -6,6 +6,7 @@
 
 mod old_server;
 mod throttle;
+mod upstream;
 mod walk;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use futures::StreamExt;
 
 pub use old_server::{Imported, OldServer, OldServerError};
 pub use throttle::Throttle;
+pub use upstream::UpstreamDb;
 
 use crate::blob::{Encoding, Hints, IngestOptions};
 use crate::filestore::FileStore;
@@ -32,6 +34,9 @@ pub enum Source {
     V2Dir(PathBuf),
     /// A running Filetracker v2 server (its root URL): `GET /list/`, then each file.
     Http(String),
+    /// An upstream s3dedup deployment's bucket, adopted in place: `upstream:BUCKET:sqlite:PATH`
+    /// or `upstream:BUCKET:postgres://…`. The store must be configured with the same bucket.
+    Upstream { bucket: String, db: UpstreamDb },
 }
 
 impl std::str::FromStr for Source {
@@ -45,11 +50,34 @@ impl std::str::FromStr for Source {
                 "https sources are not supported: use the old server's http address".into(),
             );
         }
+        if let Some(rest) = s.strip_prefix("upstream:") {
+            let bad = || {
+                format!(
+                    "bad upstream source {:?}: expected upstream:BUCKET:sqlite:PATH or \
+                     upstream:BUCKET:postgres://USER@HOST/DB",
+                    upstream::redact(s)
+                )
+            };
+            let (bucket, db) = rest.split_once(':').ok_or_else(bad)?;
+            if !upstream::valid_bucket(bucket) {
+                return Err(bad());
+            }
+            let db = match db.split_once(':') {
+                Some(("sqlite", path)) if !path.is_empty() => UpstreamDb::Sqlite(path.into()),
+                Some(("postgres" | "postgresql", _)) => UpstreamDb::Postgres(db.to_owned()),
+                _ => return Err(bad()),
+            };
+            return Ok(Source::Upstream {
+                bucket: bucket.to_owned(),
+                db,
+            });
+        }
         match s.split_once(':') {
             Some(("v1", dir)) if !dir.is_empty() => Ok(Source::V1Dir(dir.into())),
             Some(("v2", dir)) if !dir.is_empty() => Ok(Source::V2Dir(dir.into())),
             _ => Err(format!(
-                "unknown source {s:?}: expected v1:DIR, v2:DIR or http://HOST:PORT"
+                "unknown source {s:?}: expected v1:DIR, v2:DIR, http://HOST:PORT or \
+                 upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://…"
             )),
         }
     }
@@ -61,6 +89,14 @@ impl std::fmt::Display for Source {
             Source::V1Dir(d) => write!(f, "v1:{}", d.display()),
             Source::V2Dir(d) => write!(f, "v2:{}", d.display()),
             Source::Http(u) => f.write_str(u),
+            Source::Upstream {
+                bucket,
+                db: UpstreamDb::Sqlite(p),
+            } => write!(f, "upstream:{bucket}:sqlite:{}", p.display()),
+            Source::Upstream {
+                bucket,
+                db: UpstreamDb::Postgres(url),
+            } => write!(f, "upstream:{bucket}:{}", upstream::redact(url)),
         }
     }
 }
@@ -83,13 +119,18 @@ enum Origin {
     },
     /// Version and content come from the old server, file by file.
     Http,
+    /// An object already in the store under `digest`, to be verified and adopted.
+    Adopt {
+        version: Version,
+        digest: crate::blob::Digest,
+    },
 }
 
 impl Item {
     fn shown(&self) -> String {
         match &self.origin {
             Origin::File { file, .. } => format!("{} ({})", self.path, file.display()),
-            Origin::Http => self.path.to_string(),
+            Origin::Http | Origin::Adopt { .. } => self.path.to_string(),
         }
     }
 }
@@ -253,6 +294,9 @@ async fn import(
     opts: &RunOptions,
     throttle: Option<&Arc<Throttle>>,
 ) -> Result<Done, String> {
+    if let Origin::Adopt { version, digest } = &item.origin {
+        return adopt(fs, &item.path, *version, digest, opts).await;
+    }
     let Origin::File {
         version,
         file,
@@ -334,13 +378,66 @@ async fn import(
     })
 }
 
+/// What `Done` an import of `path` at `version` is, before any work: skipped when ours is at
+/// least as new or the path was deleted here since.
+async fn settled(fs: &FileStore, path: &str, version: Version) -> Result<Option<Done>, String> {
+    let stored = fs
+        .stat(path)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|e| e.version);
+    if stored.is_some_and(|s| s >= version) {
+        return Ok(Some(Done::Skipped));
+    }
+    if stored.is_none()
+        && let Some(at) = fs
+            .meta
+            .deleted_version(path)
+            .await
+            .map_err(|e| e.to_string())?
+        && at >= version
+    {
+        return Ok(Some(Done::KeptDeleted));
+    }
+    Ok(None)
+}
+
+async fn adopt(
+    fs: &FileStore,
+    path: &FilePath,
+    version: Version,
+    digest: &crate::blob::Digest,
+    opts: &RunOptions,
+) -> Result<Done, String> {
+    if let Some(done) = settled(fs, path.as_str(), version).await? {
+        return Ok(done);
+    }
+    if opts.dry_run {
+        return Ok(Done::Migrated(0));
+    }
+    let committed = fs
+        .adopt(path.as_str(), version, digest, opts.now)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(match committed.outcome {
+        PutOutcome::Stored { .. } => Done::Migrated(0),
+        PutOutcome::Newer { .. } => Done::Skipped,
+        PutOutcome::Deleted { .. } => Done::KeptDeleted,
+    })
+}
+
 /// The directory a walk starts in, for directory sources.
 fn walk_root(source: &Source) -> Option<(PathBuf, bool)> {
     match source {
         Source::V1Dir(d) => Some((d.join("files"), false)),
         Source::V2Dir(d) => Some((d.join("links"), true)),
-        Source::Http(_) => None,
+        Source::Http(_) | Source::Upstream { .. } => None,
     }
+}
+
+/// True for sources read in a fixed order, so a checkpoint can say how far a run got.
+fn ordered(source: &Source) -> bool {
+    !matches!(source, Source::Http(_))
 }
 
 /// The name a source's checkpoint is kept under: the same directory however it was spelled.
@@ -355,7 +452,7 @@ fn checkpoint_key(source: &Source) -> String {
             let dir = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
             format!("{kind}:{}", dir.display())
         }
-        Source::Http(u) => u.clone(),
+        Source::Http(_) | Source::Upstream { .. } => source.to_string(),
     }
 }
 
@@ -380,6 +477,61 @@ fn produce(
                 tx.blocking_send(work).is_ok()
             });
         });
+    } else if let Source::Upstream { bucket, db } = source {
+        let (bucket, db) = (bucket.clone(), db.clone());
+        tokio::spawn(async move {
+            let fail = |why: String| Work {
+                position: None,
+                item: Err((format!("upstream metadata {}", source_db(&db)), why)),
+            };
+            let reader = match upstream::Reader::open(&db).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(fail(e)).await;
+                    return;
+                }
+            };
+            let mut after = resume.unwrap_or_default();
+            loop {
+                let page = match reader.page(&bucket, &after, 1000).await {
+                    Ok(p) if p.is_empty() => return,
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(fail(e)).await;
+                        return;
+                    }
+                };
+                for row in page {
+                    let item = FilePath::parse(
+                        &format!("/{}", row.path),
+                        crate::protocol::DEFAULT_MAX_PATH_LEN,
+                    )
+                    .map_err(|e| e.to_string())
+                    .and_then(|path| {
+                        let digest = row
+                            .hash
+                            .parse()
+                            .map_err(|e| format!("hash {:?}: {e}", row.hash))?;
+                        Ok(Item {
+                            path,
+                            origin: Origin::Adopt {
+                                version: row.version,
+                                digest,
+                            },
+                        })
+                    })
+                    .map_err(|why| (row.path.clone(), why));
+                    let work = Work {
+                        position: Some(row.path.clone()),
+                        item,
+                    };
+                    if tx.send(work).await.is_err() {
+                        return;
+                    }
+                    after = row.path;
+                }
+            }
+        });
     } else if let Some(old) = old {
         tokio::spawn(async move {
             let (ptx, mut prx) = tokio::sync::mpsc::channel(1024);
@@ -401,6 +553,13 @@ fn produce(
         });
     }
     rx
+}
+
+fn source_db(db: &UpstreamDb) -> String {
+    match db {
+        UpstreamDb::Sqlite(p) => p.display().to_string(),
+        UpstreamDb::Postgres(url) => upstream::redact(url),
+    }
 }
 
 /// How many files a run of `source` will look at (for a progress bar's ETA): a walk or listing
@@ -444,7 +603,7 @@ pub async fn run(
         _ => None,
     };
     let key = checkpoint_key(source);
-    let checkpoints = walk_root(source).is_some() && !opts.dry_run;
+    let checkpoints = ordered(source) && !opts.dry_run;
     let resume = if checkpoints {
         fs.meta.checkpoint(&key).await?
     } else {
@@ -538,5 +697,18 @@ mod tests {
             Ok(Source::Http("http://127.0.0.1:9999".into()))
         );
         assert!("https://x".parse::<Source>().is_err());
+        assert_eq!(
+            "upstream:files:sqlite:/var/lib/s3dedup/db.sqlite".parse(),
+            Ok(Source::Upstream {
+                bucket: "files".into(),
+                db: UpstreamDb::Sqlite("/var/lib/s3dedup/db.sqlite".into())
+            })
+        );
+        let pg: Source = "upstream:my-files:postgres://ft:secret@db/ft"
+            .parse()
+            .unwrap();
+        assert_eq!(pg.to_string(), "upstream:my-files:postgres://ft@db/ft");
+        assert!("upstream:bad\"name:sqlite:/x".parse::<Source>().is_err());
+        assert!("upstream:files:mysql://x".parse::<Source>().is_err());
     }
 }
