@@ -237,8 +237,8 @@ async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
         n,
         "everything is there after the resume"
     );
-    for i in 0..n {
-        assert_file(&api, &path(i), &bodies[i], 1_600_000_000 + i as i64).await;
+    for (i, body) in bodies.iter().enumerate() {
+        assert_file(&api, &path(i), body, 1_600_000_000 + i as i64).await;
     }
     // Finished: the checkpoint is gone, so a third run walks everything and copies nothing.
     let (ok, out) = migrate(&api, &source);
