@@ -620,20 +620,28 @@ pub async fn run(
     let throttle = Throttle::new(opts.max_bytes_per_sec).map(Arc::new);
     let work =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
-    // In order, so everything before a finished position is finished too.
+    // In order, so everything before a finished position is finished too. Each import is a
+    // task of its own: were they polled only by this loop, one that was granted the metadata
+    // writer while the loop awaits the checkpoint write would never run (a deadlock).
     let results = work
         .map(|w| {
             let (fs, old, throttle) = (fs.clone(), old.clone(), throttle.clone());
-            async move {
-                let result = match &w.item {
+            let Work { position, item } = w;
+            let shown = match &item {
+                Ok(item) => item.shown(),
+                Err((file, _)) => file.clone(),
+            };
+            let task = tokio::spawn(async move {
+                match &item {
                     Ok(item) => import(&fs, old.as_ref(), item, &opts, throttle.as_ref()).await,
                     Err((_, why)) => Err(why.clone()),
-                };
-                let shown = match &w.item {
-                    Ok(item) => item.shown(),
-                    Err((file, _)) => file.clone(),
-                };
-                (result, shown, w.position)
+                }
+            });
+            async move {
+                let result = task
+                    .await
+                    .unwrap_or_else(|e| Err(format!("import task: {e}")));
+                (result, shown, position)
             }
         })
         .buffered(opts.jobs.max(1));
