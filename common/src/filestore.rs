@@ -239,13 +239,10 @@ impl FileStore {
         if !live {
             self.store.put(&info.digest, file, info.stored_size).await?;
         }
-        let outcome = if import {
-            self.meta
-                .import_file(path, version, &info, !live, now)
-                .await?
-        } else {
-            self.meta.put_file(path, version, &info, !live, now).await?
-        };
+        let outcome = self
+            .meta
+            .store_file(path, version, &info, !live, now, import)
+            .await?;
         guard.release().await;
         Ok(Committed {
             outcome,

@@ -107,7 +107,21 @@ pub trait MetaStore: Send + Sync + 'static {
     /// One transaction: make `path` point at `blob` with `version` unless a strictly newer
     /// version is stored, adjusting reference counts. `uploaded` says the caller has just stored
     /// the object (under the digest's lock), so the blob row is created or revived with these
-    /// sizes; otherwise the blob row must already be live.
+    /// sizes; otherwise the blob row must already be live. `import` (a file from an old
+    /// Filetracker: migrator, live fallback): also refused when the path was deleted here at or
+    /// after `version`.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_file(
+        &self,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+        import: bool,
+    ) -> Result<PutOutcome, MetaError>;
+
+    /// A client's PUT: [`MetaStore::store_file`], not an import.
     async fn put_file(
         &self,
         path: &str,
@@ -115,10 +129,12 @@ pub trait MetaStore: Send + Sync + 'static {
         blob: &BlobInfo,
         uploaded: bool,
         now: i64,
-    ) -> Result<PutOutcome, MetaError>;
+    ) -> Result<PutOutcome, MetaError> {
+        self.store_file(path, version, blob, uploaded, now, false)
+            .await
+    }
 
-    /// Like [`MetaStore::put_file`], for a file imported from an old Filetracker (migrator, live
-    /// fallback): also refused when the path was deleted here at or after `version`.
+    /// An import: [`MetaStore::store_file`], refused for a path deleted here since.
     async fn import_file(
         &self,
         path: &str,
@@ -126,7 +142,10 @@ pub trait MetaStore: Send + Sync + 'static {
         blob: &BlobInfo,
         uploaded: bool,
         now: i64,
-    ) -> Result<PutOutcome, MetaError>;
+    ) -> Result<PutOutcome, MetaError> {
+        self.store_file(path, version, blob, uploaded, now, true)
+            .await
+    }
 
     /// One transaction: remove `path` unless a strictly newer version is stored, and remember
     /// the deletion (path and version) so imports do not resurrect it.

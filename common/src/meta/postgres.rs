@@ -214,107 +214,6 @@ impl PostgresMeta {
         tx.commit().await.map_err(pg_error)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn put(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-        import: bool,
-    ) -> Result<PutOutcome, MetaError> {
-        let digest = blob.digest.to_hex();
-        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
-        let result = self
-            .in_transaction(|tx| {
-                let digest = digest.clone();
-                let path = path.to_owned();
-                Box::pin(async move {
-                    let path = path.as_str();
-                    let current = current_row(tx, path).await?;
-                    let old = current.as_ref().map(|(_, d)| d.as_str());
-                    let touched: Vec<&str> =
-                        [Some(digest.as_str()), old].into_iter().flatten().collect();
-                    lock_blobs(tx, &touched).await?;
-                    if uploaded {
-                        tx.execute(
-                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
-                                                unreferenced_since, created_at)
-                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
-                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
-                                logical_size = EXCLUDED.logical_size,
-                                stored_size = EXCLUDED.stored_size",
-                            &[&digest, &logical, &stored, &now],
-                        )
-                        .await?;
-                    } else if tx
-                        .query_opt(
-                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
-                            &[&digest],
-                        )
-                        .await?
-                        .is_none()
-                    {
-                        return Ok(PutResult::NotLive(digest));
-                    }
-                    let deleted: Option<i64> = if import {
-                        tx.query_opt(
-                            "SELECT version FROM deleted_paths WHERE path = $1",
-                            &[&path],
-                        )
-                        .await?
-                        .map(|r| r.get(0))
-                    } else {
-                        None
-                    };
-                    let plan = plan_put(
-                        current.as_ref().map(|(v, d)| (*v, d.as_str())),
-                        deleted,
-                        version,
-                        &digest,
-                    );
-                    match &plan {
-                        PutPlan::Keep { .. } | PutPlan::Deleted { .. } => {}
-                        PutPlan::Touch => {
-                            tx.execute(
-                                "UPDATE files SET version = $2 WHERE path = $1",
-                                &[&path, &version],
-                            )
-                            .await?;
-                        }
-                        PutPlan::Replace { old } => {
-                            tx.execute(
-                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
-                                 ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
-                                    digest = EXCLUDED.digest",
-                                &[&path, &version, &digest],
-                            )
-                            .await?;
-                            tx.execute(
-                                "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
-                                 WHERE digest = $1",
-                                &[&digest],
-                            )
-                            .await?;
-                            if let Some(old) = old {
-                                unreference(tx, old, now).await?;
-                            }
-                        }
-                    }
-                    Ok(PutResult::Done(plan.outcome(version)))
-                })
-            })
-            .await?;
-        match result {
-            PutResult::Done(o) => Ok(o),
-            // The transaction committed nothing of substance (no row was written).
-            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
-                "blob {d} is not live although its lock was held"
-            ))),
-        }
-    }
-
     async fn client(&self) -> Result<deadpool_postgres::Object, MetaError> {
         self.pool.get().await.map_err(pool_error)
     }
@@ -445,26 +344,104 @@ impl MetaStore for PostgresMeta {
         Ok(row.is_some())
     }
 
-    async fn put_file(
+    async fn store_file(
         &self,
         path: &str,
         version: Version,
         blob: &BlobInfo,
         uploaded: bool,
         now: i64,
+        import: bool,
     ) -> Result<PutOutcome, MetaError> {
-        self.put(path, version, blob, uploaded, now, false).await
-    }
-
-    async fn import_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-    ) -> Result<PutOutcome, MetaError> {
-        self.put(path, version, blob, uploaded, now, true).await
+        let digest = blob.digest.to_hex();
+        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
+        let result = self
+            .in_transaction(|tx| {
+                let digest = digest.clone();
+                let path = path.to_owned();
+                Box::pin(async move {
+                    let path = path.as_str();
+                    let current = current_row(tx, path).await?;
+                    let old = current.as_ref().map(|(_, d)| d.as_str());
+                    let touched: Vec<&str> =
+                        [Some(digest.as_str()), old].into_iter().flatten().collect();
+                    lock_blobs(tx, &touched).await?;
+                    if uploaded {
+                        tx.execute(
+                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                                unreferenced_since, created_at)
+                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
+                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
+                                logical_size = EXCLUDED.logical_size,
+                                stored_size = EXCLUDED.stored_size",
+                            &[&digest, &logical, &stored, &now],
+                        )
+                        .await?;
+                    } else if tx
+                        .query_opt(
+                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
+                            &[&digest],
+                        )
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(PutResult::NotLive(digest));
+                    }
+                    let deleted: Option<i64> = if import {
+                        tx.query_opt(
+                            "SELECT version FROM deleted_paths WHERE path = $1",
+                            &[&path],
+                        )
+                        .await?
+                        .map(|r| r.get(0))
+                    } else {
+                        None
+                    };
+                    let plan = plan_put(
+                        current.as_ref().map(|(v, d)| (*v, d.as_str())),
+                        deleted,
+                        version,
+                        &digest,
+                    );
+                    match &plan {
+                        PutPlan::Keep { .. } | PutPlan::Deleted { .. } => {}
+                        PutPlan::Touch => {
+                            tx.execute(
+                                "UPDATE files SET version = $2 WHERE path = $1",
+                                &[&path, &version],
+                            )
+                            .await?;
+                        }
+                        PutPlan::Replace { old } => {
+                            tx.execute(
+                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
+                                 ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
+                                    digest = EXCLUDED.digest",
+                                &[&path, &version, &digest],
+                            )
+                            .await?;
+                            tx.execute(
+                                "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
+                                 WHERE digest = $1",
+                                &[&digest],
+                            )
+                            .await?;
+                            if let Some(old) = old {
+                                unreference(tx, old, now).await?;
+                            }
+                        }
+                    }
+                    Ok(PutResult::Done(plan.outcome(version)))
+                })
+            })
+            .await?;
+        match result {
+            PutResult::Done(o) => Ok(o),
+            // The transaction committed nothing of substance (no row was written).
+            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
+                "blob {d} is not live although its lock was held"
+            ))),
+        }
     }
 
     async fn delete_file(

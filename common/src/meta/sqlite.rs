@@ -208,8 +208,68 @@ impl SqliteMeta {
         .map_err(|e| MetaError::Database(e.to_string()))?
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn put(
+    async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, MetaError> + Send + 'static,
+    {
+        let mut conn = self.writer.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(|e| MetaError::Database(e.to_string()))?
+    }
+}
+
+/// Drops one reference from `digest`, stamping when it became unreferenced.
+fn unreference(tx: &rusqlite::Transaction<'_>, digest: &str, now: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE blobs SET refcount = refcount - 1,
+            unreferenced_since = CASE WHEN refcount - 1 <= 0 THEN ?2 ELSE unreferenced_since END
+         WHERE digest = ?1",
+        params![digest, now],
+    )?;
+    Ok(())
+}
+
+#[async_trait]
+impl MetaStore for SqliteMeta {
+    fn describe(&self) -> String {
+        format!("sqlite {}", self.path.display())
+    }
+
+    async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
+        let path = path.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT f.version, f.digest, b.logical_size, b.stored_size
+                 FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = ?1",
+            )?
+            .query_row([&path], |r| {
+                Ok(FileEntry {
+                    path: path.clone(),
+                    version: r.get(0)?,
+                    blob: BlobInfo {
+                        digest: parse_digest(r.get(1)?)?,
+                        logical_size: r.get::<_, i64>(2)? as u64,
+                        stored_size: r.get::<_, i64>(3)? as u64,
+                    },
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let digest = digest.to_hex();
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")?
+                .exists([&digest])
+        })
+        .await
+    }
+
+    async fn store_file(
         &self,
         path: &str,
         version: Version,
@@ -306,89 +366,6 @@ impl SqliteMeta {
             Ok(outcome)
         })
         .await
-    }
-
-    async fn write<T, F>(&self, f: F) -> Result<T, MetaError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, MetaError> + Send + 'static,
-    {
-        let mut conn = self.writer.clone().lock_owned().await;
-        tokio::task::spawn_blocking(move || f(&mut conn))
-            .await
-            .map_err(|e| MetaError::Database(e.to_string()))?
-    }
-}
-
-/// Drops one reference from `digest`, stamping when it became unreferenced.
-fn unreference(tx: &rusqlite::Transaction<'_>, digest: &str, now: i64) -> rusqlite::Result<()> {
-    tx.execute(
-        "UPDATE blobs SET refcount = refcount - 1,
-            unreferenced_since = CASE WHEN refcount - 1 <= 0 THEN ?2 ELSE unreferenced_since END
-         WHERE digest = ?1",
-        params![digest, now],
-    )?;
-    Ok(())
-}
-
-#[async_trait]
-impl MetaStore for SqliteMeta {
-    fn describe(&self) -> String {
-        format!("sqlite {}", self.path.display())
-    }
-
-    async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
-        let path = path.to_owned();
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT f.version, f.digest, b.logical_size, b.stored_size
-                 FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = ?1",
-            )?
-            .query_row([&path], |r| {
-                Ok(FileEntry {
-                    path: path.clone(),
-                    version: r.get(0)?,
-                    blob: BlobInfo {
-                        digest: parse_digest(r.get(1)?)?,
-                        logical_size: r.get::<_, i64>(2)? as u64,
-                        stored_size: r.get::<_, i64>(3)? as u64,
-                    },
-                })
-            })
-            .optional()
-        })
-        .await
-    }
-
-    async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let digest = digest.to_hex();
-        self.read(move |c| {
-            c.prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")?
-                .exists([&digest])
-        })
-        .await
-    }
-
-    async fn put_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-    ) -> Result<PutOutcome, MetaError> {
-        self.put(path, version, blob, uploaded, now, false).await
-    }
-
-    async fn import_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-    ) -> Result<PutOutcome, MetaError> {
-        self.put(path, version, blob, uploaded, now, true).await
     }
 
     async fn delete_file(
