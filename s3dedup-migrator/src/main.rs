@@ -172,12 +172,7 @@ async fn run(
     opts: RunOptions,
     bar: bool,
 ) -> anyhow::Result<MigrateReport> {
-    let root = match &source {
-        Source::V1Dir(d) => Some(d.join("files")),
-        Source::V2Dir(d) => Some(d.join("links")),
-        Source::Http(_) | Source::Upstream { .. } => None,
-    };
-    if let Some(root) = root.filter(|r| !r.is_dir()) {
+    if let Some(root) = source.walk_root().filter(|r| !r.is_dir()) {
         bail!("source {source}: {} is not a directory", root.display());
     }
     let fs = Arc::new(

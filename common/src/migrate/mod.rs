@@ -89,14 +89,7 @@ impl std::fmt::Display for Source {
             Source::V1Dir(d) => write!(f, "v1:{}", d.display()),
             Source::V2Dir(d) => write!(f, "v2:{}", d.display()),
             Source::Http(u) => f.write_str(u),
-            Source::Upstream {
-                bucket,
-                db: UpstreamDb::Sqlite(p),
-            } => write!(f, "upstream:{bucket}:sqlite:{}", p.display()),
-            Source::Upstream {
-                bucket,
-                db: UpstreamDb::Postgres(url),
-            } => write!(f, "upstream:{bucket}:{}", upstream::redact(url)),
+            Source::Upstream { bucket, db } => write!(f, "upstream:{bucket}:{db}"),
         }
     }
 }
@@ -282,6 +275,17 @@ enum Done {
     KeptDeleted,
 }
 
+impl Done {
+    /// What committing an import did; `bytes` is what a stored file counts.
+    fn of(outcome: PutOutcome, bytes: u64) -> Done {
+        match outcome {
+            PutOutcome::Stored { .. } => Done::Migrated(bytes),
+            PutOutcome::Newer { .. } => Done::Skipped,
+            PutOutcome::Deleted { .. } => Done::KeptDeleted,
+        }
+    }
+}
+
 const INGEST: IngestOptions = IngestOptions {
     level: 6,
     max_logical_size: u64::MAX,
@@ -324,23 +328,8 @@ async fn import(
         };
     };
     let path = item.path.as_str();
-    let stored = fs
-        .stat(path)
-        .await
-        .map_err(|e| e.to_string())?
-        .map(|e| e.version);
-    if stored.is_some_and(|s| s >= *version) {
-        return Ok(Done::Skipped);
-    }
-    if stored.is_none()
-        && let Some(at) = fs
-            .meta
-            .deleted_version(path)
-            .await
-            .map_err(|e| e.to_string())?
-        && at >= *version
-    {
-        return Ok(Done::KeptDeleted);
+    if let Some(done) = settled(fs, path, *version).await? {
+        return Ok(done);
     }
     if opts.dry_run {
         return Ok(Done::Migrated(0));
@@ -371,11 +360,7 @@ async fn import(
         .import(path, *version, spooled, opts.now)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(match committed.outcome {
-        PutOutcome::Stored { .. } => Done::Migrated(bytes),
-        PutOutcome::Newer { .. } => Done::Skipped,
-        PutOutcome::Deleted { .. } => Done::KeptDeleted,
-    })
+    Ok(Done::of(committed.outcome, bytes))
 }
 
 /// What `Done` an import of `path` at `version` is, before any work: skipped when ours is at
@@ -419,19 +404,18 @@ async fn adopt(
         .adopt(path.as_str(), version, digest, opts.now)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(match committed.outcome {
-        PutOutcome::Stored { .. } => Done::Migrated(0),
-        PutOutcome::Newer { .. } => Done::Skipped,
-        PutOutcome::Deleted { .. } => Done::KeptDeleted,
-    })
+    // Nothing was copied: no bytes moved.
+    Ok(Done::of(committed.outcome, 0))
 }
 
-/// The directory a walk starts in, for directory sources.
-fn walk_root(source: &Source) -> Option<(PathBuf, bool)> {
-    match source {
-        Source::V1Dir(d) => Some((d.join("files"), false)),
-        Source::V2Dir(d) => Some((d.join("links"), true)),
-        Source::Http(_) | Source::Upstream { .. } => None,
+impl Source {
+    /// For directory sources, the directory the walk starts in (`files/` or `links/`).
+    pub fn walk_root(&self) -> Option<PathBuf> {
+        match self {
+            Source::V1Dir(d) => Some(d.join("files")),
+            Source::V2Dir(d) => Some(d.join("links")),
+            Source::Http(_) | Source::Upstream { .. } => None,
+        }
     }
 }
 
@@ -443,17 +427,14 @@ fn ordered(source: &Source) -> bool {
 /// The name a source's checkpoint is kept under: the same directory however it was spelled.
 fn checkpoint_key(source: &Source) -> String {
     match source {
-        Source::V1Dir(d) | Source::V2Dir(d) => {
-            let kind = if matches!(source, Source::V1Dir(_)) {
-                "v1"
-            } else {
-                "v2"
-            };
-            let dir = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
-            format!("{kind}:{}", dir.display())
-        }
+        Source::V1Dir(d) => Source::V1Dir(canonical(d)).to_string(),
+        Source::V2Dir(d) => Source::V2Dir(canonical(d)).to_string(),
         Source::Http(_) | Source::Upstream { .. } => source.to_string(),
     }
+}
+
+fn canonical(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned())
 }
 
 /// Starts the walk or listing, feeding a bounded channel (memory stays flat).
@@ -463,7 +444,8 @@ fn produce(
     resume: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Work> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    if let Some((root, v2)) = walk_root(source) {
+    if let Some(root) = source.walk_root() {
+        let v2 = matches!(source, Source::V2Dir(_));
         tokio::task::spawn_blocking(move || {
             let resume = resume.as_deref().map(walk::parse_position);
             walk::walk(&root, resume.as_deref(), &mut |found| {
@@ -482,7 +464,7 @@ fn produce(
         tokio::spawn(async move {
             let fail = |why: String| Work {
                 position: None,
-                item: Err((format!("upstream metadata {}", source_db(&db)), why)),
+                item: Err((format!("upstream metadata {db}"), why)),
             };
             let reader = match upstream::Reader::open(&db).await {
                 Ok(r) => r,
@@ -533,33 +515,9 @@ fn produce(
             }
         });
     } else if let Some(old) = old {
-        tokio::spawn(async move {
-            let (ptx, mut prx) = tokio::sync::mpsc::channel(1024);
-            let listing = tokio::spawn(async move { old.list(ptx).await });
-            while let Some(p) = prx.recv().await {
-                let item = p.map(|path| Item {
-                    path,
-                    origin: Origin::Http,
-                });
-                let work = Work {
-                    position: None,
-                    item,
-                };
-                if tx.send(work).await.is_err() {
-                    break;
-                }
-            }
-            let _ = listing.await;
-        });
+        tokio::spawn(async move { old.list(tx).await });
     }
     rx
-}
-
-fn source_db(db: &UpstreamDb) -> String {
-    match db {
-        UpstreamDb::Sqlite(p) => p.display().to_string(),
-        UpstreamDb::Postgres(url) => upstream::redact(url),
-    }
 }
 
 /// How many files a run of `source` will look at (for a progress bar's ETA): a walk or listing
@@ -569,14 +527,11 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
         Source::Http(u) => OldServer::new(u, http_timeout).ok(),
         _ => None,
     };
-    let resume = match walk_root(source) {
-        Some(_) => fs
-            .meta
-            .checkpoint(&checkpoint_key(source))
-            .await
-            .ok()
-            .flatten(),
-        None => None,
+    let resume = if ordered(source) {
+        let key = checkpoint_key(source);
+        fs.meta.checkpoint(&key).await.ok().flatten()
+    } else {
+        None
     };
     let mut rx = produce(source, old, resume);
     let mut n = 0;

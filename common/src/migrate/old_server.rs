@@ -11,8 +11,8 @@ use crate::filestore::{FileStore, FileStoreError};
 use crate::meta::PutOutcome;
 use crate::protocol::{self, FilePath, Version};
 
-use super::decode_v2_name;
 use super::throttle::Throttle;
+use super::{Item, Origin, Work, decode_v2_name};
 
 /// Why talking to the old server failed.
 #[derive(Debug, thiserror::Error)]
@@ -250,22 +250,22 @@ impl OldServer {
     }
 
     /// Streams `GET /list/` (every path the old server holds), line by line, so memory stays
-    /// flat. Sends `Err((what, why))` for lines that are not valid paths and for a failed
-    /// listing.
-    pub(super) async fn list(
-        &self,
-        tx: tokio::sync::mpsc::Sender<Result<FilePath, (String, String)>>,
-    ) {
+    /// flat, as work for a run (no position: the listing has no fixed order). Lines that are not
+    /// valid paths and a failed listing are sent as failures.
+    pub(super) async fn list(&self, tx: tokio::sync::mpsc::Sender<Work>) {
         let url = format!("{}/list/", self.base);
-        let fail = |why: String| (url.clone(), why);
+        let fail = |why: String| Work {
+            position: None,
+            item: Err((url.clone(), why)),
+        };
         let r = match self.send("GET", &url, self.http.get(&url)).await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let _ = tx.send(Err(fail("listing: 404".into()))).await;
+                let _ = tx.send(fail("listing: 404".into())).await;
                 return;
             }
             Err(e) => {
-                let _ = tx.send(Err(fail(e.to_string()))).await;
+                let _ = tx.send(fail(e.to_string())).await;
                 return;
             }
         };
@@ -275,7 +275,7 @@ impl OldServer {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    let _ = tx.send(Err(fail(format!("listing cut off: {e}")))).await;
+                    let _ = tx.send(fail(format!("listing cut off: {e}"))).await;
                     return;
                 }
                 None => break,
@@ -289,8 +289,16 @@ impl OldServer {
                     continue;
                 }
                 let item = FilePath::parse(&line, protocol::DEFAULT_MAX_PATH_LEN)
+                    .map(|path| Item {
+                        path,
+                        origin: Origin::Http,
+                    })
                     .map_err(|e| (line.clone(), e.to_string()));
-                if tx.send(item).await.is_err() {
+                let work = Work {
+                    position: None,
+                    item,
+                };
+                if tx.send(work).await.is_err() {
                     return;
                 }
             }

@@ -15,6 +15,16 @@ pub enum UpstreamDb {
     Postgres(String),
 }
 
+impl std::fmt::Display for UpstreamDb {
+    /// As in the source syntax, without a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamDb::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            UpstreamDb::Postgres(url) => f.write_str(&redact(url)),
+        }
+    }
+}
+
 /// One live path of the upstream bucket.
 pub(super) struct Row {
     pub path: String,
