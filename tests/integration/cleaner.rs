@@ -296,28 +296,14 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let client = s3.client();
-    let put = |key: String, body: Vec<u8>| {
-        let client = client.clone();
-        async move {
-            client
-                .put_object()
-                .bucket(S3_BUCKET)
-                .key(key)
-                .body(body.into())
-                .send()
-                .await
-                .unwrap();
-        }
-    };
     for i in 0..150 {
         let c = unique_content(&format!("orphan{i}"), 100);
         let hex = sha256_hex(&c);
-        put(format!("{}/{}/{hex}", &hex[..2], &hex[2..4]), gzip(&c)).await;
+        s3.put_raw(&sharded_key(&hex), gzip(&c)).await;
     }
     let foreign = ["notes/readme.txt", "ab/cd/not-a-digest", "00/00/backup.tar"];
     for k in foreign {
-        put(k.to_owned(), b"not ours".to_vec()).await;
+        s3.put_raw(k, b"not ours".to_vec()).await;
     }
     let mut c = api.sibling("s3dedup-cleaner");
     c.args(["--grace-secs", "0"]);
@@ -337,11 +323,7 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     assert_eq!(keys, want, "only orphans of our layout were deleted");
 
     // Damage the live object: verify reports it and exits 3.
-    put(
-        format!("{}/{}/{hex}", &hex[..2], &hex[2..4]),
-        b"truncated".to_vec(),
-    )
-    .await;
+    s3.put_raw(&sharded_key(&hex), b"truncated".to_vec()).await;
     let mut v = api.sibling("s3dedup-cleaner");
     v.arg("--verify");
     let out = run(v);

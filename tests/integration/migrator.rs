@@ -325,30 +325,16 @@ fn psql(sql: &str) {
 async fn adopt_upstream(db_kind: UpstreamDb) {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let client = s3.client();
     // The upstream deployment's objects: gzip under <aa>/<bb>/<sha256>, in the same bucket.
-    let put = |key: String, body: Vec<u8>| {
-        let client = client.clone();
-        async move {
-            client
-                .put_object()
-                .bucket(S3_BUCKET)
-                .key(key)
-                .body(body.into())
-                .send()
-                .await
-                .unwrap();
-        }
-    };
-    let key = |hex: &str| format!("{}/{}/{hex}", &hex[..2], &hex[2..4]);
     let shared = unique_content("upstream-shared", 70_000);
     let single = b"only once".to_vec();
     let (h_shared, h_single) = (sha256_hex(&shared), sha256_hex(&single));
-    put(key(&h_shared), gzip(&shared)).await;
-    put(key(&h_single), gzip(&single)).await;
+    s3.put_raw(&sharded_key(&h_shared), gzip(&shared)).await;
+    s3.put_raw(&sharded_key(&h_single), gzip(&single)).await;
     // It trusted client hints: an object that does not hold what its name says.
     let h_lie = sha256_hex(b"what the client claimed");
-    put(key(&h_lie), gzip(b"something else entirely")).await;
+    s3.put_raw(&sharded_key(&h_lie), gzip(b"something else entirely"))
+        .await;
     let h_missing = sha256_hex(b"never uploaded");
     let objects_before = s3.list_keys().await.unwrap().len();
 

@@ -191,6 +191,24 @@ impl S3Server {
     pub fn client(&self) -> aws_sdk_s3::Client {
         s3_client(&self.endpoint())
     }
+
+    /// Puts bytes at `key` behind s3dedup's back (foreign keys, another deployment's objects).
+    pub async fn put_raw(&self, key: &str, body: Vec<u8>) {
+        self.client()
+            .put_object()
+            .bucket(S3_BUCKET)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("putting {key}: {e}"));
+    }
+}
+
+/// Where the object of the content with this hex SHA-256 lives: upstream s3dedup's layout,
+/// written out here (not taken from `common`) because ours must match it.
+pub fn sharded_key(hex: &str) -> String {
+    format!("{}/{}/{hex}", &hex[..2], &hex[2..4])
 }
 
 /// An S3 client for the test server at `endpoint`, without extra checksums.
