@@ -7,6 +7,7 @@ pub mod blob;
 pub mod config;
 pub mod filestore;
 pub mod gc;
+pub mod group;
 pub mod locks;
 pub mod meta;
 pub mod migrate;

@@ -74,7 +74,7 @@ pub struct Stats {
 }
 
 /// Why the metadata store could not answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MetaError {
     #[error("metadata database unavailable: {0}")]
     Unavailable(String),
@@ -560,7 +560,41 @@ pub(crate) mod conformance {
         assert_eq!(m.checkpoint("v1:/b").await.unwrap().as_deref(), Some("z"));
     }
 
+    /// Writes issued together (SQLite commits them as one group) succeed or fail one by one.
+    pub async fn concurrent_writes_fail_alone(m: &dyn MetaStore) {
+        let stored = blob(3, 30);
+        let missing = blob(4, 40);
+        let writes = (0..60u8).map(|i| async move {
+            if i % 10 == 5 {
+                // Claims a live blob that was never stored: must fail, alone.
+                m.put_file(&format!("/bad/{i}"), 1, &missing, false, 1)
+                    .await
+            } else {
+                m.put_file(&format!("/ok/{i:02}"), 1, &stored, true, 1)
+                    .await
+            }
+        });
+        let results = futures::future::join_all(writes).await;
+        for (i, r) in results.iter().enumerate() {
+            if i % 10 == 5 {
+                assert!(matches!(r, Err(MetaError::Inconsistent(_))), "{i}: {r:?}");
+            } else {
+                assert_eq!(
+                    r.as_ref().unwrap(),
+                    &PutOutcome::Stored { version: 1 },
+                    "{i}"
+                );
+            }
+        }
+        let listed = m.list_files("/", Version::MAX, None, 100).await.unwrap();
+        assert_eq!(listed.len(), 54);
+        assert!(listed.iter().all(|p| p.starts_with("/ok/")), "{listed:?}");
+        assert!(!m.blob_is_live(&missing.digest).await.unwrap());
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
     pub async fn run_all(make: impl AsyncFn() -> Box<dyn MetaStore>) {
+        concurrent_writes_fail_alone(&*make().await).await;
         deletions_are_remembered_for_imports(&*make().await).await;
         checkpoints_are_per_source(&*make().await).await;
         garbage_is_found_rechecked_and_removed(&*make().await).await;
