@@ -227,15 +227,25 @@ impl FileStore {
         import: bool,
     ) -> Result<Committed, FileStoreError> {
         let Spooled { file, info } = spooled;
-        let guard = self
+        let name = blob_lock(&info.digest);
+        // Known content (the common case for judging inputs) only needs the cleaner kept out, so
+        // re-uploads of one blob share its lock and commit together. New content takes the lock
+        // exclusively, so concurrent uploads of it send the object once.
+        let shared = self
             .locks
-            .lock(
-                &blob_lock(&info.digest),
-                LockMode::Exclusive,
-                self.lock_timeout,
-            )
+            .lock(&name, LockMode::Shared, self.lock_timeout)
             .await?;
-        let live = self.meta.blob_is_live(&info.digest).await?;
+        let (guard, live) = if self.meta.blob_is_live(&info.digest).await? {
+            (shared, true)
+        } else {
+            shared.release().await;
+            let guard = self
+                .locks
+                .lock(&name, LockMode::Exclusive, self.lock_timeout)
+                .await?;
+            let live = self.meta.blob_is_live(&info.digest).await?;
+            (guard, live)
+        };
         if !live {
             self.store.put(&info.digest, file, info.stored_size).await?;
         }

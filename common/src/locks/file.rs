@@ -41,14 +41,16 @@ impl FileLocks {
             path: path.to_owned(),
             local: LocalLocks::default(),
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| locks.backend_error("(opening)", e))?;
+        }
         locks.open_file("(opening)")?;
         Ok(locks)
     }
 
+    /// A new open file description per held lock: OFD locks belong to the description, so two
+    /// holders of one shared lock must not share one (the first release would free both).
     fn open_file(&self, name: &str) -> Result<File, LockError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| self.backend_error(name, e))?;
-        }
         OpenOptions::new()
             .read(true)
             .write(true)
