@@ -190,6 +190,8 @@ async fn ft_get(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result
 }
 
 struct Config {
+    /// Only workloads whose label contains this (GETs read what the PUT workloads wrote).
+    only: Option<String>,
     small_ops: usize,
     large_mib: usize,
     list_files: usize,
@@ -204,6 +206,7 @@ async fn filetracker_suite(
     let url = t.url.trim_end_matches('/').to_owned();
     let (fresh, keep) = (client(false), client(true));
     let small: Arc<Vec<Vec<u8>>> = Arc::new((0..cfg.small_ops * 3).map(|_| random(4096)).collect());
+    let want = |label: &str| cfg.only.as_deref().is_none_or(|o| label.contains(o));
     let mut slot = 0;
     for (label, http, conc) in [
         ("4 KiB PUT, new conn, c=1", &fresh, 1),
@@ -217,6 +220,9 @@ async fn filetracker_suite(
         };
         let base = slot;
         slot += ops;
+        if !want(label) {
+            continue;
+        }
         let m = drive(ops, conc, |i| {
             let body = small[base + i].clone();
             let (http, url, run) = (http.clone(), url.clone(), run.clone());
@@ -244,6 +250,9 @@ async fn filetracker_suite(
         } else {
             cfg.small_ops
         };
+        if !want(label) {
+            continue;
+        }
         let m = drive(ops, conc, |i| {
             let (http, url, run) = (http.clone(), url.clone(), run.clone());
             async move { ft_get(&http, &url, &format!("{run}/s/{}", i % slot.max(1))).await }
@@ -252,18 +261,21 @@ async fn filetracker_suite(
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
         out.insert(label.into(), m);
     }
-    let m = drive(cfg.small_ops, 16, |i| {
-        let body = small[i % 8].clone();
-        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-        async move { ft_put(&http, &url, &format!("{run}/dup/{i}"), Body::Raw(body)).await }
-    })
-    .await;
-    eprintln!("  dedup hit: {:.0} ops/s", m.ops_per_sec());
-    out.insert(
-        "4 KiB re-upload of known content (dedup hit), c=16".into(),
-        m,
-    );
+    let label = "4 KiB re-upload of known content (dedup hit), c=16";
+    if want(label) {
+        let m = drive(cfg.small_ops, 16, |i| {
+            let body = small[i % 8].clone();
+            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+            async move { ft_put(&http, &url, &format!("{run}/dup/{i}"), Body::Raw(body)).await }
+        })
+        .await;
+        eprintln!("  dedup hit: {:.0} ops/s", m.ops_per_sec());
+        out.insert(label.into(), m);
+    }
 
+    if !want("MiB") {
+        return Ok(());
+    }
     let large = cfg.large_mib << 20;
     for (label, gz) in [
         ("64 MiB PUT, pre-gzipped + hints", true),
@@ -388,6 +400,7 @@ async fn main() -> anyhow::Result<()> {
     let mut s3 = None;
     let mut baseline = "old".to_owned();
     let mut cfg = Config {
+        only: None,
         small_ops: 2000,
         large_mib: 64,
         list_files: 0,
@@ -411,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
             }
             "--s3" => s3 = Some(val()?),
             "--baseline" => baseline = val()?,
+            "--only" => cfg.only = Some(val()?),
             "--small-ops" => cfg.small_ops = val()?.parse()?,
             "--large-mib" => cfg.large_mib = val()?.parse()?,
             "--list-files" => cfg.list_files = val()?.parse()?,
