@@ -296,11 +296,35 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     pub local: LocalStoreConfig,
     pub s3: S3Config,
+    pub cache: CacheConfig,
+}
+
+/// `[store.cache]`: the API's local disk cache of objects read from S3 (unused with the local
+/// store, whose objects are on local disk already).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Directory; default systemd's `$CACHE_DIRECTORY`, else `<data_dir>/cache`.
+    pub path: Option<PathBuf>,
+    /// Bound on the cache's total size; objects above an eighth of it are not cached.
+    pub max_size_mb: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            path: None,
+            max_size_mb: 2048,
+        }
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            cache: CacheConfig::default(),
             backend: StoreBackend::Local,
             local: LocalStoreConfig::default(),
             s3: S3Config::default(),
@@ -413,6 +437,15 @@ impl Config {
             .path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("objects"))
+    }
+
+    /// The read cache's directory.
+    pub fn cache_path(&self) -> PathBuf {
+        self.store
+            .cache
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("cache"))
     }
 
     /// Where uploads in flight are spooled (same filesystem as the data directory).
@@ -566,6 +599,8 @@ pub struct ProcessEnv {
     pub vars: Vec<(String, String)>,
     /// systemd's `$STATE_DIRECTORY`: the data directory unless one is configured.
     pub state_directory: Option<PathBuf>,
+    /// systemd's `$CACHE_DIRECTORY`: the read cache's directory unless one is configured.
+    pub cache_directory: Option<PathBuf>,
 }
 
 /// Loads a program's configuration: defaults, file, `S3DEDUP_*` variables, then flags
@@ -589,6 +624,9 @@ pub fn load_for_program(
         && cfg.data_dir == Config::default().data_dir
     {
         cfg.data_dir = dir;
+    }
+    if cfg.store.cache.path.is_none() {
+        cfg.store.cache.path = env.cache_directory;
     }
     Ok(cfg)
 }

@@ -17,7 +17,9 @@ use crate::meta::{
     postgres_connection_config,
 };
 use crate::protocol::Version;
-use crate::store::{FsStore, ObjectStore, ObjectStream, S3Store, StoreError};
+use crate::store::{
+    CachedStore, FsStore, ObjectStore, ObjectStream, ReadCache, S3Store, StoreError,
+};
 
 /// Why a file operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +145,27 @@ impl FileStore {
             &cfg.spool_dir(),
             Duration::from_secs(cfg.api.lock_timeout_secs),
         )
+    }
+
+    /// Reads objects through the configured local disk cache when the store is remote and the
+    /// cache is enabled; returns the cache (for its statistics) if one is used.
+    pub fn with_read_cache(
+        mut self,
+        cfg: &Config,
+    ) -> Result<(Self, Option<Arc<ReadCache>>), FileStoreError> {
+        if cfg.store.backend == StoreBackend::Local || !cfg.store.cache.enabled {
+            return Ok((self, None));
+        }
+        let dir = cfg.cache_path();
+        let cache = ReadCache::open(&dir, cfg.store.cache.max_size_mb << 20).map_err(|e| {
+            FileStoreError::Store(StoreError::io(
+                "opening the read cache",
+                &dir.display().to_string(),
+                e,
+            ))
+        })?;
+        self.store = Arc::new(CachedStore::new(self.store, cache.clone()));
+        Ok((self, Some(cache)))
     }
 
     /// A fresh spool file, deleted when dropped unless committed.

@@ -18,7 +18,7 @@ use s3dedup_common::filestore::{FileStore, FileStoreError};
 use s3dedup_common::meta::{DeleteOutcome, MetaError, PutOutcome};
 use s3dedup_common::migrate::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{self, FilePath, ProtocolError, Route};
-use s3dedup_common::store::StoreError;
+use s3dedup_common::store::{ReadCache, StoreError};
 use s3dedup_common::unix_now;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -37,6 +37,8 @@ pub struct AppState {
     slots: Arc<Semaphore>,
     /// Live migration: the old server that misses are imported from.
     fallback: Option<OldServer>,
+    /// The local read cache in front of S3, if any (for `/metrics`).
+    pub cache: Option<Arc<ReadCache>>,
 }
 
 impl AppState {
@@ -54,6 +56,7 @@ impl AppState {
             metrics: Metrics::default(),
             cfg,
             fallback,
+            cache: None,
         })
     }
 }
@@ -282,7 +285,9 @@ async fn metrics(state: &AppState) -> Response {
     let stats = state.files.meta.stats().await.ok();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(stats.as_ref()),
+        state
+            .metrics
+            .render(stats.as_ref(), state.cache.as_ref().map(|c| c.stats())),
     )
         .into_response()
 }

@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     let env = ProcessEnv {
         vars: std::env::vars().collect(),
         state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+        cache_directory: std::env::var_os("CACHE_DIRECTORY").map(PathBuf::from),
     };
     let (cfg, runtime) = match program::start(&cli.cfg, listen.collect(), env) {
         Ok(started) => started,
@@ -67,7 +68,12 @@ async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Resul
     let files = FileStore::from_config(&cfg, credentials.as_deref())
         .await
         .context("opening the store")?;
-    let state = app::AppState::new(Arc::new(files), cfg.api.clone()).map_err(anyhow::Error::msg)?;
+    let (files, cache) = files
+        .with_read_cache(&cfg)
+        .context("opening the read cache")?;
+    let mut state =
+        app::AppState::new(Arc::new(files), cfg.api.clone()).map_err(anyhow::Error::msg)?;
+    state.cache = cache;
     let state = Arc::new(state);
     server::run(state).await
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use s3dedup_common::meta::Stats;
+use s3dedup_common::store::CacheStats;
 
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
@@ -66,7 +67,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with store totals when the database answered.
-    pub fn render(&self, stats: Option<&Stats>) -> String {
+    pub fn render(&self, stats: Option<&Stats>, cache: Option<CacheStats>) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
         let _ = writeln!(out, "# TYPE s3dedup_requests_total counter");
@@ -148,6 +149,40 @@ impl Metrics {
             "# HELP s3dedup_requests_in_flight Requests being served.\n# TYPE s3dedup_requests_in_flight gauge\ns3dedup_requests_in_flight {}",
             self.in_flight.load(Relaxed)
         );
+        if let Some(c) = cache {
+            let lines = [
+                (
+                    "s3dedup_cache_hits_total",
+                    "counter",
+                    "Objects read from the local cache.",
+                    c.hits,
+                ),
+                (
+                    "s3dedup_cache_misses_total",
+                    "counter",
+                    "Objects read from the store past the cache.",
+                    c.misses,
+                ),
+                (
+                    "s3dedup_cache_entries",
+                    "gauge",
+                    "Objects in the local cache.",
+                    c.entries,
+                ),
+                (
+                    "s3dedup_cache_bytes",
+                    "gauge",
+                    "Bytes in the local cache.",
+                    c.bytes,
+                ),
+            ];
+            for (name, kind, help, v) in lines {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+                );
+            }
+        }
         if let Some(s) = stats {
             let gauges = [
                 ("s3dedup_files", "Files (paths) stored.", s.files),
@@ -189,10 +224,17 @@ mod tests {
         m.record("other", "BREW", 405, Duration::from_millis(1));
         m.record("other", "WHEN", 405, Duration::from_millis(1));
         m.dedup_hits.fetch_add(2, Relaxed);
-        let text = m.render(Some(&Stats {
-            files: 5,
-            ..Stats::default()
-        }));
+        let text = m.render(
+            Some(&Stats {
+                files: 5,
+                ..Stats::default()
+            }),
+            Some(CacheStats {
+                hits: 3,
+                ..CacheStats::default()
+            }),
+        );
+        assert!(text.contains("s3dedup_cache_hits_total 3"), "{text}");
         assert!(
             text.contains(
                 "s3dedup_requests_total{route=\"files\",method=\"GET\",status=\"200\"} 2"

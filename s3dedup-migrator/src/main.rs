@@ -53,6 +53,7 @@ fn main() -> ExitCode {
     let env = ProcessEnv {
         vars: std::env::vars().collect(),
         state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
+        ..ProcessEnv::default()
     };
     let (cfg, runtime) = match program::start(&cli.cfg, Vec::new(), env) {
         Ok(started) => started,

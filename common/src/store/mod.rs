@@ -1,6 +1,7 @@
 //! The object store: where blob contents live, keyed by digest. The metadata database, not the
 //! store, decides whether a blob exists (DESIGN invariant 2); the store only holds bytes.
 
+mod cache;
 mod fs;
 mod s3;
 
@@ -13,6 +14,7 @@ use futures::Stream;
 
 use crate::blob::Digest;
 
+pub use cache::{CacheStats, CachedStore, ReadCache};
 pub use fs::FsStore;
 pub use s3::S3Store;
 
@@ -41,7 +43,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn io(op: &'static str, key: &str, source: io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, key: &str, source: io::Error) -> Self {
         if source.raw_os_error() == Some(nix::libc::ENOSPC)
             || source.raw_os_error() == Some(nix::libc::EDQUOT)
         {

@@ -1,0 +1,340 @@
+//! A local disk cache of objects read from a remote store, so judging workers fetching the same
+//! test inputs again and again are served from local disk instead of S3.
+//!
+//! It cannot be stale: an object's key is the SHA-256 of its content, so the bytes for a key
+//! never change, and a fill is kept only after it inflates to that digest. It never serves a
+//! deleted path: it is consulted only after the metadata database resolved the path to a
+//! digest. Entries are files named by digest; recency is the file's mtime, so the least
+//! recently used order survives restarts. The total size is bounded; objects larger than an
+//! eighth of it are not cached, so one huge file cannot flush everything else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+
+use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError};
+use crate::blob::{self, Digest};
+
+const READ_CHUNK: usize = 64 * 1024;
+/// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
+/// for the cache's disk).
+const FILL_QUEUE: usize = 64;
+/// Prefix of fills in progress; leftovers are removed at startup.
+const FILL_PREFIX: &str = ".fill-";
+
+/// What the cache did, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct Lru {
+    /// Digest → (size, recency tick).
+    entries: HashMap<Digest, (u64, u64)>,
+    order: BTreeMap<u64, Digest>,
+    bytes: u64,
+    tick: u64,
+    filling: HashSet<Digest>,
+    hits: u64,
+    misses: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, d: &Digest) -> bool {
+        let Some((_, tick)) = self.entries.get_mut(d) else {
+            return false;
+        };
+        self.order.remove(tick);
+        self.tick += 1;
+        *tick = self.tick;
+        self.order.insert(self.tick, *d);
+        true
+    }
+
+    fn insert(&mut self, d: Digest, size: u64) {
+        self.remove(&d);
+        self.tick += 1;
+        self.entries.insert(d, (size, self.tick));
+        self.order.insert(self.tick, d);
+        self.bytes += size;
+    }
+
+    fn remove(&mut self, d: &Digest) {
+        if let Some((size, tick)) = self.entries.remove(d) {
+            self.order.remove(&tick);
+            self.bytes -= size;
+        }
+    }
+
+    /// Entries to evict so the total fits `max`, oldest first (already removed from the index).
+    fn evict(&mut self, max: u64) -> Vec<Digest> {
+        let mut out = Vec::new();
+        while self.bytes > max {
+            let Some((_, d)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((size, _)) = self.entries.remove(&d) {
+                self.bytes -= size;
+            }
+            out.push(d);
+        }
+        out
+    }
+}
+
+/// The cache directory and its index.
+pub struct ReadCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    lru: Mutex<Lru>,
+}
+
+impl ReadCache {
+    /// Opens (creating if needed) the cache directory and indexes what an earlier run left, most
+    /// recently used last.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Arc<Self>> {
+        std::fs::create_dir_all(dir)?;
+        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(FILL_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let (Ok(digest), Ok(meta)) = (name.parse::<Digest>(), entry.metadata()) else {
+                continue; // not ours
+            };
+            let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            found.push((used, digest, meta.len()));
+        }
+        found.sort();
+        let cache = ReadCache {
+            dir: dir.to_owned(),
+            max_bytes,
+            lru: Mutex::new(Lru::default()),
+        };
+        {
+            let mut lru = cache.index();
+            for (_, d, size) in found {
+                lru.insert(d, size);
+            }
+            for d in lru.evict(max_bytes) {
+                let _ = std::fs::remove_file(cache.path(&d));
+            }
+        }
+        Ok(Arc::new(cache))
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // The index holds no invariant a panicking holder could break halfway that matters more
+        // than serving on: recover it.
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join(d.to_hex())
+    }
+
+    /// Counters and current size.
+    pub fn stats(&self) -> CacheStats {
+        let lru = self.index();
+        CacheStats {
+            hits: lru.hits,
+            misses: lru.misses,
+            entries: lru.entries.len() as u64,
+            bytes: lru.bytes,
+        }
+    }
+
+    /// The cached object, marked as just used; `None` on a miss.
+    async fn open_entry(self: &Arc<Self>, d: &Digest) -> Option<tokio::fs::File> {
+        if !self.index().touch(d) {
+            return None;
+        }
+        let path = self.path(d);
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            // Recency on disk, for the order after a restart.
+            let _ = f.set_modified(SystemTime::now());
+            Ok::<_, io::Error>(f)
+        })
+        .await;
+        match opened {
+            Ok(Ok(f)) => Some(tokio::fs::File::from_std(f)),
+            _ => {
+                // Removed behind our back (or unreadable): forget it and read through.
+                self.index().remove(d);
+                None
+            }
+        }
+    }
+
+    /// Starts keeping a copy of the object streaming past, unless one is already being made or
+    /// it is too large to be worth a place.
+    fn start_fill(self: &Arc<Self>, d: Digest) -> Option<mpsc::Sender<Bytes>> {
+        if !self.index().filling.insert(d) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(FILL_QUEUE);
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = cache.fill(&d, rx);
+            cache.index().filling.remove(&d);
+            if let Err(e) = result {
+                tracing::debug!("not caching {d}: {e}");
+            }
+        });
+        Some(tx)
+    }
+
+    /// Writes the chunks to a temporary file, checks that they inflate to `d`, and moves the
+    /// file into place; then evicts down to the size bound.
+    fn fill(&self, d: &Digest, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<()> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(FILL_PREFIX)
+            .tempfile_in(&self.dir)?;
+        let mut size = 0u64;
+        // Ends when the reader is done or gave up; completeness is proven by the digest below
+        // (a truncated gzip stream does not inflate).
+        while let Some(chunk) = chunks.blocking_recv() {
+            size += chunk.len() as u64;
+            if size > self.max_bytes / 8 {
+                return Err(io::Error::other("larger than an eighth of the cache"));
+            }
+            tmp.write_all(&chunk)?;
+        }
+        let (digest, _) = blob::inflate(io::BufReader::new(tmp.reopen()?), io::sink())
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if digest != *d {
+            return Err(io::Error::other(format!("content inflates to {digest}")));
+        }
+        tmp.as_file().sync_data()?;
+        tmp.persist(self.path(d)).map_err(|e| e.error)?;
+        let evicted = {
+            let mut lru = self.index();
+            lru.insert(*d, size);
+            lru.evict(self.max_bytes)
+        };
+        for old in evicted {
+            let _ = std::fs::remove_file(self.path(&old));
+        }
+        Ok(())
+    }
+}
+
+/// An object store read through a [`ReadCache`]; writes and deletes go straight through.
+pub struct CachedStore {
+    inner: Arc<dyn ObjectStore>,
+    cache: Arc<ReadCache>,
+}
+
+impl CachedStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn ObjectStore>, cache: Arc<ReadCache>) -> Self {
+        CachedStore { inner, cache }
+    }
+}
+
+/// Passes a store's stream through, copying each chunk to a fill.
+struct Tee {
+    inner: ObjectStream,
+    fill: Option<mpsc::Sender<Bytes>>,
+}
+
+impl Stream for Tee {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.inner.as_mut().poll_next(cx);
+        match &item {
+            Poll::Ready(Some(Ok(chunk))) => {
+                // The cache's disk may be behind: then give up on this fill, never slow the
+                // client.
+                if let Some(fill) = &self.fill
+                    && fill.try_send(chunk.clone()).is_err()
+                {
+                    self.fill = None;
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => self.fill = None,
+            Poll::Pending => {}
+        }
+        item
+    }
+}
+
+#[async_trait]
+impl ObjectStore for CachedStore {
+    fn describe(&self) -> String {
+        format!(
+            "{} (read cache {})",
+            self.inner.describe(),
+            self.cache.dir.display()
+        )
+    }
+
+    fn key(&self, digest: &Digest) -> String {
+        self.inner.key(digest)
+    }
+
+    async fn put(
+        &self,
+        digest: &Digest,
+        spool: tempfile::NamedTempFile,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.put(digest, spool, size).await
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
+        if let Some(f) = self.cache.open_entry(digest).await {
+            self.cache.index().hits += 1;
+            return Ok(Box::pin(ReaderStream::with_capacity(f, READ_CHUNK)));
+        }
+        let body = self.inner.get(digest).await?;
+        self.cache.index().misses += 1;
+        let Some(fill) = self.cache.start_fill(*digest) else {
+            return Ok(body);
+        };
+        Ok(Box::pin(Tee {
+            inner: body,
+            fill: Some(fill),
+        }))
+    }
+
+    async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.inner.head(digest).await
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.inner.delete(digest).await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.inner.check().await
+    }
+
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<ObjectEntry>, StoreError> {
+        self.inner.list(after, limit).await
+    }
+}

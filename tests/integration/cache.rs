@@ -1,0 +1,218 @@
+//! The API's local read cache in front of a real S3 server: hits skip S3, the cache survives a
+//! restart, stays within its size bound, is never stale and never serves a deleted path.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use s3dedup_tests::*;
+
+async fn metric(http: &reqwest::Client, api: &Api, name: &str) -> u64 {
+    let text = http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Waits until the cache holds `n` objects (fills finish after the response does).
+async fn wait_entries(http: &reqwest::Client, api: &Api, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let have = metric(http, api, "s3dedup_cache_entries").await;
+        if have == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cache has {have} entries, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn put(http: &reqwest::Client, api: &Api, path: &str, version: i64, body: &[u8]) {
+    let r = http
+        .put(api.url(&format!("/files{path}?last_modified={}", lm(version))))
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), StatusCode::OK, "PUT {path}");
+}
+
+/// The content a client sees, or `None` on 404.
+async fn content(http: &reqwest::Client, api: &Api, path: &str) -> Option<Vec<u8>> {
+    let r = http
+        .get(api.url(&format!("/files{path}")))
+        .send()
+        .await
+        .expect("GET");
+    if r.status() == StatusCode::NOT_FOUND {
+        return None;
+    }
+    assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+    Some(gunzip(&r.bytes().await.expect("body")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_skip_s3_and_survive_a_restart() {
+    let mut s3 = S3Server::start().unwrap();
+    let mut api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let body = unique_content("cached", 300_000);
+    put(&http, &api, "/t/in", 1, &body).await;
+    assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+    assert_eq!(metric(&http, &api, "s3dedup_cache_misses_total").await, 1);
+    wait_entries(&http, &api, 1).await;
+
+    // Served from the cache: S3 is not needed any more.
+    s3.stop();
+    for _ in 0..3 {
+        assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+    }
+    assert_eq!(metric(&http, &api, "s3dedup_cache_hits_total").await, 3);
+
+    // ...also after a restart, which finds the cache on disk.
+    s3.restart().unwrap();
+    api.restart().unwrap();
+    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 1);
+    assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+    assert_eq!(metric(&http, &api, "s3dedup_cache_hits_total").await, 1);
+    assert_eq!(metric(&http, &api, "s3dedup_cache_misses_total").await, 0);
+
+    // A deleted path is gone although its content is still cached.
+    let r = http
+        .delete(api.url(&format!("/files/t/in?last_modified={}", lm(2))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(content(&http, &api, "/t/in").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_verified_content_is_kept() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let good = unique_content("good", 50_000);
+    put(&http, &api, "/v/good", 1, &good).await;
+    let key = sharded_key(&sha256_hex(&good));
+    let stored = s3
+        .client()
+        .get_object()
+        .bucket(S3_BUCKET)
+        .key(&key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .to_vec();
+    // Replace the object in the bucket with other bytes: the cache must not keep them under the
+    // wrong digest.
+    let other = unique_content("other", 50_000);
+    s3.put_raw(&key, gzip(&other)).await;
+    // The sizes differ, so the client sees a broken body rather than wrong content.
+    let r = http.get(api.url("/files/v/good")).send().await.unwrap();
+    assert!(r.bytes().await.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 0);
+
+    // Cached content is the content of its digest, whatever happens in the bucket later.
+    s3.put_raw(&key, stored).await;
+    assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
+    wait_entries(&http, &api, 1).await;
+    s3.put_raw(&key, gzip(&other)).await;
+    assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_bound_evicts_least_recently_used() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start_with(
+        Backend::S3(&s3),
+        &[("S3DEDUP_STORE__CACHE__MAX_SIZE_MB", "1")],
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    // Random content does not compress: each object is ~101 KB, so ten fit in the bound.
+    let bodies: Vec<Vec<u8>> = (0..14)
+        .map(|i| {
+            let mut b = vec![0; 96_000];
+            rand_fill(&mut b, i);
+            b
+        })
+        .collect();
+    for (i, b) in bodies.iter().enumerate() {
+        put(&http, &api, &format!("/l/{i}"), 1, b).await;
+    }
+    // Read 0 and 1 first, then the rest, touching 0 again halfway.
+    for i in 0..14 {
+        assert_eq!(
+            content(&http, &api, &format!("/l/{i}")).await.as_ref(),
+            Some(&bodies[i])
+        );
+        wait_cached(&api, &bodies[i]).await;
+        if i == 7 {
+            assert_eq!(
+                content(&http, &api, "/l/0").await.as_ref(),
+                Some(&bodies[0])
+            );
+        }
+    }
+    let bytes = metric(&http, &api, "s3dedup_cache_bytes").await;
+    assert!(bytes <= 1 << 20, "cache holds {bytes} bytes");
+    let on_disk: u64 = walk(&api.data_dir.join("cache"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(on_disk <= 1 << 20, "cache directory holds {on_disk} bytes");
+    // Ten fit. 1 was used longest ago and is gone; 0 (used again halfway) and 13 are kept.
+    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 10);
+    let misses = metric(&http, &api, "s3dedup_cache_misses_total").await;
+    content(&http, &api, "/l/13").await.unwrap();
+    content(&http, &api, "/l/0").await.unwrap();
+    assert_eq!(
+        metric(&http, &api, "s3dedup_cache_misses_total").await,
+        misses
+    );
+    content(&http, &api, "/l/1").await.unwrap();
+    assert_eq!(
+        metric(&http, &api, "s3dedup_cache_misses_total").await,
+        misses + 1
+    );
+}
+
+/// Waits until the fill of `body`'s object has landed in the cache directory.
+async fn wait_cached(api: &Api, body: &[u8]) {
+    let file = api.data_dir.join("cache").join(sha256_hex(body));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Overwrites `b` with bytes that do not compress (seeded, so reruns are alike).
+fn rand_fill(b: &mut [u8], seed: usize) {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
+    for byte in b.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+}
