@@ -3,7 +3,7 @@
 //! ratios. Run it through tests/bench/run.sh, which starts the servers on fresh data.
 //!
 //!   s3dedup-bench --target NAME=URL[@PID] ... [--s3 ENDPOINT] [--baseline NAME] [--small-ops N]
-//!                 [--large-mib N] [--list-files N]
+//!                 [--large-mib N] [--list-files N] [--huge-gib N] [--only LABEL]
 //!
 //! Every content is fresh random bytes (both kinds of server deduplicate). Bounded in work, not
 //! timed by the test suite: this measures, it does not assert.
@@ -193,6 +193,8 @@ struct Config {
     /// Only workloads whose label contains this (GETs read what the PUT workloads wrote).
     only: Option<String>,
     small_ops: usize,
+    /// Size of each of the 16 concurrent transfers of the memory run; 0: skipped.
+    huge_gib: usize,
     large_mib: usize,
     list_files: usize,
 }
@@ -207,6 +209,21 @@ async fn filetracker_suite(
     let (fresh, keep) = (client(false), client(true));
     let small: Arc<Vec<Vec<u8>>> = Arc::new((0..cfg.small_ops * 3).map(|_| random(4096)).collect());
     let want = |label: &str| cfg.only.as_deref().is_none_or(|o| label.contains(o));
+    // What the load generator and the kernel can do at all on this machine: the smallest
+    // request there is, through the same client.
+    let label = "empty GET /version/, new conn, c=16 (harness ceiling)";
+    if want(label) {
+        let m = drive(cfg.small_ops, 16, |_| {
+            let (http, url) = (fresh.clone(), url.clone());
+            async move {
+                let r = http.get(format!("{url}/version/")).send().await?;
+                Ok(r.bytes().await?.len() as u64)
+            }
+        })
+        .await;
+        eprintln!("  ceiling: {:.0} ops/s", m.ops_per_sec());
+        out.insert(label.into(), m);
+    }
     let mut slot = 0;
     for (label, http, conc) in [
         ("4 KiB PUT, new conn, c=1", &fresh, 1),
@@ -301,6 +318,22 @@ async fn filetracker_suite(
     .await;
     eprintln!("  large GET: {:.0} MiB/s", m.mib_per_sec());
     out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+    // The same objects again: s3dedup on S3 now serves them from its read cache (filled, and
+    // verified, just after the first read).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = drive(3, 1, |i| {
+        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
+        async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
+    })
+    .await;
+    eprintln!("  large GET again: {:.0} MiB/s", m.mib_per_sec());
+    out.insert(
+        format!("{} MiB GET again (warm read cache)", cfg.large_mib),
+        m,
+    );
+    if cfg.huge_gib > 0 {
+        huge(&url, &run, cfg.huge_gib, out).await?;
+    }
 
     if cfg.list_files > 0 {
         let populate = drive(cfg.list_files, 16, |i| {
@@ -379,7 +412,88 @@ async fn s3_suite(
     out.insert(format!("{} MiB PUT, pre-gzipped + hints", cfg.large_mib), m);
     let m = drive(3, 1, |i| get(format!("{run}/l/{i}"))).await;
     out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+    let m = drive(3, 1, |i| get(format!("{run}/l/{i}"))).await;
+    out.insert(
+        format!("{} MiB GET again (warm read cache)", cfg.large_mib),
+        m,
+    );
     Ok(())
+}
+
+/// Sixteen concurrent uploads of `gib` GiB each (pre-gzipped with hints, so every one is
+/// inflated and hashed by the server), then sixteen concurrent downloads without gzip (the
+/// server inflates each on the fly): what the peak RSS column then shows.
+async fn huge(
+    url: &str,
+    run: &str,
+    gib: usize,
+    out: &mut BTreeMap<String, Measure>,
+) -> anyhow::Result<()> {
+    let block = text_like(1 << 20);
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+    let mut hash = sha2::Sha256::default();
+    for _ in 0..(gib << 10) {
+        e.write_all(&block)?;
+        sha2::Digest::update(&mut hash, &block);
+    }
+    let gz = Arc::new(e.finish()?);
+    let sha = hex::encode(sha2::Digest::finalize(hash));
+    let size = gib << 30;
+    let http = client(true);
+    let m = drive(16, 16, |i| {
+        let (http, gz, sha) = (http.clone(), gz.clone(), sha.clone());
+        let u = format!(
+            "{url}/files{run}/huge/{i}?last_modified={}",
+            lm(1_700_000_000)
+        );
+        async move {
+            let r = http
+                .put(u)
+                .header("Content-Encoding", "gzip")
+                .header("SHA256-Checksum", sha)
+                .header("Logical-Size", size.to_string())
+                .body(gz.to_vec())
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("huge PUT: {}", r.status());
+            }
+            Ok(size as u64)
+        }
+    })
+    .await;
+    eprintln!("  16 × {gib} GiB PUT: {:.0} MiB/s", m.mib_per_sec());
+    out.insert(format!("16 × {gib} GiB PUT at once, pre-gzipped"), m);
+    let m = drive(16, 16, |i| {
+        let (http, url, run) = (http.clone(), url.to_owned(), run.to_owned());
+        async move { ft_get(&http, &url, &format!("{run}/huge/{i}")).await }
+    })
+    .await;
+    eprintln!("  16 × {gib} GiB GET: {:.0} MiB/s", m.mib_per_sec());
+    out.insert(format!("16 × {gib} GiB GET at once, inflated"), m);
+    Ok(())
+}
+
+/// Seconds `sha256sum` and then `gzip -1` take over `data`: the floor for a raw PUT, which must
+/// do both.
+fn sha256sum_and_gzip(data: &[u8]) -> anyhow::Result<Duration> {
+    let f = tempfile::NamedTempFile::new()?;
+    std::fs::write(f.path(), data)?;
+    let started = Instant::now();
+    for cmd in [
+        "sha256sum \"$0\" > /dev/null",
+        "gzip -1 -c \"$0\" > /dev/null",
+    ] {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .arg(f.path())
+            .status()?
+            .success();
+        if !ok {
+            bail!("{cmd} failed");
+        }
+    }
+    Ok(started.elapsed())
 }
 
 /// Peak RSS (VmHWM) of a process and all its descendants, in KiB.
@@ -402,6 +516,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = Config {
         only: None,
         small_ops: 2000,
+        huge_gib: 0,
         large_mib: 64,
         list_files: 0,
     };
@@ -425,6 +540,7 @@ async fn main() -> anyhow::Result<()> {
             "--s3" => s3 = Some(val()?),
             "--baseline" => baseline = val()?,
             "--only" => cfg.only = Some(val()?),
+            "--huge-gib" => cfg.huge_gib = val()?.parse()?,
             "--small-ops" => cfg.small_ops = val()?.parse()?,
             "--large-mib" => cfg.large_mib = val()?.parse()?,
             "--list-files" => cfg.list_files = val()?.parse()?,
@@ -445,6 +561,24 @@ async fn main() -> anyhow::Result<()> {
         results.push(("s3-direct".into(), out, None));
     }
     print_table(&results, &baseline);
+    let reference = sha256sum_and_gzip(&text_like(cfg.large_mib << 20))?;
+    let mib = cfg.large_mib as f64;
+    println!();
+    println!(
+        "Floor for a raw {mib} MiB PUT: `sha256sum` then `gzip -1` of the same kind of file take \
+         {:.2} s ({:.0} MiB/s).",
+        reference.as_secs_f64(),
+        mib / reference.as_secs_f64()
+    );
+    let raw = format!("{} MiB PUT, raw", cfg.large_mib);
+    for (name, out, _) in &results {
+        if let Some(m) = out.get(&raw).filter(|m| m.ops > 0) {
+            println!(
+                "- {name}: a raw PUT takes {:.2}× that",
+                m.wall.as_secs_f64() / m.ops as f64 / reference.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 
