@@ -13,7 +13,9 @@ if ! "$venv/bin/python" -c 'import filetracker' 2>/dev/null; then
     exit 2
 fi
 venv=$(cd "$venv" && pwd)
-cargo build --release --locked -q -p s3dedup-api -p s3-test-server -p s3dedup-tests --bin s3dedup-bench
+# Separate builds: `--bin` would otherwise filter the other packages' binaries out too.
+cargo build --release --locked -q -p s3dedup-api -p s3-test-server
+cargo build --release --locked -q -p s3dedup-tests --bin s3dedup-bench
 bin=target/release
 work=$(mktemp -d /var/tmp/s3dedup-bench.XXXXXX)
 pids=()
