@@ -352,7 +352,11 @@ impl FileStore {
             let Some(entry) = self.meta.get_file(path).await? else {
                 return Ok(None);
             };
-            match self.store.get(&entry.blob.digest).await {
+            match self
+                .store
+                .get_stored(&entry.blob.digest, entry.blob.stored_size)
+                .await
+            {
                 Ok(body) => return Ok(Some(Opened { entry, body })),
                 Err(StoreError::NotFound { .. }) if attempts < 2 => {
                     attempts += 1;

@@ -216,3 +216,48 @@ fn rand_fill(b: &mut [u8], seed: usize) {
         *byte = x as u8;
     }
 }
+
+/// One content can come back stored as other gzip bytes (a client's own gzip after the server's
+/// was collected): a cached copy of the old encoding must not be served for the new row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_encoding_of_cached_content_is_read_through() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let body = unique_content("encodings", 200_000);
+    put(&http, &api, "/e/raw", 1, &body).await;
+    assert_eq!(content(&http, &api, "/e/raw").await.unwrap(), body);
+    wait_cached(&api, &body).await;
+
+    let r = http
+        .delete(api.url(&format!("/files/e/raw?last_modified={}", lm(2))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut cleaner = api.sibling("s3dedup-cleaner");
+    cleaner.args(["--grace-secs", "0"]);
+    assert!(cleaner.status().unwrap().success());
+    assert!(s3.list_keys().await.unwrap().is_empty(), "the blob was collected");
+
+    // The client's gzip (best compression) differs from the server's level-1 bytes.
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut e, &body).unwrap();
+    let theirs = e.finish().unwrap();
+    let r = http
+        .put(api.url(&format!("/files/e/gz?last_modified={}", lm(3))))
+        .header("Content-Encoding", "gzip")
+        .header("SHA256-Checksum", sha256_hex(&body))
+        .header("Logical-Size", body.len().to_string())
+        .body(theirs)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let misses = metric(&http, &api, "s3dedup_cache_misses_total").await;
+    assert_eq!(content(&http, &api, "/e/gz").await.unwrap(), body);
+    assert_eq!(
+        metric(&http, &api, "s3dedup_cache_misses_total").await,
+        misses + 1
+    );
+}

@@ -162,10 +162,23 @@ impl ReadCache {
         }
     }
 
-    /// The cached object, marked as just used; `None` on a miss.
-    async fn open_entry(self: &Arc<Self>, d: &Digest) -> Option<tokio::fs::File> {
-        if !self.index().touch(d) {
-            return None;
+    /// The cached object if it has `size` bytes, marked as just used; `None` on a miss. A copy
+    /// of another size is another encoding of the content than the one now stored: dropped.
+    async fn open_entry(self: &Arc<Self>, d: &Digest, size: u64) -> Option<tokio::fs::File> {
+        {
+            let mut lru = self.index();
+            match lru.entries.get(d) {
+                None => return None,
+                Some((cached, _)) if *cached != size => {
+                    lru.remove(d);
+                    drop(lru);
+                    let _ = std::fs::remove_file(self.path(d));
+                    return None;
+                }
+                Some(_) => {
+                    lru.touch(d);
+                }
+            }
         }
         let path = self.path(d);
         let opened = tokio::task::spawn_blocking(move || {
@@ -303,7 +316,12 @@ impl ObjectStore for CachedStore {
     }
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
-        if let Some(f) = self.cache.open_entry(digest).await {
+        // Without a row's size to check against (verification, adoption): the store itself.
+        self.inner.get(digest).await
+    }
+
+    async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
+        if let Some(f) = self.cache.open_entry(digest, size).await {
             self.cache.index().hits += 1;
             return Ok(Box::pin(ReaderStream::with_capacity(f, READ_CHUNK)));
         }

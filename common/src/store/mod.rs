@@ -91,6 +91,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Streams a digest's object; `NotFound` when there is none.
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError>;
 
+    /// Streams the object a metadata row describes, `size` being the row's stored size. One
+    /// content can be stored as different gzip bytes over time (the server's own gzip of a raw
+    /// upload, or a client's), so a copy kept elsewhere (a cache) must also match the size.
+    async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
+        let _ = size;
+        self.get(digest).await
+    }
+
     /// The object's stored size, or `None` when there is none.
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
 
