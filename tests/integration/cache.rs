@@ -238,7 +238,10 @@ async fn a_new_encoding_of_cached_content_is_read_through() {
     let mut cleaner = api.sibling("s3dedup-cleaner");
     cleaner.args(["--grace-secs", "0"]);
     assert!(cleaner.status().unwrap().success());
-    assert!(s3.list_keys().await.unwrap().is_empty(), "the blob was collected");
+    assert!(
+        s3.list_keys().await.unwrap().is_empty(),
+        "the blob was collected"
+    );
 
     // The client's gzip (best compression) differs from the server's level-1 bytes.
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
