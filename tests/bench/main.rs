@@ -290,6 +290,9 @@ async fn filetracker_suite(
         out.insert(label.into(), m);
     }
 
+    if cfg.huge_gib > 0 && want("GiB") {
+        huge(&url, &run, cfg.huge_gib, out).await?;
+    }
     if !want("MiB") {
         return Ok(());
     }
@@ -331,9 +334,6 @@ async fn filetracker_suite(
         format!("{} MiB GET again (warm read cache)", cfg.large_mib),
         m,
     );
-    if cfg.huge_gib > 0 {
-        huge(&url, &run, cfg.huge_gib, out).await?;
-    }
 
     if cfg.list_files > 0 {
         let populate = drive(cfg.list_files, 16, |i| {
