@@ -54,15 +54,14 @@ struct Lru {
 }
 
 impl Lru {
-    fn touch(&mut self, d: &Digest) -> bool {
+    fn touch(&mut self, d: &Digest) {
         let Some((_, tick)) = self.entries.get_mut(d) else {
-            return false;
+            return;
         };
         self.order.remove(tick);
         self.tick += 1;
         *tick = self.tick;
         self.order.insert(self.tick, *d);
-        true
     }
 
     fn insert(&mut self, d: Digest, size: u64) {
@@ -165,31 +164,34 @@ impl ReadCache {
     /// The cached object if it has `size` bytes, marked as just used; `None` on a miss. A copy
     /// of another size is another encoding of the content than the one now stored: dropped.
     async fn open_entry(self: &Arc<Self>, d: &Digest, size: u64) -> Option<tokio::fs::File> {
-        {
+        let current = {
             let mut lru = self.index();
-            match lru.entries.get(d) {
+            match lru.entries.get(d).map(|&(cached, _)| cached == size) {
                 None => return None,
-                Some((cached, _)) if *cached != size => {
-                    lru.remove(d);
-                    drop(lru);
-                    let _ = std::fs::remove_file(self.path(d));
-                    return None;
-                }
-                Some(_) => {
-                    lru.touch(d);
+                Some(current) => {
+                    if current {
+                        lru.touch(d);
+                    } else {
+                        lru.remove(d);
+                    }
+                    current
                 }
             }
-        }
+        };
         let path = self.path(d);
         let opened = tokio::task::spawn_blocking(move || {
+            if !current {
+                std::fs::remove_file(&path)?;
+                return Ok(None);
+            }
             let f = std::fs::File::open(&path)?;
             // Recency on disk, for the order after a restart.
             let _ = f.set_modified(SystemTime::now());
-            Ok::<_, io::Error>(f)
+            Ok::<_, io::Error>(Some(f))
         })
         .await;
         match opened {
-            Ok(Ok(f)) => Some(tokio::fs::File::from_std(f)),
+            Ok(Ok(f)) => f.map(tokio::fs::File::from_std),
             _ => {
                 // Removed behind our back (or unreadable): forget it and read through.
                 self.index().remove(d);
