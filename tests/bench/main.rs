@@ -436,30 +436,16 @@ async fn huge(
         e.write_all(&block)?;
         sha2::Digest::update(&mut hash, &block);
     }
-    let gz = Arc::new(e.finish()?);
-    let sha = hex::encode(sha2::Digest::finalize(hash));
     let size = gib << 30;
+    let body = Body::Gzip {
+        gz: e.finish()?,
+        sha256: hex::encode(sha2::Digest::finalize(hash)),
+        size,
+    };
     let http = client(true);
     let m = drive(16, 16, |i| {
-        let (http, gz, sha) = (http.clone(), gz.clone(), sha.clone());
-        let u = format!(
-            "{url}/files{run}/huge/{i}?last_modified={}",
-            lm(1_700_000_000)
-        );
-        async move {
-            let r = http
-                .put(u)
-                .header("Content-Encoding", "gzip")
-                .header("SHA256-Checksum", sha)
-                .header("Logical-Size", size.to_string())
-                .body(gz.to_vec())
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                bail!("huge PUT: {}", r.status());
-            }
-            Ok(size as u64)
-        }
+        let (http, body) = (http.clone(), body.clone());
+        async move { ft_put(&http, url, &format!("{run}/huge/{i}"), body).await }
     })
     .await;
     eprintln!("  16 × {gib} GiB PUT: {:.0} MiB/s", m.mib_per_sec());
