@@ -138,16 +138,14 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            scalar(&mut out, name, "counter", help, v.load(Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP s3dedup_requests_in_flight Requests being served.\n# TYPE s3dedup_requests_in_flight gauge\ns3dedup_requests_in_flight {}",
-            self.in_flight.load(Relaxed)
+        scalar(
+            &mut out,
+            "s3dedup_requests_in_flight",
+            "gauge",
+            "Requests being served.",
+            self.in_flight.load(Relaxed),
         );
         if let Some(c) = cache {
             let lines = [
@@ -177,10 +175,7 @@ impl Metrics {
                 ),
             ];
             for (name, kind, help, v) in lines {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-                );
+                scalar(&mut out, name, kind, help, v);
             }
         }
         if let Some(s) = stats {
@@ -204,11 +199,19 @@ impl Metrics {
                 ),
             ];
             for (name, help, v) in gauges {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+                scalar(&mut out, name, "gauge", help, v);
             }
         }
         out
     }
+}
+
+/// One unlabelled counter or gauge in the text exposition format.
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 #[cfg(test)]
