@@ -8,6 +8,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::Deserialize;
 
@@ -132,8 +133,9 @@ impl Default for CleanerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
-    /// Address to bind when systemd passes no socket. Filetracker's default.
-    pub listen: SocketAddr,
+    /// Address to bind when systemd passes no socket: `HOST:PORT` (Filetracker's default
+    /// `127.0.0.1:9999`) or `unix:/PATH` for a Unix socket (behind a reverse proxy).
+    pub listen: ListenAddr,
     /// Requests served at once; more wait up to `queue_timeout_secs`, then get 503.
     pub max_concurrent_requests: usize,
     /// How long a request may wait for a free slot before a 503.
@@ -156,12 +158,23 @@ pub struct ApiConfig {
     pub fallback_forward_writes: bool,
     /// With `fallback_url`: how long one request to the old server may stall.
     pub fallback_timeout_secs: u64,
+    /// A client must send a request's headers within this time (also closes idle
+    /// keep-alive connections). 0: no limit.
+    pub header_timeout_secs: u64,
+    /// A request body that sends nothing for this long is abandoned. 0: no limit.
+    pub body_timeout_secs: u64,
+    /// A client that reads nothing of a response for this long is disconnected. 0: no limit.
+    pub send_timeout_secs: u64,
+    /// Refuse a gzip upload once its content exceeds this many times the compressed bytes
+    /// received (past the first MiB). 0: off, since deflate itself stops near 1032:1 and
+    /// periodic test data gets close to that; `max_file_size` bounds the work either way.
+    pub max_gzip_ratio: u64,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 9999))),
             max_concurrent_requests: 256,
             queue_timeout_secs: 30,
             max_file_size: 64 << 30,
@@ -172,7 +185,50 @@ impl Default for ApiConfig {
             fallback_url: String::new(),
             fallback_forward_writes: false,
             fallback_timeout_secs: 30,
+            header_timeout_secs: 60,
+            body_timeout_secs: 60,
+            send_timeout_secs: 120,
+            max_gzip_ratio: 0,
         }
+    }
+}
+
+/// Where the API listens: a TCP address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("unix socket path {path:?} must be absolute"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:/PATH ({e})"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -838,7 +894,7 @@ mod tests {
         all.push(ov("api.listen", "127.0.0.1:3"));
         let c = load(Some(f.path()), &all).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/srv/x"));
-        assert_eq!(c.api.listen.port(), 3);
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:3");
         assert_eq!(c.api.max_concurrent_requests, 7);
         assert_eq!(
             c.store.s3.bucket, "123",
@@ -884,6 +940,20 @@ mod tests {
         assert_eq!(e.to_string().lines().count(), 1, "{e}");
         let e = load(Some(Path::new("/nonexistent/s3dedup.toml")), &[]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/s3dedup.toml"), "{e}");
+        let e = load(None, &[ov("api.listen", "unix:run/api.sock")]).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn listen_on_a_unix_socket() {
+        let c = load(None, &[ov("api.listen", "unix:/run/s3dedup/api.sock")]).unwrap();
+        assert_eq!(
+            c.api.listen,
+            ListenAddr::Unix(PathBuf::from("/run/s3dedup/api.sock"))
+        );
+        assert_eq!(c.api.listen.to_string(), "unix:/run/s3dedup/api.sock");
+        let c = load(None, &[ov("api.listen", "[::1]:80")]).unwrap();
+        assert_eq!(c.api.listen.to_string(), "[::1]:80");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! Outside systemd every call is a harmless no-op. These read only systemd's own protocol
 //! variables (`NOTIFY_SOCKET`, `LISTEN_FDS`, `WATCHDOG_USEC`), never configuration.
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -33,14 +33,14 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Listening sockets passed by systemd socket activation, as std listeners (first is fd 3).
-pub fn listen_sockets() -> std::io::Result<Vec<std::net::TcpListener>> {
+/// Listening sockets passed by systemd socket activation (first is fd 3): TCP or Unix.
+pub fn listen_sockets() -> std::io::Result<Vec<OwnedFd>> {
     let fds: Vec<RawFd> = sd_notify::listen_fds()?.collect();
     Ok(fds
         .into_iter()
         // SAFETY: systemd passed these descriptors to this process for it to own; each is
         // taken exactly once here (sd_notify only reads the variables).
-        .map(|fd| unsafe { std::net::TcpListener::from_raw_fd(fd) })
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect())
 }
 

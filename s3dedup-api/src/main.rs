@@ -3,6 +3,7 @@
 mod app;
 mod metrics;
 mod server;
+mod stall;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

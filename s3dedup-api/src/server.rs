@@ -1,7 +1,9 @@
-//! The listening socket and the daemon's lifecycle: socket activation or bind, TCP_NODELAY,
-//! readiness and watchdog notifications, and a bounded drain on SIGTERM.
+//! The listening socket and the daemon's lifecycle: socket activation or bind (TCP or Unix),
+//! TCP_NODELAY, per-connection timeouts, readiness and watchdog notifications, and a bounded
+//! drain on SIGTERM.
 
-use std::future::IntoFuture;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -9,29 +11,124 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use s3dedup_common::config::ListenAddr;
 use s3dedup_common::systemd;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::app::{AppState, dispatch};
+use crate::stall::StallGuard;
 
 /// How often `STATUS=` is refreshed for `systemctl status`.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of file descriptors): retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-async fn listener(state: &AppState) -> anyhow::Result<TcpListener> {
-    let inherited = systemd::listen_sockets().context("reading sockets passed by systemd")?;
-    if let Some(l) = inherited.into_iter().next() {
-        l.set_nonblocking(true)
-            .context("making the systemd socket non-blocking")?;
-        return TcpListener::from_std(l).context("adopting the systemd socket");
+/// The listening socket: inherited from systemd or bound from `api.listen`.
+enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed on exit when we created it (systemd owns the ones it passes).
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "a TCP socket".into(), |a| a.to_string()),
+            Listener::Unix(l, _) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "a Unix socket".into()),
+        }
     }
-    let addr = state.cfg.listen;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (api.listen)"))
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, Some(path)) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn adopt(fd: OwnedFd) -> anyhow::Result<Listener> {
+    // std checks the address family: a TCP descriptor is not taken for a Unix one.
+    let unix = std::os::unix::net::UnixListener::from(fd);
+    if unix.local_addr().is_ok() {
+        unix.set_nonblocking(true)
+            .context("making the systemd socket non-blocking")?;
+        let l = UnixListener::from_std(unix).context("adopting the systemd Unix socket")?;
+        return Ok(Listener::Unix(l, None));
+    }
+    let tcp = std::net::TcpListener::from(OwnedFd::from(unix));
+    tcp.set_nonblocking(true)
+        .context("making the systemd socket non-blocking")?;
+    Ok(Listener::Tcp(
+        TcpListener::from_std(tcp).context("adopting the systemd socket")?,
+    ))
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
+    use std::os::unix::fs::FileTypeExt;
+    // A socket file left by a killed predecessor would make bind fail; anything else is kept.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on unix:{} (api.listen)", path.display()))?;
+    Ok(Listener::Unix(l, Some(path.to_owned())))
+}
+
+async fn listener(state: &AppState) -> anyhow::Result<Listener> {
+    let inherited = systemd::listen_sockets().context("reading sockets passed by systemd")?;
+    if let Some(fd) = inherited.into_iter().next() {
+        return adopt(fd);
+    }
+    match &state.cfg.listen {
+        ListenAddr::Tcp(addr) => {
+            Ok(Listener::Tcp(TcpListener::bind(addr).await.with_context(
+                || format!("cannot listen on {addr} (api.listen)"),
+            )?))
+        }
+        ListenAddr::Unix(path) => bind_unix(path),
+    }
+}
+
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
+}
+
+/// Serves one connection until it closes or the shutdown asks it to finish.
+fn serve<IO>(io: IO, app: &Router, state: &AppState, graceful: &GracefulShutdown)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &state.cfg;
+    let io = TokioIo::new(StallGuard::new(io, secs(cfg.send_timeout_secs)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(secs(cfg.header_timeout_secs));
+    let conn = builder.serve_connection(io, TowerToHyperService::new(app.clone()));
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            // Timeouts, resets and malformed requests: the client's problem, not ours.
+            debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
@@ -40,6 +137,18 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     Ok(tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+    })
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Conn> {
+    Ok(match l {
+        Listener::Tcp(l) => Conn::Tcp(l.accept().await?.0),
+        Listener::Unix(l, _) => Conn::Unix(l.accept().await?.0),
     })
 }
 
@@ -71,13 +180,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     })?;
 
     let listener = listener(&state).await?;
-    let addr = listener
-        .local_addr()
-        .context("reading the listening address")?;
-    let listener = listener.tap_io(|tcp| {
-        // Without it every small response waits ~40 ms for the peer's delayed ACK.
-        let _ = tcp.set_nodelay(true);
-    });
+    let addr = listener.describe();
     let app = Router::new()
         .fallback(dispatch)
         .with_state(state.clone())
@@ -104,20 +207,38 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         }
     });
 
-    let signalled = Arc::new(Notify::new());
-    let on_signal = signalled.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let which = wait_for_signal().await.unwrap_or("signal handler failure");
-        info!(signal = which, "shutting down, draining in-flight requests");
-        systemd::notify_stopping("draining in-flight requests");
-        on_signal.notify_one();
-    });
-    let drain_limit = Duration::from_secs(state.cfg.shutdown_timeout_secs);
-    tokio::select! {
-        r = server.into_future() => r.context("serving HTTP")?,
-        () = async { signalled.notified().await; tokio::time::sleep(drain_limit).await } => {
-            warn!(in_flight = state.metrics.in_flight.load(Relaxed), "drain timed out; exiting");
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(wait_for_signal());
+    let which = loop {
+        let accepted = tokio::select! {
+            which = &mut stop => break which.unwrap_or("signal handler failure"),
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Conn::Tcp(tcp)) => {
+                // Without it every small response waits ~40 ms for the peer's delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                serve(tcp, &app, &state, &graceful);
+            }
+            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &graceful),
+            Err(e) => {
+                warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
+    };
+    info!(signal = which, "shutting down, draining in-flight requests");
+    systemd::notify_stopping("draining in-flight requests");
+    drop(listener);
+    let drain_limit = Duration::from_secs(state.cfg.shutdown_timeout_secs);
+    if tokio::time::timeout(drain_limit, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = state.metrics.in_flight.load(Relaxed),
+            "drain timed out; exiting"
+        );
     }
     info!("stopped");
     Ok(())
