@@ -69,7 +69,13 @@ pub struct IngestOptions {
     pub level: u32,
     /// Refuse content whose uncompressed size exceeds this (also guards against gzip bombs).
     pub max_logical_size: u64,
+    /// Refuse gzip bodies inflating past this ratio (after [`RATIO_FREE_BYTES`]); 0: off.
+    pub max_gzip_ratio: u64,
 }
+
+/// Content a gzip body may inflate to before `max_gzip_ratio` applies: small files of one
+/// repeated byte are legitimate and compress far beyond any sane ratio.
+pub const RATIO_FREE_BYTES: u64 = 1 << 20;
 
 /// The identity and sizes of an ingested blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +98,10 @@ pub enum BlobError {
     BadGzip(io::Error),
     #[error("content exceeds the maximum size of {0} bytes")]
     TooLarge(u64),
+    #[error("Logical-Size mismatch: client said {0}, content is larger")]
+    LargerThanClaimed(u64),
+    #[error("gzip body inflates more than {0}:1 (api.max_gzip_ratio); refusing a likely gzip bomb")]
+    GzipBomb(u64),
     #[error("upload was interrupted: {0}")]
     Interrupted(String),
     #[error("cannot write spool file: {0}")]
@@ -202,19 +212,22 @@ impl<R: Read, W: Write> Read for TeeReader<R, W> {
     }
 }
 
-/// Hashes and counts uncompressed bytes, enforcing the size limit.
+/// Hashes and counts uncompressed bytes, enforcing the size limit and stopping as soon as the
+/// content outgrows a claimed Logical-Size (no point inflating the rest of a lie).
 struct ContentSink {
     hasher: Sha256,
     size: u64,
     max: u64,
+    claimed: Option<u64>,
 }
 
 impl ContentSink {
-    fn new(max: u64) -> Self {
+    fn new(max: u64, claimed: Option<u64>) -> Self {
         ContentSink {
             hasher: Sha256::new(),
             size: 0,
             max,
+            claimed,
         }
     }
 
@@ -222,6 +235,11 @@ impl ContentSink {
         self.size += data.len() as u64;
         if self.size > self.max {
             return Err(BlobError::TooLarge(self.max));
+        }
+        if let Some(claimed) = self.claimed
+            && self.size > claimed
+        {
+            return Err(BlobError::LargerThanClaimed(claimed));
         }
         self.hasher.update(data);
         Ok(())
@@ -268,7 +286,7 @@ pub fn ingest<R: Read, W: Write>(
     hints: &Hints,
     opts: &IngestOptions,
 ) -> Result<BlobInfo, BlobError> {
-    let mut sink = ContentSink::new(opts.max_logical_size);
+    let mut sink = ContentSink::new(opts.max_logical_size, hints.logical_size);
     let mut buf = vec![0u8; BUF_SIZE];
     let stored_size = match encoding {
         Encoding::Gzip => {
@@ -282,7 +300,16 @@ pub fn ingest<R: Read, W: Write>(
             loop {
                 match decoder.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => sink.update(&buf[..n])?,
+                    Ok(n) => {
+                        sink.update(&buf[..n])?;
+                        let ratio = opts.max_gzip_ratio;
+                        if ratio > 0
+                            && sink.size > RATIO_FREE_BYTES
+                            && sink.size / ratio > decoder.get_ref().count
+                        {
+                            return Err(BlobError::GzipBomb(ratio));
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         drop(decoder);
@@ -348,7 +375,7 @@ impl<W: Write> Write for CountingWriter<W> {
 /// and size. Used to verify objects and to serve clients that refuse gzip.
 pub fn inflate<R: Read, W: Write>(src: R, mut out: W) -> Result<(Digest, u64), BlobError> {
     let mut decoder = MultiGzDecoder::new(src);
-    let mut sink = ContentSink::new(u64::MAX);
+    let mut sink = ContentSink::new(u64::MAX, None);
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         match decoder.read(&mut buf) {
@@ -381,6 +408,7 @@ mod tests {
     const OPTS: IngestOptions = IngestOptions {
         level: 1,
         max_logical_size: 1 << 30,
+        max_gzip_ratio: 0,
     };
 
     #[test]
@@ -517,6 +545,7 @@ mod tests {
         let opts = IngestOptions {
             level: 1,
             max_logical_size: 1 << 20,
+            max_gzip_ratio: 0,
         };
         let e = ingest(
             &gz[..],

@@ -397,6 +397,7 @@ mod tests {
     const OPTS: IngestOptions = IngestOptions {
         level: 1,
         max_logical_size: 1 << 20,
+        max_gzip_ratio: 0,
     };
 
     async fn fixture(dir: &Path) -> FileStore {

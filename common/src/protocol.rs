@@ -21,7 +21,7 @@ pub const DEFAULT_MAX_PATH_LEN: usize = 4096;
 pub enum ProtocolError {
     #[error("unknown endpoint {0:?}")]
     UnknownEndpoint(String),
-    #[error("path is not valid percent-encoded UTF-8")]
+    #[error("path is not valid percent-encoded UTF-8 (a % must start a %XX escape)")]
     BadEncoding,
     #[error("path component {0:?} is not allowed")]
     ForbiddenComponent(String),
@@ -34,7 +34,7 @@ pub enum ProtocolError {
     #[error("missing query parameter last_modified")]
     MissingVersion,
     #[error(
-        "invalid date {0:?}: expected an RFC 2822 date such as 'Sun, 06 Nov 1994 08:49:37 GMT'"
+        "invalid date {0:?}: expected an RFC 2822 date between 1970 and 9999 such as 'Sun, 06 Nov 1994 08:49:37 GMT'"
     )]
     BadDate(String),
     #[error("invalid query string: {0}")]
@@ -122,6 +122,9 @@ fn check_component(c: &str) -> Result<(), ProtocolError> {
 impl Route {
     /// Parses the raw (percent-encoded) path of a request URI.
     pub fn parse(raw_path: &str, max_path_len: usize) -> Result<Route, ProtocolError> {
+        if !well_escaped(raw_path) {
+            return Err(ProtocolError::BadEncoding);
+        }
         let decoded = percent_decode_str(raw_path)
             .decode_utf8()
             .map_err(|_| ProtocolError::BadEncoding)?;
@@ -170,6 +173,9 @@ impl Route {
 /// A file version: whole seconds since the Unix epoch.
 pub type Version = i64;
 
+/// The last second of year 9999: later dates are refused.
+pub const MAX_VERSION: Version = 253_402_300_799;
+
 /// Parses an RFC 2822 date as clients send it (`GMT`, `-0000`, `+hhmm` zones) into a version.
 pub fn parse_version(value: &str) -> Result<Version, ProtocolError> {
     let v = value.trim();
@@ -177,18 +183,20 @@ pub fn parse_version(value: &str) -> Result<Version, ProtocolError> {
     if v.is_empty() {
         return Err(bad());
     }
-    if let Ok(dt) = DateTime::parse_from_rfc2822(v) {
-        return Ok(dt.timestamp());
+    let parsed = DateTime::parse_from_rfc2822(v).ok().or_else(|| {
+        // chrono rejects a few zone spellings Python's email.utils produces or accepts.
+        [(" UTC", " +0000"), (" Z", " +0000"), (" -0000", " +0000")]
+            .iter()
+            .find_map(|(suffix, repl)| {
+                let head = v.strip_suffix(suffix)?;
+                DateTime::parse_from_rfc2822(&format!("{head}{repl}")).ok()
+            })
+    });
+    // A version past year 9999 would outrank every later upload of the path for good.
+    match parsed.map(|dt| dt.timestamp()) {
+        Some(t) if (0..=MAX_VERSION).contains(&t) => Ok(t),
+        _ => Err(bad()),
     }
-    // chrono rejects a few zone spellings Python's email.utils produces or accepts.
-    for (suffix, repl) in [(" UTC", " +0000"), (" Z", " +0000"), (" -0000", " +0000")] {
-        if let Some(head) = v.strip_suffix(suffix)
-            && let Ok(dt) = DateTime::parse_from_rfc2822(&format!("{head}{repl}"))
-        {
-            return Ok(dt.timestamp());
-        }
-    }
-    Err(bad())
 }
 
 /// Formats a version as the RFC 2822 date clients expect in `Last-Modified`.
@@ -213,7 +221,31 @@ pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Pr
     Ok(None)
 }
 
+/// True when every `%` starts a two-hex-digit escape. A stray `%` never comes from a client
+/// that quotes its paths, and decoding it as itself would store a path nobody can name back.
+fn well_escaped(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
 fn decode_form(s: &str) -> Result<String, ProtocolError> {
+    if !well_escaped(s) {
+        return Err(ProtocolError::BadQuery(format!(
+            "{s:?} has a % not followed by two hex digits"
+        )));
+    }
     let spaced = s.replace('+', " ");
     percent_decode_str(&spaced)
         .decode_utf8()

@@ -122,7 +122,9 @@ impl From<FileStoreError> for ApiError {
             FileStoreError::Store(StoreError::Full { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             FileStoreError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             FileStoreError::Lock(_) => StatusCode::SERVICE_UNAVAILABLE,
-            FileStoreError::Blob(BlobError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            FileStoreError::Blob(BlobError::TooLarge(_) | BlobError::GzipBomb(_)) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             _ if e.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
             FileStoreError::Blob(b) if b.is_client_error() => StatusCode::BAD_REQUEST,
             FileStoreError::Blob(_) | FileStoreError::Spool { .. } => {
@@ -368,17 +370,28 @@ fn not_found(path: &FilePath) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("file {path} not found"))
 }
 
+fn ingest_options(cfg: &ApiConfig) -> IngestOptions {
+    IngestOptions {
+        level: cfg.compression_level,
+        max_logical_size: cfg.max_file_size,
+        max_gzip_ratio: cfg.max_gzip_ratio,
+    }
+}
+
 /// Live migration: on a miss, imports `path` from the old server. True when it is stored now.
 async fn import_miss(state: &AppState, path: &FilePath) -> Result<bool, ApiError> {
     let Some(old) = &state.fallback else {
         return Ok(false);
     };
-    let opts = IngestOptions {
-        level: state.cfg.compression_level,
-        max_logical_size: state.cfg.max_file_size,
-    };
     let imported = old
-        .import(&state.files, path, opts, None, false, unix_now())
+        .import(
+            &state.files,
+            path,
+            ingest_options(&state.cfg),
+            None,
+            false,
+            unix_now(),
+        )
         .await?;
     if let Imported::Stored { version, .. } = imported {
         state.metrics.fallback_imports.fetch_add(1, Relaxed);
@@ -530,13 +543,37 @@ fn request_version(
     Ok(protocol::request_version(req_query, header)?)
 }
 
+/// The next chunk of a request body; an error once the client has sent nothing for
+/// `api.body_timeout_secs` (a stalled upload must not hold its slot and spool file forever).
+async fn next_chunk(
+    body: &mut axum::body::BodyDataStream,
+    cfg: &ApiConfig,
+) -> Option<Result<Bytes, String>> {
+    let next = body.next();
+    let r = if cfg.body_timeout_secs == 0 {
+        next.await
+    } else {
+        let limit = Duration::from_secs(cfg.body_timeout_secs);
+        match tokio::time::timeout(limit, next).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Some(Err(format!(
+                    "client sent no body data for {} s (api.body_timeout_secs)",
+                    cfg.body_timeout_secs
+                )));
+            }
+        }
+    };
+    r.map(|c| c.map_err(|e| format!("reading request body: {e}")))
+}
+
 /// Reads and discards what is left of a request body, at most `limit` bytes; returns the count.
 /// Answering before the body is read makes the server close the connection, which a client
 /// still sending (or reusing the connection) sees as a broken pipe instead of the answer.
-async fn drain(body: &mut axum::body::BodyDataStream, limit: u64) -> u64 {
+async fn drain(body: &mut axum::body::BodyDataStream, cfg: &ApiConfig, limit: u64) -> u64 {
     let mut n = 0u64;
     while n <= limit {
-        match body.next().await {
+        match next_chunk(body, cfg).await {
             Some(Ok(b)) => n += b.len() as u64,
             _ => break,
         }
@@ -556,13 +593,13 @@ async fn put_file(state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body
         Ok(PutStart::Newer(version)) => {
             // A strictly newer stored version wins: nothing to store, but read the body so the
             // client gets its 200 on a healthy connection.
-            let n = drain(&mut body, state.cfg.max_file_size).await;
+            let n = drain(&mut body, &state.cfg, state.cfg.max_file_size).await;
             state.metrics.bytes_in.fetch_add(n, Relaxed);
             Ok(([last_modified(version)], "").into_response())
         }
         Err(e) => {
             if e.status != StatusCode::PAYLOAD_TOO_LARGE {
-                drain(&mut body, DRAIN_ON_ERROR).await;
+                drain(&mut body, &state.cfg, DRAIN_ON_ERROR).await;
             }
             Err(e)
         }
@@ -585,7 +622,15 @@ async fn put_checks(state: &AppState, path: &FilePath, req: &Parts) -> Result<Pu
     let encoding = parse_encoding(&req.headers)?;
     let hints = parse_hints(&req.headers)?;
     let max = state.cfg.max_file_size;
-    if hints.logical_size.is_some_and(|n| n > max) {
+    // A body longer than any acceptable content is refused before it is read; gzip may
+    // exceed its content by a little on incompressible data.
+    let body_max = match encoding {
+        Encoding::Identity => max,
+        Encoding::Gzip => max.saturating_add(max / 64 + 4096),
+    };
+    let declared = header_str(&req.headers, header::CONTENT_LENGTH)?
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if hints.logical_size.is_some_and(|n| n > max) || declared.is_some_and(|n| n > body_max) {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("content exceeds the maximum size of {max} bytes"),
@@ -602,10 +647,7 @@ async fn put_body(
     hints: Hints,
     version: protocol::Version,
 ) -> ApiResult {
-    let opts = IngestOptions {
-        level: state.cfg.compression_level,
-        max_logical_size: state.cfg.max_file_size,
-    };
+    let opts = ingest_options(&state.cfg);
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     let files = state.files.clone();
     let ingest = tokio::task::spawn_blocking(move || {
@@ -613,20 +655,18 @@ async fn put_body(
     });
     let mut received = 0u64;
     loop {
-        match body.next().await {
+        match next_chunk(&mut body, &state.cfg).await {
             Some(Ok(bytes)) => {
                 received += bytes.len() as u64;
                 if tx.send(Chunk::Data(bytes)).await.is_err() {
                     // The ingest task stopped early (bad gzip, too large); its error says why.
                     // Read a bounded rest of the body so the client sees that error.
-                    received += drain(&mut body, DRAIN_ON_ERROR).await;
+                    received += drain(&mut body, &state.cfg, DRAIN_ON_ERROR).await;
                     break;
                 }
             }
             Some(Err(e)) => {
-                let _ = tx
-                    .send(Chunk::Failed(format!("reading request body: {e}")))
-                    .await;
+                let _ = tx.send(Chunk::Failed(e)).await;
                 break;
             }
             None => {

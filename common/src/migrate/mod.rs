@@ -289,6 +289,7 @@ impl Done {
 const INGEST: IngestOptions = IngestOptions {
     level: 6,
     max_logical_size: u64::MAX,
+    max_gzip_ratio: 0,
 };
 
 async fn import(

@@ -1,0 +1,361 @@
+//! Hostile and broken clients against the real binary: malformed HTTP, slow or stalled
+//! senders and readers, gzip bombs, and the Unix-socket listener. After each, the daemon still
+//! serves, holds no slot, spool file or metadata for the failed request.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use s3dedup_tests::*;
+
+/// Short timeouts so each stall is seen within seconds.
+const TIMEOUTS: [(&str, &str); 3] = [
+    ("S3DEDUP_API__HEADER_TIMEOUT_SECS", "2"),
+    ("S3DEDUP_API__BODY_TIMEOUT_SECS", "2"),
+    ("S3DEDUP_API__SEND_TIMEOUT_SECS", "2"),
+];
+
+fn status_line(answer: &str) -> &str {
+    answer.lines().next().unwrap_or_default()
+}
+
+fn still_serves(api: &Api) {
+    let r = raw_request(
+        api.addr,
+        b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .expect("daemon answers");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+async fn metric(api: &Api, name: &str) -> u64 {
+    let text = reqwest::get(api.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+async fn stored_paths(api: &Api) -> String {
+    reqwest::get(api.url("/list/"))
+        .await
+        .expect("list")
+        .text()
+        .await
+        .expect("list body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_store_nothing() {
+    let api =
+        Api::start_with(Backend::Local, &[("S3DEDUP_API__MAX_FILE_SIZE", "1048576")]).unwrap();
+    let date = lm(1_700_000_000);
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "bad percent-encoding",
+            format!("PUT /files/a%zz%?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "encoded NUL in the path",
+            format!("PUT /files/a%00b?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "raw NUL in the request line",
+            format!("PUT /files/a\0b?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "NUL in a header",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nSHA256-Checksum: ab\0cd\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "a 1 MiB header",
+            format!("GET /version HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n", "a".repeat(1 << 20)).into_bytes(),
+            &["431", "400"],
+        ),
+        (
+            "ten thousand headers",
+            format!("GET /version HTTP/1.1\r\nHost: x\r\n{}Connection: close\r\n\r\n", "X-A: b\r\n".repeat(10_000)).into_bytes(),
+            &["431", "400"],
+        ),
+        (
+            "Content-Length beyond u64",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "negative Content-Length",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "two different Content-Lengths",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nxx").into_bytes(),
+            &["400"],
+        ),
+        (
+            "a Content-Length above max_file_size, body never sent",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\nxyz").into_bytes(),
+            &["413"],
+        ),
+        (
+            "a Logical-Size above max_file_size",
+            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nLogical-Size: 2000000\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            &["413"],
+        ),
+        (
+            "a path longer than max_path_length",
+            format!("PUT /files/{}?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx", "d/".repeat(3000)).into_bytes(),
+            &["400", "414"],
+        ),
+        (
+            "a date out of range",
+            b"PUT /files/a?last_modified=Fri,%2031%20Dec%2099999%2023:59:59%20GMT HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx".to_vec(),
+            &["400"],
+        ),
+        (
+            "not HTTP at all",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 random TLS hello\r\n\r\n".to_vec(),
+            &["400", ""],
+        ),
+    ];
+    for (what, request, allowed) in &cases {
+        let answer = raw_request(api.addr, request).unwrap_or_default();
+        let line = status_line(&answer);
+        assert!(
+            allowed.iter().any(|code| if code.is_empty() {
+                line.is_empty()
+            } else {
+                line.contains(code)
+            }),
+            "{what}: got {line:?}, wanted one of {allowed:?}"
+        );
+        still_serves(&api);
+    }
+    assert_eq!(stored_paths(&api).await, "", "nothing was stored");
+    assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
+    assert!(api.local_objects().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bombs_are_refused_early() {
+    let api = Api::start_with(
+        Backend::Local,
+        &[
+            ("S3DEDUP_API__MAX_FILE_SIZE", &(16u64 << 20).to_string()),
+            ("S3DEDUP_API__MAX_GZIP_RATIO", "100"),
+        ],
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let put = |path: &str, body: Vec<u8>, logical: Option<u64>| {
+        let mut r = http
+            .put(api.url(&format!("/files/{path}?last_modified={}", lm(5))))
+            .header("Content-Encoding", "gzip")
+            .body(body);
+        if let Some(n) = logical {
+            r = r.header("Logical-Size", n);
+        }
+        r.send()
+    };
+    // 1 GiB of zeros is about 1 MiB of gzip: over the size limit and the ratio limit.
+    let zeros = vec![0u8; 64 << 20];
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+    for _ in 0..16 {
+        enc.write_all(&zeros).unwrap();
+    }
+    let bomb = enc.finish().unwrap();
+    assert!(bomb.len() < 2 << 20, "{}", bomb.len());
+
+    let r = put("bomb", bomb.clone(), None).await.unwrap();
+    assert_eq!(r.status(), 413);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("api.max_gzip_ratio"), "{why}");
+
+    // Past the ratio's free first MiB only the ratio stops it; a claimed Logical-Size that the
+    // content outgrows stops it at the claim.
+    let r = put("liar", bomb, Some(1000)).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("client said 1000, content is larger"), "{why}");
+
+    // A small file of one repeated byte is legitimate whatever its ratio.
+    let small = vec![b'7'; 512 << 10];
+    let r = put("small", gzip(&small), None).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    // Without the ratio limit, max_file_size stops the same bomb.
+    let api2 = Api::start_with(
+        Backend::Local,
+        &[("S3DEDUP_API__MAX_FILE_SIZE", &(16u64 << 20).to_string())],
+    )
+    .unwrap();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+    for _ in 0..4 {
+        enc.write_all(&zeros).unwrap();
+    }
+    let r = http
+        .put(api2.url(&format!("/files/bomb?last_modified={}", lm(5))))
+        .header("Content-Encoding", "gzip")
+        .body(enc.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.text().await.unwrap().contains("16777216"));
+
+    assert_eq!(stored_paths(&api).await, "small\n");
+    assert_eq!(stored_paths(&api2).await, "");
+    assert!(api.spool_files().is_empty() && api2.spool_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_stalled_clients_are_cut_off() {
+    let mut env = TIMEOUTS.to_vec();
+    env.extend([
+        ("S3DEDUP_API__MAX_CONCURRENT_REQUESTS", "1"),
+        ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "1"),
+    ]);
+    let api = Api::start_with(Backend::Local, &env).unwrap();
+    let date = lm(1_700_000_000);
+
+    // Slowloris: half a request line, then nothing. The server closes it.
+    let mut slow = TcpStream::connect(api.addr).unwrap();
+    slow.write_all(b"GET /vers").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "a header sender stalled for {waited:?} was not cut off"
+    );
+
+    // An idle keep-alive connection is closed too, after a request was served on it.
+    let mut idle = TcpStream::connect(api.addr).unwrap();
+    idle.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = idle.read_to_end(&mut buf);
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+
+    // An upload that stops halfway: the request fails, the spool file goes, nothing is stored.
+    let mut stalled = TcpStream::connect(api.addr).unwrap();
+    write!(
+        stalled,
+        "PUT /files/stalled?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .unwrap();
+    stalled.write_all(&[b'x'; 300_000]).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = stalled.read_to_end(&mut buf);
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        answer.is_empty() || answer.contains("api.body_timeout_secs"),
+        "{answer}"
+    );
+
+    // A download nobody reads holds the only slot until the server gives up on it.
+    let content = unique_content("unread", 48 << 20);
+    let r = reqwest::Client::new()
+        .put(api.url(&format!("/files/unread?last_modified={date}")))
+        .body(content)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut unread = TcpStream::connect(api.addr).unwrap();
+    // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
+    unread
+        .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let head = || reqwest::Client::new().head(api.url("/files/unread")).send();
+    assert_eq!(
+        head().await.unwrap().status(),
+        503,
+        "the unread GET holds the slot"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while head().await.unwrap().status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reader kept its slot"
+        );
+    }
+    drop(unread);
+
+    assert_eq!(metric(&api, "s3dedup_requests_in_flight").await, 0);
+    assert_eq!(stored_paths(&api).await, "unread\n");
+    assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
+    still_serves(&api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    // A stale socket file from a killed predecessor does not stop the start.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(bin("s3dedup-api"))
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env_remove("LISTEN_FDS")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let request = |req: &[u8]| -> std::io::Result<String> {
+        let mut s = UnixStream::connect(&sock)?;
+        s.write_all(req)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while request(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        assert!(Instant::now() < deadline, "no answer on {}", sock.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let date = lm(1_700_000_000);
+    let put = request(
+        format!("PUT /files/u?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    let get = request(
+        b"GET /files/u HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert!(
+        get.starts_with("HTTP/1.1 200") && get.ends_with("hello"),
+        "{get}"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
