@@ -353,6 +353,10 @@ pub struct StoreConfig {
     pub local: LocalStoreConfig,
     pub s3: S3Config,
     pub cache: CacheConfig,
+    /// Spool files untouched this long are leftovers of a killed process; the API removes
+    /// them when it starts. A live upload touches its file at least every
+    /// `api.body_timeout_secs`.
+    pub spool_max_age_secs: u64,
 }
 
 /// `[store.cache]`: the API's local disk cache of objects read from S3 (unused with the local
@@ -381,6 +385,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache: CacheConfig::default(),
+            spool_max_age_secs: 3600,
             backend: StoreBackend::Local,
             local: LocalStoreConfig::default(),
             s3: S3Config::default(),

@@ -168,6 +168,29 @@ impl FileStore {
         Ok((self, Some(cache)))
     }
 
+    /// Removes spool files (`upload-*`) not modified for `max_age`: what a killed process left.
+    /// Blocking; returns how many were removed.
+    pub fn remove_stale_spool(&self, max_age: std::time::Duration) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.spool_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with("upload-") {
+                continue;
+            }
+            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age >= max_age {
+                // Gone already: another process cleaned it, which is as good.
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// A fresh spool file, deleted when dropped unless committed.
     pub fn spool_file(&self) -> Result<tempfile::NamedTempFile, FileStoreError> {
         tempfile::Builder::new()

@@ -72,8 +72,19 @@ async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Resul
     let (files, cache) = files
         .with_read_cache(&cfg)
         .context("opening the read cache")?;
-    let mut state =
-        app::AppState::new(Arc::new(files), cfg.api.clone()).map_err(anyhow::Error::msg)?;
+    let files = Arc::new(files);
+    let max_age = std::time::Duration::from_secs(cfg.store.spool_max_age_secs);
+    let f = files.clone();
+    let spool = cfg.spool_dir();
+    match tokio::task::spawn_blocking(move || f.remove_stale_spool(max_age)).await? {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(removed = n, spool = %spool.display(), "removed leftover spool files")
+        }
+        // Not fatal: leftovers only cost disk space.
+        Err(e) => tracing::warn!(error = %e, spool = %spool.display(), "cannot clean the spool"),
+    }
+    let mut state = app::AppState::new(files, cfg.api.clone()).map_err(anyhow::Error::msg)?;
     state.cache = cache;
     let state = Arc::new(state);
     server::run(state).await

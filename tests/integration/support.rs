@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+pub mod fault_proxy;
+pub mod ledger;
 use sha2::Digest as _;
 
 /// Credentials the S3 test server accepts.

@@ -1,0 +1,229 @@
+//! A loopback HTTP proxy in front of the S3 server that injects faults: 500 and 503 answers,
+//! slow answers, connections reset before an answer, and request or response bodies cut off
+//! halfway. The Host header passes through unchanged, so SigV4 signatures stay valid.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::{Rng, SeedableRng};
+
+type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// One kind of injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Status500,
+    Status503,
+    /// Forwarded after a pause of up to [`FaultProxy::set_max_delay`].
+    Slow,
+    /// The connection is closed with no answer.
+    Reset,
+    /// The request body is forwarded halfway, then both connections drop.
+    CutRequest,
+    /// The answer's body stops halfway and the connection drops.
+    CutResponse,
+}
+
+pub const FAULTS: [Fault; 6] = [
+    Fault::Status500,
+    Fault::Status503,
+    Fault::Slow,
+    Fault::Reset,
+    Fault::CutRequest,
+    Fault::CutResponse,
+];
+
+struct Plan {
+    /// Chance of a fault per request, in thousandths.
+    rate: AtomicU32,
+    max_delay_ms: AtomicU64,
+    injected: [AtomicU64; FAULTS.len()],
+    requests: AtomicU64,
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl Plan {
+    fn pick(&self) -> Option<(Fault, Duration)> {
+        self.requests.fetch_add(1, Relaxed);
+        let mut rng = self.rng.lock().expect("rng lock");
+        if rng.random_range(0..1000) >= self.rate.load(Relaxed) {
+            return None;
+        }
+        let i = rng.random_range(0..FAULTS.len());
+        let delay = rng.random_range(0..=self.max_delay_ms.load(Relaxed));
+        self.injected[i].fetch_add(1, Relaxed);
+        Some((FAULTS[i], Duration::from_millis(delay)))
+    }
+}
+
+/// The running proxy; stops when dropped.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    plan: Arc<Plan>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Proxies to `upstream`, injecting nothing until [`FaultProxy::set_rate`]; faults are drawn
+    /// from `seed` so a failing run can be replayed.
+    pub async fn start(upstream: SocketAddr, seed: u64) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let plan = Arc::new(Plan {
+            rate: AtomicU32::new(0),
+            max_delay_ms: AtomicU64::new(1000),
+            injected: Default::default(),
+            requests: AtomicU64::new(0),
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        });
+        let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
+        let p = plan.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (plan, client) = (p.clone(), client.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(req, plan.clone(), client.clone(), upstream)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(FaultProxy { addr, plan, task })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Chance of a fault per request, in thousandths (0: a faithful proxy).
+    pub fn set_rate(&self, per_mille: u32) {
+        self.plan.rate.store(per_mille, Relaxed);
+    }
+
+    pub fn set_max_delay(&self, d: Duration) {
+        self.plan.max_delay_ms.store(d.as_millis() as u64, Relaxed);
+    }
+
+    /// Faults injected so far, by kind.
+    pub fn injected(&self) -> Vec<(Fault, u64)> {
+        FAULTS
+            .iter()
+            .zip(&self.plan.injected)
+            .map(|(f, n)| (*f, n.load(Relaxed)))
+            .collect()
+    }
+
+    pub fn total_injected(&self) -> u64 {
+        self.plan.injected.iter().map(|n| n.load(Relaxed)).sum()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.plan.requests.load(Relaxed)
+    }
+}
+
+fn s3_error(status: u16, code: &str) -> Response<Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+         <Message>injected by the fault proxy</Message></Error>"
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(Full::new(Bytes::from(xml)).map_err(|e| match e {}).boxed())
+        .expect("valid response")
+}
+
+/// A body that passes `keep` bytes through, then fails.
+fn cut<B>(body: B, keep: u64) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut passed = 0u64;
+    let stream = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
+        if passed >= keep {
+            return Err("body cut off by the fault proxy".into());
+        }
+        let n = (keep - passed).min(chunk.len() as u64) as usize;
+        passed += n as u64;
+        Ok(Frame::data(chunk.slice(..n)))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
+        .boxed()
+}
+
+fn content_length<B>(r: &Request<B>) -> u64 {
+    r.headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    plan: Arc<Plan>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    upstream: SocketAddr,
+) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
+    let fault = plan.pick();
+    let (mut parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{upstream}{target}").parse()?;
+    let len = content_length(&Request::from_parts(parts.clone(), ()));
+    let body = match fault {
+        Some((Fault::Status500, _)) => return Ok(s3_error(500, "InternalError")),
+        Some((Fault::Status503, _)) => return Ok(s3_error(503, "SlowDown")),
+        Some((Fault::Reset, _)) => return Err("connection reset by the fault proxy".into()),
+        Some((Fault::Slow, d)) => {
+            tokio::time::sleep(d).await;
+            boxed(body)
+        }
+        Some((Fault::CutRequest, _)) => cut(body, len / 2),
+        _ => boxed(body),
+    };
+    let answer = client.request(Request::from_parts(parts, body)).await?;
+    if let Some((Fault::CutResponse, _)) = fault {
+        let keep = answer
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 2;
+        let (parts, body) = answer.into_parts();
+        return Ok(Response::from_parts(parts, cut(body, keep)));
+    }
+    Ok(answer.map(boxed))
+}

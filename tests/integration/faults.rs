@@ -1,0 +1,254 @@
+//! Faults under load: S3 answering 500/503, slowly, or cutting bodies off (through a fault
+//! proxy); the S3 server killed and restarted mid-transfer; the spool's filesystem full; the API
+//! SIGKILLed at random moments. Each suite checks, as it goes, that clients only ever got right
+//! bodies or errors with messages, then that the daemon recovered by itself, that nothing
+//! acknowledged was lost, and that `s3dedup-cleaner --verify --deep` finds the store consistent.
+//! Each prints a `FAULTS` line: faults injected, operations run, files lost.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::StatusCode;
+use s3dedup_tests::fault_proxy::FaultProxy;
+use s3dedup_tests::ledger::{Ledger, Until, body_of};
+use s3dedup_tests::*;
+
+/// Small multipart parts so multi-part uploads meet the faults too; no read cache, so every
+/// read goes to S3; quick timeouts and retries.
+const S3_ENV: [(&str, &str); 6] = [
+    ("S3DEDUP_STORE__CACHE__ENABLED", "false"),
+    ("S3DEDUP_STORE__S3__MULTIPART_THRESHOLD", "5242880"),
+    ("S3DEDUP_STORE__S3__PART_SIZE", "5242880"),
+    ("S3DEDUP_STORE__S3__READ_TIMEOUT_SECS", "2"),
+    ("S3DEDUP_STORE__S3__CONNECT_TIMEOUT_SECS", "2"),
+    ("S3DEDUP_STORE__S3__MAX_ATTEMPTS", "3"),
+];
+
+fn seed() -> u64 {
+    let s = rand::rng().random();
+    eprintln!("fault seed {s}");
+    s
+}
+
+/// Collects garbage, then checks every object against its digest; panics on any problem.
+fn collect_and_verify(api: &Api) {
+    let out = api
+        .sibling("s3dedup-cleaner")
+        .args(["--grace-secs", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cleaner runs");
+    assert!(
+        out.status.success(),
+        "cleaner: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = api
+        .sibling("s3dedup-cleaner")
+        .args(["--verify", "--deep"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("cleaner runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0 problems"),
+        "verify --deep: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The end of every suite: nothing lost, nothing wrong seen, no panic, store consistent.
+async fn settle(name: &str, api: &Api, ledger: &Ledger, faults: u64) {
+    let (files, lost) = ledger.check_all(&api.url("")).await;
+    collect_and_verify(api);
+    let log = api.log();
+    assert!(!log.contains("panicked"), "API log: {log}");
+    eprintln!(
+        "FAULTS {name}: {faults} faults injected, {}, {files} files checked, {} lost",
+        ledger.summary(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "lost files: {lost:#?}");
+    assert!(ledger.violations().is_empty(), "{:#?}", ledger.violations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
+    let s3 = S3Server::start().unwrap();
+    let proxy = FaultProxy::start(s3.addr, seed()).await.unwrap();
+    let mut env = S3_ENV.to_vec();
+    let endpoint = proxy.endpoint();
+    env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
+    let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    // One fault in four requests; pauses up to 3 s, past the 2 s read timeout.
+    proxy.set_max_delay(Duration::from_secs(3));
+    proxy.set_rate(250);
+    let ledger = Ledger::new(&[1 << 10, 200 << 10, 7 << 20]);
+    ledger
+        .run(&[api.url("")], "s3faults", 4, Until::Ops(60), seed())
+        .await;
+    proxy.set_rate(0);
+    eprintln!(
+        "{} S3 requests, faults by kind: {:?}",
+        proxy.requests(),
+        proxy.injected()
+    );
+    assert!(proxy.total_injected() >= 20, "{:?}", proxy.injected());
+    settle("s3-proxy", &api, &ledger, proxy.total_injected()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_killed_and_restarted_mid_transfer() {
+    let mut s3 = S3Server::start().unwrap();
+    let api = Api::start_with(Backend::S3(&s3), &S3_ENV).unwrap();
+    let ledger = Ledger::new(&[64 << 10, 12 << 20]);
+    let clients = {
+        let (ledger, url) = (ledger.clone(), api.url(""));
+        let seed = seed();
+        tokio::spawn(async move { ledger.run(&[url], "s3kill", 3, Until::Ops(40), seed).await })
+    };
+    let mut kills = 0;
+    while !clients.is_finished() && kills < 4 {
+        let wait = rand::rng().random_range(500..2500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        s3.stop();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        s3.restart().unwrap();
+    }
+    clients.await.unwrap();
+    assert!(kills >= 2, "the workload ended before S3 was killed twice");
+    settle("s3-kill", &api, &ledger, kills).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_sigkilled_at_random_moments() {
+    // Spool files older than 0 s are leftovers: only one API uses this spool.
+    let mut api = Api::start_with(
+        Backend::Local,
+        &[("S3DEDUP_STORE__SPOOL_MAX_AGE_SECS", "0")],
+    )
+    .unwrap();
+    let ledger = Ledger::new(&[1 << 10, 300 << 10, 3 << 20]);
+    // While the API is down, requests fail without an answer: expected here.
+    ledger.drops_allowed.store(true, Relaxed);
+    let clients = {
+        let (ledger, url) = (ledger.clone(), api.url(""));
+        let seed = seed();
+        tokio::spawn(async move { ledger.run(&[url], "apikill", 4, Until::Ops(80), seed).await })
+    };
+    let mut kills = 0;
+    while !clients.is_finished() && kills < 6 {
+        let wait = rand::rng().random_range(300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        api.restart().unwrap(); // SIGKILL, then start again on the same port and data
+        kills += 1;
+    }
+    clients.await.unwrap();
+    assert!(
+        kills >= 3,
+        "the workload ended before the API was killed three times"
+    );
+    settle("api-sigkill", &api, &ledger, kills).await;
+    // Uploads cut by the kills left spool files; a (graceful) restart removes them.
+    let leftovers = api.spool_files().len();
+    api.restart().unwrap();
+    eprintln!("{leftovers} spool files left by the kills, removed at restart");
+    assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
+}
+
+/// A small tmpfs mounted over the spool directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount runs");
+        assert!(ok.success(), "mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_filesystem_gives_507_and_recovers() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start_with(Backend::S3(&s3), &S3_ENV).unwrap();
+    let spool = api.data_dir.join("spool");
+    let _tmpfs = Tmpfs::mount(&spool, "8m");
+    let http = reqwest::Client::new();
+    let put = |path: &str, body: Vec<u8>| {
+        http.put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
+            .body(body)
+            .send()
+    };
+    let before = unique_content("before-full", 100_000);
+    assert_eq!(
+        put("/full/before", before.clone()).await.unwrap().status(),
+        200
+    );
+
+    // Leave about 1 MiB free, then upload 4 MiB of incompressible content.
+    let filler = spool.join("filler");
+    std::fs::write(&filler, vec![1u8; 7 << 20]).unwrap();
+    let mut big = vec![0u8; 4 << 20];
+    rand::rng().fill(&mut big[..]);
+    let mut refused = 0;
+    for i in 0..5 {
+        let r = put(&format!("/full/big{i}"), big.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
+        assert!(why.contains("spool") || why.contains("space"), "{why}");
+        refused += 1;
+    }
+    // Reads and small writes go on.
+    let r = http
+        .get(api.url("/files/full/before"))
+        .send()
+        .await
+        .unwrap();
+    assert!(body_of(r).await.unwrap() == before);
+    assert_eq!(
+        put("/full/small", b"tiny".to_vec()).await.unwrap().status(),
+        200
+    );
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "filler")
+        .collect();
+    assert!(left.is_empty(), "refused uploads left {left:?}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let r = put("/full/big-after", big.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-exception"));
+    for i in 0..5 {
+        let r = http
+            .get(api.url(&format!("/files/full/big{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "a refused upload was not stored");
+    }
+    let r = http
+        .get(api.url("/files/full/big-after"))
+        .send()
+        .await
+        .unwrap();
+    assert!(body_of(r).await.unwrap() == big);
+    collect_and_verify(&api);
+    eprintln!("FAULTS spool-full: {refused} uploads refused with 507, 0 files lost");
+}
