@@ -50,7 +50,8 @@ cargo build --workspace --bins --locked
 
 step "Rust unit and integration tests, with a throw-away PostgreSQL (pg_virtualenv)"
 # Tests that need PostgreSQL are #[ignore]d for a plain `cargo test`; here they all run.
-pg_virtualenv cargo test --workspace --locked -- --include-ignored
+# The soak runs the real client from the venv; the fault suite mounts a small tmpfs (root).
+TESTS_VENV="$(cd "$venv" && pwd)" pg_virtualenv cargo test --workspace --locked -- --include-ignored
 
 step "Filetracker client suite (real client against the real binary, local store and S3)"
 TESTS_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
