@@ -6,25 +6,11 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use s3dedup_tests::*;
 
-async fn metric(http: &reqwest::Client, api: &Api, name: &str) -> u64 {
-    let text = http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
 /// Waits until the cache holds `n` objects (fills finish after the response does).
-async fn wait_entries(http: &reqwest::Client, api: &Api, n: u64) {
+async fn wait_entries(api: &Api, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let have = metric(http, api, "s3dedup_cache_entries").await;
+        let have = api.metric("s3dedup_cache_entries").await;
         if have == n {
             return;
         }
@@ -68,23 +54,23 @@ async fn hits_skip_s3_and_survive_a_restart() {
     let body = unique_content("cached", 300_000);
     put(&http, &api, "/t/in", 1, &body).await;
     assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
-    assert_eq!(metric(&http, &api, "s3dedup_cache_misses_total").await, 1);
-    wait_entries(&http, &api, 1).await;
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, 1);
+    wait_entries(&api, 1).await;
 
     // Served from the cache: S3 is not needed any more.
     s3.stop();
     for _ in 0..3 {
         assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
     }
-    assert_eq!(metric(&http, &api, "s3dedup_cache_hits_total").await, 3);
+    assert_eq!(api.metric("s3dedup_cache_hits_total").await, 3);
 
     // ...also after a restart, which finds the cache on disk.
     s3.restart().unwrap();
     api.restart().unwrap();
-    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 1);
+    assert_eq!(api.metric("s3dedup_cache_entries").await, 1);
     assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
-    assert_eq!(metric(&http, &api, "s3dedup_cache_hits_total").await, 1);
-    assert_eq!(metric(&http, &api, "s3dedup_cache_misses_total").await, 0);
+    assert_eq!(api.metric("s3dedup_cache_hits_total").await, 1);
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, 0);
 
     // A deleted path is gone although its content is still cached.
     let r = http
@@ -125,12 +111,12 @@ async fn only_verified_content_is_kept() {
     let r = http.get(api.url("/files/v/good")).send().await.unwrap();
     assert!(r.bytes().await.is_err());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 0);
+    assert_eq!(api.metric("s3dedup_cache_entries").await, 0);
 
     // Cached content is the content of its digest, whatever happens in the bucket later.
     s3.put_raw(&key, stored).await;
     assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
-    wait_entries(&http, &api, 1).await;
+    wait_entries(&api, 1).await;
     s3.put_raw(&key, gzip(&other)).await;
     assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
 }
@@ -169,7 +155,7 @@ async fn size_bound_evicts_least_recently_used() {
             );
         }
     }
-    let bytes = metric(&http, &api, "s3dedup_cache_bytes").await;
+    let bytes = api.metric("s3dedup_cache_bytes").await;
     assert!(bytes <= 1 << 20, "cache holds {bytes} bytes");
     let on_disk: u64 = walk(&api.data_dir.join("cache"))
         .iter()
@@ -177,19 +163,13 @@ async fn size_bound_evicts_least_recently_used() {
         .sum();
     assert!(on_disk <= 1 << 20, "cache directory holds {on_disk} bytes");
     // Ten fit. 1 was used longest ago and is gone; 0 (used again halfway) and 13 are kept.
-    assert_eq!(metric(&http, &api, "s3dedup_cache_entries").await, 10);
-    let misses = metric(&http, &api, "s3dedup_cache_misses_total").await;
+    assert_eq!(api.metric("s3dedup_cache_entries").await, 10);
+    let misses = api.metric("s3dedup_cache_misses_total").await;
     content(&http, &api, "/l/13").await.unwrap();
     content(&http, &api, "/l/0").await.unwrap();
-    assert_eq!(
-        metric(&http, &api, "s3dedup_cache_misses_total").await,
-        misses
-    );
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses);
     content(&http, &api, "/l/1").await.unwrap();
-    assert_eq!(
-        metric(&http, &api, "s3dedup_cache_misses_total").await,
-        misses + 1
-    );
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses + 1);
 }
 
 /// Waits until the fill of `body`'s object has landed in the cache directory.
@@ -257,10 +237,7 @@ async fn a_new_encoding_of_cached_content_is_read_through() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let misses = metric(&http, &api, "s3dedup_cache_misses_total").await;
+    let misses = api.metric("s3dedup_cache_misses_total").await;
     assert_eq!(content(&http, &api, "/e/gz").await.unwrap(), body);
-    assert_eq!(
-        metric(&http, &api, "s3dedup_cache_misses_total").await,
-        misses + 1
-    );
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses + 1);
 }

@@ -58,20 +58,6 @@ fn cleaner_loop(
     })
 }
 
-fn verify_deep(api: &Api) {
-    let mut cmd = api.sibling("s3dedup-cleaner");
-    cmd.args(["--verify", "--deep"]);
-    let out = run(cmd);
-    let text = stdout(&out);
-    assert!(
-        out.status.success(),
-        "verify --deep: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains(" 0 problems"), "{text}");
-    eprintln!("{}", text.trim());
-}
-
 async fn torture(apis: &[&Api], tag: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let cleaner = cleaner_loop(apis[0], stop.clone());
@@ -106,7 +92,7 @@ async fn torture(apis: &[&Api], tag: &str) {
     last.args(["--grace-secs", "0"]);
     assert!(run(last).status.success());
     workload.check_final(&outcome, &urls).await;
-    verify_deep(apis[0]);
+    apis[0].verify_deep();
 }
 
 /// API and cleaner as separate processes on one host, sharing SQLite and the lock file.
@@ -260,7 +246,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
     c.args(["--grace-secs", "0"]);
     let out = run(c);
     assert!(out.status.success(), "{}", stdout(&out));
-    verify_deep(&api);
+    api.verify_deep();
     for (i, c) in live.iter().enumerate() {
         let r = http
             .get(api.url(&format!("/files/live/{i}")))

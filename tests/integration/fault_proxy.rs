@@ -185,8 +185,8 @@ where
         .boxed()
 }
 
-fn content_length<B>(r: &Request<B>) -> u64 {
-    r.headers()
+fn content_length(headers: &hyper::HeaderMap) -> u64 {
+    headers
         .get("content-length")
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or(0)
@@ -202,7 +202,7 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = format!("http://{upstream}{target}").parse()?;
-    let len = content_length(&Request::from_parts(parts.clone(), ()));
+    let len = content_length(&parts.headers);
     let body = match fault {
         Some((Fault::Status500, _)) => return Ok(s3_error(500, "InternalError")),
         Some((Fault::Status503, _)) => return Ok(s3_error(503, "SlowDown")),
@@ -216,12 +216,7 @@ async fn handle(
     };
     let answer = client.request(Request::from_parts(parts, body)).await?;
     if let Some((Fault::CutResponse, _)) = fault {
-        let keep = answer
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .unwrap_or(0)
-            / 2;
+        let keep = content_length(answer.headers()) / 2;
         let (parts, body) = answer.into_parts();
         return Ok(Response::from_parts(parts, cut(body, keep)));
     }

@@ -47,18 +47,7 @@ fn collect_and_verify(api: &Api) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = api
-        .sibling("s3dedup-cleaner")
-        .args(["--verify", "--deep"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("cleaner runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(" 0 problems"),
-        "verify --deep: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    api.verify_deep();
 }
 
 /// The end of every suite: nothing lost, nothing wrong seen, no panic, store consistent.

@@ -30,18 +30,6 @@ fn still_serves(api: &Api) {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
-async fn metric(api: &Api, name: &str) -> u64 {
-    let text = reqwest::get(api.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 async fn stored_paths(api: &Api) -> String {
     reqwest::get(api.url("/list/"))
         .await
@@ -56,25 +44,33 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
     let api =
         Api::start_with(Backend::Local, &[("S3DEDUP_API__MAX_FILE_SIZE", "1048576")]).unwrap();
     let date = lm(1_700_000_000);
+    // A PUT of `/files/<path>` at `date` with these header lines and body.
+    let put = |path: &str, headers: &str, body: &str| {
+        format!(
+            "PUT /files/{path}?last_modified={date} HTTP/1.1\r\nHost: x\r\n{headers}\
+             Connection: close\r\n\r\n{body}"
+        )
+        .into_bytes()
+    };
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
         (
             "bad percent-encoding",
-            format!("PUT /files/a%zz%?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a%zz%", "Content-Length: 1\r\n", "x"),
             &["400"],
         ),
         (
             "encoded NUL in the path",
-            format!("PUT /files/a%00b?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a%00b", "Content-Length: 1\r\n", "x"),
             &["400"],
         ),
         (
             "raw NUL in the request line",
-            format!("PUT /files/a\0b?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a\0b", "Content-Length: 1\r\n", "x"),
             &["400"],
         ),
         (
             "NUL in a header",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nSHA256-Checksum: ab\0cd\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a", "SHA256-Checksum: ab\0cd\r\nContent-Length: 1\r\n", "x"),
             &["400"],
         ),
         (
@@ -89,32 +85,32 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
         ),
         (
             "Content-Length beyond u64",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a", "Content-Length: 99999999999999999999999\r\n", "x"),
             &["400"],
         ),
         (
             "negative Content-Length",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a", "Content-Length: -1\r\n", "x"),
             &["400"],
         ),
         (
             "two different Content-Lengths",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nxx").into_bytes(),
+            put("a", "Content-Length: 1\r\nContent-Length: 2\r\n", "xx"),
             &["400"],
         ),
         (
             "a Content-Length above max_file_size, body never sent",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\nxyz").into_bytes(),
+            put("a", "Content-Length: 1000000000000\r\n", "xyz"),
             &["413"],
         ),
         (
             "a Logical-Size above max_file_size",
-            format!("PUT /files/a?last_modified={date} HTTP/1.1\r\nHost: x\r\nLogical-Size: 2000000\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx").into_bytes(),
+            put("a", "Logical-Size: 2000000\r\nContent-Length: 1\r\n", "x"),
             &["413"],
         ),
         (
             "a path longer than max_path_length",
-            format!("PUT /files/{}?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx", "d/".repeat(3000)).into_bytes(),
+            put(&"d/".repeat(3000), "Content-Length: 1\r\n", "x"),
             &["400", "414"],
         ),
         (
@@ -301,7 +297,7 @@ async fn slow_and_stalled_clients_are_cut_off() {
     }
     drop(unread);
 
-    assert_eq!(metric(&api, "s3dedup_requests_in_flight").await, 0);
+    assert_eq!(api.metric("s3dedup_requests_in_flight").await, 0);
     assert_eq!(stored_paths(&api).await, "unread\n");
     assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
     still_serves(&api);

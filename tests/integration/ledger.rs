@@ -110,6 +110,19 @@ impl Ledger {
         false
     }
 
+    /// Records an answer other than success: a 5xx (which must explain itself), any other
+    /// status (a violation), or no answer at all.
+    fn not_ok(&self, what: &str, r: reqwest::Result<reqwest::Response>) {
+        match r {
+            Ok(r) => {
+                if !self.failed(what, &r) {
+                    self.violation(format!("{what}: unexpected {}", r.status()));
+                }
+            }
+            Err(e) => self.dropped(what, &e),
+        }
+    }
+
     fn dropped(&self, what: &str, e: &reqwest::Error) {
         self.tally.dropped.fetch_add(1, Relaxed);
         if !self.drops_allowed.load(Relaxed) {
@@ -210,14 +223,8 @@ impl Ledger {
                         self.tally.bytes.fetch_add(content.len() as u64, Relaxed);
                         self.set(&path, State::Stored(content));
                     }
-                    Ok(r) => {
-                        if !self.failed(&what, &r) {
-                            self.violation(format!("{what}: unexpected {}", r.status()));
-                        }
-                        self.set(&path, State::Either(content));
-                    }
-                    Err(e) => {
-                        self.dropped(&what, &e);
+                    other => {
+                        self.not_ok(&what, other);
                         self.set(&path, State::Either(content));
                     }
                 }
@@ -234,12 +241,13 @@ impl Ledger {
             } else if kind < 92 {
                 let i = rng.random_range(0..mine.len());
                 let path = mine.swap_remove(i);
-                let Some(State::Stored(content) | State::Either(content)) = self.get(&path) else {
-                    continue;
+                let (content, was_stored) = match self.get(&path) {
+                    Some(State::Stored(c)) => (c, true),
+                    Some(State::Either(c)) => (c, false),
+                    _ => continue,
                 };
                 let url = format!("{base}/files{path}?last_modified={}", lm(2));
                 let what = format!("DELETE {path}");
-                let was_stored = matches!(self.get(&path), Some(State::Stored(_)));
                 match http.delete(&url).send().await {
                     // After a failed PUT the path may never have existed.
                     Ok(r)
@@ -249,14 +257,8 @@ impl Ledger {
                         self.tally.ok.fetch_add(1, Relaxed);
                         self.set(&path, State::Deleted);
                     }
-                    Ok(r) => {
-                        if !self.failed(&what, &r) {
-                            self.violation(format!("{what}: unexpected {}", r.status()));
-                        }
-                        self.set(&path, State::Either(content));
-                    }
-                    Err(e) => {
-                        self.dropped(&what, &e);
+                    other => {
+                        self.not_ok(&what, other);
                         self.set(&path, State::Either(content));
                     }
                 }
@@ -286,12 +288,7 @@ impl Ledger {
                         }
                         self.tally.ok.fetch_add(1, Relaxed);
                     }
-                    Ok(r) => {
-                        if !self.failed(&what, &r) {
-                            self.violation(format!("{what}: unexpected {}", r.status()));
-                        }
-                    }
-                    Err(e) => self.dropped(&what, &e),
+                    other => self.not_ok(&what, other),
                 }
             }
         }

@@ -112,17 +112,7 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
     assert!(failures.is_empty(), "cleaner failures: {failures:#?}");
 
     let (files, lost) = ledger.check_all(&b.url("")).await;
-    let verify = a
-        .sibling("s3dedup-cleaner")
-        .args(["--verify", "--deep"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let verified = String::from_utf8_lossy(&verify.stdout);
-    assert!(
-        verify.status.success() && verified.contains(" 0 problems"),
-        "{verified}"
-    );
+    a.verify_deep();
     eprintln!(
         "SOAK {secs} s: {}, {files} files checked, {} lost; {runs} cleaner runs; {}",
         ledger.summary(),

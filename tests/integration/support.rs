@@ -367,6 +367,38 @@ impl Api {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Runs `s3dedup-cleaner --verify --deep` on this instance's store; panics unless it exits 0
+    /// reporting 0 problems.
+    pub fn verify_deep(&self) {
+        let out = self
+            .sibling("s3dedup-cleaner")
+            .args(["--verify", "--deep"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("s3dedup-cleaner runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "verify --deep: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(" 0 problems"), "{text}");
+        eprintln!("{}", text.trim());
+    }
+
+    /// One unlabelled value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     /// Files in the local object store (`Backend::Local`).
     pub fn local_objects(&self) -> Vec<PathBuf> {
         walk(&self.data_dir.join("objects"))
