@@ -16,10 +16,30 @@ use crate::{gzip, lm, sha256_hex};
 
 #[derive(Clone)]
 enum State {
-    Stored(Arc<Vec<u8>>),
+    Stored(Want),
     /// The PUT or DELETE failed: the path holds this content or nothing.
-    Either(Arc<Vec<u8>>),
+    Either(Want),
     Deleted,
+}
+
+/// A content by its digest and size: the ledger keeps no bodies (a soak writes gigabytes).
+#[derive(Clone)]
+struct Want {
+    sha256: String,
+    len: usize,
+}
+
+impl Want {
+    fn of(content: &[u8]) -> Self {
+        Want {
+            sha256: sha256_hex(content),
+            len: content.len(),
+        }
+    }
+
+    fn matches(&self, body: &[u8]) -> bool {
+        body.len() == self.len && sha256_hex(body) == self.sha256
+    }
 }
 
 /// Counts of what the workload did and saw.
@@ -146,11 +166,11 @@ impl Ledger {
                 Err(_) => {
                     self.tally.dropped.fetch_add(1, Relaxed);
                 }
-                Ok(body) if body[..] != want[..] => self.violation(format!(
+                Ok(body) if !want.matches(&body) => self.violation(format!(
                     "{what}: wrong body ({} bytes, sha256 {}; wanted {} bytes)",
                     body.len(),
                     sha256_hex(&body),
-                    want.len()
+                    want.len
                 )),
                 Ok(body) => {
                     self.tally.ok.fetch_add(1, Relaxed);
@@ -205,27 +225,27 @@ impl Ledger {
                         *b = b'a' + (*b % 4);
                     }
                 }
-                let content = Arc::new(content);
+                let want = Want::of(&content);
                 let url = format!("{base}/files{path}?last_modified={}", lm(1));
                 let req = if rng.random_bool(0.5) {
                     http.put(&url)
                         .header("Content-Encoding", "gzip")
-                        .header("SHA256-Checksum", sha256_hex(&content))
+                        .header("SHA256-Checksum", &want.sha256)
                         .header("Logical-Size", content.len())
                         .body(gzip(&content))
                 } else {
-                    http.put(&url).body(content.to_vec())
+                    http.put(&url).body(content)
                 };
                 let what = format!("PUT {path}");
                 match req.send().await {
                     Ok(r) if r.status() == StatusCode::OK => {
                         self.tally.ok.fetch_add(1, Relaxed);
-                        self.tally.bytes.fetch_add(content.len() as u64, Relaxed);
-                        self.set(&path, State::Stored(content));
+                        self.tally.bytes.fetch_add(want.len as u64, Relaxed);
+                        self.set(&path, State::Stored(want));
                     }
                     other => {
                         self.not_ok(&what, other);
-                        self.set(&path, State::Either(content));
+                        self.set(&path, State::Either(want));
                     }
                 }
                 mine.push(path);
@@ -241,7 +261,7 @@ impl Ledger {
             } else if kind < 92 {
                 let i = rng.random_range(0..mine.len());
                 let path = mine.swap_remove(i);
-                let (content, was_stored) = match self.get(&path) {
+                let (want, was_stored) = match self.get(&path) {
                     Some(State::Stored(c)) => (c, true),
                     Some(State::Either(c)) => (c, false),
                     _ => continue,
@@ -259,7 +279,7 @@ impl Ledger {
                     }
                     other => {
                         self.not_ok(&what, other);
-                        self.set(&path, State::Either(content));
+                        self.set(&path, State::Either(want));
                     }
                 }
                 // Keep reading it: it must stay gone (or, after a failure, be right).
@@ -338,7 +358,7 @@ impl Ledger {
             let body = body_of(r).await.expect("whole body");
             match (status, state) {
                 (StatusCode::OK, State::Stored(want) | State::Either(want))
-                    if body[..] == want[..] => {}
+                    if want.matches(&body) => {}
                 (StatusCode::NOT_FOUND, State::Deleted | State::Either(_)) => {}
                 (s, State::Stored(_)) => lost.push(format!("{path}: {s}, {} bytes", body.len())),
                 (s, _) => self.violation(format!("final GET {path}: {s} ({} bytes)", body.len())),
