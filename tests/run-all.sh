@@ -51,6 +51,9 @@ cargo build --workspace --bins --locked
 step "Rust unit and integration tests, with a throw-away PostgreSQL (pg_virtualenv)"
 # Tests that need PostgreSQL are #[ignore]d for a plain `cargo test`; here they all run.
 # The soak runs the real client from the venv; the fault suite mounts a small tmpfs (root).
+# Suites append their fault and soak counts to TESTS_REPORT, printed at the end.
+export TESTS_REPORT="$PWD/target/test-report.txt"
+: > "$TESTS_REPORT"
 TESTS_VENV="$(cd "$venv" && pwd)" pg_virtualenv cargo test --workspace --locked -- --include-ignored
 
 step "Filetracker client suite (real client against the real binary, local store and S3)"
@@ -62,5 +65,8 @@ lintian --fail-on error --suppress-tags-from-file debian/lintian-suppressed targ
 
 step "systemd suite: the packages in a booted Debian 12 container (tests/systemd/e2e.sh)"
 FT_PIP="$venv/bin/pip" tests/systemd/e2e.sh target/debian/*.deb
+
+step "What the fault, outage and soak suites measured ($TESTS_REPORT)"
+cat "$TESTS_REPORT"
 
 step "All suites passed"

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -274,6 +275,10 @@ pub struct PostgresConfig {
     /// Connections for metadata queries.
     pub pool_size: usize,
     pub connect_timeout_secs: u64,
+    /// Server-side `statement_timeout` and `idle_in_transaction_session_timeout`; with
+    /// `connect_timeout_secs` added, the client's deadline for each statement or transaction
+    /// (a server or network that stalls with the connection open). 0: no limit.
+    pub statement_timeout_secs: u64,
 }
 
 impl Default for PostgresConfig {
@@ -285,11 +290,20 @@ impl Default for PostgresConfig {
             schema: "public".into(),
             pool_size: 16,
             connect_timeout_secs: 5,
+            statement_timeout_secs: 30,
         }
     }
 }
 
 impl PostgresConfig {
+    /// How long the client waits for one statement or transaction before it gives the
+    /// connection up; `None` when `statement_timeout_secs` is 0.
+    pub fn client_deadline(&self) -> Option<Duration> {
+        (self.statement_timeout_secs > 0).then(|| {
+            Duration::from_secs(self.statement_timeout_secs + self.connect_timeout_secs.max(1))
+        })
+    }
+
     /// The password: inline, from `password_file`, or `None` (from `url`, `.pgpass` or none).
     pub fn resolve_password(
         &self,

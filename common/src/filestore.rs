@@ -135,7 +135,10 @@ impl FileStore {
             LocksBackend::Postgres => {
                 let pg = &cfg.metadata.postgres;
                 let conn = postgres_connection_config(pg, pg.resolve_password(credentials_dir)?)?;
-                Arc::new(PgLocks::new(conn, cfg.locks.postgres_connections))
+                Arc::new(
+                    PgLocks::new(conn, cfg.locks.postgres_connections)
+                        .with_deadline(pg.client_deadline()),
+                )
             }
         };
         Self::new(

@@ -6,7 +6,7 @@
 //! Each prints a `FAULTS` line: faults injected, operations run, files lost.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -33,34 +33,17 @@ fn seed() -> u64 {
     s
 }
 
-/// Collects garbage, then checks every object against its digest; panics on any problem.
-fn collect_and_verify(api: &Api) {
-    let out = api
-        .sibling("s3dedup-cleaner")
-        .args(["--grace-secs", "0"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("cleaner runs");
-    assert!(
-        out.status.success(),
-        "cleaner: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    api.verify_deep();
-}
-
 /// The end of every suite: nothing lost, nothing wrong seen, no panic, store consistent.
 async fn settle(name: &str, api: &Api, ledger: &Ledger, faults: u64) {
     let (files, lost) = ledger.check_all(&api.url("")).await;
-    collect_and_verify(api);
+    api.collect_and_verify();
     let log = api.log();
     assert!(!log.contains("panicked"), "API log: {log}");
-    eprintln!(
+    report(&format!(
         "FAULTS {name}: {faults} faults injected, {}, {files} files checked, {} lost",
         ledger.summary(),
         lost.len()
-    );
+    ));
     assert!(lost.is_empty(), "lost files: {lost:#?}");
     assert!(ledger.violations().is_empty(), "{:#?}", ledger.violations());
 }
@@ -238,6 +221,8 @@ async fn full_spool_filesystem_gives_507_and_recovers() {
         .await
         .unwrap();
     assert!(body_of(r).await.unwrap() == big);
-    collect_and_verify(&api);
-    eprintln!("FAULTS spool-full: {refused} uploads refused with 507, 0 files lost");
+    api.collect_and_verify();
+    report(&format!(
+        "FAULTS spool-full: {refused} uploads refused with 507, 0 files lost"
+    ));
 }

@@ -1,12 +1,19 @@
-//! PostgreSQL stopped while the API serves: 503s with a message (never a false 404), the daemon
-//! keeps running, and it recovers by itself when PostgreSQL returns, with nothing lost.
-//! Its own test binary, because it stops the server every PostgreSQL test shares.
+//! PostgreSQL stopped, stalled (connections open, nothing answered) or blocked by a lock
+//! while the API serves: 503s with a message within bounded time (never a false 404, never a
+//! hang), the daemon keeps running, and it recovers by itself, with nothing lost.
+//! Its own test binary, because it stops the server every PostgreSQL test shares; its tests
+//! take turns.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+use s3dedup_tests::stall_proxy::StallProxy;
 use s3dedup_tests::*;
+
+/// One test at a time: the restart test stops the server the other one uses.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn pg_ctl(action: &str) {
     let version = std::env::var("PGVERSION").unwrap_or_else(|_| "15".into());
@@ -29,6 +36,7 @@ fn pg_ctl(action: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
 async fn postgres_restart_gives_503_then_recovers() {
+    let _turn = SERIAL.lock().await;
     let schema = unique_schema("outage");
     let env = pg_env(&schema);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -114,5 +122,199 @@ async fn postgres_restart_gives_503_then_recovers() {
     use s3dedup_common::meta::MetaStore;
     assert_eq!(meta.refcount_mismatches().await.unwrap(), vec![]);
     assert!(api.proc.child.try_wait().unwrap().is_none());
+    api.collect_and_verify();
+    report(&format!(
+        "FAULTS postgres-restart: 1 stop and start, {} requests while down all 503, 2 files checked, 0 lost",
+        during.len()
+    ));
     api.proc.kill();
+}
+
+/// Deadlines of the stall test: the server cancels a statement after 2 s; the client gives a
+/// connection up after 2 + 1 s.
+const STALL_ENV: [(&str, &str); 2] = [
+    ("S3DEDUP_METADATA__POSTGRES__STATEMENT_TIMEOUT_SECS", "2"),
+    ("S3DEDUP_METADATA__POSTGRES__CONNECT_TIMEOUT_SECS", "1"),
+];
+
+/// Every request answered while PostgreSQL does not answer: a 503 naming the database, in
+/// bounded time. Returns the slowest answer.
+async fn all_503_naming_the_database(api: &Api, put_body: Vec<u8>) -> (usize, Duration) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let timed = |what: &'static str, req: reqwest::RequestBuilder| async move {
+        let t = Instant::now();
+        let r = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        (what, r, t.elapsed())
+    };
+    let answers = futures::future::join_all([
+        timed("GET", http.get(api.url("/files/kept"))),
+        timed("HEAD", http.head(api.url("/files/kept"))),
+        timed("GET missing", http.get(api.url("/files/never"))),
+        timed(
+            "PUT",
+            http.put(api.url(&format!("/files/new?last_modified={}", lm(1))))
+                .body(put_body),
+        ),
+        timed(
+            "DELETE",
+            http.delete(api.url(&format!("/files/kept?last_modified={}", lm(5)))),
+        ),
+        timed("LIST", http.get(api.url("/list/"))),
+        timed("health", http.get(api.url("/health"))),
+    ])
+    .await;
+    let mut slowest = Duration::ZERO;
+    for (what, r, took) in &answers {
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{what} while PostgreSQL stalls"
+        );
+        if *what != "HEAD" && *what != "health" {
+            let msg = r.headers()["x-exception"].to_str().unwrap();
+            assert!(msg.contains("database"), "{what}: {msg}");
+        }
+        // 3 s client deadline, plus a lock attempt and a pool wait before it.
+        assert!(*took < Duration::from_secs(12), "{what} took {took:?}");
+        slowest = slowest.max(*took);
+    }
+    (answers.len(), slowest)
+}
+
+/// `psql` on the test server (directly, not through the proxy), holding the row lock of `path`
+/// in an open transaction until dropped.
+struct RowLock(std::process::Child);
+
+impl RowLock {
+    fn take(schema: &str, path: &str) -> RowLock {
+        let mut child = Command::new("psql")
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("psql runs");
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(
+            stdin,
+            "SET search_path = \"{schema}\"; BEGIN; \
+             SELECT 1 FROM files WHERE path = '{path}' FOR UPDATE; \\echo locked"
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "locked" {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "psql ended early");
+        }
+        RowLock(child)
+    }
+}
+
+impl Drop for RowLock {
+    fn drop(&mut self) {
+        if let Some(mut stdin) = self.0.stdin.take() {
+            let _ = writeln!(stdin, "ROLLBACK;");
+        }
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
+    let _turn = SERIAL.lock().await;
+    let (host, port) = pg_host_port();
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .expect("the PostgreSQL host resolves");
+    let proxy = StallProxy::start(target).await.unwrap();
+    let schema = unique_schema("stall");
+    let mut env = pg_env(&schema);
+    env.retain(|(k, _)| k != "S3DEDUP_METADATA__POSTGRES__URL");
+    env.push((
+        "S3DEDUP_METADATA__POSTGRES__URL".into(),
+        pg_conninfo_at("127.0.0.1", proxy.addr.port()),
+    ));
+    env.extend(
+        STALL_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut api = Api::start_with(Backend::Local, &env).unwrap();
+    let http = reqwest::Client::new();
+    let base = api.url("");
+    let put = |path: &str, v: i64, body: Vec<u8>| {
+        http.put(format!("{base}/files{path}?last_modified={}", lm(v)))
+            .body(body)
+            .send()
+    };
+    let kept = unique_content("stall-kept", 30_000);
+    assert_eq!(
+        put("/kept", 1, kept.clone()).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // Frozen: every connection stays open and nothing comes back.
+    proxy.set_stalled(true);
+    let (stalled_requests, slowest) =
+        all_503_naming_the_database(&api, unique_content("stall-new", 5_000)).await;
+    assert!(
+        api.proc.child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    proxy.set_stalled(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = http.get(api.url("/files/kept")).send().await.unwrap();
+        if r.status() != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status(), StatusCode::OK, "recovered by itself");
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), kept, "nothing lost");
+    let connections = proxy.connections();
+
+    // Blocked: another session holds the row; the server cancels the write at 2 s.
+    let newer = unique_content("stall-newer", 40_000);
+    let blocked = {
+        let _lock = RowLock::take(&schema, "/kept");
+        let t = Instant::now();
+        let r = put("/kept", 2, newer.clone()).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let msg = r.headers()["x-exception"].to_str().unwrap().to_owned();
+        assert!(msg.contains("statement timeout"), "{msg}");
+        assert!(took < Duration::from_secs(10), "blocked PUT took {took:?}");
+        let r = http.get(api.url("/files/kept")).send().await.unwrap();
+        assert_eq!(
+            gunzip(&r.bytes().await.unwrap()),
+            kept,
+            "no half-written change"
+        );
+        took
+    };
+    assert_eq!(
+        put("/kept", 2, newer.clone()).await.unwrap().status(),
+        StatusCode::OK,
+        "once the lock is gone"
+    );
+    let r = http.get(api.url("/files/kept")).send().await.unwrap();
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), newer);
+    assert!(!api.log().contains("panicked"), "{}", api.log());
+    api.collect_and_verify();
+    report(&format!(
+        "FAULTS postgres-stall: 1 freeze, {stalled_requests} requests all 503 naming the database \
+         (slowest {:.1} s), {connections} connections through the proxy; 1 write blocked by a row \
+         lock, 503 after {:.1} s; 1 file checked, 0 lost",
+        slowest.as_secs_f64(),
+        blocked.as_secs_f64()
+    ));
 }

@@ -108,17 +108,19 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
         );
         ft_lines.push(text);
     }
-    eprintln!("RSS curve (s, API a MiB, API b MiB): {curve:?}");
+    report(&format!(
+        "SOAK RSS curve (s, API a MiB, API b MiB): {curve:?}"
+    ));
     assert!(failures.is_empty(), "cleaner failures: {failures:#?}");
 
     let (files, lost) = ledger.check_all(&b.url("")).await;
     a.verify_deep();
-    eprintln!(
+    report(&format!(
         "SOAK {secs} s: {}, {files} files checked, {} lost; {runs} cleaner runs; {}",
         ledger.summary(),
         lost.len(),
         ft_lines.join("; ")
-    );
+    ));
     assert!(lost.is_empty(), "{lost:#?}");
     assert!(ledger.violations().is_empty(), "{:#?}", ledger.violations());
     for api in [&a, &b] {

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 
 pub mod fault_proxy;
 pub mod ledger;
+pub mod stall_proxy;
 use sha2::Digest as _;
 
 /// Credentials the S3 test server accepts.
@@ -367,6 +368,23 @@ impl Api {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Collects garbage with no grace period, then [`Api::verify_deep`]; panics on any problem.
+    pub fn collect_and_verify(&self) {
+        let out = self
+            .sibling("s3dedup-cleaner")
+            .args(["--grace-secs", "0"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("cleaner runs");
+        assert!(
+            out.status.success(),
+            "cleaner: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.verify_deep();
+    }
+
     /// Runs `s3dedup-cleaner --verify --deep` on this instance's store; panics unless it exits 0
     /// reporting 0 problems.
     pub fn verify_deep(&self) {
@@ -474,19 +492,47 @@ pub fn unique_content(tag: &str, len: usize) -> Vec<u8> {
 
 /// The PostgreSQL that `pg_virtualenv` provides (tests/run-all.sh), as a libpq conninfo string.
 pub fn pg_conninfo() -> String {
-    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let (host, port) = pg_host_port();
+    pg_conninfo_at(&host, port)
+}
+
+/// The test server's host and port (pg_virtualenv's `PGHOST`, `PGPORT`).
+pub fn pg_host_port() -> (String, u16) {
     assert!(
         std::env::var("PGHOST").is_ok(),
         "PostgreSQL suites need PGHOST etc.: run them through tests/run-all.sh (pg_virtualenv)"
     );
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let port = var("PGPORT", "5432").parse().expect("PGPORT is a port");
+    (var("PGHOST", "localhost"), port)
+}
+
+/// A conninfo string for the test server's database and user, reached at `host:port` (a proxy).
+pub fn pg_conninfo_at(host: &str, port: u16) -> String {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
     format!(
-        "host={} port={} user={} password={} dbname={}",
-        var("PGHOST", "localhost"),
-        var("PGPORT", "5432"),
+        "host={host} port={port} user={} password={} dbname={}",
         var("PGUSER", "postgres"),
         var("PGPASSWORD", ""),
         var("PGDATABASE", "postgres"),
     )
+}
+
+/// A result line for the people reading the test run: printed to stderr and, when `TESTS_REPORT`
+/// names a file (tests/run-all.sh sets it), appended there so the run's summary shows it even
+/// though cargo hides a passing test's output.
+pub fn report(line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("TESTS_REPORT") {
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            eprintln!("cannot append to {}: {e}", Path::new(&path).display());
+        }
+    }
 }
 
 /// A schema name no other test uses.

@@ -11,6 +11,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls, Statement};
 
+use crate::meta::within;
+
 use super::{
     Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire, lock_key,
     timed_out,
@@ -35,12 +37,14 @@ pub struct PgLocks {
     config: tokio_postgres::Config,
     sessions: Vec<Mutex<Option<Arc<Session>>>>,
     local: LocalLocks,
+    deadline: Option<Duration>,
 }
 
 struct HeldPg {
     session: Arc<Session>,
     key: i64,
     mode: LockMode,
+    deadline: Option<Duration>,
 }
 
 impl Held for HeldPg {
@@ -50,8 +54,19 @@ impl Held for HeldPg {
         }
         Some(Box::pin(async move {
             let stmt = &self.session.unlock[index(self.mode)];
-            if let Err(e) = self.session.client.execute(stmt, &[&self.key]).await {
-                tracing::warn!(error = %e, "releasing an advisory lock failed; it ends with its session");
+            match within(
+                self.deadline,
+                self.session.client.execute(stmt, &[&self.key]),
+            )
+            .await
+            {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "releasing an advisory lock failed; it ends with its session");
+                }
+                None => tracing::warn!(
+                    "releasing an advisory lock got no answer; it ends with its session"
+                ),
             }
         }))
     }
@@ -64,64 +79,93 @@ impl PgLocks {
             config,
             sessions: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
             local: LocalLocks::default(),
+            deadline: None,
         }
     }
 
+    /// Gives up on a lock session that does not answer a statement within `deadline` (a server
+    /// or network stalled with the connection open), so the next attempt opens a new one.
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    fn slot(&self, key: u64) -> &Mutex<Option<Arc<Session>>> {
+        &self.sessions[(key % self.sessions.len() as u64) as usize]
+    }
+
     async fn session(&self, key: u64, name: &str) -> Result<Arc<Session>, LockError> {
-        let slot = &self.sessions[(key % self.sessions.len() as u64) as usize];
-        let mut slot = slot.lock().await;
+        let mut slot = self.slot(key).lock().await;
         if let Some(s) = slot.as_ref().filter(|s| !s.client.is_closed()) {
             return Ok(s.clone());
         }
-        let err = |e: tokio_postgres::Error| LockError::Backend {
-            name: name.to_owned(),
-            message: crate::meta::postgres_error_text(e),
+        let open = async {
+            let (client, connection) = self.config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "advisory lock connection ended");
+                }
+            });
+            let prepare = |sql: &'static str| client.prepare(sql);
+            Ok(Session {
+                lock: [
+                    prepare("SELECT pg_try_advisory_lock_shared($1)").await?,
+                    prepare("SELECT pg_try_advisory_lock($1)").await?,
+                ],
+                unlock: [
+                    prepare("SELECT pg_advisory_unlock_shared($1)").await?,
+                    prepare("SELECT pg_advisory_unlock($1)").await?,
+                ],
+                client,
+            })
         };
-        let (client, connection) = self.config.connect(NoTls).await.map_err(err)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "advisory lock connection ended");
-            }
-        });
-        let prepare = |sql: &'static str| client.prepare(sql);
-        let session = Session {
-            lock: [
-                prepare("SELECT pg_try_advisory_lock_shared($1)")
-                    .await
-                    .map_err(err)?,
-                prepare("SELECT pg_try_advisory_lock($1)")
-                    .await
-                    .map_err(err)?,
-            ],
-            unlock: [
-                prepare("SELECT pg_advisory_unlock_shared($1)")
-                    .await
-                    .map_err(err)?,
-                prepare("SELECT pg_advisory_unlock($1)")
-                    .await
-                    .map_err(err)?,
-            ],
-            client,
-        };
-        let session = Arc::new(session);
+        let session = Arc::new(self.settle(name, within(self.deadline, open).await)?);
         *slot = Some(session.clone());
         Ok(session)
+    }
+
+    /// The lock error for a failed statement or a missed deadline, else the result.
+    fn settle<T>(
+        &self,
+        name: &str,
+        result: Option<Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, LockError> {
+        let message = match result {
+            Some(Ok(v)) => return Ok(v),
+            Some(Err(e)) => crate::meta::postgres_error_text(e),
+            None => format!(
+                "the database did not answer within {} s",
+                self.deadline.unwrap_or_default().as_secs()
+            ),
+        };
+        Err(LockError::Backend {
+            name: name.to_owned(),
+            message,
+        })
     }
 
     async fn try_pg(&self, name: &str, mode: LockMode) -> Result<Option<Box<dyn Held>>, LockError> {
         let key = lock_key(name);
         let session = self.session(key, name).await?;
-        let key = key as i64;
-        let row = session
-            .client
-            .query_one(&session.lock[index(mode)], &[&key])
-            .await
-            .map_err(|e| LockError::Backend {
-                name: name.to_owned(),
-                message: crate::meta::postgres_error_text(e),
-            })?;
-        let got: bool = row.get(0);
-        Ok(got.then(|| Box::new(HeldPg { session, key, mode }) as Box<dyn Held>))
+        let pg_key = key as i64;
+        let stmt = &session.lock[index(mode)];
+        let result = within(self.deadline, session.client.query_one(stmt, &[&pg_key])).await;
+        if result.is_none() {
+            // Stalled: forget the session so the next attempt connects afresh.
+            let mut slot = self.slot(key).lock().await;
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                *slot = None;
+            }
+        }
+        let got: bool = self.settle(name, result)?.get(0);
+        Ok(got.then(|| {
+            Box::new(HeldPg {
+                session,
+                key: pg_key,
+                mode,
+                deadline: self.deadline,
+            }) as Box<dyn Held>
+        }))
     }
 }
 

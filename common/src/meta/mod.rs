@@ -12,6 +12,7 @@ use crate::protocol::Version;
 
 #[cfg(test)]
 pub(crate) use postgres::tests::test_config as postgres_test_config;
+pub(crate) use postgres::within;
 pub use postgres::{PostgresMeta, connection_config as postgres_connection_config};
 #[cfg(test)]
 pub(crate) use sqlite::tests::test_options as sqlite_test_options;

@@ -4,6 +4,7 @@
 //! advisory lock on `path:<path>`; blob rows are locked in digest order, so two requests moving
 //! references between the same blobs cannot deadlock.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -60,6 +61,7 @@ const TX_ATTEMPTS: usize = 5;
 pub struct PostgresMeta {
     pool: Pool,
     describe: String,
+    deadline: Option<Duration>,
 }
 
 /// The connection settings of `[metadata.postgres]`, with the password resolved.
@@ -76,8 +78,18 @@ pub fn connection_config(
     }
     c.connect_timeout(Duration::from_secs(cfg.connect_timeout_secs));
     c.application_name("s3dedup");
-    // Every connection works in the configured schema.
-    c.options(format!("-c search_path={}", cfg.schema));
+    // Every connection works in the configured schema. The server cancels a statement stuck
+    // (on a lock, say) past the timeout, and ends a session left idle inside a transaction
+    // (a frozen client holding row or advisory locks).
+    let mut options = format!("-c search_path={}", cfg.schema);
+    if cfg.statement_timeout_secs > 0 {
+        let ms = cfg.statement_timeout_secs * 1000;
+        options +=
+            &format!(" -c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}");
+        // The kernel gives up on a connection whose sent data goes unacknowledged this long.
+        c.tcp_user_timeout(Duration::from_millis(ms));
+    }
+    c.options(options);
     Ok(c)
 }
 
@@ -103,7 +115,8 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> MetaError {
         || e.code().is_none() && e.as_db_error().is_none()
         || e.code().is_some_and(|c| {
             let c = c.code();
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+            // 57014: statement_timeout; 55P03: lock_timeout. Both pass: retry later.
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57") || c == "55P03"
         });
     // The Display of tokio_postgres errors omits the server's message; include it.
     let message = match e.as_db_error() {
@@ -166,7 +179,11 @@ impl PostgresMeta {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| MetaError::Database(format!("building the connection pool: {e}")))?;
-        let meta = PostgresMeta { pool, describe };
+        let meta = PostgresMeta {
+            pool,
+            describe,
+            deadline: cfg.client_deadline(),
+        };
         meta.migrate(&cfg.schema).await.map_err(|e| match e {
             MetaError::Unavailable(m) => MetaError::Unavailable(format!("{}: {m}", meta.describe)),
             other => other,
@@ -175,50 +192,55 @@ impl PostgresMeta {
     }
 
     async fn migrate(&self, schema: &str) -> Result<(), MetaError> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&advisory_key(&format!("migrations:{schema}"))],
-        )
-        .await
-        .map_err(pg_error)?;
-        tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
-             CREATE TABLE IF NOT EXISTS schema_migrations (
-                version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
-        ))
-        .await
-        .map_err(pg_error)?;
-        let applied: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i as i64 + 1;
-            if version > applied {
-                tx.batch_execute(sql).await.map_err(pg_error)?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, applied_at)
-                     VALUES ($1, EXTRACT(EPOCH FROM now())::BIGINT)",
-                    &[&version],
+        let mut conn = self.conn().await?;
+        let lock = advisory_key(&format!("migrations:{schema}"));
+        let work = async {
+            let tx = conn.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+                .await?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)"
+            ))
+            .await?;
+            let applied: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
                 )
-                .await
-                .map_err(pg_error)?;
+                .await?
+                .get(0);
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
+                let version = i as i64 + 1;
+                if version > applied {
+                    tx.batch_execute(sql).await?;
+                    tx.execute(
+                        "INSERT INTO schema_migrations (version, applied_at)
+                         VALUES ($1, EXTRACT(EPOCH FROM now())::BIGINT)",
+                        &[&version],
+                    )
+                    .await?;
+                }
             }
-        }
-        tx.commit().await.map_err(pg_error)
+            tx.commit().await
+        };
+        let result = within(self.deadline, work).await;
+        conn.settle(result)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, MetaError> {
-        self.pool.get().await.map_err(pool_error)
+    /// A pooled connection with the configured deadline.
+    async fn conn(&self) -> Result<Conn, MetaError> {
+        let obj = self.pool.get().await.map_err(pool_error)?;
+        Ok(Conn {
+            obj: Some(obj),
+            deadline: self.deadline,
+            stalled: AtomicBool::new(false),
+        })
     }
 
-    /// Runs `body` in a transaction, retrying serialization failures and deadlocks.
+    /// Runs `body` in a transaction, retrying serialization failures and deadlocks; each attempt
+    /// has the client deadline.
     async fn in_transaction<T, F>(&self, mut body: F) -> Result<T, MetaError>
     where
         F: for<'a> FnMut(
@@ -227,22 +249,90 @@ impl PostgresMeta {
             Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>,
         >,
     {
-        let mut client = self.client().await?;
+        let mut conn = self.conn().await?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            let result = match body(&tx).await {
-                Ok(v) => tx.commit().await.map(|()| v),
-                Err(e) => Err(e),
+            let work = async {
+                let tx = conn.transaction().await?;
+                let v = body(&tx).await?;
+                tx.commit().await.map(|()| v)
             };
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e) if retryable(&e) && attempt < TX_ATTEMPTS => {
+            match within(self.deadline, work).await {
+                Some(Err(e)) if retryable(&e) && attempt < TX_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
                 }
-                Err(e) => return Err(pg_error(e)),
+                result => return conn.settle(result),
             }
+        }
+    }
+}
+
+/// `work`, or `None` if `deadline` passes first.
+pub(crate) async fn within<T>(
+    deadline: Option<Duration>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout(d, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// A pooled connection whose statements are bounded by the client deadline. One that missed it
+/// leaves the pool when dropped: its request may still be in flight on a stalled server or
+/// network, and the next user would queue behind it.
+struct Conn {
+    obj: Option<deadpool_postgres::Object>,
+    deadline: Option<Duration>,
+    stalled: AtomicBool,
+}
+
+impl Conn {
+    /// One statement (or a few, in one future) within the deadline.
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, MetaError> {
+        let result = within(self.deadline, work).await;
+        self.settle(result)
+    }
+
+    /// The error for a missed deadline (marking the connection), else the result.
+    fn settle<T>(&self, result: Option<Result<T, tokio_postgres::Error>>) -> Result<T, MetaError> {
+        match result {
+            Some(r) => r.map_err(pg_error),
+            None => {
+                self.stalled.store(true, Ordering::Relaxed);
+                Err(MetaError::Unavailable(format!(
+                    "the database did not answer within {} s",
+                    self.deadline.unwrap_or_default().as_secs()
+                )))
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        self.obj.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.stalled.load(Ordering::Relaxed)
+            && let Some(obj) = self.obj.take()
+        {
+            // Detached from the pool and dropped: the connection closes.
+            drop(deadpool_postgres::Object::take(obj));
         }
     }
 }
@@ -309,15 +399,14 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
+        let c = self.conn().await?;
+        let row = c
+            .bounded(c.query_opt(
                 "SELECT f.version, f.digest, b.logical_size, b.stored_size
                  FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = $1",
                 &[&path],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         row.map(|r| {
             Ok(FileEntry {
                 path: path.to_owned(),
@@ -333,14 +422,13 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
+        let c = self.conn().await?;
+        let row = c
+            .bounded(c.query_opt(
                 "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
                 &[&digest.to_hex()],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(row.is_some())
     }
 
@@ -482,25 +570,31 @@ impl MetaStore for PostgresMeta {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, MetaError> {
-        let client = self.client().await?;
+        let c = self.conn().await?;
         let start = after.unwrap_or(prefix);
         let limit = limit as i64;
-        let rows = match prefix_end(prefix) {
-            Some(end) => client
-                .query(
-                    "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
-                     ORDER BY path LIMIT $4",
-                    &[&start, &end, &cutoff, &limit],
-                )
-                .await,
-            None => client
-                .query(
-                    "SELECT path FROM files WHERE path > $1 AND version <= $2 ORDER BY path LIMIT $3",
-                    &[&start, &cutoff, &limit],
-                )
-                .await,
-        }
-        .map_err(pg_error)?;
+        let rows = c
+            .bounded(async {
+                match prefix_end(prefix) {
+                    Some(end) => {
+                        c.query(
+                            "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
+                             ORDER BY path LIMIT $4",
+                            &[&start, &end, &cutoff, &limit],
+                        )
+                        .await
+                    }
+                    None => {
+                        c.query(
+                            "SELECT path FROM files WHERE path > $1 AND version <= $2
+                             ORDER BY path LIMIT $3",
+                            &[&start, &cutoff, &limit],
+                        )
+                        .await
+                    }
+                }
+            })
+            .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -509,17 +603,16 @@ impl MetaStore for PostgresMeta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError> {
-        let client = self.client().await?;
+        let c = self.conn().await?;
         let after = after.map(Digest::to_hex).unwrap_or_default();
-        let rows = client
-            .query(
+        let rows = c
+            .bounded(c.query(
                 "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
                         created_at
                  FROM blobs WHERE digest > $1 ORDER BY digest LIMIT $2",
                 &[&after, &(limit as i64)],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(BlobRow {
@@ -543,18 +636,17 @@ impl MetaStore for PostgresMeta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError> {
-        let client = self.client().await?;
+        let c = self.conn().await?;
         let after = after.map(Digest::to_hex).unwrap_or_default();
-        let rows = client
-            .query(
+        let rows = c
+            .bounded(c.query(
                 "SELECT digest, logical_size, stored_size FROM blobs
                  WHERE digest > $1 AND refcount <= 0
                    AND (state = 'deleting' OR unreferenced_since <= $2)
                  ORDER BY digest LIMIT $3",
                 &[&after, &cutoff, &(limit as i64)],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(BlobInfo {
@@ -567,44 +659,41 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
+        let c = self.conn().await?;
+        let n = c
+            .bounded(c.execute(
                 "UPDATE blobs SET state = 'deleting' WHERE digest = $1 AND refcount <= 0
                    AND (state = 'deleting' OR unreferenced_since <= $2)",
                 &[&digest.to_hex(), &cutoff],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(n == 1)
     }
 
     async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
+        let c = self.conn().await?;
+        let n = c
+            .bounded(c.execute(
                 "DELETE FROM blobs WHERE digest = $1 AND state = 'deleting' AND refcount <= 0",
                 &[&digest.to_hex()],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(n == 1)
     }
 
     async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError> {
-        let client = self.client().await?;
+        let c = self.conn().await?;
         let hexes: Vec<String> = digests.iter().map(Digest::to_hex).collect();
-        let rows = client
-            .query("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&hexes])
-            .await
-            .map_err(pg_error)?;
+        let rows = c
+            .bounded(c.query("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&hexes]))
+            .await?;
         rows.iter().map(|r| parse_digest(r.get(0))).collect()
     }
 
     async fn stats(&self) -> Result<Stats, MetaError> {
-        let client = self.client().await?;
-        let r = client
-            .query_one(
+        let c = self.conn().await?;
+        let r = c
+            .bounded(c.query_one(
                 "SELECT
                     (SELECT COUNT(*) FROM files),
                     (SELECT COUNT(*) FROM blobs WHERE state = 'live'),
@@ -613,9 +702,8 @@ impl MetaStore for PostgresMeta {
                     (SELECT COALESCE(SUM(b.logical_size), 0)::BIGINT
                        FROM files f JOIN blobs b ON b.digest = f.digest)",
                 &[],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(Stats {
             files: r.get::<_, i64>(0) as u64,
             blobs: r.get::<_, i64>(1) as u64,
@@ -626,9 +714,9 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
+        let c = self.conn().await?;
+        let rows = c
+            .bounded(c.query(
                 "SELECT b.digest, b.refcount, COUNT(f.path) AS actual
                  FROM blobs b LEFT JOIN files f ON f.digest = b.digest
                  GROUP BY b.digest, b.refcount HAVING b.refcount != COUNT(f.path)
@@ -636,46 +724,41 @@ impl MetaStore for PostgresMeta {
                  SELECT f.digest, 0, COUNT(*) FROM files f LEFT JOIN blobs b ON b.digest = f.digest
                  WHERE b.digest IS NULL GROUP BY f.digest",
                 &[],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         rows.iter()
             .map(|r| Ok((parse_digest(r.get(0))?, r.get(1), r.get(2))))
             .collect()
     }
 
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
+        let c = self.conn().await?;
+        let row = c
+            .bounded(c.query_opt(
                 "SELECT version FROM deleted_paths WHERE path = $1",
                 &[&path],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM deleted_paths WHERE deleted_at < $1",
-                &[&before],
-            )
-            .await
-            .map_err(pg_error)
+        let c = self.conn().await?;
+        c.bounded(c.execute(
+            "DELETE FROM deleted_paths WHERE deleted_at < $1",
+            &[&before],
+        ))
+        .await
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
+        let c = self.conn().await?;
+        let row = c
+            .bounded(c.query_opt(
                 "SELECT position FROM migration_checkpoints WHERE source = $1",
                 &[&source],
-            )
-            .await
-            .map_err(pg_error)?;
+            ))
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -685,25 +768,23 @@ impl MetaStore for PostgresMeta {
         position: Option<&str>,
         now: i64,
     ) -> Result<(), MetaError> {
-        let client = self.client().await?;
+        let c = self.conn().await?;
         match position {
             Some(p) => {
-                client
-                    .execute(
-                        "INSERT INTO migration_checkpoints (source, position, updated_at)
+                c.execute(
+                    "INSERT INTO migration_checkpoints (source, position, updated_at)
                          VALUES ($1, $2, $3) ON CONFLICT (source) DO UPDATE
                          SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at",
-                        &[&source, &p, &now],
-                    )
-                    .await
+                    &[&source, &p, &now],
+                )
+                .await
             }
             None => {
-                client
-                    .execute(
-                        "DELETE FROM migration_checkpoints WHERE source = $1",
-                        &[&source],
-                    )
-                    .await
+                c.execute(
+                    "DELETE FROM migration_checkpoints WHERE source = $1",
+                    &[&source],
+                )
+                .await
             }
         }
         .map(drop)
@@ -711,11 +792,9 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn check(&self) -> Result<(), MetaError> {
-        let client = self.client().await?;
-        client
-            .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
-            .await
-            .map_err(pg_error)?;
+        let c = self.conn().await?;
+        c.bounded(c.query_one("SELECT COUNT(*) FROM schema_migrations", &[]))
+            .await?;
         Ok(())
     }
 }
@@ -805,7 +884,7 @@ pub(crate) mod tests {
         }
         assert_eq!(a.refcount_mismatches().await.unwrap(), vec![]);
         let n: i64 = a
-            .client()
+            .conn()
             .await
             .unwrap()
             .query_one("SELECT COUNT(*) FROM schema_migrations", &[])
