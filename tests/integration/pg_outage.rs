@@ -282,6 +282,33 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
     assert_eq!(gunzip(&r.bytes().await.unwrap()), kept, "nothing lost");
     let connections = proxy.connections();
 
+    // Cut: the server side of every pooled connection is gone, and the API learns it only by
+    // using them. Reads and writes go through on fresh connections; nothing fails.
+    proxy.cut_upstream();
+    let r = http.get(api.url("/files/kept")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "GET after the cut: {:?}", r.headers());
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), kept);
+    proxy.cut_upstream();
+    let cut_body = unique_content("stall-cut", 3_000);
+    let r = put("/after-cut", 1, cut_body.clone()).await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "PUT after the cut: {:?}",
+        r.headers()
+    );
+    proxy.cut_upstream();
+    let r = http.get(api.url("/list/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "LIST after the cut");
+    assert!(r.text().await.unwrap().contains("after-cut"));
+    proxy.cut_upstream();
+    let r = http
+        .delete(api.url(&format!("/files/after-cut?last_modified={}", lm(2))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "DELETE after the cut");
+
     // Blocked: another session holds the row; the server cancels the write at 2 s.
     let newer = unique_content("stall-newer", 40_000);
     let blocked = {
@@ -312,8 +339,9 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
     api.collect_and_verify();
     report(&format!(
         "FAULTS postgres-stall: 1 freeze, {stalled_requests} requests all 503 naming the database \
-         (slowest {:.1} s), {connections} connections through the proxy; 1 write blocked by a row \
-         lock, 503 after {:.1} s; 1 file checked, 0 lost",
+         (slowest {:.1} s), {connections} connections through the proxy; 4 cuts of every \
+         connection, 4 requests after them all succeeded; 1 write blocked by a row lock, 503 \
+         after {:.1} s; 2 files checked, 0 lost",
         slowest.as_secs_f64(),
         blocked.as_secs_f64()
     ));

@@ -146,17 +146,31 @@ impl PgLocks {
 
     async fn try_pg(&self, name: &str, mode: LockMode) -> Result<Option<Box<dyn Held>>, LockError> {
         let key = lock_key(name);
-        let session = self.session(key, name).await?;
         let pg_key = key as i64;
-        let stmt = &session.lock[index(mode)];
-        let result = within(self.deadline, session.client.query_one(stmt, &[&pg_key])).await;
-        if result.is_none() {
-            // Stalled: forget the session so the next attempt connects afresh.
-            let mut slot = self.slot(key).lock().await;
-            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
-                *slot = None;
+        let mut attempt = 0;
+        let (session, result) = loop {
+            attempt += 1;
+            let session = self.session(key, name).await?;
+            let stmt = &session.lock[index(mode)];
+            let result = within(self.deadline, session.client.query_one(stmt, &[&pg_key])).await;
+            let lost = match &result {
+                None => true,
+                Some(Err(e)) => e.is_closed(),
+                Some(Ok(_)) => false,
+            };
+            if lost {
+                // Forget the session so the next attempt connects afresh.
+                let mut slot = self.slot(key).lock().await;
+                if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                    *slot = None;
+                }
             }
-        }
+            // A session found closed (the server restarted since) is replaced at once; a
+            // stalled one is not, since the new one would likely wait as long.
+            if !(lost && result.is_some() && attempt < 2) {
+                break (session, result);
+            }
+        };
         let got: bool = self.settle(name, result)?.get(0);
         Ok(got.then(|| {
             Box::new(HeldPg {

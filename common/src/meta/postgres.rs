@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{GenericClient, NoTls};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::{
     BlobRow, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan, Stats, plan_delete,
@@ -56,6 +57,9 @@ const MIGRATIONS: &[&str] = &[
 
 /// How often a transaction is retried after a serialization failure or deadlock.
 const TX_ATTEMPTS: usize = 5;
+
+/// How often a read is tried when its connection turns out to be lost.
+const READ_ATTEMPTS: u32 = 3;
 
 /// PostgreSQL-backed [`MetaStore`].
 pub struct PostgresMeta {
@@ -239,6 +243,40 @@ impl PostgresMeta {
         })
     }
 
+    /// A read-only statement's rows. A connection found closed under it (the server restarted
+    /// since it was pooled, say) is retried on a fresh one, with backoff; timeouts are not, since
+    /// a stalled or overloaded server would only make the client wait again.
+    async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, MetaError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let c = self.conn().await?;
+            match within(self.deadline, c.query(sql, params)).await {
+                Some(Err(e)) if e.is_closed() && attempt < READ_ATTEMPTS => {
+                    self.forget_idle();
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                result => return c.settle(result),
+            }
+        }
+    }
+
+    /// [`PostgresMeta::read`] of at most one row.
+    async fn read_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, MetaError> {
+        Ok(self.read(sql, params).await?.into_iter().next())
+    }
+
+    /// [`PostgresMeta::read`] of exactly one row (an aggregate).
+    async fn read_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, MetaError> {
+        self.read_opt(sql, params)
+            .await?
+            .ok_or_else(|| MetaError::Database(format!("no row from {sql}")))
+    }
+
     /// Runs `body` in a transaction, retrying serialization failures and deadlocks; each attempt
     /// has the client deadline.
     async fn in_transaction<T, F>(&self, mut body: F) -> Result<T, MetaError>
@@ -253,18 +291,31 @@ impl PostgresMeta {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // Whether the failure came after BEGIN went through: before it, nothing was done.
             let work = async {
-                let tx = conn.transaction().await?;
-                let v = body(&tx).await?;
-                tx.commit().await.map(|()| v)
+                let tx = conn.transaction().await.map_err(|e| (false, e))?;
+                let v = body(&tx).await.map_err(|e| (true, e))?;
+                tx.commit().await.map(|()| v).map_err(|e| (true, e))
             };
             match within(self.deadline, work).await {
-                Some(Err(e)) if retryable(&e) && attempt < TX_ATTEMPTS => {
+                Some(Err((_, e))) if retryable(&e) && attempt < TX_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
                 }
-                result => return conn.settle(result),
+                // The pooled connection was lost (the server restarted since): a fresh one.
+                Some(Err((false, e))) if e.is_closed() && attempt < TX_ATTEMPTS => {
+                    self.forget_idle();
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                    conn = self.conn().await?;
+                }
+                result => return conn.settle(result.map(|r| r.map_err(|(_, e)| e))),
             }
         }
+    }
+
+    /// Drops every idle pooled connection: after one was found closed, the others most likely
+    /// died with it (a server restart) without the client having noticed yet.
+    fn forget_idle(&self) {
+        self.pool.retain(|_, _| false);
     }
 }
 
@@ -399,13 +450,12 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .bounded(c.query_opt(
+        let row = self
+            .read_opt(
                 "SELECT f.version, f.digest, b.logical_size, b.stored_size
                  FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = $1",
                 &[&path],
-            ))
+            )
             .await?;
         row.map(|r| {
             Ok(FileEntry {
@@ -422,12 +472,11 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .bounded(c.query_opt(
+        let row = self
+            .read_opt(
                 "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
                 &[&digest.to_hex()],
-            ))
+            )
             .await?;
         Ok(row.is_some())
     }
@@ -570,31 +619,26 @@ impl MetaStore for PostgresMeta {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, MetaError> {
-        let c = self.conn().await?;
         let start = after.unwrap_or(prefix);
         let limit = limit as i64;
-        let rows = c
-            .bounded(async {
-                match prefix_end(prefix) {
-                    Some(end) => {
-                        c.query(
-                            "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
-                             ORDER BY path LIMIT $4",
-                            &[&start, &end, &cutoff, &limit],
-                        )
-                        .await
-                    }
-                    None => {
-                        c.query(
-                            "SELECT path FROM files WHERE path > $1 AND version <= $2
-                             ORDER BY path LIMIT $3",
-                            &[&start, &cutoff, &limit],
-                        )
-                        .await
-                    }
-                }
-            })
-            .await?;
+        let rows = match prefix_end(prefix) {
+            Some(end) => {
+                self.read(
+                    "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
+                     ORDER BY path LIMIT $4",
+                    &[&start, &end, &cutoff, &limit],
+                )
+                .await?
+            }
+            None => {
+                self.read(
+                    "SELECT path FROM files WHERE path > $1 AND version <= $2
+                     ORDER BY path LIMIT $3",
+                    &[&start, &cutoff, &limit],
+                )
+                .await?
+            }
+        };
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -603,15 +647,14 @@ impl MetaStore for PostgresMeta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError> {
-        let c = self.conn().await?;
         let after = after.map(Digest::to_hex).unwrap_or_default();
-        let rows = c
-            .bounded(c.query(
+        let rows = self
+            .read(
                 "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
                         created_at
                  FROM blobs WHERE digest > $1 ORDER BY digest LIMIT $2",
                 &[&after, &(limit as i64)],
-            ))
+            )
             .await?;
         rows.iter()
             .map(|r| {
@@ -636,16 +679,15 @@ impl MetaStore for PostgresMeta {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError> {
-        let c = self.conn().await?;
         let after = after.map(Digest::to_hex).unwrap_or_default();
-        let rows = c
-            .bounded(c.query(
+        let rows = self
+            .read(
                 "SELECT digest, logical_size, stored_size FROM blobs
                  WHERE digest > $1 AND refcount <= 0
                    AND (state = 'deleting' OR unreferenced_since <= $2)
                  ORDER BY digest LIMIT $3",
                 &[&after, &cutoff, &(limit as i64)],
-            ))
+            )
             .await?;
         rows.iter()
             .map(|r| {
@@ -682,18 +724,16 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError> {
-        let c = self.conn().await?;
         let hexes: Vec<String> = digests.iter().map(Digest::to_hex).collect();
-        let rows = c
-            .bounded(c.query("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&hexes]))
+        let rows = self
+            .read("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&hexes])
             .await?;
         rows.iter().map(|r| parse_digest(r.get(0))).collect()
     }
 
     async fn stats(&self) -> Result<Stats, MetaError> {
-        let c = self.conn().await?;
-        let r = c
-            .bounded(c.query_one(
+        let r = self
+            .read_one(
                 "SELECT
                     (SELECT COUNT(*) FROM files),
                     (SELECT COUNT(*) FROM blobs WHERE state = 'live'),
@@ -702,7 +742,7 @@ impl MetaStore for PostgresMeta {
                     (SELECT COALESCE(SUM(b.logical_size), 0)::BIGINT
                        FROM files f JOIN blobs b ON b.digest = f.digest)",
                 &[],
-            ))
+            )
             .await?;
         Ok(Stats {
             files: r.get::<_, i64>(0) as u64,
@@ -714,9 +754,8 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn refcount_mismatches(&self) -> Result<Vec<(Digest, i64, i64)>, MetaError> {
-        let c = self.conn().await?;
-        let rows = c
-            .bounded(c.query(
+        let rows = self
+            .read(
                 "SELECT b.digest, b.refcount, COUNT(f.path) AS actual
                  FROM blobs b LEFT JOIN files f ON f.digest = b.digest
                  GROUP BY b.digest, b.refcount HAVING b.refcount != COUNT(f.path)
@@ -724,7 +763,7 @@ impl MetaStore for PostgresMeta {
                  SELECT f.digest, 0, COUNT(*) FROM files f LEFT JOIN blobs b ON b.digest = f.digest
                  WHERE b.digest IS NULL GROUP BY f.digest",
                 &[],
-            ))
+            )
             .await?;
         rows.iter()
             .map(|r| Ok((parse_digest(r.get(0))?, r.get(1), r.get(2))))
@@ -732,12 +771,11 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .bounded(c.query_opt(
+        let row = self
+            .read_opt(
                 "SELECT version FROM deleted_paths WHERE path = $1",
                 &[&path],
-            ))
+            )
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -752,12 +790,11 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
-        let c = self.conn().await?;
-        let row = c
-            .bounded(c.query_opt(
+        let row = self
+            .read_opt(
                 "SELECT position FROM migration_checkpoints WHERE source = $1",
                 &[&source],
-            ))
+            )
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -792,8 +829,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn check(&self) -> Result<(), MetaError> {
-        let c = self.conn().await?;
-        c.bounded(c.query_one("SELECT COUNT(*) FROM schema_migrations", &[]))
+        self.read_one("SELECT COUNT(*) FROM schema_migrations", &[])
             .await?;
         Ok(())
     }
