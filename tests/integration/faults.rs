@@ -39,6 +39,7 @@ async fn settle(name: &str, api: &Api, ledger: &Ledger, faults: u64) {
     api.collect_and_verify();
     let log = api.log();
     assert!(!log.contains("panicked"), "API log: {log}");
+    assert!(!log.contains(S3_SECRET_KEY), "the S3 secret in the API log");
     report(&format!(
         "FAULTS {name}: {faults} faults injected, {}, {files} files checked, {} lost",
         ledger.summary(),

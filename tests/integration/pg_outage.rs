@@ -131,10 +131,11 @@ async fn postgres_restart_gives_503_then_recovers() {
 }
 
 /// Deadlines of the stall test: the server cancels a statement after 2 s; the client gives a
-/// connection up after 2 + 1 s.
-const STALL_ENV: [(&str, &str); 2] = [
+/// connection up after 2 + 1 s. Everything is logged, to check that the password never is.
+const STALL_ENV: [(&str, &str); 3] = [
     ("S3DEDUP_METADATA__POSTGRES__STATEMENT_TIMEOUT_SECS", "2"),
     ("S3DEDUP_METADATA__POSTGRES__CONNECT_TIMEOUT_SECS", "1"),
+    ("RUST_LOG", "debug"),
 ];
 
 /// Every request answered while PostgreSQL does not answer: a 503 naming the database, in
@@ -286,7 +287,12 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
     // using them. Reads and writes go through on fresh connections; nothing fails.
     proxy.cut_upstream();
     let r = http.get(api.url("/files/kept")).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "GET after the cut: {:?}", r.headers());
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "GET after the cut: {:?}",
+        r.headers()
+    );
     assert_eq!(gunzip(&r.bytes().await.unwrap()), kept);
     proxy.cut_upstream();
     let cut_body = unique_content("stall-cut", 3_000);
@@ -335,7 +341,14 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
     );
     let r = http.get(api.url("/files/kept")).send().await.unwrap();
     assert_eq!(gunzip(&r.bytes().await.unwrap()), newer);
-    assert!(!api.log().contains("panicked"), "{}", api.log());
+    let log = api.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("DEBUG"), "the API logged at debug level");
+    let password = std::env::var("PGPASSWORD").unwrap_or_default();
+    assert!(
+        password.len() >= 8 && !log.contains(&password),
+        "the database password (pg_virtualenv's PGPASSWORD) in the API log"
+    );
     api.collect_and_verify();
     report(&format!(
         "FAULTS postgres-stall: 1 freeze, {stalled_requests} requests all 503 naming the database \
