@@ -133,6 +133,12 @@ check "service active/running after it (READY=1 seen)" \
       test "$(prop s3dedup-api.service ActiveState)/$(prop s3dedup-api.service SubState)" = active/running
 check "service runs as s3dedup" test "$(in_box ps -o user= -p "$(prop s3dedup-api.service MainPID)")" = s3dedup
 check "STATUS= line reported" test -n "$(prop s3dedup-api.service StatusText)"
+# The units' hardening as systemd rates it: every exposure in its OK band (below 5.0) or better.
+exposure() { in_box systemd-analyze security --no-pager "$1" | grep -o 'exposure level for [^:]*: [0-9.]* [A-Z]*' | awk '{print $(NF-1), $NF}'; }
+for u in s3dedup-api.service s3dedup-cleaner.service s3dedup-migrator.service; do
+  E=$(exposure "$u")
+  check "$u hardened (exposure ${E:-unknown})" grep -Eq ' (OK|SAFE|PERFECT)$' <<<"$E"
+done
 
 log "restart while a client sends a stream of requests"
 in_box sh -c 'PYTHONPATH=/ftclient python3 /ftclient/client_check.py stream 25 > /tmp/stream.log 2>&1; echo $? > /tmp/stream.rc' &
@@ -153,7 +159,8 @@ log "watchdog: a frozen daemon is restarted"
 in_box sh -c 'mkdir -p /run/systemd/system/s3dedup-api.service.d && printf "[Service]\nWatchdogSec=2s\nRestartSec=100ms\n" > /run/systemd/system/s3dedup-api.service.d/e2e.conf && systemctl daemon-reload && systemctl restart s3dedup-api.service'
 sleep 3
 check "no watchdog restart while healthy" test "$(prop s3dedup-api.service NRestarts)" = 0
-OLD=$(prop s3dedup-api.service MainPID); in_box kill -STOP "$OLD"; sleep 5
+# (No MainPID means the service is not running; `kill -STOP 0` would stop this script instead.)
+OLD=$(prop s3dedup-api.service MainPID); [ "${OLD:-0}" -gt 0 ] && in_box kill -STOP "$OLD"; sleep 5
 check "watchdog fired and restarted it (NRestarts=$(prop s3dedup-api.service NRestarts))" test "$(prop s3dedup-api.service NRestarts)" -ge 1
 check "new MainPID after the watchdog" test "$(prop s3dedup-api.service MainPID)" != "$OLD"
 in_box sh -c 'rm -r /run/systemd/system/s3dedup-api.service.d; systemctl daemon-reload; systemctl restart s3dedup-api.service; systemctl reset-failed'
@@ -167,6 +174,8 @@ in_box sh -c 'mkdir -p /run/systemd/system/s3dedup-cleaner.timer.d && printf "[T
 N0=$(cleaner_runs); sleep 4; N1=$(cleaner_runs)
 check "the timer fired the cleaner ($N0 -> $N1 runs)" test "$N1" -gt "$N0"
 check "cleaner summary in the journal" has "freed" in_box journalctl -u s3dedup-cleaner.service -o cat
+S3DEDUP_UID=$(in_box id -u s3dedup)
+check "cleaner ran as s3dedup (uid $S3DEDUP_UID)" has "\"_UID\":\"$S3DEDUP_UID\"" in_box journalctl -u s3dedup-cleaner.service -o json
 
 # ---------------------------------------------------------------- migrator
 log "migrator imports a v1 directory"
@@ -177,6 +186,7 @@ check "systemctl start s3dedup-migrator.service" in_box systemctl start s3dedup-
 check "migrator active (exited), status 0" \
       test "$(prop s3dedup-migrator.service ActiveState)/$(prop s3dedup-migrator.service SubState)/$(prop s3dedup-migrator.service ExecMainStatus)" = active/exited/0
 check "migrated files readable with their versions through the client" ft migrated
+check "migrator ran as s3dedup" has "\"_UID\":\"$S3DEDUP_UID\"" in_box journalctl -u s3dedup-migrator.service -o json
 
 # ---------------------------------------------------------------- journal + health
 log "journal"
