@@ -146,7 +146,21 @@ impl Ledger {
     fn dropped(&self, what: &str, e: &reqwest::Error) {
         self.tally.dropped.fetch_add(1, Relaxed);
         if !self.drops_allowed.load(Relaxed) {
-            self.violation(format!("{what}: request failed without an answer: {e}"));
+            // reqwest's message hides the cause (reset, early close, timeout): name it.
+            let mut cause = String::new();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                cause += &format!(": {s}");
+                source = s.source();
+            }
+            let timeout = if e.is_timeout() {
+                " (client timeout)"
+            } else {
+                ""
+            };
+            self.violation(format!(
+                "{what}: request failed without an answer{timeout}: {e}{cause}"
+            ));
         }
     }
 
@@ -200,7 +214,9 @@ impl Ledger {
         seed: u64,
     ) {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
+            // Longer than any server-side bound (queue, lock and database waits), so a slow
+            // server's error answer arrives instead of the client giving up first.
+            .timeout(Duration::from_secs(300))
             .build()
             .expect("http client");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ id as u64);
@@ -236,8 +252,10 @@ impl Ledger {
                 } else {
                     http.put(&url).body(content)
                 };
-                let what = format!("PUT {path}");
-                match req.send().await {
+                let started = Instant::now();
+                let r = req.send().await;
+                let what = format!("PUT {path} ({:.1} s)", started.elapsed().as_secs_f64());
+                match r {
                     Ok(r) if r.status() == StatusCode::OK => {
                         self.tally.ok.fetch_add(1, Relaxed);
                         self.tally.bytes.fetch_add(want.len as u64, Relaxed);
@@ -267,8 +285,10 @@ impl Ledger {
                     _ => continue,
                 };
                 let url = format!("{base}/files{path}?last_modified={}", lm(2));
-                let what = format!("DELETE {path}");
-                match http.delete(&url).send().await {
+                let started = Instant::now();
+                let r = http.delete(&url).send().await;
+                let what = format!("DELETE {path} ({:.1} s)", started.elapsed().as_secs_f64());
+                match r {
                     // After a failed PUT the path may never have existed.
                     Ok(r)
                         if r.status() == StatusCode::OK
