@@ -79,11 +79,7 @@ async fn s3_killed_and_restarted_mid_transfer() {
     let mut s3 = S3Server::start().unwrap();
     let api = Api::start_with(Backend::S3(&s3), &S3_ENV).unwrap();
     let ledger = Ledger::new(&[64 << 10, 12 << 20]);
-    let clients = {
-        let (ledger, url) = (ledger.clone(), api.url(""));
-        let seed = seed();
-        tokio::spawn(async move { ledger.run(&[url], "s3kill", 3, Until::Ops(40), seed).await })
-    };
+    let clients = ledger.spawn(vec![api.url("")], "s3kill", 3, Until::Ops(40), seed());
     let mut kills = 0;
     while !clients.is_finished() && kills < 4 {
         let wait = rand::rng().random_range(500..2500);
@@ -109,11 +105,7 @@ async fn api_sigkilled_at_random_moments() {
     let ledger = Ledger::new(&[1 << 10, 300 << 10, 3 << 20]);
     // While the API is down, requests fail without an answer: expected here.
     ledger.drops_allowed.store(true, Relaxed);
-    let clients = {
-        let (ledger, url) = (ledger.clone(), api.url(""));
-        let seed = seed();
-        tokio::spawn(async move { ledger.run(&[url], "apikill", 4, Until::Ops(80), seed).await })
-    };
+    let clients = ledger.spawn(vec![api.url("")], "apikill", 4, Until::Ops(80), seed());
     let mut kills = 0;
     while !clients.is_finished() && kills < 6 {
         let wait = rand::rng().random_range(300..1500);

@@ -356,6 +356,19 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::run`] in a task of its own, for a test that breaks things meanwhile.
+    pub fn spawn(
+        self: &Arc<Self>,
+        urls: Vec<String>,
+        tag: &'static str,
+        clients: usize,
+        until: Until,
+        seed: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        let ledger = self.clone();
+        tokio::spawn(async move { ledger.run(&urls, tag, clients, until, seed).await })
+    }
+
     /// Reads every path once more through `url` with nothing failing; returns (files checked,
     /// files lost). A lost file is a stored one that is missing or wrong.
     pub async fn check_all(&self, url: &str) -> (usize, Vec<String>) {

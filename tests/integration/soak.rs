@@ -78,14 +78,7 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
         .collect();
 
     let ledger = Ledger::new(&[1 << 10, 16 << 10, 256 << 10, 8 << 20]);
-    let load = {
-        let (ledger, urls) = (ledger.clone(), urls.clone());
-        tokio::spawn(async move {
-            ledger
-                .run(&urls, "soak", 6, Until::Time(deadline), rand::random())
-                .await
-        })
-    };
+    let load = ledger.spawn(urls, "soak", 6, Until::Time(deadline), rand::random());
     let mut curve: Vec<(u64, u64, u64)> = Vec::new();
     let start = Instant::now();
     while !load.is_finished() {

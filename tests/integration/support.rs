@@ -368,38 +368,34 @@ impl Api {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// Collects garbage with no grace period, then [`Api::verify_deep`]; panics on any problem.
-    pub fn collect_and_verify(&self) {
+    /// Runs `s3dedup-cleaner ARGS` on this instance's store; panics unless it exits 0. Returns
+    /// what it printed.
+    fn run_cleaner(&self, args: &[&str]) -> String {
         let out = self
             .sibling("s3dedup-cleaner")
-            .args(["--grace-secs", "0"])
+            .args(args)
             .stdin(Stdio::null())
             .output()
-            .expect("cleaner runs");
+            .expect("s3dedup-cleaner runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
-            "cleaner: {}{}",
-            String::from_utf8_lossy(&out.stdout),
+            "cleaner {args:?}: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        text
+    }
+
+    /// Collects garbage with no grace period, then [`Api::verify_deep`]; panics on any problem.
+    pub fn collect_and_verify(&self) {
+        self.run_cleaner(&["--grace-secs", "0"]);
         self.verify_deep();
     }
 
     /// Runs `s3dedup-cleaner --verify --deep` on this instance's store; panics unless it exits 0
     /// reporting 0 problems.
     pub fn verify_deep(&self) {
-        let out = self
-            .sibling("s3dedup-cleaner")
-            .args(["--verify", "--deep"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("s3dedup-cleaner runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "verify --deep: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = self.run_cleaner(&["--verify", "--deep"]);
         assert!(text.contains(" 0 problems"), "{text}");
         eprintln!("{}", text.trim());
     }
