@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::meta::within;
+use crate::meta::{no_answer, within};
 
 use super::{
     Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire, lock_key,
@@ -21,6 +21,8 @@ use super::{
 /// One lock connection with its prepared statements.
 struct Session {
     client: Client,
+    /// How long a statement may go unanswered ([`PgLocks::with_deadline`]).
+    deadline: Option<Duration>,
     lock: [Statement; 2],
     unlock: [Statement; 2],
 }
@@ -44,7 +46,6 @@ struct HeldPg {
     session: Arc<Session>,
     key: i64,
     mode: LockMode,
-    deadline: Option<Duration>,
 }
 
 impl Held for HeldPg {
@@ -55,7 +56,7 @@ impl Held for HeldPg {
         Some(Box::pin(async move {
             let stmt = &self.session.unlock[index(self.mode)];
             match within(
-                self.deadline,
+                self.session.deadline,
                 self.session.client.execute(stmt, &[&self.key]),
             )
             .await
@@ -117,6 +118,7 @@ impl PgLocks {
                     prepare("SELECT pg_advisory_unlock($1)").await?,
                 ],
                 client,
+                deadline: self.deadline,
             })
         };
         let session = Arc::new(self.settle(name, within(self.deadline, open).await)?);
@@ -133,10 +135,7 @@ impl PgLocks {
         let message = match result {
             Some(Ok(v)) => return Ok(v),
             Some(Err(e)) => crate::meta::postgres_error_text(e),
-            None => format!(
-                "the database did not answer within {} s",
-                self.deadline.unwrap_or_default().as_secs()
-            ),
+            None => no_answer(self.deadline),
         };
         Err(LockError::Backend {
             name: name.to_owned(),
@@ -177,7 +176,6 @@ impl PgLocks {
                 session,
                 key: pg_key,
                 mode,
-                deadline: self.deadline,
             }) as Box<dyn Held>
         }))
     }

@@ -12,8 +12,8 @@ use crate::protocol::Version;
 
 #[cfg(test)]
 pub(crate) use postgres::tests::test_config as postgres_test_config;
-pub(crate) use postgres::within;
 pub use postgres::{PostgresMeta, connection_config as postgres_connection_config};
+pub(crate) use postgres::{no_answer, within};
 #[cfg(test)]
 pub(crate) use sqlite::tests::test_options as sqlite_test_options;
 pub use sqlite::{SqliteMeta, SqliteOptions};

@@ -319,6 +319,14 @@ impl PostgresMeta {
     }
 }
 
+/// The message for a statement that missed its `deadline`.
+pub(crate) fn no_answer(deadline: Option<Duration>) -> String {
+    format!(
+        "the database did not answer within {} s",
+        deadline.unwrap_or_default().as_secs()
+    )
+}
+
 /// `work`, or `None` if `deadline` passes first.
 pub(crate) async fn within<T>(
     deadline: Option<Duration>,
@@ -355,10 +363,7 @@ impl Conn {
             Some(r) => r.map_err(pg_error),
             None => {
                 self.stalled.store(true, Ordering::Relaxed);
-                Err(MetaError::Unavailable(format!(
-                    "the database did not answer within {} s",
-                    self.deadline.unwrap_or_default().as_secs()
-                )))
+                Err(MetaError::Unavailable(no_answer(self.deadline)))
             }
         }
     }
