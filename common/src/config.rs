@@ -371,6 +371,9 @@ pub struct StoreConfig {
     /// them when it starts. A live upload touches its file at least every
     /// `api.body_timeout_secs`.
     pub spool_max_age_secs: u64,
+    /// Uploads whose stored (gzip) size is at most this many KiB wait in memory, not in a spool
+    /// file; 0: always a file. Bounds memory at `api.max_concurrent_requests` times this.
+    pub spool_memory_kib: u64,
 }
 
 /// `[store.cache]`: the API's local disk cache of objects read from S3 (unused with the local
@@ -400,6 +403,7 @@ impl Default for StoreConfig {
         StoreConfig {
             cache: CacheConfig::default(),
             spool_max_age_secs: 3600,
+            spool_memory_kib: (crate::spool::DEFAULT_MEMORY_LIMIT / 1024) as u64,
             backend: StoreBackend::Local,
             local: LocalStoreConfig::default(),
             s3: S3Config::default(),

@@ -17,6 +17,7 @@ use crate::meta::{
     postgres_connection_config,
 };
 use crate::protocol::Version;
+use crate::spool::{SpoolBody, SpoolWriter};
 use crate::store::{
     CachedStore, FsStore, ObjectStore, ObjectStream, ReadCache, S3Store, StoreError,
 };
@@ -43,23 +44,19 @@ pub enum FileStoreError {
 impl FileStoreError {
     /// True when a disk (the spool's or the local store's) ran out of space.
     pub fn is_out_of_space(&self) -> bool {
-        let io = match self {
-            FileStoreError::Store(StoreError::Full { .. }) => return true,
+        match self {
+            FileStoreError::Store(StoreError::Full { .. }) => true,
             FileStoreError::Blob(BlobError::Spool(io))
-            | FileStoreError::Spool { source: io, .. } => io,
-            _ => return false,
-        };
-        matches!(
-            io.raw_os_error(),
-            Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
-        )
+            | FileStoreError::Spool { source: io, .. } => crate::spool::is_out_of_space(io),
+            _ => false,
+        }
     }
 }
 
 /// A verified body waiting in the spool, ready to be committed.
 #[derive(Debug)]
 pub struct Spooled {
-    pub file: tempfile::NamedTempFile,
+    pub body: SpoolBody,
     pub info: BlobInfo,
 }
 
@@ -83,6 +80,8 @@ pub struct FileStore {
     pub store: Arc<dyn ObjectStore>,
     pub locks: Arc<dyn LockManager>,
     spool_dir: PathBuf,
+    /// Uploads up to this many stored bytes wait in memory instead of a spool file.
+    spool_memory: usize,
     lock_timeout: Duration,
 }
 
@@ -104,6 +103,7 @@ impl FileStore {
             store,
             locks,
             spool_dir: spool_dir.to_owned(),
+            spool_memory: crate::spool::DEFAULT_MEMORY_LIMIT,
             lock_timeout,
         })
     }
@@ -141,13 +141,15 @@ impl FileStore {
                 )
             }
         };
-        Self::new(
+        let mut fs = Self::new(
             meta,
             store,
             locks,
             &cfg.spool_dir(),
             Duration::from_secs(cfg.api.lock_timeout_secs),
-        )
+        )?;
+        fs.spool_memory = (cfg.store.spool_memory_kib as usize).saturating_mul(1024);
+        Ok(fs)
     }
 
     /// Reads objects through the configured local disk cache when the store is remote and the
@@ -169,6 +171,11 @@ impl FileStore {
         })?;
         self.store = Arc::new(CachedStore::new(self.store, cache.clone()));
         Ok((self, Some(cache)))
+    }
+
+    /// How many stored bytes of an upload may wait in memory instead of a spool file.
+    pub fn spool_memory(&self) -> usize {
+        self.spool_memory
     }
 
     /// Removes spool files (`upload-*`) not modified for `max_age`: what a killed process left.
@@ -194,18 +201,8 @@ impl FileStore {
         Ok(removed)
     }
 
-    /// A fresh spool file, deleted when dropped unless committed.
-    pub fn spool_file(&self) -> Result<tempfile::NamedTempFile, FileStoreError> {
-        tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&self.spool_dir)
-            .map_err(|source| FileStoreError::Spool {
-                dir: self.spool_dir.clone(),
-                source,
-            })
-    }
-
-    /// Reads a body (blocking) into a new spool file, verifying it. Run off the async runtime.
+    /// Reads a body (blocking) into memory or a new spool file, verifying it. Run off the async
+    /// runtime.
     pub fn spool_blocking<R: io::Read>(
         &self,
         body: R,
@@ -213,10 +210,12 @@ impl FileStore {
         hints: &Hints,
         opts: &IngestOptions,
     ) -> Result<Spooled, FileStoreError> {
-        let file = self.spool_file()?;
-        let writer = io::BufWriter::with_capacity(256 * 1024, file.as_file());
-        let info = ingest(body, encoding, writer, hints, opts)?;
-        Ok(Spooled { file, info })
+        let mut writer = SpoolWriter::new(&self.spool_dir, self.spool_memory);
+        let info = ingest(body, encoding, &mut writer, hints, opts)?;
+        let body = writer
+            .finish()
+            .map_err(|e| FileStoreError::Blob(BlobError::Spool(e)))?;
+        Ok(Spooled { body, info })
     }
 
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
@@ -275,7 +274,7 @@ impl FileStore {
         now: i64,
         import: bool,
     ) -> Result<Committed, FileStoreError> {
-        let Spooled { file, info } = spooled;
+        let Spooled { body, info } = spooled;
         let name = blob_lock(&info.digest);
         // Known content (the common case for judging inputs) only needs the cleaner kept out, so
         // re-uploads of one blob share its lock and commit together. New content takes the lock
@@ -296,7 +295,7 @@ impl FileStore {
             (guard, live)
         };
         if !live {
-            self.store.put(&info.digest, file, info.stored_size).await?;
+            self.store.put(&info.digest, body, info.stored_size).await?;
         }
         let outcome = self
             .meta

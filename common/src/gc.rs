@@ -390,6 +390,7 @@ mod tests {
     use crate::blob::{Encoding, Hints, IngestOptions};
     use crate::locks::FileLocks;
     use crate::meta::SqliteMeta;
+    use crate::spool::SpoolBody;
     use crate::store::FsStore;
     use std::path::Path;
     use std::sync::Arc;
@@ -483,9 +484,8 @@ mod tests {
         let mut orphan_digests = vec![];
         for (i, age) in [(1u8, 10_000u64), (2, 10)] {
             let d = Digest([i; 32]);
-            let mut f = fs.spool_file().unwrap();
-            std::io::Write::write_all(&mut f, b"orphan").unwrap();
-            fs.store.put(&d, f, 6).await.unwrap();
+            let body = SpoolBody::Memory(bytes::Bytes::from_static(b"orphan"));
+            fs.store.put(&d, body, 6).await.unwrap();
             let path = dir
                 .path()
                 .join("objects")
@@ -576,12 +576,14 @@ mod tests {
         let c = put(&fs, "/c", b"content c", 0).await;
         fs.store.delete(&a).await.unwrap();
         // Replace b's object with the gzip of other content of the same size.
-        let mut f = fs.spool_file().unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
         std::io::Write::write_all(&mut gz, b"content B").unwrap();
-        std::io::Write::write_all(f.as_file_mut(), &gz.finish().unwrap()).unwrap();
-        let size = f.as_file().metadata().unwrap().len();
-        fs.store.put(&b, f, size).await.unwrap();
+        let gz = gz.finish().unwrap();
+        let size = gz.len() as u64;
+        fs.store
+            .put(&b, SpoolBody::Memory(gz.into()), size)
+            .await
+            .unwrap();
         let shallow = verify(&fs, false, 10, &no_progress).await.unwrap();
         assert_eq!(shallow.missing, vec![a]);
         assert!(

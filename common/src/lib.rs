@@ -1,6 +1,6 @@
 //! `s3dedup-common`: everything the s3dedup programs share. One module per decision:
 //! configuration, the Filetracker protocol, the blob codec, the metadata store, advisory locks,
-//! the object store, the file store that orders them, and systemd integration.
+//! the object store, the upload spool, the file store that orders them, and systemd integration.
 //! Nothing here reads configuration from the environment or prints.
 
 pub mod blob;
@@ -13,6 +13,7 @@ pub mod meta;
 pub mod migrate;
 pub mod program;
 pub mod protocol;
+pub mod spool;
 pub mod store;
 pub mod systemd;
 

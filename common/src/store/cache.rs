@@ -20,12 +20,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_util::io::ReaderStream;
 
-use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError};
+use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, local_stream, read_if_small};
 use crate::blob::{self, Digest};
+use crate::spool::SpoolBody;
 
-const READ_CHUNK: usize = 64 * 1024;
 /// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
 /// for the cache's disk).
 const FILL_QUEUE: usize = 64;
@@ -163,7 +162,11 @@ impl ReadCache {
 
     /// The cached object if it has `size` bytes, marked as just used; `None` on a miss. A copy
     /// of another size is another encoding of the content than the one now stored: dropped.
-    async fn open_entry(self: &Arc<Self>, d: &Digest, size: u64) -> Option<tokio::fs::File> {
+    async fn open_entry(
+        self: &Arc<Self>,
+        d: &Digest,
+        size: u64,
+    ) -> Option<Result<Bytes, std::fs::File>> {
         let current = {
             let mut lru = self.index();
             match lru.entries.get(d).map(|&(cached, _)| cached == size) {
@@ -187,11 +190,11 @@ impl ReadCache {
             let f = std::fs::File::open(&path)?;
             // Recency on disk, for the order after a restart.
             let _ = f.set_modified(SystemTime::now());
-            Ok::<_, io::Error>(Some(f))
+            Ok::<_, io::Error>(Some(read_if_small(f)?))
         })
         .await;
         match opened {
-            Ok(Ok(f)) => f.map(tokio::fs::File::from_std),
+            Ok(Ok(read)) => read,
             _ => {
                 // Removed behind our back (or unreadable): forget it and read through.
                 self.index().remove(d);
@@ -308,13 +311,8 @@ impl ObjectStore for CachedStore {
         self.inner.key(digest)
     }
 
-    async fn put(
-        &self,
-        digest: &Digest,
-        spool: tempfile::NamedTempFile,
-        size: u64,
-    ) -> Result<(), StoreError> {
-        self.inner.put(digest, spool, size).await
+    async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        self.inner.put(digest, body, size).await
     }
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
@@ -323,9 +321,9 @@ impl ObjectStore for CachedStore {
     }
 
     async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
-        if let Some(f) = self.cache.open_entry(digest, size).await {
+        if let Some(read) = self.cache.open_entry(digest, size).await {
             self.cache.index().hits += 1;
-            return Ok(Box::pin(ReaderStream::with_capacity(f, READ_CHUNK)));
+            return Ok(local_stream(read));
         }
         let body = self.inner.get(digest).await?;
         self.cache.index().misses += 1;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::Stream;
 
 use crate::blob::Digest;
+use crate::spool::SpoolBody;
 
 pub use cache::{CacheStats, CachedStore, ReadCache};
 pub use fs::FsStore;
@@ -20,6 +21,34 @@ pub use s3::S3Store;
 
 /// The bytes of a stored object, streamed.
 pub type ObjectStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// Local files up to this size are read whole in one blocking step instead of streamed in
+/// chunks, each of which is a trip through the blocking pool.
+const SMALL_FILE: u64 = 64 * 1024;
+/// Chunk size for streaming a local file.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A local file opened for reading: read whole if small, else left to be streamed. Blocking.
+fn read_if_small(mut f: std::fs::File) -> io::Result<Result<Bytes, std::fs::File>> {
+    let len = f.metadata()?.len();
+    if len > SMALL_FILE {
+        return Ok(Err(f));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    io::Read::read_to_end(&mut f, &mut bytes)?;
+    Ok(Ok(bytes.into()))
+}
+
+/// The stream of what [`read_if_small`] gave.
+fn local_stream(read: Result<Bytes, std::fs::File>) -> ObjectStream {
+    match read {
+        Ok(bytes) => Box::pin(futures::stream::once(futures::future::ready(Ok(bytes)))),
+        Err(f) => Box::pin(tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(f),
+            READ_CHUNK,
+        )),
+    }
+}
 
 /// Why the object store could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +109,8 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn key(&self, digest: &Digest) -> String;
 
     /// Stores the spooled gzip bytes as the digest's object, durably, replacing any object there.
-    /// Consumes the spool file (it is renamed into place or deleted).
-    async fn put(
-        &self,
-        digest: &Digest,
-        spool: tempfile::NamedTempFile,
-        size: u64,
-    ) -> Result<(), StoreError>;
+    /// Consumes the body (a spool file is renamed into place or deleted).
+    async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError>;
 
     /// Streams a digest's object; `NotFound` when there is none.
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError>;

@@ -18,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, digest_of_key, object_key};
 use crate::blob::Digest;
 use crate::config::S3Config;
+use crate::spool::SpoolBody;
 
 /// A bucket (and key prefix) of an S3-compatible server.
 #[derive(Clone)]
@@ -186,25 +187,28 @@ impl ObjectStore for S3Store {
         object_key(&self.prefix, digest)
     }
 
-    async fn put(
-        &self,
-        digest: &Digest,
-        spool: tempfile::NamedTempFile,
-        size: u64,
-    ) -> Result<(), StoreError> {
+    async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {
         let key = self.key(digest);
-        if size >= self.multipart_threshold {
-            return self.put_multipart(&key, spool.path(), size).await;
-        }
-        let body = ByteStream::from_path(spool.path())
-            .await
-            .map_err(|e| StoreError::io("reading spool for", &key, io::Error::other(e)))?;
+        // The spool file must outlive the request that streams from it.
+        let (stream, _spool) = match body {
+            // Bodies kept in memory are far below any part size: one request.
+            SpoolBody::Memory(bytes) => (ByteStream::from(bytes), None),
+            SpoolBody::File(spool) if size >= self.multipart_threshold => {
+                return self.put_multipart(&key, spool.path(), size).await;
+            }
+            SpoolBody::File(spool) => {
+                let stream = ByteStream::from_path(spool.path())
+                    .await
+                    .map_err(|e| StoreError::io("reading spool for", &key, io::Error::other(e)))?;
+                (stream, Some(spool))
+            }
+        };
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(&key)
             .content_length(size as i64)
-            .body(body)
+            .body(stream)
             .send()
             .await
             .map_err(|e| unavailable("storing", &key, e))?;
