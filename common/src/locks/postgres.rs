@@ -139,7 +139,7 @@ impl PgLocks {
         };
         Err(LockError::Backend {
             name: name.to_owned(),
-            message,
+            message: format!("PostgreSQL advisory lock in the metadata database: {message}"),
         })
     }
 
