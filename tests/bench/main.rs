@@ -189,6 +189,10 @@ async fn ft_get(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result
     Ok(n)
 }
 
+/// Transfers of each large workload, one at a time (a 64 MiB transfer takes a few hundred
+/// milliseconds; fewer would leave the ratios to chance on a noisy machine).
+const LARGE_REPS: usize = 6;
+
 struct Config {
     /// Only workloads whose label contains this (GETs read what the PUT workloads wrote).
     only: Option<String>,
@@ -211,17 +215,28 @@ async fn filetracker_suite(
     let want = |label: &str| cfg.only.as_deref().is_none_or(|o| label.contains(o));
     // What the load generator and the kernel can do at all on this machine: the smallest
     // request there is, through the same client.
-    let label = "empty GET /version/, new conn, c=16 (harness ceiling)";
-    if want(label) {
+    for (label, http) in [
+        (
+            "empty GET /version/, new conn, c=16 (harness ceiling)",
+            &fresh,
+        ),
+        (
+            "empty GET /version/, keep-alive, c=16 (harness ceiling)",
+            &keep,
+        ),
+    ] {
+        if !want(label) {
+            continue;
+        }
         let m = drive(cfg.small_ops, 16, |_| {
-            let (http, url) = (fresh.clone(), url.clone());
+            let (http, url) = (http.clone(), url.clone());
             async move {
                 let r = http.get(format!("{url}/version/")).send().await?;
                 Ok(r.bytes().await?.len() as u64)
             }
         })
         .await;
-        eprintln!("  ceiling: {:.0} ops/s", m.ops_per_sec());
+        eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
         out.insert(label.into(), m);
     }
     let mut slot = 0;
@@ -301,11 +316,11 @@ async fn filetracker_suite(
         ("64 MiB PUT, pre-gzipped + hints", true),
         ("64 MiB PUT, raw", false),
     ] {
-        let bodies: Vec<Body> = (0..3)
+        let bodies: Vec<Body> = (0..LARGE_REPS)
             .map(|_| text_like(large))
             .map(|c| if gz { Body::gzipped(&c) } else { Body::Raw(c) })
             .collect();
-        let m = drive(3, 1, |i| {
+        let m = drive(LARGE_REPS, 1, |i| {
             let body = bodies[i].clone();
             let (http, url, run) = (keep.clone(), url.clone(), run.clone());
             async move { ft_put(&http, &url, &format!("{run}/large/{gz}/{i}"), body).await }
@@ -314,7 +329,7 @@ async fn filetracker_suite(
         eprintln!("  {label}: {:.0} MiB/s", m.mib_per_sec());
         out.insert(label.replace("64", &cfg.large_mib.to_string()), m);
     }
-    let m = drive(3, 1, |i| {
+    let m = drive(LARGE_REPS, 1, |i| {
         let (http, url, run) = (keep.clone(), url.clone(), run.clone());
         async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
     })
@@ -324,7 +339,7 @@ async fn filetracker_suite(
     // The same objects again: s3dedup on S3 now serves them from its read cache (filled, and
     // verified, just after the first read).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = drive(3, 1, |i| {
+    let m = drive(LARGE_REPS, 1, |i| {
         let (http, url, run) = (keep.clone(), url.clone(), run.clone());
         async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
     })
@@ -401,18 +416,20 @@ async fn s3_suite(
     let m = drive(cfg.small_ops, 16, |i| get(format!("{run}/s/{i}"))).await;
     out.insert("4 KiB GET, keep-alive, c=16".into(), m);
     let large = cfg.large_mib << 20;
-    let bodies: Vec<Vec<u8>> = (0..3).map(|_| gzip_fast(&text_like(large))).collect();
+    let bodies: Vec<Vec<u8>> = (0..LARGE_REPS)
+        .map(|_| gzip_fast(&text_like(large)))
+        .collect();
     let logical = large as u64;
-    let m = drive(3, 1, |i| {
+    let m = drive(LARGE_REPS, 1, |i| {
         let b = bodies[i].clone();
         let put = &put;
         async move { put(format!("{run}/l/{i}"), b).await.map(|_| logical) }
     })
     .await;
     out.insert(format!("{} MiB PUT, pre-gzipped + hints", cfg.large_mib), m);
-    let m = drive(3, 1, |i| get(format!("{run}/l/{i}"))).await;
+    let m = drive(LARGE_REPS, 1, |i| get(format!("{run}/l/{i}"))).await;
     out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
-    let m = drive(3, 1, |i| get(format!("{run}/l/{i}"))).await;
+    let m = drive(LARGE_REPS, 1, |i| get(format!("{run}/l/{i}"))).await;
     out.insert(
         format!("{} MiB GET again (warm read cache)", cfg.large_mib),
         m,
