@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 /// hyper hands over up to ~400 KiB a chunk, so 4 keep sixteen 1 GiB uploads under 100 MiB).
 const BODY_QUEUE: usize = 4;
 /// Bodies declared this small are read whole and verified on the runtime thread: compressing
-/// 16 KiB takes tens of microseconds, less than the trip through the blocking pool it saves.
+/// 16 KiB (or inflating a gzip body to at most 64 KiB) takes tens of microseconds, less than the
+/// trip through the blocking pool it saves.
 const INLINE_BODY: u64 = 16 * 1024;
 /// Paths listed per database round trip while streaming a listing.
 const LIST_PAGE: usize = 2000;
@@ -745,8 +746,14 @@ async fn put_body(
     start: Ingest,
 ) -> ApiResult {
     let version = start.version;
-    // A small body stays in memory either way (within the spool's memory bound).
-    let spooled = if start.small && state.files.spool_memory() >= 2 * INLINE_BODY as usize {
+    // A small body stays in memory either way (within the spool's memory bound). A gzip body
+    // must also promise a small content: a 16 KiB gzip bomb would inflate to 16 MiB here.
+    let bounded = match start.encoding {
+        Encoding::Identity => true,
+        Encoding::Gzip => (start.hints.logical_size).is_some_and(|n| n <= 4 * INLINE_BODY),
+    };
+    let fits = state.files.spool_memory() >= 2 * INLINE_BODY as usize;
+    let spooled = if start.small && bounded && fits {
         ingest_inline(state, body, start).await?
     } else {
         ingest_streamed(state, body, start).await?
