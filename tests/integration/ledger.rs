@@ -217,6 +217,10 @@ impl Ledger {
             // Longer than any server-side bound (queue, lock and database waits), so a slow
             // server's error answer arrives instead of the client giving up first.
             .timeout(Duration::from_secs(300))
+            // Well under the server's idle keep-alive limit (api.header_timeout_secs, 60 s):
+            // reusing a connection the server is closing at that moment breaks the request
+            // mid-body (the soak saw "Broken pipe" 0.0 s into a PUT), and no answer can come.
+            .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("http client");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ id as u64);
