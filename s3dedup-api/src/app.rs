@@ -618,8 +618,8 @@ struct Ingest {
     encoding: Encoding,
     hints: Hints,
     version: protocol::Version,
-    /// Declared no larger than [`INLINE_BODY`].
-    small: bool,
+    /// Read whole and verified on the runtime thread ([`INLINE_BODY`]).
+    inline: bool,
 }
 
 /// Everything a PUT can decide from its headers and the metadata, before reading the body.
@@ -651,11 +651,18 @@ async fn put_checks(state: &AppState, path: &FilePath, req: &Parts) -> Result<Pu
     {
         return Ok(PutStart::Newer(entry.version));
     }
+    // A small body stays in memory either way (within the spool's memory bound). A gzip body
+    // must also promise a small content: a 16 KiB gzip bomb would inflate to 16 MiB here.
+    let bounded = match encoding {
+        Encoding::Identity => true,
+        Encoding::Gzip => hints.logical_size.is_some_and(|n| n <= 4 * INLINE_BODY),
+    };
+    let fits = state.files.spool_memory() >= 2 * INLINE_BODY as usize;
     Ok(PutStart::Ingest(Ingest {
         encoding,
         hints,
         version,
-        small,
+        inline: small && bounded && fits,
     }))
 }
 
@@ -746,14 +753,7 @@ async fn put_body(
     start: Ingest,
 ) -> ApiResult {
     let version = start.version;
-    // A small body stays in memory either way (within the spool's memory bound). A gzip body
-    // must also promise a small content: a 16 KiB gzip bomb would inflate to 16 MiB here.
-    let bounded = match start.encoding {
-        Encoding::Identity => true,
-        Encoding::Gzip => (start.hints.logical_size).is_some_and(|n| n <= 4 * INLINE_BODY),
-    };
-    let fits = state.files.spool_memory() >= 2 * INLINE_BODY as usize;
-    let spooled = if start.small && bounded && fits {
+    let spooled = if start.inline {
         ingest_inline(state, body, start).await?
     } else {
         ingest_streamed(state, body, start).await?

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, StoreError, digest_of_key, local_stream,
-    object_key, read_if_small,
+    ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, SMALL_FILE, StoreError, digest_of_key,
+    local_stream, object_key, read_if_small,
 };
 use crate::blob::Digest;
 use crate::spool::SpoolBody;
@@ -24,14 +24,11 @@ use crate::spool::SpoolBody;
 /// Writers waiting for a flush before new ones wait to queue.
 const SYNC_QUEUE: usize = 1024;
 
-/// Rows saying an object is up to this size have it read in one step ([`read_if_small`]).
-const SMALL_OBJECT: u64 = 64 * 1024;
-
 /// A writer's request for a flush, with a small object to write first, answered with the
-/// outcome.
+/// outcome (the OS error itself, so a full disk stays [`StoreError::Full`]).
 struct SyncRequest {
     place: Option<(bytes::Bytes, PathBuf)>,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<io::Result<()>>,
 }
 
 /// Objects at `<root>/<aa>/<bb>/<sha256>`, committed by an atomic rename from the spool.
@@ -58,17 +55,16 @@ impl FsStore {
                     .into_iter()
                     .map(|req| {
                         let r = match req.place {
-                            Some((bytes, dest)) => place(SpoolBody::Memory(bytes), &dest)
-                                .map_err(|e| format!("writing {}: {e}", dest.display())),
+                            Some((bytes, dest)) => place(SpoolBody::Memory(bytes), &dest),
                             None => Ok(()),
                         };
                         (r, req.reply)
                     })
                     .collect();
-                let synced = nix::unistd::syncfs(&dir).map_err(|e| e.to_string());
+                let synced = nix::unistd::syncfs(&dir);
                 for (r, reply) in placed {
                     // A writer that went away needs no answer.
-                    let _ = reply.send(r.and_then(|()| synced.clone()));
+                    let _ = reply.send(r.and_then(|()| synced.map_err(io::Error::from)));
                 }
             },
         )
@@ -89,7 +85,7 @@ impl FsStore {
         self.syncs.send(req).await.map_err(|_| stopped())?;
         rx.await
             .map_err(|_| stopped())?
-            .map_err(|e| StoreError::io("storing", key, io::Error::other(e)))
+            .map_err(|e| StoreError::io("storing", key, e))
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -166,23 +162,23 @@ fn place(body: SpoolBody, dest: &Path) -> io::Result<()> {
     std::fs::create_dir_all(parent)?;
     let spool = match body {
         SpoolBody::File(f) => f,
-        SpoolBody::Memory(bytes) => {
-            let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
-            io::Write::write_all(tmp.as_file_mut(), &bytes)?;
-            return tmp.persist(dest).map(drop).map_err(|e| e.error);
-        }
+        SpoolBody::Memory(bytes) => return write_beside(&mut &bytes[..], parent, dest),
     };
     match spool.persist(dest) {
         Ok(_) => Ok(()),
         // The spool lives on another filesystem: copy beside the destination, then rename.
         Err(e) if e.error.raw_os_error() == Some(nix::libc::EXDEV) => {
-            let mut src = e.file.reopen()?;
-            let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
-            io::copy(&mut src, tmp.as_file_mut())?;
-            tmp.persist(dest).map(drop).map_err(|e| e.error)
+            write_beside(&mut e.file.reopen()?, parent, dest)
         }
         Err(e) => Err(e.error),
     }
+}
+
+/// Writes `src` to a temporary file in `parent`, `dest`'s directory, then renames it to `dest`.
+fn write_beside(src: &mut impl io::Read, parent: &Path, dest: &Path) -> io::Result<()> {
+    let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
+    io::copy(src, tmp.as_file_mut())?;
+    tmp.persist(dest).map(drop).map_err(|e| e.error)
 }
 
 #[async_trait]
@@ -221,7 +217,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
-        if size > SMALL_OBJECT {
+        if size > SMALL_FILE {
             return self.get(digest).await;
         }
         let path = self.path(digest);

@@ -73,9 +73,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, key: &str, source: io::Error) -> Self {
-        if source.raw_os_error() == Some(nix::libc::ENOSPC)
-            || source.raw_os_error() == Some(nix::libc::EDQUOT)
-        {
+        if crate::spool::is_out_of_space(&source) {
             StoreError::Full {
                 op,
                 key: key.to_owned(),
