@@ -17,10 +17,11 @@ use crate::meta::{
     postgres_connection_config,
 };
 use crate::protocol::Version;
-use crate::spool::{SpoolBody, SpoolWriter};
+use crate::spool::{SpoolBody, SpoolProgress, SpoolWriter};
 use crate::store::{
-    CachedStore, FsStore, ObjectStore, ObjectStream, ReadCache, S3Store, StoreError,
+    CachedStore, FsStore, ObjectStore, ObjectStream, PartUpload, ReadCache, S3Store, StoreError,
 };
+use tokio::sync::watch;
 
 /// Why a file operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +55,63 @@ impl FileStoreError {
 }
 
 /// A verified body waiting in the spool, ready to be committed.
-#[derive(Debug)]
 pub struct Spooled {
     pub body: SpoolBody,
     pub info: BlobInfo,
+    /// Parts of it already sent to the object store, if it was sent while it arrived.
+    pub parts: Option<Box<dyn PartUpload>>,
+}
+
+impl std::fmt::Debug for Spooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spooled")
+            .field("body", &self.body)
+            .field("info", &self.info)
+            .field("parts", &self.parts.is_some())
+            .finish()
+    }
+}
+
+/// Given to the spool writer of an upload whose parts are sent while it arrives.
+pub struct PartSender {
+    step: u64,
+    tx: watch::Sender<SpoolProgress>,
+}
+
+/// The task sending an upload's parts; [`PartsTask::attach`] joins it to the spooled upload.
+/// Dropped unattached (the request was cancelled), the parts it sent are discarded.
+pub struct PartsTask {
+    digest: Digest,
+    task: tokio::task::JoinHandle<Result<Option<Box<dyn PartUpload>>, StoreError>>,
+}
+
+impl PartsTask {
+    /// Waits for the parts to be sent and adds them to a verified upload. When the upload
+    /// failed, the parts are discarded; when sending them failed, the commit sends the object
+    /// whole (and reports the store's error if it fails again).
+    pub async fn attach(
+        self,
+        spooled: Result<Spooled, FileStoreError>,
+    ) -> Result<Spooled, FileStoreError> {
+        let sent = match self.task.await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(e)) => {
+                tracing::warn!(digest = %self.digest, error = %e,
+                    "sending an upload in parts failed; it will be sent whole");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(digest = %self.digest, error = %e, "part upload task failed");
+                None
+            }
+        };
+        let mut spooled = spooled?;
+        // The ingest checked the content against the claimed digest the parts are keyed by.
+        if spooled.info.digest == self.digest {
+            spooled.parts = sent;
+        }
+        Ok(spooled)
+    }
 }
 
 /// The result of committing a PUT.
@@ -210,12 +264,58 @@ impl FileStore {
         hints: &Hints,
         opts: &IngestOptions,
     ) -> Result<Spooled, FileStoreError> {
+        self.spool_blocking_with(body, encoding, hints, opts, None)
+    }
+
+    /// [`FileStore::spool_blocking`], telling `parts` (from [`FileStore::send_parts`]) how far
+    /// the spool file has grown.
+    pub fn spool_blocking_with<R: io::Read>(
+        &self,
+        body: R,
+        encoding: Encoding,
+        hints: &Hints,
+        opts: &IngestOptions,
+        parts: Option<PartSender>,
+    ) -> Result<Spooled, FileStoreError> {
         let mut writer = SpoolWriter::new(&self.spool_dir, self.spool_memory);
+        if let Some(p) = parts {
+            writer = writer.reporting(p.step, p.tx);
+        }
         let info = ingest(body, encoding, &mut writer, hints, opts)?;
         let body = writer
             .finish()
             .map_err(|e| FileStoreError::Blob(BlobError::Spool(e)))?;
-        Ok(Spooled { body, info })
+        Ok(Spooled {
+            body,
+            info,
+            parts: None,
+        })
+    }
+
+    /// Starts sending an upload to the object store while it still arrives, so that receiving
+    /// and verifying it overlap with sending it. Only for stores that take parts, bodies of at
+    /// least one part (`body_len`, when known) and content whose digest the client claimed and
+    /// which is not stored yet: without a claim the object's key is known only at the end, and
+    /// known content needs no object. The object becomes visible only at commit, under the
+    /// blob's lock, and only if the content matched the claim.
+    pub async fn send_parts(
+        &self,
+        hints: &Hints,
+        body_len: Option<u64>,
+    ) -> Option<(PartSender, PartsTask)> {
+        let step = self.store.part_size()?;
+        let digest = hints.sha256?;
+        if body_len.is_some_and(|n| n < step) {
+            return None;
+        }
+        // Only a saving: when the database cannot answer, the commit will say so.
+        if !matches!(self.meta.blob_is_live(&digest).await, Ok(false)) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(SpoolProgress::default());
+        let store = self.store.clone();
+        let task = tokio::spawn(async move { store.send_parts(&digest, rx).await });
+        Some((PartSender { step, tx }, PartsTask { digest, task }))
     }
 
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
@@ -232,15 +332,21 @@ impl FileStore {
     {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let fs = self.clone();
+        let (sender, parts) = self.send_parts(&hints, None).await.unzip();
         let ingest = tokio::task::spawn_blocking(move || {
-            fs.spool_blocking(crate::blob::ChannelReader::new(rx), encoding, &hints, &opts)
+            let body = crate::blob::ChannelReader::new(rx);
+            fs.spool_blocking_with(body, encoding, &hints, &opts, sender)
         });
         // If the ingest stops early, its error says why.
         crate::blob::feed(body, &tx).await;
         drop(tx);
-        ingest
+        let spooled = ingest
             .await
-            .map_err(|e| FileStoreError::Blob(BlobError::Interrupted(e.to_string())))?
+            .map_err(|e| FileStoreError::Blob(BlobError::Interrupted(e.to_string())))?;
+        match parts {
+            Some(p) => p.attach(spooled).await,
+            None => spooled,
+        }
     }
 
     /// Makes `path` hold the spooled content at `version` (unless a newer version is stored).
@@ -274,7 +380,7 @@ impl FileStore {
         now: i64,
         import: bool,
     ) -> Result<Committed, FileStoreError> {
-        let Spooled { body, info } = spooled;
+        let Spooled { body, info, parts } = spooled;
         let name = blob_lock(&info.digest);
         // Known content (the common case for judging inputs) only needs the cleaner kept out, so
         // re-uploads of one blob share its lock and commit together. New content takes the lock
@@ -294,8 +400,12 @@ impl FileStore {
             let live = self.meta.blob_is_live(&info.digest).await?;
             (guard, live)
         };
+        // Parts sent early of content that turned out to be stored are discarded on drop.
         if !live {
-            self.store.put(&info.digest, body, info.stored_size).await?;
+            match parts {
+                Some(p) => p.finish(body, info.stored_size).await?,
+                None => self.store.put(&info.digest, body, info.stored_size).await?,
+            }
         }
         let outcome = self
             .meta

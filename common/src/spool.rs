@@ -23,6 +23,23 @@ pub enum SpoolBody {
     File(NamedTempFile),
 }
 
+/// How much of a growing spool file is on disk, for a reader that sends it on before the
+/// upload ends (S3 parts sent while the body still arrives).
+#[derive(Debug, Clone, Default)]
+pub struct SpoolProgress {
+    /// The spool file, once there is one.
+    pub path: Option<PathBuf>,
+    /// Bytes written through to the file (not waiting in the writer's buffer).
+    pub flushed: u64,
+}
+
+/// Where a writer reports its progress, every `step` bytes.
+struct Reporter {
+    step: u64,
+    next: u64,
+    tx: tokio::sync::watch::Sender<SpoolProgress>,
+}
+
 /// A writer that keeps up to `limit` bytes in memory and moves everything to a new file in
 /// `dir` when more arrive. Errors name the spool directory and keep the OS error's kind.
 pub struct SpoolWriter {
@@ -30,6 +47,8 @@ pub struct SpoolWriter {
     limit: usize,
     memory: Vec<u8>,
     file: Option<BufWriter<NamedTempFile>>,
+    written: u64,
+    reporter: Option<Reporter>,
 }
 
 impl SpoolWriter {
@@ -41,7 +60,39 @@ impl SpoolWriter {
             limit,
             memory: Vec::new(),
             file: None,
+            written: 0,
+            reporter: None,
         }
+    }
+
+    /// Also flushes the file and publishes its length on `tx` each time another `step` bytes
+    /// are written. The sender is dropped when the writer is, which tells the reader it ended.
+    pub fn reporting(mut self, step: u64, tx: tokio::sync::watch::Sender<SpoolProgress>) -> Self {
+        let step = step.max(1);
+        self.reporter = Some(Reporter {
+            step,
+            next: step,
+            tx,
+        });
+        self
+    }
+
+    /// Publishes the flushed length once the writer has passed the next reporting mark.
+    fn report(&mut self) -> io::Result<()> {
+        let (Some(r), Some(w)) = (&mut self.reporter, &mut self.file) else {
+            return Ok(());
+        };
+        if self.written < r.next {
+            return Ok(());
+        }
+        w.flush()?;
+        r.next = (self.written / r.step + 1) * r.step;
+        let path = w.get_ref().path().to_owned();
+        r.tx.send_replace(SpoolProgress {
+            path: Some(path),
+            flushed: self.written,
+        });
+        Ok(())
     }
 
     fn context(&self, e: io::Error) -> io::Error {
@@ -80,16 +131,19 @@ impl Write for SpoolWriter {
         if self.file.is_none() && self.memory.len() + buf.len() > self.limit {
             self.spill()?;
         }
-        match &mut self.file {
+        let n = match &mut self.file {
             Some(w) => {
                 let r = w.write(buf);
-                r.map_err(|e| self.context(e))
+                r.map_err(|e| self.context(e))?
             }
             None => {
                 self.memory.extend_from_slice(buf);
-                Ok(buf.len())
+                buf.len()
             }
-        }
+        };
+        self.written += n as u64;
+        self.report().map_err(|e| self.context(e))?;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -170,6 +224,32 @@ mod tests {
             panic!("expected a spool file")
         };
         assert_eq!(std::fs::read(f.path()).unwrap(), b"");
+    }
+
+    #[test]
+    fn progress_is_reported_on_disk_at_each_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(SpoolProgress::default());
+        let mut w = SpoolWriter::new(dir.path(), 4).reporting(10, tx);
+        w.write_all(b"0123456").unwrap();
+        assert!(!rx.has_changed().unwrap(), "no mark passed yet");
+        w.write_all(b"789abcdefghijklmnopq").unwrap();
+        let seen = rx.borrow_and_update().clone();
+        assert_eq!(
+            seen.flushed, 27,
+            "past two marks at once: reported once, all of it"
+        );
+        let on_disk = std::fs::read(seen.path.unwrap()).unwrap();
+        assert_eq!(on_disk, b"0123456789abcdefghijklmnopq");
+        w.write_all(b"rs").unwrap();
+        assert!(!rx.has_changed().unwrap(), "the next mark is 30");
+        w.write_all(b"t").unwrap();
+        assert_eq!(rx.borrow_and_update().flushed, 30);
+        let _body = w.finish().unwrap();
+        assert!(
+            rx.has_changed().is_err(),
+            "the reader learns the writer ended"
+        );
     }
 
     #[test]

@@ -620,6 +620,8 @@ struct Ingest {
     version: protocol::Version,
     /// Read whole and verified on the runtime thread ([`INLINE_BODY`]).
     inline: bool,
+    /// The body's Content-Length, when declared.
+    body_len: Option<u64>,
 }
 
 /// Everything a PUT can decide from its headers and the metadata, before reading the body.
@@ -663,6 +665,7 @@ async fn put_checks(state: &AppState, path: &FilePath, req: &Parts) -> Result<Pu
         hints,
         version,
         inline: small && bounded && fits,
+        body_len: declared,
     }))
 }
 
@@ -706,13 +709,19 @@ async fn ingest_streamed(
     start: Ingest,
 ) -> Result<Spooled, ApiError> {
     let Ingest {
-        encoding, hints, ..
+        encoding,
+        hints,
+        body_len,
+        ..
     } = start;
     let opts = ingest_options(&state.cfg);
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     let files = state.files.clone();
+    // A large new upload is sent on to S3 while it arrives.
+    let (sender, parts) = files.send_parts(&hints, body_len).await.unzip();
     let ingest = tokio::task::spawn_blocking(move || {
-        files.spool_blocking(ChannelReader::new(rx), encoding, &hints, &opts)
+        let body = ChannelReader::new(rx);
+        files.spool_blocking_with(body, encoding, &hints, &opts, sender)
     });
     let mut received = 0u64;
     loop {
@@ -738,12 +747,16 @@ async fn ingest_streamed(
     }
     drop(tx);
     state.metrics.bytes_in.fetch_add(received, Relaxed);
-    Ok(ingest.await.map_err(|e| {
+    let spooled = ingest.await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("ingest task failed: {e}"),
         )
-    })??)
+    })?;
+    Ok(match parts {
+        Some(p) => p.attach(spooled).await?,
+        None => spooled?,
+    })
 }
 
 async fn put_body(

@@ -781,6 +781,92 @@ async fn multipart_upload_to_s3() {
     assert_eq!(s.objects().await.len(), 1);
 }
 
+/// Sends a PUT's head and the first `sent` bytes of its gzip body on a raw connection.
+fn start_gzip_put(s: &Setup, path: &str, claimed: &[u8], gz: &[u8], sent: usize) -> TcpStream {
+    let mut sock = TcpStream::connect(s.api.addr).unwrap();
+    write!(
+        sock,
+        "PUT /files{path}?last_modified={} HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n\
+         SHA256-Checksum: {}\r\nLogical-Size: {}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        lm(1),
+        sha256_hex(claimed),
+        claimed.len(),
+        gz.len()
+    )
+    .unwrap();
+    sock.write_all(&gz[..sent]).unwrap();
+    sock
+}
+
+/// Writes the rest of the body and reads the answer's status line.
+fn finish_put(mut sock: TcpStream, rest: &[u8]) -> String {
+    sock.write_all(rest).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).unwrap();
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Polls until `done` holds, for at most 10 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A large new upload with a claimed digest goes to S3 in parts while it still arrives; the
+/// object appears only once the content matched the claim, and a lie leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_uploads_are_sent_while_they_arrive() {
+    let s = Setup::s3_with(&[("S3DEDUP_STORE__S3__PART_SIZE", "5242880")]);
+    let s3 = s.s3.as_ref().unwrap();
+    let content = unique_content("early", 24 << 20);
+    let gz = gzip(&content);
+    assert!(gz.len() > 11 << 20, "at least two parts: {}", gz.len());
+    let held_back = 1 << 20;
+
+    let sock = start_gzip_put(&s, "/early", &content, &gz, gz.len() - held_back);
+    eventually("parts sent before the body ended", || {
+        !s3.pending_uploads().is_empty()
+    })
+    .await;
+    assert!(s.objects().await.is_empty(), "no object before the commit");
+    let status = finish_put(sock, &gz[gz.len() - held_back..]);
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(s.content("/early").await.unwrap(), content);
+    assert_eq!(s.objects().await.len(), 1);
+    eventually("the upload completed", || s3.pending_uploads().is_empty()).await;
+
+    // Content that does not match its claim: parts went out, then are discarded.
+    let other = unique_content("early-lie", 24 << 20);
+    let gz = gzip(&other);
+    let sock = start_gzip_put(&s, "/lie", &content[1..], &gz, gz.len() - held_back);
+    eventually("parts of the lie sent", || !s3.pending_uploads().is_empty()).await;
+    let status = finish_put(sock, &gz[gz.len() - held_back..]);
+    assert!(status.contains(" 400 "), "{status}");
+    eventually("the parts discarded", || s3.pending_uploads().is_empty()).await;
+    assert_eq!(s.objects().await.len(), 1, "nothing stored for the lie");
+    assert_eq!(s.get("/lie").await.status(), StatusCode::NOT_FOUND);
+
+    // Known content sends nothing early: no parts while its body is held back.
+    let gz = gzip(&content);
+    let sock = start_gzip_put(&s, "/again", &content, &gz, gz.len() - held_back);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        s3.pending_uploads().is_empty(),
+        "{:?}",
+        s3.pending_uploads()
+    );
+    let status = finish_put(sock, &gz[gz.len() - held_back..]);
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(s.content("/again").await.unwrap(), content);
+    assert_eq!(s.objects().await.len(), 1);
+}
+
 /// A bad configuration is one clear line naming the key, exit code 2.
 #[test]
 fn bad_config_exits_2_naming_the_key() {

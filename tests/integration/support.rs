@@ -196,6 +196,18 @@ impl S3Server {
         s3_client(&self.endpoint())
     }
 
+    /// Files of multipart uploads neither completed nor aborted (parts and upload records), read
+    /// from the server's directory: this server does not implement ListMultipartUploads.
+    pub fn pending_uploads(&self) -> Vec<PathBuf> {
+        walk(&self.root)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".upload"))
+            })
+            .collect()
+    }
+
     /// Puts bytes at `key` behind s3dedup's back (foreign keys, another deployment's objects).
     pub async fn put_raw(&self, key: &str, body: Vec<u8>) {
         self.client()

@@ -21,9 +21,11 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, local_stream, read_if_small};
+use super::{
+    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, local_stream, read_if_small,
+};
 use crate::blob::{self, Digest};
-use crate::spool::SpoolBody;
+use crate::spool::{SpoolBody, SpoolProgress};
 
 /// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
 /// for the cache's disk).
@@ -309,6 +311,18 @@ impl ObjectStore for CachedStore {
 
     fn key(&self, digest: &Digest) -> String {
         self.inner.key(digest)
+    }
+
+    fn part_size(&self) -> Option<u64> {
+        self.inner.part_size()
+    }
+
+    async fn send_parts(
+        &self,
+        digest: &Digest,
+        progress: tokio::sync::watch::Receiver<SpoolProgress>,
+    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
+        self.inner.send_parts(digest, progress).await
     }
 
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {

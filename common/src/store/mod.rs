@@ -97,6 +97,15 @@ pub struct ObjectEntry {
     pub modified: i64,
 }
 
+/// An object whose first parts were sent to the store while its upload was still arriving
+/// (S3 multipart). It stays invisible until [`PartUpload::finish`]; dropping it unfinished
+/// discards the parts (in the background, best effort).
+#[async_trait]
+pub trait PartUpload: Send + Sync {
+    /// Sends the rest of the spooled object and makes the whole of it the digest's object.
+    async fn finish(self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError>;
+}
+
 /// A place that keeps blob objects. Implementations: a local directory and S3.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
@@ -109,6 +118,25 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Stores the spooled gzip bytes as the digest's object, durably, replacing any object there.
     /// Consumes the body (a spool file is renamed into place or deleted).
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError>;
+
+    /// The part size, when [`ObjectStore::send_parts`] can overlap sending an object with
+    /// receiving it; `None` when it cannot (a local directory gains nothing from it).
+    fn part_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Sends the complete parts of a spool file as it grows (`progress`), until its writer ends;
+    /// `None` when the file never reached one part, or the store has no use for parts. Called
+    /// only with content whose digest the client claimed and which is not stored yet; the
+    /// object becomes visible only when the returned upload is finished (under the blob lock).
+    async fn send_parts(
+        &self,
+        digest: &Digest,
+        progress: tokio::sync::watch::Receiver<crate::spool::SpoolProgress>,
+    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
+        let _ = (digest, progress);
+        Ok(None)
+    }
 
     /// Streams a digest's object; `NotFound` when there is none.
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError>;

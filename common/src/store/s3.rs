@@ -1,6 +1,7 @@
 //! Objects in an S3-compatible bucket through aws-sdk-s3.
 
 use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,12 +14,16 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
+use tokio::sync::watch;
 
-use super::{ObjectEntry, ObjectStore, ObjectStream, StoreError, digest_of_key, object_key};
+use super::{
+    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, digest_of_key, object_key,
+};
 use crate::blob::Digest;
 use crate::config::S3Config;
-use crate::spool::SpoolBody;
+use crate::spool::{SpoolBody, SpoolProgress};
 
 /// A bucket (and key prefix) of an S3-compatible server.
 #[derive(Clone)]
@@ -89,12 +94,7 @@ impl S3Store {
         })
     }
 
-    async fn put_multipart(
-        &self,
-        key: &str,
-        path: &std::path::Path,
-        size: u64,
-    ) -> Result<(), StoreError> {
+    async fn start_multipart(&self, key: &str) -> Result<Multipart, StoreError> {
         let created = self
             .client
             .create_multipart_upload()
@@ -103,77 +103,220 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| unavailable("starting multipart upload of", key, e))?;
-        let upload_id = created.upload_id().unwrap_or_default().to_owned();
-        let part_count = size.div_ceil(self.part_size);
-        let uploads = futures::stream::iter(0..part_count)
-            .map(|i| {
-                let upload_id = upload_id.clone();
-                async move {
-                    let offset = i * self.part_size;
-                    let len = self.part_size.min(size - offset);
-                    let body = ByteStream::read_from()
-                        .path(path)
-                        .offset(offset)
-                        .length(Length::Exact(len))
-                        .build()
-                        .await
-                        .map_err(|e| {
-                            StoreError::io("reading spool for", key, io::Error::other(e))
-                        })?;
-                    let part_number = i as i32 + 1;
-                    let out = self
-                        .client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(upload_id)
-                        .part_number(part_number)
-                        .content_length(len as i64)
-                        .body(body)
-                        .send()
-                        .await
-                        .map_err(|e| unavailable("uploading a part of", key, e))?;
-                    Ok::<_, StoreError>(
-                        CompletedPart::builder()
-                            .part_number(part_number)
-                            .set_e_tag(out.e_tag().map(str::to_owned))
-                            .build(),
-                    )
-                }
-            })
-            .buffer_unordered(self.upload_concurrency)
-            .try_collect::<Vec<_>>()
-            .await;
-        let mut parts = match uploads {
-            Ok(p) => p,
-            Err(e) => {
-                // Best effort: a failed abort leaves parts the bucket's lifecycle rules reclaim.
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
-                return Err(e);
-            }
+        let Some(upload_id) = created.upload_id() else {
+            return Err(StoreError::Unavailable {
+                op: "starting multipart upload of",
+                key: key.to_owned(),
+                message: "the server answered without an upload id".into(),
+            });
         };
-        parts.sort_by_key(|p| p.part_number());
-        self.client
-            .complete_multipart_upload()
+        Ok(Multipart {
+            store: self.clone(),
+            key: key.to_owned(),
+            upload_id: upload_id.to_owned(),
+            parts: Vec::new(),
+            open: true,
+        })
+    }
+
+    /// Sends part `index` (from 0) of a spool file: `len` bytes from `index * part_size`.
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        path: &Path,
+        index: u64,
+        len: u64,
+    ) -> Result<CompletedPart, StoreError> {
+        let body = ByteStream::read_from()
+            .path(path)
+            .offset(index * self.part_size)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| StoreError::io("reading spool for", key, io::Error::other(e)))?;
+        let part_number = index as i32 + 1;
+        let out = self
+            .client
+            .upload_part()
             .bucket(&self.bucket)
             .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .content_length(len as i64)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| unavailable("uploading a part of", key, e))?;
+        Ok(CompletedPart::builder()
+            .part_number(part_number)
+            .set_e_tag(out.e_tag().map(str::to_owned))
+            .build())
+    }
+
+    async fn head_key(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(unavailable("inspecting", key, e)),
+        }
+    }
+
+    async fn put_key(&self, key: &str, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        // The spool file must outlive the request that streams from it.
+        let (stream, _spool) = match body {
+            // Bodies kept in memory are far below any part size: one request.
+            SpoolBody::Memory(bytes) => (ByteStream::from(bytes), None),
+            SpoolBody::File(spool) if size >= self.multipart_threshold => {
+                let upload = self.start_multipart(key).await?;
+                return upload.complete(spool.path(), size).await;
+            }
+            SpoolBody::File(spool) => {
+                let stream = ByteStream::from_path(spool.path())
+                    .await
+                    .map_err(|e| StoreError::io("reading spool for", key, io::Error::other(e)))?;
+                (stream, Some(spool))
+            }
+        };
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(size as i64)
+            .body(stream)
+            .send()
+            .await
+            .map_err(|e| unavailable("storing", key, e))?;
+        Ok(())
+    }
+}
+
+/// A multipart upload in progress. Its object does not exist until it is completed; dropped
+/// while still open, it is aborted in the background (what that misses, a crash for one, the
+/// bucket's lifecycle rules reclaim).
+struct Multipart {
+    store: S3Store,
+    key: String,
+    upload_id: String,
+    /// Parts 1..=n, all sent.
+    parts: Vec<CompletedPart>,
+    open: bool,
+}
+
+impl Multipart {
+    /// Sends the parts of the spool file at `path` (`size` bytes) not sent yet, then completes.
+    async fn complete(mut self, path: &Path, size: u64) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let part_size = store.part_size;
+        let (key, upload_id) = (self.key.clone(), self.upload_id.clone());
+        let sent = self.parts.len() as u64;
+        let rest = futures::stream::iter(sent..size.div_ceil(part_size))
+            .map(|i| {
+                let len = part_size.min(size - i * part_size);
+                store.upload_part(&key, &upload_id, path, i, len)
+            })
+            .buffer_unordered(store.upload_concurrency)
+            .try_collect::<Vec<_>>()
+            .await;
+        match rest {
+            Ok(parts) => self.parts.extend(parts),
+            Err(e) => {
+                self.abort().await;
+                return Err(e);
+            }
+        }
+        self.parts.sort_by_key(|p| p.part_number());
+        let done = store
+            .client
+            .complete_multipart_upload()
+            .bucket(&store.bucket)
+            .key(&key)
             .upload_id(&upload_id)
             .multipart_upload(
                 CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
+                    .set_parts(Some(std::mem::take(&mut self.parts)))
                     .build(),
             )
             .send()
-            .await
-            .map_err(|e| unavailable("completing multipart upload of", key, e))?;
-        Ok(())
+            .await;
+        let done = match done {
+            Ok(_) => Ok(()),
+            // A completion that outlasts the read timeout is retried, and the retry finds the
+            // upload gone because the first attempt completed it: the object says which.
+            Err(e) => match store.head_key(&key).await {
+                Ok(Some(stored)) if stored == size => Ok(()),
+                _ => Err(unavailable("completing multipart upload of", &key, e)),
+            },
+        };
+        match done {
+            Ok(()) => {
+                self.open = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Discards the parts sent. Best effort: a failure leaves them to the lifecycle rules.
+    async fn abort(mut self) {
+        self.open = false;
+        abort_multipart(&self.store, &self.key, &self.upload_id).await;
+    }
+}
+
+async fn abort_multipart(store: &S3Store, key: &str, upload_id: &str) {
+    let r = store
+        .client
+        .abort_multipart_upload()
+        .bucket(&store.bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
+    }
+}
+
+impl Drop for Multipart {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (store, key, id) = (
+                self.store.clone(),
+                std::mem::take(&mut self.key),
+                std::mem::take(&mut self.upload_id),
+            );
+            rt.spawn(async move { abort_multipart(&store, &key, &id).await });
+        }
+    }
+}
+
+#[async_trait]
+impl PartUpload for Multipart {
+    async fn finish(self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        match body {
+            SpoolBody::File(spool) => self.complete(spool.path(), size).await,
+            // Parts are only sent from files; a body in memory is one small request.
+            SpoolBody::Memory(_) => {
+                let store = self.store.clone();
+                let key = self.key.clone();
+                self.abort().await;
+                store.put_key(&key, body, size).await
+            }
+        }
     }
 }
 
@@ -188,31 +331,69 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        self.put_key(&self.key(digest), body, size).await
+    }
+
+    fn part_size(&self) -> Option<u64> {
+        Some(self.part_size)
+    }
+
+    async fn send_parts(
+        &self,
+        digest: &Digest,
+        mut progress: watch::Receiver<SpoolProgress>,
+    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
         let key = self.key(digest);
-        // The spool file must outlive the request that streams from it.
-        let (stream, _spool) = match body {
-            // Bodies kept in memory are far below any part size: one request.
-            SpoolBody::Memory(bytes) => (ByteStream::from(bytes), None),
-            SpoolBody::File(spool) if size >= self.multipart_threshold => {
-                return self.put_multipart(&key, spool.path(), size).await;
+        let mut upload: Option<Multipart> = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = 0u64;
+        let mut ended = false;
+        let sent: Result<(), StoreError> = async {
+            loop {
+                let ready = progress.borrow_and_update().clone();
+                while !ended
+                    && in_flight.len() < self.upload_concurrency
+                    && (next + 1) * self.part_size <= ready.flushed
+                {
+                    let Some(path) = ready.path.clone() else {
+                        break;
+                    };
+                    let id = match &upload {
+                        Some(u) => u.upload_id.clone(),
+                        None => upload
+                            .insert(self.start_multipart(&key).await?)
+                            .upload_id
+                            .clone(),
+                    };
+                    let key = key.clone();
+                    let len = self.part_size;
+                    in_flight
+                        .push(async move { self.upload_part(&key, &id, &path, next, len).await });
+                    next += 1;
+                }
+                tokio::select! {
+                    Some(part) = in_flight.next(), if !in_flight.is_empty() => {
+                        if let Some(u) = upload.as_mut() {
+                            u.parts.push(part?);
+                        }
+                    }
+                    changed = progress.changed(), if !ended => ended = changed.is_err(),
+                    else => return Ok(()),
+                }
             }
-            SpoolBody::File(spool) => {
-                let stream = ByteStream::from_path(spool.path())
-                    .await
-                    .map_err(|e| StoreError::io("reading spool for", &key, io::Error::other(e)))?;
-                (stream, Some(spool))
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(upload.map(|u| Box::new(u) as Box<dyn PartUpload>)),
+            Err(e) => {
+                // Let parts still being sent end before the upload is discarded.
+                while in_flight.next().await.is_some() {}
+                if let Some(u) = upload {
+                    u.abort().await;
+                }
+                Err(e)
             }
-        };
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .content_length(size as i64)
-            .body(stream)
-            .send()
-            .await
-            .map_err(|e| unavailable("storing", &key, e))?;
-        Ok(())
+        }
     }
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
@@ -241,19 +422,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let key = self.key(digest);
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-            Err(e) => Err(unavailable("inspecting", &key, e)),
-        }
+        self.head_key(&self.key(digest)).await
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
