@@ -17,7 +17,7 @@ use crate::meta::{
     postgres_connection_config,
 };
 use crate::protocol::Version;
-use crate::spool::{SpoolBody, SpoolProgress, SpoolWriter};
+use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress, SpoolWriter};
 use crate::store::{
     CachedStore, FsStore, ObjectStore, ObjectStream, PartUpload, ReadCache, S3Store, StoreError,
 };
@@ -72,17 +72,31 @@ impl std::fmt::Debug for Spooled {
     }
 }
 
-/// Given to the spool writer of an upload whose parts are sent while it arrives.
-pub struct PartSender {
-    step: u64,
-    tx: watch::Sender<SpoolProgress>,
+/// Uploads smaller than this gain too little from being sent on while they arrive to be worth
+/// a database lookup and a second request.
+const SEND_ON_MIN: u64 = 1 << 20;
+
+/// Given to the spool writer of an upload that is sent on while it arrives.
+pub enum PartSender {
+    /// Publish how far the spool file is written, every `step` bytes (parts read from it).
+    Progress {
+        step: u64,
+        tx: watch::Sender<SpoolProgress>,
+    },
+    /// Hand a copy of every byte written.
+    Copy(Box<dyn SpoolCopy>),
 }
 
-/// The task sending an upload's parts; [`PartsTask::attach`] joins it to the spooled upload.
-/// Dropped unattached (the request was cancelled), the parts it sent are discarded.
+/// What is sending an upload on; [`PartsTask::attach`] joins it to the spooled upload.
+/// Dropped unattached (the request was cancelled), what it sent is discarded.
 pub struct PartsTask {
     digest: Digest,
-    task: tokio::task::JoinHandle<Result<Option<Box<dyn PartUpload>>, StoreError>>,
+    sending: Sending,
+}
+
+enum Sending {
+    Parts(tokio::task::JoinHandle<Result<Option<Box<dyn PartUpload>>, StoreError>>),
+    Stream(Box<dyn PartUpload>),
 }
 
 impl PartsTask {
@@ -93,7 +107,17 @@ impl PartsTask {
         self,
         spooled: Result<Spooled, FileStoreError>,
     ) -> Result<Spooled, FileStoreError> {
-        let sent = match self.task.await {
+        let task = match self.sending {
+            Sending::Parts(task) => task,
+            Sending::Stream(put) => {
+                let mut spooled = spooled?;
+                if spooled.info.digest == self.digest {
+                    spooled.parts = Some(put);
+                }
+                return Ok(spooled);
+            }
+        };
+        let sent = match task.await {
             Ok(Ok(sent)) => sent,
             Ok(Err(e)) => {
                 tracing::warn!(digest = %self.digest, error = %e,
@@ -278,9 +302,11 @@ impl FileStore {
         parts: Option<PartSender>,
     ) -> Result<Spooled, FileStoreError> {
         let mut writer = SpoolWriter::new(&self.spool_dir, self.spool_memory);
-        if let Some(p) = parts {
-            writer = writer.reporting(p.step, p.tx);
-        }
+        writer = match parts {
+            Some(PartSender::Progress { step, tx }) => writer.reporting(step, tx),
+            Some(PartSender::Copy(copy)) => writer.copying(copy),
+            None => writer,
+        };
         let info = ingest(body, encoding, &mut writer, hints, opts)?;
         let body = writer
             .finish()
@@ -293,29 +319,44 @@ impl FileStore {
     }
 
     /// Starts sending an upload to the object store while it still arrives, so that receiving
-    /// and verifying it overlap with sending it. Only for stores that take parts, bodies of at
-    /// least one part (`body_len`, when known) and content whose digest the client claimed and
+    /// and verifying it overlap with sending it: streamed as it is written when its stored size
+    /// is known (a gzip body of `body_len` bytes) and the store can stream it, else in parts
+    /// (bodies of at least one part). Only for content whose digest the client claimed and
     /// which is not stored yet: without a claim the object's key is known only at the end, and
     /// known content needs no object. The object becomes visible only at commit, under the
     /// blob's lock, and only if the content matched the claim.
     pub async fn send_parts(
         &self,
         hints: &Hints,
+        encoding: Encoding,
         body_len: Option<u64>,
     ) -> Option<(PartSender, PartsTask)> {
-        let step = self.store.part_size()?;
         let digest = hints.sha256?;
-        if body_len.is_some_and(|n| n < step) {
+        let step = self.store.part_size()?;
+        if body_len.is_some_and(|n| n < SEND_ON_MIN) {
             return None;
         }
         // Only a saving: when the database cannot answer, the commit will say so.
         if !matches!(self.meta.blob_is_live(&digest).await, Ok(false)) {
             return None;
         }
+        if let (Encoding::Gzip, Some(size)) = (encoding, body_len)
+            && let Some((copy, put)) = self.store.stream_put(&digest, size)
+        {
+            let sending = Sending::Stream(put);
+            return Some((PartSender::Copy(copy), PartsTask { digest, sending }));
+        }
+        if body_len.is_some_and(|n| n < step) {
+            return None;
+        }
         let (tx, rx) = watch::channel(SpoolProgress::default());
         let store = self.store.clone();
         let task = tokio::spawn(async move { store.send_parts(&digest, rx).await });
-        Some((PartSender { step, tx }, PartsTask { digest, task }))
+        let sending = Sending::Parts(task);
+        Some((
+            PartSender::Progress { step, tx },
+            PartsTask { digest, sending },
+        ))
     }
 
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
@@ -332,7 +373,7 @@ impl FileStore {
     {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let fs = self.clone();
-        let (sender, parts) = self.send_parts(&hints, None).await.unzip();
+        let (sender, parts) = self.send_parts(&hints, encoding, None).await.unzip();
         let ingest = tokio::task::spawn_blocking(move || {
             let body = crate::blob::ChannelReader::new(rx);
             fs.spool_blocking_with(body, encoding, &hints, &opts, sender)

@@ -33,6 +33,13 @@ pub struct SpoolProgress {
     pub flushed: u64,
 }
 
+/// Receives a copy of every byte written to a spool, in order: a store sending the upload on
+/// while it arrives. It must not block (the writer is verifying the upload).
+pub trait SpoolCopy: Send {
+    /// The next bytes written.
+    fn copy(&mut self, data: &[u8]);
+}
+
 /// Where a writer reports its progress, every `step` bytes.
 struct Reporter {
     step: u64,
@@ -49,6 +56,7 @@ pub struct SpoolWriter {
     file: Option<BufWriter<NamedTempFile>>,
     written: u64,
     reporter: Option<Reporter>,
+    copy: Option<Box<dyn SpoolCopy>>,
 }
 
 impl SpoolWriter {
@@ -62,7 +70,14 @@ impl SpoolWriter {
             file: None,
             written: 0,
             reporter: None,
+            copy: None,
         }
+    }
+
+    /// Also hands every byte written to `copy`, which is dropped with the writer.
+    pub fn copying(mut self, copy: Box<dyn SpoolCopy>) -> Self {
+        self.copy = Some(copy);
+        self
     }
 
     /// Also flushes the file and publishes its length on `tx` each time another `step` bytes
@@ -142,6 +157,9 @@ impl Write for SpoolWriter {
             }
         };
         self.written += n as u64;
+        if let Some(c) = &mut self.copy {
+            c.copy(&buf[..n]);
+        }
         self.report().map_err(|e| self.context(e))?;
         Ok(n)
     }

@@ -717,8 +717,8 @@ async fn ingest_streamed(
     let opts = ingest_options(&state.cfg);
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     let files = state.files.clone();
-    // A large new upload is sent on to S3 while it arrives.
-    let (sender, parts) = files.send_parts(&hints, body_len).await.unzip();
+    // A large upload of new content is sent on to S3 while it arrives.
+    let (sender, parts) = files.send_parts(&hints, encoding, body_len).await.unzip();
     let ingest = tokio::task::spawn_blocking(move || {
         let body = ChannelReader::new(rx);
         files.spool_blocking_with(body, encoding, &hints, &opts, sender)

@@ -818,11 +818,25 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A large new upload with a claimed digest goes to S3 in parts while it still arrives; the
-/// object appears only once the content matched the claim, and a lie leaves nothing behind.
+/// A large new upload with a claimed digest goes to S3 while it still arrives, in one streamed
+/// PUT below the multipart threshold and in parts above it; the object appears only once the
+/// content matched the claim, and a lie leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_uploads_are_sent_while_they_arrive() {
-    let s = Setup::s3_with(&[("S3DEDUP_STORE__S3__PART_SIZE", "5242880")]);
+async fn large_uploads_are_streamed_while_they_arrive() {
+    sent_while_arriving(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_uploads_are_sent_in_parts_while_they_arrive() {
+    sent_while_arriving(&[
+        ("S3DEDUP_STORE__S3__PART_SIZE", "5242880"),
+        ("S3DEDUP_STORE__S3__MULTIPART_THRESHOLD", "5242880"),
+    ])
+    .await;
+}
+
+async fn sent_while_arriving(env: &[(&str, &str)]) {
+    let s = Setup::s3_with(env);
     let s3 = s.s3.as_ref().unwrap();
     let content = unique_content("early", 24 << 20);
     let gz = gzip(&content);
@@ -830,8 +844,8 @@ async fn large_uploads_are_sent_while_they_arrive() {
     let held_back = 1 << 20;
 
     let sock = start_gzip_put(&s, "/early", &content, &gz, gz.len() - held_back);
-    eventually("parts sent before the body ended", || {
-        !s3.pending_uploads().is_empty()
+    eventually("sent before the body ended", || {
+        !s3.unfinished_writes().is_empty()
     })
     .await;
     assert!(s.objects().await.is_empty(), "no object before the commit");
@@ -839,27 +853,27 @@ async fn large_uploads_are_sent_while_they_arrive() {
     assert!(status.contains(" 200 "), "{status}");
     assert_eq!(s.content("/early").await.unwrap(), content);
     assert_eq!(s.objects().await.len(), 1);
-    eventually("the upload completed", || s3.pending_uploads().is_empty()).await;
+    eventually("the write completed", || s3.unfinished_writes().is_empty()).await;
 
-    // Content that does not match its claim: parts went out, then are discarded.
+    // Content that does not match its claim: sent, then discarded.
     let other = unique_content("early-lie", 24 << 20);
     let gz = gzip(&other);
     let sock = start_gzip_put(&s, "/lie", &content[1..], &gz, gz.len() - held_back);
-    eventually("parts of the lie sent", || !s3.pending_uploads().is_empty()).await;
+    eventually("the lie sent", || !s3.unfinished_writes().is_empty()).await;
     let status = finish_put(sock, &gz[gz.len() - held_back..]);
     assert!(status.contains(" 400 "), "{status}");
-    eventually("the parts discarded", || s3.pending_uploads().is_empty()).await;
+    eventually("the lie discarded", || s3.unfinished_writes().is_empty()).await;
     assert_eq!(s.objects().await.len(), 1, "nothing stored for the lie");
     assert_eq!(s.get("/lie").await.status(), StatusCode::NOT_FOUND);
 
-    // Known content sends nothing early: no parts while its body is held back.
+    // Known content sends nothing early: no write while its body is held back.
     let gz = gzip(&content);
     let sock = start_gzip_put(&s, "/again", &content, &gz, gz.len() - held_back);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        s3.pending_uploads().is_empty(),
+        s3.unfinished_writes().is_empty(),
         "{:?}",
-        s3.pending_uploads()
+        s3.unfinished_writes()
     );
     let status = finish_put(sock, &gz[gz.len() - held_back..]);
     assert!(status.contains(" 200 "), "{status}");

@@ -196,14 +196,17 @@ impl S3Server {
         s3_client(&self.endpoint())
     }
 
-    /// Files of multipart uploads neither completed nor aborted (parts and upload records), read
-    /// from the server's directory: this server does not implement ListMultipartUploads.
-    pub fn pending_uploads(&self) -> Vec<PathBuf> {
+    /// Files of writes in progress, read from the server's directory: multipart uploads neither
+    /// completed nor aborted (this server does not implement ListMultipartUploads), and PUTs
+    /// whose body is still arriving.
+    pub fn unfinished_writes(&self) -> Vec<PathBuf> {
         walk(&self.root)
             .into_iter()
             .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(".upload"))
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with(".upload") || n.starts_with(".tmp.")
+                })
             })
             .collect()
     }

@@ -25,7 +25,7 @@ use super::{
     ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, local_stream, read_if_small,
 };
 use crate::blob::{self, Digest};
-use crate::spool::{SpoolBody, SpoolProgress};
+use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
 
 /// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
 /// for the cache's disk).
@@ -315,6 +315,14 @@ impl ObjectStore for CachedStore {
 
     fn part_size(&self) -> Option<u64> {
         self.inner.part_size()
+    }
+
+    fn stream_put(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Option<(Box<dyn SpoolCopy>, Box<dyn PartUpload>)> {
+        self.inner.stream_put(digest, size)
     }
 
     async fn send_parts(

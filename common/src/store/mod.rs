@@ -97,9 +97,9 @@ pub struct ObjectEntry {
     pub modified: i64,
 }
 
-/// An object whose first parts were sent to the store while its upload was still arriving
-/// (S3 multipart). It stays invisible until [`PartUpload::finish`]; dropping it unfinished
-/// discards the parts (in the background, best effort).
+/// An object sent to the store while its upload was still arriving (S3: multipart parts, or a
+/// PUT whose last bytes are held back). It stays invisible until [`PartUpload::finish`];
+/// dropping it unfinished discards what was sent (in the background, best effort).
 #[async_trait]
 pub trait PartUpload: Send + Sync {
     /// Sends the rest of the spooled object and makes the whole of it the digest's object.
@@ -136,6 +136,19 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
         let _ = (digest, progress);
         Ok(None)
+    }
+
+    /// Starts storing a digest's object of `size` bytes from a copy of its spool as it is
+    /// written, when the store can (S3: one PUT whose last bytes are held back, so the object
+    /// does not exist until the returned upload is finished under the blob lock). Same
+    /// conditions as [`ObjectStore::send_parts`]; `None` when the store has no such way.
+    fn stream_put(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Option<(Box<dyn crate::spool::SpoolCopy>, Box<dyn PartUpload>)> {
+        let _ = (digest, size);
+        None
     }
 
     /// Streams a digest's object; `NotFound` when there is none.

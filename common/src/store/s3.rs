@@ -14,16 +14,17 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, digest_of_key, object_key,
 };
 use crate::blob::Digest;
 use crate::config::S3Config;
-use crate::spool::{SpoolBody, SpoolProgress};
+use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
 
 /// A bucket (and key prefix) of an S3-compatible server.
 #[derive(Clone)]
@@ -304,6 +305,111 @@ impl Drop for Multipart {
     }
 }
 
+/// A streamed PUT sends this many bytes per message and queues this many messages: a server
+/// slower than the upload by 4 MiB ends the stream, and the object is sent from the spool file
+/// at commit instead.
+const STREAM_CHUNK: usize = 256 * 1024;
+const STREAM_QUEUE: usize = 16;
+
+/// The request body of a streamed PUT: chunks from the spool writer, then the held-back tail.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// The spool writer's side of a streamed PUT: forwards what is written, always holding back
+/// the latest bytes, which it hands to [`StreamedPut`] when the writer ends.
+struct CopyToPut {
+    tx: Option<mpsc::Sender<Bytes>>,
+    held: BytesMut,
+    tail: Option<oneshot::Sender<Bytes>>,
+}
+
+impl SpoolCopy for CopyToPut {
+    fn copy(&mut self, data: &[u8]) {
+        let Some(tx) = &self.tx else { return };
+        if self.held.len() >= STREAM_CHUNK && tx.try_send(self.held.split().freeze()).is_err() {
+            // The server fell behind or failed: give up streaming, the commit sends the file.
+            self.tx = None;
+            self.held = BytesMut::new();
+            return;
+        }
+        self.held.extend_from_slice(data);
+    }
+}
+
+impl Drop for CopyToPut {
+    fn drop(&mut self) {
+        if self.tx.take().is_some()
+            && let Some(tail) = self.tail.take()
+        {
+            let _ = tail.send(self.held.split().freeze());
+        }
+    }
+}
+
+/// A PUT of an object streamed from its spool as it is written, incomplete (so no object) until
+/// its tail is sent; dropped unfinished, the request is cut off.
+struct StreamedPut {
+    store: S3Store,
+    key: String,
+    tx: Option<mpsc::Sender<Bytes>>,
+    tail: oneshot::Receiver<Bytes>,
+    request: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+impl StreamedPut {
+    /// Sends the tail and waits for the server; false when the stream broke on the way.
+    async fn complete(&mut self) -> bool {
+        let (Ok(tail), Some(tx)) = ((&mut self.tail).await, self.tx.take()) else {
+            return false;
+        };
+        if tx.send(tail).await.is_err() {
+            return false;
+        }
+        drop(tx);
+        match (&mut self.request).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(key = %self.key, error = %e, "streamed PUT failed; sending the file");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "streamed PUT task failed");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for StreamedPut {
+    fn drop(&mut self) {
+        self.request.abort();
+    }
+}
+
+#[async_trait]
+impl PartUpload for StreamedPut {
+    async fn finish(mut self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        if self.complete().await {
+            return Ok(());
+        }
+        self.request.abort();
+        self.store.put_key(&self.key, body, size).await
+    }
+}
+
 #[async_trait]
 impl PartUpload for Multipart {
     async fn finish(self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
@@ -336,6 +442,50 @@ impl ObjectStore for S3Store {
 
     fn part_size(&self) -> Option<u64> {
         Some(self.part_size)
+    }
+
+    fn stream_put(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Option<(Box<dyn SpoolCopy>, Box<dyn PartUpload>)> {
+        // Larger objects go up in parts (several requests, retried one by one).
+        if size >= self.multipart_threshold {
+            return None;
+        }
+        let key = self.key(digest);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let (tail_tx, tail_rx) = oneshot::channel();
+        let store = self.clone();
+        let request = {
+            let key = key.clone();
+            tokio::spawn(async move {
+                store
+                    .client
+                    .put_object()
+                    .bucket(&store.bucket)
+                    .key(&key)
+                    .content_length(size as i64)
+                    .body(ByteStream::from_body_1_x(ChannelBody(rx)))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("storing", &key, e))?;
+                Ok(())
+            })
+        };
+        let copy = CopyToPut {
+            tx: Some(tx.clone()),
+            held: BytesMut::new(),
+            tail: Some(tail_tx),
+        };
+        let put = StreamedPut {
+            store: self.clone(),
+            key,
+            tx: Some(tx),
+            tail: tail_rx,
+            request,
+        };
+        Some((Box::new(copy), Box::new(put)))
     }
 
     async fn send_parts(
