@@ -100,37 +100,30 @@ enum Sending {
 }
 
 impl PartsTask {
-    /// Waits for the parts to be sent and adds them to a verified upload. When the upload
-    /// failed, the parts are discarded; when sending them failed, the commit sends the object
-    /// whole (and reports the store's error if it fails again).
+    /// Joins what was sent to a verified upload (waiting for parts still being sent). When the
+    /// upload failed, what was sent is discarded; when sending failed, the commit sends the
+    /// object whole (and reports the store's error if it fails again).
     pub async fn attach(
         self,
         spooled: Result<Spooled, FileStoreError>,
     ) -> Result<Spooled, FileStoreError> {
-        let task = match self.sending {
-            Sending::Parts(task) => task,
-            Sending::Stream(put) => {
-                let mut spooled = spooled?;
-                if spooled.info.digest == self.digest {
-                    spooled.parts = Some(put);
+        let sent = match self.sending {
+            Sending::Stream(put) => Some(put),
+            Sending::Parts(task) => match task.await {
+                Ok(Ok(sent)) => sent,
+                Ok(Err(e)) => {
+                    tracing::warn!(digest = %self.digest, error = %e,
+                        "sending an upload in parts failed; it will be sent whole");
+                    None
                 }
-                return Ok(spooled);
-            }
-        };
-        let sent = match task.await {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(e)) => {
-                tracing::warn!(digest = %self.digest, error = %e,
-                    "sending an upload in parts failed; it will be sent whole");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(digest = %self.digest, error = %e, "part upload task failed");
-                None
-            }
+                Err(e) => {
+                    tracing::warn!(digest = %self.digest, error = %e, "part upload task failed");
+                    None
+                }
+            },
         };
         let mut spooled = spooled?;
-        // The ingest checked the content against the claimed digest the parts are keyed by.
+        // The ingest checked the content against the claimed digest the upload is keyed by.
         if spooled.info.digest == self.digest {
             spooled.parts = sent;
         }
@@ -291,8 +284,8 @@ impl FileStore {
         self.spool_blocking_with(body, encoding, hints, opts, None)
     }
 
-    /// [`FileStore::spool_blocking`], telling `parts` (from [`FileStore::send_parts`]) how far
-    /// the spool file has grown.
+    /// [`FileStore::spool_blocking`], feeding `parts` (from [`FileStore::send_parts`]) as the
+    /// spool grows: its progress on disk, or a copy of its bytes.
     pub fn spool_blocking_with<R: io::Read>(
         &self,
         body: R,
