@@ -40,6 +40,8 @@ pub enum FileStoreError {
     Config(#[from] crate::config::ConfigError),
     #[error("object for {path} (blob {digest}) is missing from the object store")]
     ObjectMissing { path: String, digest: Digest },
+    #[error("ingest task failed: {0}")]
+    IngestTask(String),
 }
 
 impl FileStoreError {
@@ -128,6 +130,27 @@ impl PartsTask {
             spooled.parts = sent;
         }
         Ok(spooled)
+    }
+}
+
+/// An upload being verified and spooled off the runtime (from [`FileStore::start_ingest`]).
+/// Dropped unfinished, what was sent on is discarded.
+pub struct Ingesting {
+    task: tokio::task::JoinHandle<Result<Spooled, FileStoreError>>,
+    parts: Option<PartsTask>,
+}
+
+impl Ingesting {
+    /// Waits for the ingest (its body sender must be dropped by now) and joins what was sent on.
+    pub async fn finish(self) -> Result<Spooled, FileStoreError> {
+        let spooled = self
+            .task
+            .await
+            .map_err(|e| FileStoreError::IngestTask(e.to_string()))?;
+        match self.parts {
+            Some(p) => p.attach(spooled).await,
+            None => spooled,
+        }
     }
 }
 
@@ -286,7 +309,7 @@ impl FileStore {
 
     /// [`FileStore::spool_blocking`], feeding `parts` (from [`FileStore::send_parts`]) as the
     /// spool grows: its progress on disk, or a copy of its bytes.
-    pub fn spool_blocking_with<R: io::Read>(
+    fn spool_blocking_with<R: io::Read>(
         &self,
         body: R,
         encoding: Encoding,
@@ -318,7 +341,7 @@ impl FileStore {
     /// which is not stored yet: without a claim the object's key is known only at the end, and
     /// known content needs no object. The object becomes visible only at commit, under the
     /// blob's lock, and only if the content matched the claim.
-    pub async fn send_parts(
+    async fn send_parts(
         &self,
         hints: &Hints,
         encoding: Encoding,
@@ -352,6 +375,27 @@ impl FileStore {
         ))
     }
 
+    /// Starts verifying and spooling an upload on a blocking task, sending it on to the store
+    /// meanwhile where [`FileStore::send_parts`] says so. Feed the body to the sender (at most
+    /// `queue` chunks ahead), drop it, then [`Ingesting::finish`].
+    pub async fn start_ingest(
+        self: &Arc<Self>,
+        encoding: Encoding,
+        hints: Hints,
+        opts: IngestOptions,
+        body_len: Option<u64>,
+        queue: usize,
+    ) -> (tokio::sync::mpsc::Sender<crate::blob::Chunk>, Ingesting) {
+        let (tx, rx) = tokio::sync::mpsc::channel(queue);
+        let (sender, parts) = self.send_parts(&hints, encoding, body_len).await.unzip();
+        let fs = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let body = crate::blob::ChannelReader::new(rx);
+            fs.spool_blocking_with(body, encoding, &hints, &opts, sender)
+        });
+        (tx, Ingesting { task, parts })
+    }
+
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
     pub async fn spool_stream<S, E>(
         self: &Arc<Self>,
@@ -364,23 +408,11 @@ impl FileStore {
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let fs = self.clone();
-        let (sender, parts) = self.send_parts(&hints, encoding, None).await.unzip();
-        let ingest = tokio::task::spawn_blocking(move || {
-            let body = crate::blob::ChannelReader::new(rx);
-            fs.spool_blocking_with(body, encoding, &hints, &opts, sender)
-        });
+        let (tx, ingesting) = self.start_ingest(encoding, hints, opts, None, 16).await;
         // If the ingest stops early, its error says why.
         crate::blob::feed(body, &tx).await;
         drop(tx);
-        let spooled = ingest
-            .await
-            .map_err(|e| FileStoreError::Blob(BlobError::Interrupted(e.to_string())))?;
-        match parts {
-            Some(p) => p.attach(spooled).await,
-            None => spooled,
-        }
+        ingesting.finish().await
     }
 
     /// Makes `path` hold the spooled content at `version` (unless a newer version is stored).

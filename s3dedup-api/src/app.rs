@@ -134,9 +134,9 @@ impl From<FileStoreError> for ApiError {
             FileStoreError::Blob(_) | FileStoreError::Spool { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            FileStoreError::Config(_) | FileStoreError::ObjectMissing { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            FileStoreError::Config(_)
+            | FileStoreError::ObjectMissing { .. }
+            | FileStoreError::IngestTask(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
@@ -715,14 +715,11 @@ async fn ingest_streamed(
         ..
     } = start;
     let opts = ingest_options(&state.cfg);
-    let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    let files = state.files.clone();
     // A large upload of new content is sent on to S3 while it arrives.
-    let (sender, parts) = files.send_parts(&hints, encoding, body_len).await.unzip();
-    let ingest = tokio::task::spawn_blocking(move || {
-        let body = ChannelReader::new(rx);
-        files.spool_blocking_with(body, encoding, &hints, &opts, sender)
-    });
+    let (tx, ingesting) = state
+        .files
+        .start_ingest(encoding, hints, opts, body_len, BODY_QUEUE)
+        .await;
     let mut received = 0u64;
     loop {
         match next_chunk(&mut body, &state.cfg).await {
@@ -747,16 +744,7 @@ async fn ingest_streamed(
     }
     drop(tx);
     state.metrics.bytes_in.fetch_add(received, Relaxed);
-    let spooled = ingest.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("ingest task failed: {e}"),
-        )
-    })?;
-    Ok(match parts {
-        Some(p) => p.attach(spooled).await?,
-        None => spooled?,
-    })
+    Ok(ingesting.finish().await?)
 }
 
 async fn put_body(
