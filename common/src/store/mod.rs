@@ -25,8 +25,10 @@ pub type ObjectStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 /// Local files up to this size are read whole in one blocking step instead of streamed in
 /// chunks, each of which is a trip through the blocking pool.
 const SMALL_FILE: u64 = 64 * 1024;
-/// Chunk size for streaming a local file.
-const READ_CHUNK: usize = 64 * 1024;
+/// Chunk size for streaming a local file: each chunk is a trip through the blocking pool, and
+/// 64 KiB chunks held a 64 MiB GET to about 1,200 MiB/s, 512 KiB ones reach 1,500-2,150.
+/// Sixteen concurrent 1 GiB GETs still peak at about 90 MiB.
+const READ_CHUNK: usize = 512 * 1024;
 
 /// A local file opened for reading: read whole if small, else left to be streamed. Blocking.
 fn read_if_small(mut f: std::fs::File) -> io::Result<Result<Bytes, std::fs::File>> {
