@@ -54,7 +54,10 @@ step "Rust unit and integration tests, with a throw-away PostgreSQL (pg_virtuale
 # Suites append their fault and soak counts to TESTS_REPORT, printed at the end.
 export TESTS_REPORT="$PWD/target/test-report.txt"
 : > "$TESTS_REPORT"
-TESTS_VENV="$(cd "$venv" && pwd)" pg_virtualenv cargo test --workspace --locked -- --include-ignored
+# -t keeps the cluster in a temporary directory of its own, on a port nobody holds: a cluster
+# left behind by an interrupted run, or a run beside this one, cannot make this one refuse to start.
+pg_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+TESTS_VENV="$(cd "$venv" && pwd)" PGPORT="$pg_port" pg_virtualenv -t cargo test --workspace --locked -- --include-ignored
 
 step "Filetracker client suite (real client against the real binary, local store and S3)"
 TESTS_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
