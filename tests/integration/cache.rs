@@ -82,12 +82,52 @@ async fn hits_skip_s3_and_survive_a_restart() {
     assert_eq!(content(&http, &api, "/t/in").await, None);
 }
 
+/// A judge reads a submission right after it is uploaded, and each worker a new test input: a
+/// small upload is kept as it is stored, so those first reads do not go to S3 either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_uploads_are_kept_as_they_are_stored() {
+    let mut s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let raw = unique_content("submission", 20_000);
+    put(&http, &api, "/k/raw", 1, &raw).await;
+    // The way the Filetracker client uploads: pre-gzipped, with its digest and size.
+    let pre = unique_content("input", 30_000);
+    let r = http
+        .put(api.url(&format!("/files/k/gz?last_modified={}", lm(1))))
+        .header("Content-Encoding", "gzip")
+        .header("SHA256-Checksum", sha256_hex(&pre))
+        .header("Logical-Size", pre.len().to_string())
+        .body(gzip(&pre))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A large upload is not (its first read fills the cache).
+    let large = unique_content("large", 300_000);
+    put(&http, &api, "/k/large", 1, &large).await;
+    wait_entries(&api, 2).await;
+
+    s3.stop();
+    assert_eq!(content(&http, &api, "/k/raw").await.unwrap(), raw);
+    assert_eq!(content(&http, &api, "/k/gz").await.unwrap(), pre);
+    assert_eq!(api.metric("s3dedup_cache_hits_total").await, 2);
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, 0);
+    let r = http.get(api.url("/files/k/large")).send().await.unwrap();
+    assert!(
+        r.status().is_server_error(),
+        "a large upload's first read needs S3: {}",
+        r.status()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_verified_content_is_kept() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let http = reqwest::Client::new();
-    let good = unique_content("good", 50_000);
+    // Stored larger than the spool keeps in memory, so the PUT does not fill the cache itself.
+    let good = unique_content("good", 200_000);
     put(&http, &api, "/v/good", 1, &good).await;
     let key = sharded_key(&sha256_hex(&good));
     let stored = s3
@@ -105,7 +145,7 @@ async fn only_verified_content_is_kept() {
         .to_vec();
     // Replace the object in the bucket with other bytes: the cache must not keep them under the
     // wrong digest.
-    let other = unique_content("other", 50_000);
+    let other = unique_content("other", 200_000);
     s3.put_raw(&key, gzip(&other)).await;
     // The sizes differ, so the client sees a broken body rather than wrong content.
     let r = http.get(api.url("/files/v/good")).send().await.unwrap();

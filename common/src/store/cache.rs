@@ -8,6 +8,9 @@
 //! recently used order survives restarts. The total size is bounded; objects larger than an
 //! eighth of it are not cached, so one huge file cannot flush everything else.
 //!
+//! Small uploads (those the spool kept in memory) are kept as they are stored, since they are
+//! usually read soon after: a submission by its judge, a test input by each worker.
+//!
 //! A fill is written under a temporary name and renamed into place only after it is on disk, so
 //! a crash of the machine never leaves a named entry with lost content. No reader waits for
 //! that: fills are flushed together, one `syncfs(2)` for all that finished within
@@ -275,6 +278,14 @@ impl ReadCache {
         Some(tx)
     }
 
+    /// Keeps a copy of an object just stored from memory, verified like a fill from a read.
+    fn keep(self: &Arc<Self>, d: Digest, stored: Bytes) {
+        if let Some(fill) = self.start_fill(d) {
+            // A fresh queue has room for the one chunk; the fill ends when `fill` is dropped.
+            let _ = fill.try_send(stored);
+        }
+    }
+
     /// Writes the chunks to a temporary file and checks that they inflate to `d`; returns the
     /// file and its size.
     fn fill(
@@ -405,7 +416,17 @@ impl ObjectStore for CachedStore {
     }
 
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {
-        self.inner.put(digest, body, size).await
+        // A small upload is usually read soon, and by several readers (a submission by its
+        // judge, a test input by each worker): keep it now, so even the first read is local.
+        let kept = match &body {
+            SpoolBody::Memory(bytes) => Some(bytes.clone()),
+            SpoolBody::File(_) => None,
+        };
+        self.inner.put(digest, body, size).await?;
+        if let Some(bytes) = kept {
+            self.cache.keep(*digest, bytes);
+        }
+        Ok(())
     }
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
