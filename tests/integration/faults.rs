@@ -1,6 +1,6 @@
 //! Faults under load: S3 answering 500/503, slowly, or cutting bodies off (through a fault
-//! proxy); the S3 server killed and restarted mid-transfer; the spool's filesystem full; the API
-//! SIGKILLed at random moments. Each suite checks, as it goes, that clients only ever got right
+//! proxy); the S3 server killed and restarted mid-transfer; the spool's or the local store's
+//! filesystem full; the API SIGKILLed at random moments. Each suite checks, as it goes, that clients only ever got right
 //! bodies or errors with messages, then that the daemon recovered by itself, that nothing
 //! acknowledged was lost, and that `s3dedup-cleaner --verify --deep` finds the store consistent.
 //! Each prints a `FAULTS` line: faults injected, operations run, files lost.
@@ -217,5 +217,95 @@ async fn full_spool_filesystem_gives_507_and_recovers() {
     api.collect_and_verify();
     report(&format!(
         "FAULTS spool-full: {refused} uploads refused with 507, 0 files lost"
+    ));
+}
+
+/// Fills `dir` (a small filesystem) until it refuses more, in a file named `name`.
+fn fill_up(dir: &Path, name: &str) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    let chunk = vec![7u8; 16 << 10];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// The local object store's own filesystem full (objects on their own disk, the spool
+/// elsewhere): uploads that do not fit are refused with 507 and leave no trace, small ones that
+/// fit go on, reads go on, and once there is space again everything is stored and readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_local_store_gives_507_and_recovers() {
+    let objects = tempfile::tempdir().unwrap();
+    let _tmpfs = Tmpfs::mount(objects.path(), "4m");
+    let path = objects.path().to_str().unwrap();
+    let api = Api::start_with(Backend::Local, &[("S3DEDUP_STORE__LOCAL__PATH", path)]).unwrap();
+    let http = reqwest::Client::new();
+    let put = |path: &str, body: Vec<u8>| {
+        http.put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
+            .body(body)
+            .send()
+    };
+    let get = |path: &str| http.get(api.url(&format!("/files{path}"))).send();
+    let before = unique_content("before-full", 100_000);
+    assert_eq!(
+        put("/lf/before", before.clone()).await.unwrap().status(),
+        200
+    );
+
+    // Under 1 MiB left: 1 MiB of random content (through a spool file) does not fit, a small
+    // upload does.
+    std::fs::write(objects.path().join("filler"), vec![1u8; 3 << 20]).unwrap();
+    let mut big = vec![0u8; 1 << 20];
+    rand::rng().fill(&mut big[..]);
+    let mut refused = 0;
+    for i in 0..3 {
+        let r = put(&format!("/lf/big{i}"), big.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
+        assert!(why.contains("out of space"), "{why}");
+        refused += 1;
+    }
+    assert_eq!(
+        put("/lf/tiny", b"tiny".to_vec()).await.unwrap().status(),
+        200
+    );
+
+    // No room at all: a small upload (held in memory, written by the flushing thread) too.
+    fill_up(objects.path(), "filler-rest");
+    let mut small = vec![0u8; 30_000];
+    rand::rng().fill(&mut small[..]);
+    let r = put("/lf/small", small.clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    refused += 1;
+    assert!(body_of(get("/lf/before").await.unwrap()).await.unwrap() == before);
+    for p in ["/lf/big0", "/lf/big1", "/lf/big2", "/lf/small"] {
+        assert_eq!(get(p).await.unwrap().status(), 404, "{p} was refused");
+    }
+    let strays: Vec<_> = walk(objects.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            !name.starts_with("filler") && name.len() != 64
+        })
+        .collect();
+    assert!(strays.is_empty(), "refused uploads left {strays:?}");
+    assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
+
+    std::fs::remove_file(objects.path().join("filler")).unwrap();
+    std::fs::remove_file(objects.path().join("filler-rest")).unwrap();
+    for (p, body) in [("/lf/big-after", &big), ("/lf/small", &small)] {
+        let r = put(p, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-exception"));
+        assert!(body_of(get(p).await.unwrap()).await.unwrap() == *body);
+    }
+    api.collect_and_verify();
+    let log = api.log();
+    assert!(!log.contains("panicked"), "API log: {log}");
+    report(&format!(
+        "FAULTS local-store-full: {refused} uploads refused with 507, 0 files lost"
     ));
 }
