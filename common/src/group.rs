@@ -1,17 +1,15 @@
 //! Group commit: one thread takes every job queued while it was busy and handles them together,
 //! so a burst of writers pays for one expensive step (a transaction commit, a disk flush) instead
-//! of one each. The queue is bounded; callers wait asynchronously to join it. A thread may also
-//! linger after the first job of a group, for work whose callers do not wait for it.
+//! of one each. The queue is bounded; callers wait asynchronously to join it.
 
 use tokio::sync::mpsc;
 
-/// Starts the thread `name`; `handle` gets each group (never empty, at most `max_group` jobs),
-/// `linger` after its first job arrived. The thread ends when every returned sender is dropped.
+/// Starts the thread `name`; `handle` gets each group (never empty, at most `max_group` jobs).
+/// The thread ends when every returned sender is dropped.
 pub fn spawn<J, H>(
     name: &str,
     capacity: usize,
     max_group: usize,
-    linger: std::time::Duration,
     mut handle: H,
 ) -> std::io::Result<mpsc::Sender<J>>
 where
@@ -23,9 +21,6 @@ where
         .name(name.into())
         .spawn(move || {
             while let Some(first) = rx.blocking_recv() {
-                if !linger.is_zero() {
-                    std::thread::sleep(linger);
-                }
                 let mut group = vec![first];
                 while group.len() < max_group {
                     match rx.try_recv() {
@@ -50,7 +45,6 @@ mod tests {
             "group-test",
             64,
             8,
-            std::time::Duration::ZERO,
             move |g: Vec<oneshot::Sender<usize>>| {
                 // Slow enough that the other jobs queue up behind the first group.
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -77,26 +71,5 @@ mod tests {
         assert!(groups.iter().all(|&n| n <= 8), "{groups:?}");
         assert!(groups.len() <= 5, "jobs were not grouped: {groups:?}");
         assert!(sizes.iter().all(|&n| n >= 1));
-    }
-
-    #[tokio::test]
-    async fn a_lingering_thread_groups_jobs_that_arrive_one_after_another() {
-        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-        let tx = super::spawn(
-            "group-linger-test",
-            64,
-            64,
-            std::time::Duration::from_millis(300),
-            move |g: Vec<usize>| seen_tx.send(g).unwrap(),
-        )
-        .unwrap();
-        // Ten jobs 10 ms apart: a thread without linger would take the first one alone.
-        for i in 0..10 {
-            tx.send(i).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        drop(tx);
-        let groups: Vec<Vec<usize>> = seen_rx.iter().collect();
-        assert_eq!(groups, vec![(0..10).collect::<Vec<_>>()]);
     }
 }

@@ -121,6 +121,61 @@ async fn small_uploads_are_kept_as_they_are_stored() {
     );
 }
 
+/// Cache entries are not flushed to disk when they are made, so after a crash of the machine one
+/// may have lost its content: an entry an earlier run left is checked on its first hit, and one
+/// that does not hold its content is read through from S3 and made again, never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
+    let mut s3 = S3Server::start().unwrap();
+    let mut api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    // Kept as uploaded (small ones), or filled by a read (a large one).
+    let zeroed = unique_content("zeroed", 20_000);
+    let intact = unique_content("intact", 20_000);
+    let flipped = unique_content("flipped", 300_000);
+    put(&http, &api, "/c/zeroed", 1, &zeroed).await;
+    put(&http, &api, "/c/intact", 1, &intact).await;
+    put(&http, &api, "/c/flipped", 1, &flipped).await;
+    assert_eq!(content(&http, &api, "/c/flipped").await.unwrap(), flipped);
+    wait_entries(&api, 3).await;
+
+    api.proc.kill();
+    let entry = |body: &[u8]| api.data_dir.join("cache").join(sha256_hex(body));
+    // What a crash before writeback can leave: the length, but zeros.
+    let len = std::fs::metadata(entry(&zeroed)).unwrap().len() as usize;
+    std::fs::write(entry(&zeroed), vec![0u8; len]).unwrap();
+    // And a copy damaged on disk.
+    let mut bytes = std::fs::read(entry(&flipped)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(entry(&flipped), bytes).unwrap();
+    api.restart().unwrap();
+    assert_eq!(api.metric("s3dedup_cache_entries").await, 3);
+
+    for (path, body) in [
+        ("/c/zeroed", &zeroed),
+        ("/c/intact", &intact),
+        ("/c/flipped", &flipped),
+    ] {
+        assert_eq!(&content(&http, &api, path).await.unwrap(), body, "{path}");
+    }
+    assert_eq!(api.metric("s3dedup_cache_hits_total").await, 1);
+    assert_eq!(api.metric("s3dedup_cache_misses_total").await, 2);
+    assert!(
+        api.log().contains("does not hold its content"),
+        "{}",
+        api.log()
+    );
+
+    // Made again from S3: served from the cache from now on.
+    wait_entries(&api, 3).await;
+    s3.stop();
+    for (path, body) in [("/c/zeroed", &zeroed), ("/c/flipped", &flipped)] {
+        assert_eq!(&content(&http, &api, path).await.unwrap(), body, "{path}");
+    }
+    assert_eq!(api.metric("s3dedup_cache_hits_total").await, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_verified_content_is_kept() {
     let s3 = S3Server::start().unwrap();

@@ -181,13 +181,9 @@ impl SqliteMeta {
         })
         .await
         .map_err(|e| MetaError::Database(e.to_string()))??;
-        let writes = crate::group::spawn(
-            "sqlite-writer",
-            WRITE_QUEUE,
-            MAX_GROUP,
-            Duration::ZERO,
-            move |group| write_group(&writer, group),
-        )
+        let writes = crate::group::spawn("sqlite-writer", WRITE_QUEUE, MAX_GROUP, move |group| {
+            write_group(&writer, group)
+        })
         .map_err(|e| MetaError::Database(format!("cannot start the SQLite writer: {e}")))?;
         Ok(SqliteMeta {
             path,

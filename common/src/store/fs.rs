@@ -50,7 +50,6 @@ impl FsStore {
             "store-sync",
             SYNC_QUEUE,
             SYNC_QUEUE,
-            std::time::Duration::ZERO,
             move |group: Vec<SyncRequest>| {
                 let placed: Vec<_> = group
                     .into_iter()
