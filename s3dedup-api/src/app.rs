@@ -439,7 +439,11 @@ async fn get_file(
     let stream: Body = if gzip {
         Body::from_stream(counted(opened.body, state.clone(), permit))
     } else {
-        Body::from_stream(counted(inflate_stream(opened.body), state.clone(), permit))
+        Body::from_stream(counted(
+            inflate_stream(opened.body, opened.entry.blob.digest),
+            state.clone(),
+            permit,
+        ))
     };
     let mut r = (headers, stream).into_response();
     if gzip {
@@ -467,8 +471,12 @@ where
     })
 }
 
-/// Serves identity bytes to a client that refuses gzip: inflates off the runtime.
-fn inflate_stream<S>(src: S) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+/// Serves identity bytes to a client that refuses gzip: inflates off the runtime, and checks
+/// the content against `digest`.
+fn inflate_stream<S>(
+    src: S,
+    digest: blob::Digest,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
 {
@@ -476,24 +484,53 @@ where
     let (out_tx, out_rx) = mpsc::channel::<std::io::Result<Bytes>>(BODY_QUEUE);
     tokio::spawn(async move { blob::feed(src, &in_tx).await });
     tokio::task::spawn_blocking(move || {
-        struct Sender(mpsc::Sender<std::io::Result<Bytes>>);
-        impl Write for Sender {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-                    .map_err(|_| std::io::Error::other("client went away"))?;
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = std::io::BufWriter::with_capacity(64 * 1024, Sender(out_tx.clone()));
-        if let Err(e) = blob::inflate(ChannelReader::new(in_rx), out) {
-            let _ = out_tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        let mut out = std::io::BufWriter::with_capacity(
+            64 * 1024,
+            HoldLast {
+                tx: out_tx.clone(),
+                held: None,
+            },
+        );
+        let checked = match blob::inflate(ChannelReader::new(in_rx), &mut out) {
+            Ok((d, _)) if d == digest => out.flush().map_err(|e| e.to_string()),
+            Ok((d, _)) => Err(format!("stored content inflates to {d}, not {digest}")),
+            Err(e) => Err(e.to_string()),
+        };
+        // Without flushing what is buffered: on an error, the body must come out short.
+        let (mut last, _) = out.into_parts();
+        let end = match checked {
+            Ok(()) => last.held.take().map(Ok),
+            Err(e) => Some(Err(std::io::Error::other(e))),
+        };
+        if let Some(end) = end {
+            let _ = out_tx.blocking_send(end);
         }
     });
     tokio_stream_from(out_rx)
+}
+
+/// Sends all but the last chunk written, which waits until the whole content is proven. A
+/// body that fails at its very end (a gzip trailer cut off, a wrong digest) then reaches the
+/// client short, as a failure; complete, the client would take it and reuse the connection
+/// that the server is closing.
+struct HoldLast {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    held: Option<Bytes>,
+}
+
+impl Write for HoldLast {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(ready) = self.held.replace(Bytes::copy_from_slice(buf)) {
+            self.tx
+                .blocking_send(Ok(ready))
+                .map_err(|_| std::io::Error::other("client went away"))?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {

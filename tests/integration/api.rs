@@ -684,6 +684,47 @@ async fn health_and_metrics(s: &Setup) {
     assert!(!m.contains(S3_SECRET_KEY), "no secret in metrics");
 }
 
+/// A client that refuses gzip gets the content inflated by the server, which checks it against
+/// its digest before the last bytes go out: an object damaged in the store (here on disk,
+/// still valid gzip of the same length) is never served as a complete body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_content_is_never_served_whole() {
+    let s = Setup::local();
+    let content = unique_content("damaged", 200_000);
+    assert_eq!(
+        s.put_gzip("/dmg", 1, &content).await.status(),
+        StatusCode::OK
+    );
+    let objects = s.api.local_objects();
+    assert_eq!(objects.len(), 1);
+    let stored_len = std::fs::metadata(&objects[0]).unwrap().len() as usize;
+    let damaged = (0..1000)
+        .map(|i| {
+            let mut other = content.clone();
+            other[100_000 + i] ^= 0x01;
+            gzip(&other)
+        })
+        .find(|gz| gz.len() == stored_len)
+        .expect("a one-bit change that compresses to the same length");
+    std::fs::write(&objects[0], damaged).unwrap();
+
+    let r = s
+        .http
+        .get(s.api.url("/files/dmg"))
+        .header("Accept-Encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-length"), "200000");
+    match r.bytes().await {
+        Ok(body) => panic!("served whole: {} bytes", body.len()),
+        Err(e) => assert!(e.is_body() || e.is_decode(), "{e}"),
+    }
+    // The daemon goes on serving.
+    assert_eq!(s.get("/dmg").await.status(), StatusCode::OK);
+}
+
 /// S3 stopped: reads and writes fail with 503 and a message, never a 404; metadata-only HEAD
 /// still answers; after S3 returns everything works and nothing was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
