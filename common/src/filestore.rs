@@ -558,7 +558,10 @@ impl FileStore {
                 .get_stored(&entry.blob.digest, entry.blob.stored_size)
                 .await
             {
-                Ok(body) => return Ok(Some(Opened { entry, body })),
+                Ok(body) => {
+                    let body = self.first_bytes(&entry.blob.digest, body).await?;
+                    return Ok(Some(Opened { entry, body }));
+                }
                 Err(StoreError::NotFound { .. }) if attempts < 2 => {
                     attempts += 1;
                     let again = self.meta.get_file(path).await?;
@@ -577,6 +580,30 @@ impl FileStore {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Waits for the object's first bytes, so that a read failing at once (S3's connection cut
+    /// right after its headers) becomes an error answer. An HTTP server sends a response's
+    /// headers with its first body bytes: after a 200 whose body fails at once, the client
+    /// would see the connection close without any answer.
+    async fn first_bytes(
+        &self,
+        digest: &Digest,
+        mut body: ObjectStream,
+    ) -> Result<ObjectStream, FileStoreError> {
+        use futures::StreamExt;
+        match body.next().await {
+            None => Ok(body),
+            Some(Ok(first)) => Ok(Box::pin(
+                futures::stream::once(futures::future::ready(Ok(first))).chain(body),
+            )),
+            Some(Err(e)) => Err(StoreError::Unavailable {
+                op: "reading",
+                key: self.store.key(digest),
+                message: e.to_string(),
+            }
+            .into()),
         }
     }
 

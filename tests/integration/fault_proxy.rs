@@ -32,15 +32,18 @@ pub enum Fault {
     CutRequest,
     /// The answer's body stops halfway and the connection drops.
     CutResponse,
+    /// The answer's headers go out, then the connection drops before any body byte.
+    CutAfterHeaders,
 }
 
-pub const FAULTS: [Fault; 6] = [
+pub const FAULTS: [Fault; 7] = [
     Fault::Status500,
     Fault::Status503,
     Fault::Slow,
     Fault::Reset,
     Fault::CutRequest,
     Fault::CutResponse,
+    Fault::CutAfterHeaders,
 ];
 
 struct Plan {
@@ -49,6 +52,8 @@ struct Plan {
     max_delay_ms: AtomicU64,
     injected: [AtomicU64; FAULTS.len()],
     requests: AtomicU64,
+    /// Draw only this fault (index into [`FAULTS`]), if set.
+    only: Mutex<Option<usize>>,
     rng: Mutex<rand::rngs::StdRng>,
 }
 
@@ -59,7 +64,8 @@ impl Plan {
         if rng.random_range(0..1000) >= self.rate.load(Relaxed) {
             return None;
         }
-        let i = rng.random_range(0..FAULTS.len());
+        let only = *self.only.lock().expect("only lock");
+        let i = only.unwrap_or_else(|| rng.random_range(0..FAULTS.len()));
         let delay = rng.random_range(0..=self.max_delay_ms.load(Relaxed));
         self.injected[i].fetch_add(1, Relaxed);
         Some((FAULTS[i], Duration::from_millis(delay)))
@@ -90,6 +96,7 @@ impl FaultProxy {
             max_delay_ms: AtomicU64::new(1000),
             injected: Default::default(),
             requests: AtomicU64::new(0),
+            only: Mutex::new(None),
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
         });
         let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
@@ -121,6 +128,12 @@ impl FaultProxy {
     /// Chance of a fault per request, in thousandths (0: a faithful proxy).
     pub fn set_rate(&self, per_mille: u32) {
         self.plan.rate.store(per_mille, Relaxed);
+    }
+
+    /// Injects only `fault` from now on (`None`: any of [`FAULTS`]).
+    pub fn set_only(&self, fault: Option<Fault>) {
+        *self.plan.only.lock().expect("only lock") =
+            fault.and_then(|f| FAULTS.iter().position(|&g| g == f));
     }
 
     pub fn set_max_delay(&self, d: Duration) {
@@ -219,6 +232,20 @@ async fn handle(
         let keep = content_length(answer.headers()) / 2;
         let (parts, body) = answer.into_parts();
         return Ok(Response::from_parts(parts, cut(body, keep)));
+    }
+    if let Some((Fault::CutAfterHeaders, _)) = fault {
+        // A pause first, so the headers are surely out before the connection drops.
+        let fail = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>(
+                "connection dropped after the headers by the fault proxy".into(),
+            )
+        });
+        let (parts, _) = answer.into_parts();
+        return Ok(Response::from_parts(
+            parts,
+            BodyExt::boxed(StreamBody::new(fail)),
+        ));
     }
     Ok(answer.map(boxed))
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use reqwest::StatusCode;
-use s3dedup_tests::fault_proxy::FaultProxy;
+use s3dedup_tests::fault_proxy::{Fault, FaultProxy};
 use s3dedup_tests::ledger::{Ledger, Until, body_of};
 use s3dedup_tests::*;
 
@@ -72,6 +72,49 @@ async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
     );
     assert!(proxy.total_injected() >= 20, "{:?}", proxy.injected());
     settle("s3-proxy", &api, &ledger, proxy.total_injected()).await;
+}
+
+/// S3 answers a read with its headers, then drops the connection before the first body byte:
+/// the client gets a 503 saying so, not a 200 whose body breaks (nor, when the drop comes
+/// before the API's answer leaves, a connection closed without any answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_dropping_a_read_after_its_headers_is_a_503() {
+    let s3 = S3Server::start().unwrap();
+    let proxy = FaultProxy::start(s3.addr, seed()).await.unwrap();
+    let mut env = S3_ENV.to_vec();
+    let endpoint = proxy.endpoint();
+    env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
+    let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    let http = reqwest::Client::new();
+    let content = unique_content("cut-after-headers", 100_000);
+    let r = http
+        .put(api.url(&format!("/files/cah/f?last_modified={}", lm(1))))
+        .body(content.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    proxy.set_only(Some(Fault::CutAfterHeaders));
+    proxy.set_rate(1000);
+    for _ in 0..3 {
+        let r = http.get(api.url("/files/cah/f")).send().await.unwrap();
+        let said = r
+            .headers()
+            .get("x-exception")
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .unwrap_or_default();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{said}");
+        assert!(
+            said.contains("object store unavailable while reading"),
+            "{said}"
+        );
+    }
+    proxy.set_rate(0);
+    let r = http.get(api.url("/files/cah/f")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), content);
+    assert!(!api.log().contains("panicked"), "{}", api.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
