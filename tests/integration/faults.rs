@@ -1,5 +1,5 @@
-//! Faults under load: S3 answering 500/503, slowly, or cutting bodies off (through a fault
-//! proxy); the S3 server killed and restarted mid-transfer; the spool's or the local store's
+//! Faults under load: S3 answering 500/503, slowly, cutting bodies off or dropping answers after
+//! their headers (through a fault proxy); the S3 server killed and restarted mid-transfer; the spool's or the local store's
 //! filesystem full; the API SIGKILLed at random moments. Each suite checks, as it goes, that clients only ever got right
 //! bodies or errors with messages, then that the daemon recovered by itself, that nothing
 //! acknowledged was lost, and that `s3dedup-cleaner --verify --deep` finds the store consistent.
@@ -49,14 +49,21 @@ async fn settle(name: &str, api: &Api, ledger: &Ledger, faults: u64) {
     assert!(ledger.violations().is_empty(), "{:#?}", ledger.violations());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
+/// An S3 server, a fault proxy in front of it (faithful until told otherwise), and an API
+/// using S3 through the proxy.
+async fn behind_fault_proxy() -> (S3Server, FaultProxy, Api) {
     let s3 = S3Server::start().unwrap();
     let proxy = FaultProxy::start(s3.addr, seed()).await.unwrap();
     let mut env = S3_ENV.to_vec();
     let endpoint = proxy.endpoint();
     env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
     let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    (s3, proxy, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
+    let (_s3, proxy, api) = behind_fault_proxy().await;
     // One fault in four requests; pauses up to 3 s, past the 2 s read timeout.
     proxy.set_max_delay(Duration::from_secs(3));
     proxy.set_rate(250);
@@ -79,12 +86,7 @@ async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
 /// before the API's answer leaves, a connection closed without any answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_dropping_a_read_after_its_headers_is_a_503() {
-    let s3 = S3Server::start().unwrap();
-    let proxy = FaultProxy::start(s3.addr, seed()).await.unwrap();
-    let mut env = S3_ENV.to_vec();
-    let endpoint = proxy.endpoint();
-    env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
-    let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    let (_s3, proxy, api) = behind_fault_proxy().await;
     let http = reqwest::Client::new();
     let content = unique_content("cut-after-headers", 100_000);
     let r = http
