@@ -90,6 +90,16 @@ impl Setup {
             .expect("request sent")
     }
 
+    /// GET with the client's `Accept-Encoding`.
+    async fn get_accepting(&self, path: &str, accept: &str) -> reqwest::Response {
+        self.http
+            .get(self.api.url(&format!("/files{path}")))
+            .header("Accept-Encoding", accept)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// GET and inflate: the content a client sees.
     async fn content(&self, path: &str) -> Option<Vec<u8>> {
         let r = self.get(path).await;
@@ -633,24 +643,12 @@ async fn answers_without_storing_keep_the_connection(s: &Setup) {
 async fn identity_for_clients_refusing_gzip(s: &Setup) {
     let content = unique_content("identity", 200_000);
     s.put_gzip("/id", 3, &content).await;
-    let r = s
-        .http
-        .get(s.api.url("/files/id"))
-        .header("Accept-Encoding", "identity")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_accepting("/id", "identity").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-encoding"), "");
     assert_eq!(header(&r, "content-length"), "200000");
     assert_eq!(r.bytes().await.unwrap().to_vec(), content);
-    let r = s
-        .http
-        .get(s.api.url("/files/id"))
-        .header("Accept-Encoding", "gzip;q=0, identity")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_accepting("/id", "gzip;q=0, identity").await;
     assert_eq!(header(&r, "content-encoding"), "");
 }
 
@@ -708,13 +706,7 @@ async fn damaged_content_is_never_served_whole() {
         .expect("a one-bit change that compresses to the same length");
     std::fs::write(&objects[0], damaged).unwrap();
 
-    let r = s
-        .http
-        .get(s.api.url("/files/dmg"))
-        .header("Accept-Encoding", "identity")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_accepting("/dmg", "identity").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-length"), "200000");
     match r.bytes().await {

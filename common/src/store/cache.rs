@@ -230,10 +230,7 @@ impl ReadCache {
         .await;
         match opened {
             Ok(Ok(read)) => {
-                if !checked
-                    && read.is_some()
-                    && let Some(e) = self.index().entries.get_mut(d)
-                {
+                if !checked && let Some(e) = self.index().entries.get_mut(d) {
                     e.checked = true;
                 }
                 read
@@ -256,13 +253,15 @@ impl ReadCache {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
             let placed = cache.fill(&d, rx).and_then(|(tmp, size)| {
-                Ok((tmp.persist(cache.path(&d)).map_err(|e| e.error)?, size))
+                tmp.persist(cache.path(&d))
+                    .map(|_| size)
+                    .map_err(|e| e.error)
             });
             let evicted = {
                 let mut lru = cache.index();
                 lru.filling.remove(&d);
                 match placed {
-                    Ok((_, size)) => {
+                    Ok(size) => {
                         lru.insert(d, size, true);
                         lru.evict(cache.max_bytes)
                     }
