@@ -60,6 +60,13 @@ const MAX_GROUP: usize = 64;
 /// Writes queued for the writer thread before callers wait to queue.
 const WRITE_QUEUE: usize = 256;
 
+/// Every GET's lookup. Scalar subqueries, not a join: the bundled SQLite (STAT4) re-prepares
+/// `files JOIN blobs ... WHERE path = ?1` on every run, which cost 4× the lookup itself.
+const GET_FILE: &str = "SELECT version, digest,
+        (SELECT logical_size FROM blobs b WHERE b.digest = f.digest),
+        (SELECT stored_size FROM blobs b WHERE b.digest = f.digest)
+    FROM files f WHERE path = ?1";
+
 /// SQLite-backed [`MetaStore`].
 pub struct SqliteMeta {
     path: PathBuf,
@@ -343,22 +350,26 @@ impl MetaStore for SqliteMeta {
     async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
         let path = path.to_owned();
         self.read(move |c| {
-            c.prepare_cached(
-                "SELECT f.version, f.digest, b.logical_size, b.stored_size
-                 FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = ?1",
-            )?
-            .query_row([&path], |r| {
-                Ok(FileEntry {
-                    path: path.clone(),
-                    version: r.get(0)?,
-                    blob: BlobInfo {
-                        digest: parse_digest(r.get(1)?)?,
-                        logical_size: r.get::<_, i64>(2)? as u64,
-                        stored_size: r.get::<_, i64>(3)? as u64,
-                    },
+            let row = c
+                .prepare_cached(GET_FILE)?
+                .query_row([&path], |r| {
+                    let sizes = (r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?);
+                    Ok((r.get(0)?, r.get(1)?, sizes))
                 })
-            })
-            .optional()
+                .optional()?;
+            // A file whose blob row is missing reads as absent, as an inner join would have it.
+            let Some((version, digest, (Some(logical), Some(stored)))) = row else {
+                return Ok(None);
+            };
+            Ok(Some(FileEntry {
+                path,
+                version,
+                blob: BlobInfo {
+                    digest: parse_digest(digest)?,
+                    logical_size: logical as u64,
+                    stored_size: stored as u64,
+                },
+            }))
         })
         .await
     }
@@ -810,6 +821,35 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_is_prepared_once_not_on_every_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = SqliteMeta::open(&dir.path().join("m.sqlite3"), test_options())
+            .await
+            .unwrap();
+        let b = BlobInfo {
+            digest: Digest([7; 32]),
+            logical_size: 3,
+            stored_size: 23,
+        };
+        m.put_file("/a", 1, &b, true, 0).await.unwrap();
+        let reprepared = m
+            .read(|c| {
+                for path in ["/a", "/b", "/a", "/c", "/a"] {
+                    c.prepare_cached(GET_FILE)?
+                        .query_row([path], |_| Ok(()))
+                        .optional()?;
+                }
+                Ok(c.prepare_cached(GET_FILE)?
+                    .get_status(rusqlite::StatementStatus::RePrepare))
+            })
+            .await
+            .unwrap();
+        assert_eq!(reprepared, 0);
+        assert_eq!(m.get_file("/a").await.unwrap().unwrap().blob, b);
+        assert!(m.get_file("/b").await.unwrap().is_none());
     }
 
     #[tokio::test]
