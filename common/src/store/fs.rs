@@ -159,18 +159,41 @@ fn place(body: SpoolBody, dest: &Path) -> io::Result<()> {
     let parent = dest
         .parent()
         .ok_or_else(|| io::Error::other("object path has no parent"))?;
-    std::fs::create_dir_all(parent)?;
+    // The shard directory is made when an attempt finds it missing: a `mkdir` on every upload
+    // took the parent directory's lock only to fail.
+    match place_in(body, parent, dest) {
+        Err((e, Some(body))) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(parent)?;
+            place_in(body, parent, dest).map_err(|(e, _)| e)
+        }
+        other => other.map_err(|(e, _)| e),
+    }
+}
+
+/// One attempt at [`place`]; a failure gives the body back for another.
+fn place_in(
+    body: SpoolBody,
+    parent: &Path,
+    dest: &Path,
+) -> Result<(), (io::Error, Option<SpoolBody>)> {
     let spool = match body {
         SpoolBody::File(f) => f,
-        SpoolBody::Memory(bytes) => return write_beside(&mut &bytes[..], parent, dest),
+        SpoolBody::Memory(bytes) => {
+            return write_beside(&mut &bytes[..], parent, dest)
+                .map_err(|e| (e, Some(SpoolBody::Memory(bytes))));
+        }
     };
     match spool.persist(dest) {
         Ok(_) => Ok(()),
         // The spool lives on another filesystem: copy beside the destination, then rename.
         Err(e) if e.error.raw_os_error() == Some(nix::libc::EXDEV) => {
-            write_beside(&mut e.file.reopen()?, parent, dest)
+            let copied = e
+                .file
+                .reopen()
+                .and_then(|mut f| write_beside(&mut f, parent, dest));
+            copied.map_err(|err| (err, Some(SpoolBody::File(e.file))))
         }
-        Err(e) => Err(e.error),
+        Err(e) => Err((e.error, Some(SpoolBody::File(e.file)))),
     }
 }
 
@@ -316,6 +339,26 @@ mod tests {
         store.delete(&d).await.unwrap();
         assert_eq!(store.head(&d).await.unwrap(), None);
         store.check().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_spool_on_another_filesystem_is_copied_into_a_new_shard() {
+        use std::os::unix::fs::MetadataExt;
+        // The spool on tmpfs, the store on disk: a rename between them fails with EXDEV.
+        let spool_dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        assert_ne!(dev(spool_dir.path()), dev(dir.path()));
+        let store = FsStore::open(dir.path().join("objects")).unwrap();
+        let d = Digest([8; 32]);
+        let mut spool = tempfile::NamedTempFile::new_in(spool_dir.path()).unwrap();
+        spool.write_all(b"from tmpfs").unwrap();
+        store.put(&d, SpoolBody::File(spool), 10).await.unwrap();
+        let chunks: Vec<bytes::Bytes> = store.get(&d).await.unwrap().try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"from tmpfs");
+        let shard = store.path(&d).parent().unwrap().to_owned();
+        assert_eq!(std::fs::read_dir(shard).unwrap().count(), 1, "no copy left");
+        assert_eq!(std::fs::read_dir(spool_dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
