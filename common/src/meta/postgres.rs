@@ -251,7 +251,13 @@ impl PostgresMeta {
         loop {
             attempt += 1;
             let c = self.conn().await?;
-            match within(self.deadline, c.query(sql, params)).await {
+            // Prepared once per connection: a statement given as text is parsed on every run,
+            // a round trip of its own.
+            let run = async {
+                let statement = c.prepare_cached(sql).await?;
+                c.query(&statement, params).await
+            };
+            match within(self.deadline, run).await {
                 Some(Err(e)) if e.is_closed() && attempt < READ_ATTEMPTS => {
                     self.forget_idle();
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
