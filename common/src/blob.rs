@@ -363,7 +363,7 @@ static DEFLATERS: std::sync::Mutex<Vec<(u32, Compress)>> = std::sync::Mutex::new
 /// Gzip (at `level`) of what is written, to `out`, with a pooled deflate state.
 struct GzWriter<W: Write> {
     level: u32,
-    z: Option<Compress>,
+    z: Compress,
     out: W,
     buf: Vec<u8>,
 }
@@ -375,10 +375,9 @@ impl<W: Write> GzWriter<W> {
             let i = pool.iter().position(|(l, _)| *l == level);
             i.map(|i| pool.swap_remove(i).1)
         };
-        let z = pooled.unwrap_or_else(|| Compress::new_gzip(Compression::new(level), 15));
         GzWriter {
             level,
-            z: Some(z),
+            z: pooled.unwrap_or_else(|| Compress::new_gzip(Compression::new(level), 15)),
             out,
             buf: Vec::with_capacity(BUF_SIZE / 2),
         }
@@ -387,17 +386,14 @@ impl<W: Write> GzWriter<W> {
     /// Runs the deflate state over `input` with `flush`, passing its output on; returns the
     /// input it consumed and the state's status.
     fn step(&mut self, input: &[u8], flush: FlushCompress) -> io::Result<(usize, Status)> {
-        let z = self
-            .z
-            .as_mut()
-            .ok_or_else(|| io::Error::other("gzip stream already finished"))?;
-        let before = z.total_in();
+        let before = self.z.total_in();
         self.buf.clear();
-        let status = z
+        let status = self
+            .z
             .compress_vec(input, &mut self.buf, flush)
             .map_err(io::Error::other)?;
         self.out.write_all(&self.buf)?;
-        Ok(((z.total_in() - before) as usize, status))
+        Ok(((self.z.total_in() - before) as usize, status))
     }
 
     fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -408,21 +404,18 @@ impl<W: Write> GzWriter<W> {
         Ok(())
     }
 
-    /// Ends the gzip stream and flushes `out`.
+    /// Ends the gzip stream, flushes `out` and gives the deflate state back to the pool.
     fn finish(mut self) -> io::Result<W> {
         while self.step(&[], FlushCompress::Finish)?.1 != Status::StreamEnd {}
         self.out.flush()?;
-        let mut z = self.z.take();
-        if let Some(z) = z.as_mut() {
-            z.reset();
-        }
+        let GzWriter {
+            level, mut z, out, ..
+        } = self;
+        z.reset();
         let mut pool = DEFLATERS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(z) = z.filter(|_| pool.len() < POOLED_DEFLATERS) {
-            pool.push((self.level, z));
+        if pool.len() < POOLED_DEFLATERS {
+            pool.push((level, z));
         }
-        drop(pool);
-        // `self` has no state left to return: move `out` out of it.
-        let GzWriter { out, .. } = self;
         Ok(out)
     }
 }
