@@ -1,25 +1,28 @@
 //! The listening socket and the daemon's lifecycle: socket activation or bind (TCP or Unix),
 //! TCP_NODELAY, per-connection timeouts, readiness and watchdog notifications, and a bounded
-//! drain on SIGTERM.
+//! drain on SIGTERM that still answers requests already on their way.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use s3dedup_common::config::ListenAddr;
 use s3dedup_common::systemd;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::app::{AppState, dispatch};
@@ -29,6 +32,10 @@ use crate::stall::StallGuard;
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (out of file descriptors): retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection with no request under way is kept open once shutdown begins. A
+/// client that connected just before the signal, or reuses a kept-alive connection, may have
+/// its request on the wire; closing at once would drop it unanswered.
+const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 /// The listening socket: inherited from systemd or bound from `api.listen`.
 enum Listener {
@@ -110,8 +117,8 @@ fn secs(n: u64) -> Option<Duration> {
     (n > 0).then(|| Duration::from_secs(n))
 }
 
-/// Serves one connection until it closes or the shutdown asks it to finish.
-fn serve<IO>(io: IO, app: &Router, state: &AppState, graceful: &GracefulShutdown)
+/// Serves one connection until it closes or, once `stop` turns true, until its last answer.
+fn serve<IO>(io: IO, app: &Router, state: &AppState, stop: &watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -122,13 +129,47 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(secs(cfg.header_timeout_secs));
     let conn = builder.serve_connection(io, TowerToHyperService::new(app.clone()));
-    let conn = graceful.watch(conn);
+    // The receiver lives as long as the connection: the drain waits for all of them to go.
+    let mut stop = stop.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let stopping = async {
+            // A dropped sender means the daemon is going too.
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            () = stopping => {
+                // hyper's own graceful shutdown closes a connection between requests at once,
+                // even one whose request is in its buffer. Answers from now on say
+                // `Connection: close`, so a request that arrives within the grace ends it.
+                match tokio::time::timeout(IDLE_GRACE, conn.as_mut()).await {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        // Closes it if idle; otherwise after the answer being sent.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = ended {
             // Timeouts, resets and malformed requests: the client's problem, not ours.
             debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// Once shutdown has begun, each answer closes its connection.
+async fn close_when_stopping(
+    State(stopping): State<Arc<AtomicBool>>,
+    mut res: Response,
+) -> Response {
+    if stopping.load(Relaxed) {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
@@ -181,10 +222,15 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
 
     let listener = listener(&state).await?;
     let addr = listener.describe();
+    let stopping = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .fallback(dispatch)
         .with_state(state.clone())
-        .layer(DefaultBodyLimit::disable());
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response_with_state(
+            stopping.clone(),
+            close_when_stopping,
+        ));
 
     info!(%addr, metadata = %state.files.meta.describe(), store = %state.files.store.describe(), "listening");
     systemd::notify_ready(&format!("listening on {addr}"));
@@ -207,7 +253,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         }
     });
 
-    let graceful = GracefulShutdown::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop = std::pin::pin!(wait_for_signal());
     let which = loop {
         let accepted = tokio::select! {
@@ -218,9 +264,9 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
             Ok(Conn::Tcp(tcp)) => {
                 // Without it every small response waits ~40 ms for the peer's delayed ACK.
                 let _ = tcp.set_nodelay(true);
-                serve(tcp, &app, &state, &graceful);
+                serve(tcp, &app, &state, &stop_rx);
             }
-            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &graceful),
+            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &stop_rx),
             Err(e) => {
                 warn!(error = %e, "accepting a connection failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -230,8 +276,11 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     info!(signal = which, "shutting down, draining in-flight requests");
     systemd::notify_stopping("draining in-flight requests");
     drop(listener);
+    stopping.store(true, Relaxed);
+    stop_tx.send_replace(true);
+    drop(stop_rx);
     let drain_limit = Duration::from_secs(state.cfg.shutdown_timeout_secs);
-    if tokio::time::timeout(drain_limit, graceful.shutdown())
+    if tokio::time::timeout(drain_limit, stop_tx.closed())
         .await
         .is_err()
     {

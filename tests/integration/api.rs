@@ -584,6 +584,29 @@ async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
     assert_eq!(s.content("/expect").await.unwrap(), body);
 }
 
+/// Reads one answer on a kept-alive connection: the head, then as many body bytes as it
+/// announces; returns the head.
+fn read_answer(sock: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        sock.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut rest = vec![0u8; len];
+    sock.read_exact(&mut rest).unwrap();
+    head
+}
+
 /// PUTs answered without storing (a newer version exists; a bad hint) still read the body, so
 /// the client gets the answer and can reuse the connection: no broken pipe, no reset.
 async fn answers_without_storing_keep_the_connection(s: &Setup) {
@@ -592,26 +615,6 @@ async fn answers_without_storing_keep_the_connection(s: &Setup) {
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let body = unique_content("older", 3 << 20);
-    let read_answer = |sock: &mut TcpStream| {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            sock.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length: ")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .unwrap_or(0);
-        let mut rest = vec![0u8; len];
-        sock.read_exact(&mut rest).unwrap();
-        head
-    };
     let cases = [
         ("older version", 1000, ""),
         ("bad hint", 9000, "SHA256-Checksum: nonsense\r\n"),
@@ -970,6 +973,62 @@ async fn sigterm_drains_in_flight_requests() {
     // A new instance on the same data serves the file.
     s.api.restart().unwrap();
     assert_eq!(s.content("/drained").await.unwrap(), content);
+}
+
+/// A request already on its way when SIGTERM comes is answered, not cut off: a client that
+/// connected just before the signal and sends a moment after it (the Filetracker client opens
+/// a connection per request), and the next request on a kept-alive connection. Each answer
+/// says `Connection: close`. A connection that sends nothing is closed without holding up the
+/// exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_requests_already_on_their_way() {
+    let mut s = Setup::local();
+    s.put("/on-its-way", 1, b"still served".to_vec()).await;
+    let connect = || {
+        let sock = TcpStream::connect(s.api.addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        sock
+    };
+    let get = b"GET /files/on-its-way HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n";
+    let mut kept = connect();
+    kept.write_all(get).unwrap();
+    assert!(read_answer(&mut kept).starts_with("HTTP/1.1 200"));
+    let mut fresh = connect();
+    let mut silent = connect();
+    // Accepted by now; the requests follow the signal.
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = std::time::Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &s.api.proc.pid().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(100));
+    for (what, sock) in [("new connection", &mut fresh), ("kept-alive", &mut kept)] {
+        // A write into a connection the server already closed may fail; the read says so.
+        let _ = sock.write_all(get);
+        let mut answer = Vec::new();
+        let read = sock.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+            "{what}: {read:?} {answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {answer}"
+        );
+        assert!(answer.ends_with("still served"), "{what}: {answer}");
+    }
+    let mut nothing = Vec::new();
+    assert_eq!(
+        silent.read_to_end(&mut nothing).unwrap(),
+        0,
+        "closed, no answer"
+    );
+    let status = s.api.proc.child.wait().unwrap();
+    assert!(status.success(), "clean exit: {status}");
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
 }
 
 /// Streams `size` bytes of moderately compressible content up, then down, verifying the SHA-256
