@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{GenericClient, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 
 use super::{
     BlobRow, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan, Stats, plan_delete,
@@ -251,13 +251,7 @@ impl PostgresMeta {
         loop {
             attempt += 1;
             let c = self.conn().await?;
-            // Prepared once per connection: a statement given as text is parsed on every run,
-            // a round trip of its own.
-            let run = async {
-                let statement = c.prepare_cached(sql).await?;
-                c.query(&statement, params).await
-            };
-            match within(self.deadline, run).await {
+            match within(self.deadline, rows(&*c, sql, params)).await {
                 Some(Err(e)) if e.is_closed() && attempt < READ_ATTEMPTS => {
                     self.forget_idle();
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -288,7 +282,7 @@ impl PostgresMeta {
     async fn in_transaction<T, F>(&self, mut body: F) -> Result<T, MetaError>
     where
         F: for<'a> FnMut(
-            &'a tokio_postgres::Transaction<'a>,
+            &'a deadpool_postgres::Transaction<'a>,
         ) -> std::pin::Pin<
             Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>,
         >,
@@ -399,6 +393,34 @@ impl Drop for Conn {
     }
 }
 
+/// Statements run prepared once per connection (deadpool's cache): one given as text is parsed
+/// on every run, a round trip of its own.
+async fn exec(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    c.execute(&c.prepare_cached(sql).await?, params).await
+}
+
+/// [`exec`] for a statement's rows.
+async fn rows(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    c.query(&c.prepare_cached(sql).await?, params).await
+}
+
+/// [`exec`] for a statement's row, if any.
+async fn row_opt(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    c.query_opt(&c.prepare_cached(sql).await?, params).await
+}
+
 /// Locks the blob rows about to change, in digest order (deadlock freedom).
 async fn lock_blobs(
     tx: &impl GenericClient,
@@ -407,7 +429,8 @@ async fn lock_blobs(
     let mut sorted: Vec<&str> = digests.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    tx.query(
+    rows(
+        tx,
         "SELECT 1 FROM blobs WHERE digest = ANY($1) ORDER BY digest FOR UPDATE",
         &[&sorted],
     )
@@ -419,18 +442,19 @@ async fn current_row(
     tx: &impl GenericClient,
     path: &str,
 ) -> Result<Option<(i64, String)>, tokio_postgres::Error> {
-    tx.execute(
+    exec(
+        tx,
         "SELECT pg_advisory_xact_lock($1)",
         &[&advisory_key(&format!("path:{path}"))],
     )
     .await?;
-    Ok(tx
-        .query_opt(
-            "SELECT version, digest FROM files WHERE path = $1",
-            &[&path],
-        )
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
+    Ok(row_opt(
+        tx,
+        "SELECT version, digest FROM files WHERE path = $1",
+        &[&path],
+    )
+    .await?
+    .map(|r| (r.get(0), r.get(1))))
 }
 
 async fn unreference(
@@ -438,7 +462,8 @@ async fn unreference(
     digest: &str,
     now: i64,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
+    exec(
+        tx,
         "UPDATE blobs SET refcount = refcount - 1,
             unreferenced_since = CASE WHEN refcount - 1 <= 0 THEN $2 ELSE unreferenced_since END
          WHERE digest = $1",
@@ -515,7 +540,8 @@ impl MetaStore for PostgresMeta {
                         [Some(digest.as_str()), old].into_iter().flatten().collect();
                     lock_blobs(tx, &touched).await?;
                     if uploaded {
-                        tx.execute(
+                        exec(
+                            tx,
                             "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
                                                 unreferenced_since, created_at)
                              VALUES ($1, $2, $3, 0, 'live', $4, $4)
@@ -525,18 +551,19 @@ impl MetaStore for PostgresMeta {
                             &[&digest, &logical, &stored, &now],
                         )
                         .await?;
-                    } else if tx
-                        .query_opt(
-                            "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
-                            &[&digest],
-                        )
-                        .await?
-                        .is_none()
+                    } else if row_opt(
+                        tx,
+                        "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
+                        &[&digest],
+                    )
+                    .await?
+                    .is_none()
                     {
                         return Ok(PutResult::NotLive(digest));
                     }
                     let deleted: Option<i64> = if import {
-                        tx.query_opt(
+                        row_opt(
+                            tx,
                             "SELECT version FROM deleted_paths WHERE path = $1",
                             &[&path],
                         )
@@ -554,21 +581,24 @@ impl MetaStore for PostgresMeta {
                     match &plan {
                         PutPlan::Keep { .. } | PutPlan::Deleted { .. } => {}
                         PutPlan::Touch => {
-                            tx.execute(
+                            exec(
+                                tx,
                                 "UPDATE files SET version = $2 WHERE path = $1",
                                 &[&path, &version],
                             )
                             .await?;
                         }
                         PutPlan::Replace { old } => {
-                            tx.execute(
+                            exec(
+                                tx,
                                 "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
                                  ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
                                     digest = EXCLUDED.digest",
                                 &[&path, &version, &digest],
                             )
                             .await?;
-                            tx.execute(
+                            exec(
+                                tx,
                                 "UPDATE blobs SET refcount = refcount + 1, unreferenced_since = NULL
                                  WHERE digest = $1",
                                 &[&digest],
@@ -606,10 +636,10 @@ impl MetaStore for PostgresMeta {
                 let plan = plan_delete(current, version);
                 if let DeletePlan::Remove { digest } = &plan {
                     lock_blobs(tx, &[digest]).await?;
-                    tx.execute("DELETE FROM files WHERE path = $1", &[&path])
-                        .await?;
+                    exec(tx, "DELETE FROM files WHERE path = $1", &[&path]).await?;
                     unreference(tx, digest, now).await?;
-                    tx.execute(
+                    exec(
+                        tx,
                         "INSERT INTO deleted_paths (path, version, deleted_at) VALUES ($1, $2, $3)
                          ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
                             version = GREATEST(deleted_paths.version, EXCLUDED.version)",
@@ -714,7 +744,8 @@ impl MetaStore for PostgresMeta {
     async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
         let c = self.conn().await?;
         let n = c
-            .bounded(c.execute(
+            .bounded(exec(
+                &*c,
                 "UPDATE blobs SET state = 'deleting' WHERE digest = $1 AND refcount <= 0
                    AND (state = 'deleting' OR unreferenced_since <= $2)",
                 &[&digest.to_hex(), &cutoff],
@@ -726,7 +757,8 @@ impl MetaStore for PostgresMeta {
     async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
         let c = self.conn().await?;
         let n = c
-            .bounded(c.execute(
+            .bounded(exec(
+                &*c,
                 "DELETE FROM blobs WHERE digest = $1 AND state = 'deleting' AND refcount <= 0",
                 &[&digest.to_hex()],
             ))
@@ -793,7 +825,8 @@ impl MetaStore for PostgresMeta {
 
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         let c = self.conn().await?;
-        c.bounded(c.execute(
+        c.bounded(exec(
+            &*c,
             "DELETE FROM deleted_paths WHERE deleted_at < $1",
             &[&before],
         ))
@@ -819,7 +852,8 @@ impl MetaStore for PostgresMeta {
         let c = self.conn().await?;
         match position {
             Some(p) => {
-                c.execute(
+                exec(
+                    &*c,
                     "INSERT INTO migration_checkpoints (source, position, updated_at)
                          VALUES ($1, $2, $3) ON CONFLICT (source) DO UPDATE
                          SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at",
@@ -828,7 +862,8 @@ impl MetaStore for PostgresMeta {
                 .await
             }
             None => {
-                c.execute(
+                exec(
+                    &*c,
                     "DELETE FROM migration_checkpoints WHERE source = $1",
                     &[&source],
                 )
