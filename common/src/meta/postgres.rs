@@ -976,6 +976,58 @@ pub(crate) mod tests {
         assert_eq!(n, MIGRATIONS.len() as i64);
     }
 
+    /// A PUT's and a delete's statements are prepared once per connection and kept, not sent
+    /// as text (prepared, run and closed again: a round trip more each, every time).
+    #[tokio::test]
+    #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+    async fn transaction_statements_are_prepared_once_per_connection() {
+        let cfg = PostgresConfig {
+            pool_size: 1,
+            ..test_config()
+        };
+        let meta = PostgresMeta::connect(&cfg, cfg.resolve_password(None).unwrap())
+            .await
+            .unwrap();
+        let blob = |n| BlobInfo {
+            digest: Digest([n; 32]),
+            logical_size: 1,
+            stored_size: 21,
+        };
+        for round in 1..=3 {
+            meta.put_file("/a", round, &blob(round as u8), true, 0)
+                .await
+                .unwrap();
+            meta.put_file("/b", round, &blob(9), round == 1, 0)
+                .await
+                .unwrap();
+            meta.delete_file("/b", round, 0).await.unwrap();
+        }
+        // The only connection: the one that ran them all.
+        let kept: Vec<String> = meta
+            .conn()
+            .await
+            .unwrap()
+            .query("SELECT statement FROM pg_prepared_statements", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for wanted in [
+            "pg_advisory_xact_lock",
+            "FOR UPDATE",
+            "INSERT INTO blobs",
+            "INSERT INTO files",
+            "refcount = refcount + 1",
+            "refcount = refcount - 1",
+            "DELETE FROM files",
+            "INSERT INTO deleted_paths",
+        ] {
+            let n = kept.iter().filter(|s| s.contains(wanted)).count();
+            assert_eq!(n, 1, "statements with {wanted:?} kept: {kept:#?}");
+        }
+    }
+
     #[tokio::test]
     async fn unreachable_server_is_unavailable() {
         let cfg = PostgresConfig {
