@@ -29,13 +29,14 @@ else
     echo "all present"
 fi
 
-step "Python venv with filetracker==2.3.3 (the real client and old server)"
+step "Python venv with filetracker==2.3.3 (the real client and old server) and moto (an S3 server)"
 venv="${TESTS_VENV:-target/test-venv}"
-if ! "$venv/bin/python" -c 'import filetracker, pytest, requests' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import filetracker, pytest, requests, moto.server' 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q --upgrade pip
     YES_I_HAVE_THE_RIGHT_TO_USE_THIS_BERKELEY_DB_VERSION=1 \
-        "$venv/bin/pip" install -q 'filetracker[server]==2.3.3' 'pytest>=7' requests
+        "$venv/bin/python" -m pip install -q 'filetracker[server]==2.3.3' 'pytest>=7' requests \
+        'moto[server]==5.2.5'
 fi
 "$venv/bin/python" -c 'import filetracker; print("filetracker client ready")'
 

@@ -49,6 +49,10 @@ pub struct GcReport {
     pub skipped_busy: u64,
     /// Remembered deletions of paths forgotten (older than `remember_deletions`).
     pub deletions_forgotten: u64,
+    /// Abandoned multipart uploads of our objects aborted (older than the grace period).
+    pub uploads_aborted: u64,
+    /// The object store could not list multipart uploads (a bucket lifecycle rule must).
+    pub uploads_unlisted: bool,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
 }
@@ -62,12 +66,13 @@ impl GcReport {
     pub fn summary(&self, dry_run: bool) -> String {
         let verb = if dry_run { "would free" } else { "freed" };
         format!(
-            "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} busy, {} old \
-             deletions forgotten, {} errors",
+            "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} abandoned uploads \
+             aborted; {} busy, {} old deletions forgotten, {} errors",
             self.blobs_deleted,
             self.bytes_freed,
             self.orphans_deleted,
             self.orphan_bytes,
+            self.uploads_aborted,
             self.skipped_busy,
             self.deletions_forgotten,
             self.errors.len()
@@ -121,6 +126,9 @@ pub async fn collect(
     }
     if opts.orphans && !limit_reached(&report, opts) {
         sweep_orphans(fs, cutoff, opts, &mut report, progress).await?;
+    }
+    if opts.orphans {
+        abort_stale_uploads(fs, cutoff, opts, &mut report).await;
     }
     if let Some(keep) = opts.remember_deletions.filter(|_| !opts.dry_run) {
         let before = now - keep.as_secs() as i64;
@@ -176,6 +184,32 @@ async fn delete_blob(
         }
         Ok(false) => {}
         Err(e) => report.errors.push(format!("blob {d}: {e}")),
+    }
+}
+
+/// Aborts multipart uploads older than the grace period: an upload (which the grace period
+/// outlasts) that never completed, its parts kept by the server but in no listing of objects.
+async fn abort_stale_uploads(fs: &FileStore, cutoff: i64, opts: &GcOptions, report: &mut GcReport) {
+    match fs.store.abort_stale_uploads(cutoff, opts.dry_run).await {
+        Ok(Some(done)) => {
+            report.uploads_aborted = done.aborted;
+            for (key, why) in done.failed {
+                report
+                    .errors
+                    .push(format!("multipart upload of {key}: {why}"));
+            }
+        }
+        Ok(None) => {
+            report.uploads_unlisted = true;
+            tracing::warn!(
+                store = %fs.store.describe(),
+                "the object store cannot list multipart uploads; give the bucket a lifecycle \
+                 rule that aborts incomplete ones"
+            );
+        }
+        Err(e) => report
+            .errors
+            .push(format!("abandoned multipart uploads: {e}")),
     }
 }
 

@@ -30,7 +30,7 @@ struct Cli {
     /// Grace period in seconds (overrides cleaner.grace_period_secs).
     #[arg(long, value_name = "SECS")]
     grace_secs: Option<u64>,
-    /// Skip the sweep for objects that have no metadata row.
+    /// Skip the sweep for objects that have no metadata row, and for abandoned multipart uploads.
     #[arg(long)]
     no_orphans: bool,
     /// Check that every live blob's object exists with its recorded size, and every reference
@@ -128,6 +128,7 @@ async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> an
         blobs = report.blobs_deleted,
         bytes = report.bytes_freed,
         orphans = report.orphans_deleted,
+        uploads_aborted = report.uploads_aborted,
         errors = report.errors.len(),
         dry_run = opts.dry_run,
         "{line}"

@@ -3,7 +3,6 @@
 //! ledger workload (small and large PUT/GET/DELETE/list) and the real Filetracker client at once.
 //! Nothing may be lost or wrong, and each API's RSS must stay flat; the curve is printed.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -17,13 +16,6 @@ fn soak_secs() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600)
-}
-
-fn venv_python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv =
-        std::env::var("TESTS_VENV").map_or_else(|_| root.join("target/test-venv"), PathBuf::from);
-    venv.join("bin/python")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +51,7 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
             (runs, failures)
         })
     };
-    let python = venv_python();
+    let python = venv_bin("python");
     let ft_clients: Vec<_> = urls
         .iter()
         .enumerate()

@@ -224,6 +224,86 @@ impl S3Server {
     }
 }
 
+/// A program of the test venv (`TESTS_VENV`, else `target/test-venv`), which tests/run-all.sh
+/// fills: the real Filetracker client and old server, and moto.
+pub fn venv_bin(program: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv =
+        std::env::var("TESTS_VENV").map_or_else(|_| root.join("target/test-venv"), PathBuf::from);
+    venv.join("bin").join(program)
+}
+
+/// A moto S3 server process (PyPI `moto[server]`, from the test venv): a second S3
+/// implementation, with the calls s3s-fs lacks (it answers `ListMultipartUploads` with 501).
+/// It accepts any credentials and keeps everything in memory.
+pub struct Moto {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Moto {
+    /// Starts it with the test bucket created.
+    pub async fn start() -> anyhow::Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let program = venv_bin("moto_server");
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &addr.port().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (tests/run-all.sh installs it)",
+                    program.display()
+                )
+            })?;
+        let mut moto = Moto {
+            proc: Proc {
+                child,
+                name: "moto_server".into(),
+            },
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(addr).is_err() {
+            if let Some(status) = moto.proc.child.try_wait()? {
+                bail!("moto_server exited at start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("moto_server did not listen on {addr} within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        moto.client()
+            .create_bucket()
+            .bucket(S3_BUCKET)
+            .send()
+            .await
+            .context("creating the bucket in moto")?;
+        Ok(moto)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        s3_client(&self.endpoint())
+    }
+
+    /// The `S3DEDUP_*` settings that point an instance at it, under `prefix`.
+    pub fn env(&self, prefix: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("S3DEDUP_STORE__BACKEND", "s3".into()),
+            ("S3DEDUP_STORE__S3__BUCKET", S3_BUCKET.into()),
+            ("S3DEDUP_STORE__S3__ENDPOINT", self.endpoint()),
+            ("S3DEDUP_STORE__S3__ACCESS_KEY_ID", S3_ACCESS_KEY.into()),
+            ("S3DEDUP_STORE__S3__SECRET_ACCESS_KEY", S3_SECRET_KEY.into()),
+            ("S3DEDUP_STORE__S3__PREFIX", prefix.into()),
+        ]
+    }
+}
+
 /// Where the object of the content with this hex SHA-256 lives: upstream s3dedup's layout,
 /// written out here (not taken from `common`) because ours must match it.
 pub fn sharded_key(hex: &str) -> String {

@@ -32,7 +32,8 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, local_stream, read_if_small,
+    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, local_stream,
+    read_if_small,
 };
 use crate::blob::{self, Digest};
 use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
@@ -451,5 +452,13 @@ impl ObjectStore for CachedStore {
         limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError> {
         self.inner.list(after, limit).await
+    }
+
+    async fn abort_stale_uploads(
+        &self,
+        before: i64,
+        dry_run: bool,
+    ) -> Result<Option<StaleUploads>, StoreError> {
+        self.inner.abort_stale_uploads(before, dry_run).await
     }
 }

@@ -99,6 +99,15 @@ pub struct ObjectEntry {
     pub modified: i64,
 }
 
+/// What [`ObjectStore::abort_stale_uploads`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StaleUploads {
+    /// Uploads aborted (in a dry run: that would be).
+    pub aborted: u64,
+    /// Keys whose upload could not be aborted, with why; the next run tries again.
+    pub failed: Vec<(String, String)>,
+}
+
 /// An object sent to the store while its upload was still arriving (S3: multipart parts, or a
 /// PUT whose last bytes are held back). It stays invisible until [`PartUpload::finish`];
 /// dropping it unfinished discards what was sent (in the background, best effort).
@@ -192,6 +201,19 @@ pub trait ObjectStore: Send + Sync + 'static {
         after: Option<&Digest>,
         limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError>;
+
+    /// Aborts the unfinished multipart uploads of our objects started before `before` (Unix
+    /// seconds): the parts a crash or a lost connection left, never listed as objects but kept
+    /// (and billed) by the server. `None` when the server cannot list them; then only a bucket
+    /// lifecycle rule removes them. A store without such uploads has none to abort.
+    async fn abort_stale_uploads(
+        &self,
+        before: i64,
+        dry_run: bool,
+    ) -> Result<Option<StaleUploads>, StoreError> {
+        let _ = (before, dry_run);
+        Ok(Some(StaleUploads::default()))
+    }
 }
 
 /// The digest a key of our layout names (`[<prefix>/]<aa>/<bb>/<sha256>`), if it is one.

@@ -20,7 +20,8 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StoreError, digest_of_key, object_key,
+    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, digest_of_key,
+    object_key,
 };
 use crate::blob::Digest;
 use crate::config::S3Config;
@@ -93,6 +94,14 @@ impl S3Store {
             part_size: cfg.part_size,
             upload_concurrency: cfg.upload_concurrency,
         })
+    }
+
+    /// The prefix our keys are listed under (`""` or `"<prefix>/"`).
+    fn list_prefix(&self) -> String {
+        match self.prefix.trim_matches('/') {
+            "" => String::new(),
+            p => format!("{p}/"),
+        }
     }
 
     async fn start_multipart(&self, key: &str) -> Result<Multipart, StoreError> {
@@ -593,11 +602,7 @@ impl ObjectStore for S3Store {
         limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError> {
         let prefix = self.prefix.trim_matches('/');
-        let list_prefix = if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{prefix}/")
-        };
+        let list_prefix = self.list_prefix();
         let mut start_after = after.map(|d| self.key(d));
         let mut out = Vec::new();
         // Foreign keys under the prefix are skipped, so a page may need several requests.
@@ -629,6 +634,82 @@ impl ObjectStore for S3Store {
             }
         }
         Ok(out)
+    }
+
+    async fn abort_stale_uploads(
+        &self,
+        before: i64,
+        dry_run: bool,
+    ) -> Result<Option<StaleUploads>, StoreError> {
+        let list_prefix = self.list_prefix();
+        let mut done = StaleUploads::default();
+        let (mut key_marker, mut id_marker) = (None, None);
+        loop {
+            let page = match self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&list_prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+            {
+                Ok(page) => page,
+                // Some servers (s3s-fs among them) do not implement the listing.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 501) => {
+                    return Ok(None);
+                }
+                Err(e) => {
+                    return Err(unavailable(
+                        "listing multipart uploads under",
+                        &list_prefix,
+                        e,
+                    ));
+                }
+            };
+            for upload in page.uploads() {
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                // Only uploads of our own keys, and only old ones: a younger one may be an
+                // upload in progress, and one without a start time is left alone.
+                let old = upload.initiated().is_some_and(|t| t.secs() < before);
+                if !old || digest_of_key(&self.prefix, key).is_none() {
+                    continue;
+                }
+                if !dry_run
+                    && let Err(e) = self
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(id)
+                        .send()
+                        .await
+                {
+                    done.failed
+                        .push((key.to_owned(), DisplayErrorContext(&e).to_string()));
+                    continue;
+                }
+                tracing::debug!(
+                    key,
+                    upload_id = id,
+                    dry_run,
+                    "aborted an abandoned multipart upload"
+                );
+                done.aborted += 1;
+            }
+            if page.is_truncated() != Some(true) {
+                return Ok(Some(done));
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && id_marker.is_none() {
+                // A truncated page without markers would be asked for again forever.
+                return Ok(Some(done));
+            }
+        }
     }
 
     async fn delete_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, String)>, StoreError> {
