@@ -22,16 +22,6 @@ async fn wait_entries(api: &Api, n: u64) {
     }
 }
 
-async fn put(http: &reqwest::Client, api: &Api, path: &str, version: i64, body: &[u8]) {
-    let r = http
-        .put(api.url(&format!("/files{path}?last_modified={}", lm(version))))
-        .body(body.to_vec())
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(r.status(), StatusCode::OK, "PUT {path}");
-}
-
 /// The content a client sees, or `None` on 404.
 async fn content(http: &reqwest::Client, api: &Api, path: &str) -> Option<Vec<u8>> {
     let r = http
@@ -52,7 +42,7 @@ async fn hits_skip_s3_and_survive_a_restart() {
     let mut api = Api::start(Backend::S3(&s3)).unwrap();
     let http = reqwest::Client::new();
     let body = unique_content("cached", 300_000);
-    put(&http, &api, "/t/in", 1, &body).await;
+    api.put_ok("/t/in", 1, body.to_vec()).await;
     assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, 1);
     wait_entries(&api, 1).await;
@@ -90,7 +80,7 @@ async fn small_uploads_are_kept_as_they_are_stored() {
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let http = reqwest::Client::new();
     let raw = unique_content("submission", 20_000);
-    put(&http, &api, "/k/raw", 1, &raw).await;
+    api.put_ok("/k/raw", 1, raw.to_vec()).await;
     // The way the Filetracker client uploads: pre-gzipped, with its digest and size.
     let pre = unique_content("input", 30_000);
     let r = http
@@ -105,7 +95,7 @@ async fn small_uploads_are_kept_as_they_are_stored() {
     assert_eq!(r.status(), StatusCode::OK);
     // A large upload is not (its first read fills the cache).
     let large = unique_content("large", 300_000);
-    put(&http, &api, "/k/large", 1, &large).await;
+    api.put_ok("/k/large", 1, large.to_vec()).await;
     wait_entries(&api, 2).await;
 
     s3.stop();
@@ -133,9 +123,9 @@ async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
     let zeroed = unique_content("zeroed", 20_000);
     let intact = unique_content("intact", 20_000);
     let flipped = unique_content("flipped", 300_000);
-    put(&http, &api, "/c/zeroed", 1, &zeroed).await;
-    put(&http, &api, "/c/intact", 1, &intact).await;
-    put(&http, &api, "/c/flipped", 1, &flipped).await;
+    api.put_ok("/c/zeroed", 1, zeroed.to_vec()).await;
+    api.put_ok("/c/intact", 1, intact.to_vec()).await;
+    api.put_ok("/c/flipped", 1, flipped.to_vec()).await;
     assert_eq!(content(&http, &api, "/c/flipped").await.unwrap(), flipped);
     wait_entries(&api, 3).await;
 
@@ -183,7 +173,7 @@ async fn only_verified_content_is_kept() {
     let http = reqwest::Client::new();
     // Stored larger than the spool keeps in memory, so the PUT does not fill the cache itself.
     let good = unique_content("good", 200_000);
-    put(&http, &api, "/v/good", 1, &good).await;
+    api.put_ok("/v/good", 1, good.to_vec()).await;
     let key = sharded_key(&sha256_hex(&good));
     let stored = s3
         .client()
@@ -234,7 +224,7 @@ async fn size_bound_evicts_least_recently_used() {
         })
         .collect();
     for (i, b) in bodies.iter().enumerate() {
-        put(&http, &api, &format!("/l/{i}"), 1, b).await;
+        api.put_ok(&format!("/l/{i}"), 1, b.to_vec()).await;
     }
     // Read 0 and 1 first, then the rest, touching 0 again halfway.
     for i in 0..14 {
@@ -300,7 +290,7 @@ async fn a_new_encoding_of_cached_content_is_read_through() {
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let http = reqwest::Client::new();
     let body = unique_content("encodings", 200_000);
-    put(&http, &api, "/e/raw", 1, &body).await;
+    api.put_ok("/e/raw", 1, body.to_vec()).await;
     assert_eq!(content(&http, &api, "/e/raw").await.unwrap(), body);
     wait_cached(&api, &body).await;
 

@@ -120,13 +120,7 @@ async fn make_garbage(api: &Api, n: usize, tag: &str) {
     let http = reqwest::Client::new();
     for i in 0..n {
         let path = format!("/garbage/{tag}/{i}");
-        let r = http
-            .put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
-            .body(unique_content(tag, 100 + i))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        api.put_ok(&path, 1, unique_content(tag, 100 + i)).await;
         let r = http
             .delete(api.url(&format!("/files{path}?last_modified={}", lm(1))))
             .send()
@@ -217,13 +211,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
     let http = reqwest::Client::new();
     let live: Vec<Vec<u8>> = (0..20).map(|i| unique_content("live", 500 + i)).collect();
     for (i, c) in live.iter().enumerate() {
-        let r = http
-            .put(api.url(&format!("/files/live/{i}?last_modified={}", lm(1))))
-            .body(c.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        api.put_ok(&format!("/live/{i}"), 1, c.clone()).await;
     }
     make_garbage(&api, 300, "killed").await;
     let mut rng = rand::rng();
@@ -278,13 +266,7 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let live = unique_content("live-orphan-test", 5000);
-    let r = reqwest::Client::new()
-        .put(api.url(&format!("/files/live?last_modified={}", lm(1))))
-        .body(live.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    api.put_ok("/live", 1, live.clone()).await;
     for i in 0..150 {
         let c = unique_content(&format!("orphan{i}"), 100);
         let hex = sha256_hex(&c);
@@ -338,13 +320,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let api = Api::start_with(Backend::Local, &env).unwrap();
     let live = unique_content("live-beside-uploads", 5000);
-    let r = reqwest::Client::new()
-        .put(api.url(&format!("/files/live?last_modified={}", lm(1))))
-        .body(live.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    api.put_ok("/live", 1, live.clone()).await;
 
     let s3 = moto.client();
     let start_upload = async |key: String| {

@@ -89,13 +89,7 @@ async fn s3_dropping_a_read_after_its_headers_is_a_503() {
     let (_s3, proxy, api) = behind_fault_proxy().await;
     let http = reqwest::Client::new();
     let content = unique_content("cut-after-headers", 100_000);
-    let r = http
-        .put(api.url(&format!("/files/cah/f?last_modified={}", lm(1))))
-        .body(content.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    api.put_ok("/cah/f", 1, content.clone()).await;
 
     proxy.set_only(Some(Fault::CutAfterHeaders));
     proxy.set_rate(1000);

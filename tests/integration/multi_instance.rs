@@ -113,13 +113,9 @@ async fn sigkill_of_one_instance_mid_upload() {
     }
     // Small uploads that complete on the victim before the kill (so it held locks and rows).
     for i in 0..20 {
-        let r = http
-            .put(cluster.apis[0].url(&format!("/files/small/{i}?last_modified={}", lm(1))))
-            .body(unique_content("small", 1000 + i))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        cluster.apis[0]
+            .put_ok(&format!("/small/{i}"), 1, unique_content("small", 1000 + i))
+            .await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.apis[0].proc.child.kill().unwrap();
@@ -130,13 +126,9 @@ async fn sigkill_of_one_instance_mid_upload() {
     // The survivor serves reads and writes, including the contents the victim was uploading.
     let survivor = &cluster.apis[1];
     for (i, content) in big.iter().enumerate() {
-        let r = http
-            .put(survivor.url(&format!("/files/after/{i}?last_modified={}", lm(2))))
-            .body(content.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "put after the kill");
+        survivor
+            .put_ok(&format!("/after/{i}"), 2, content.clone())
+            .await;
         let r = http
             .get(survivor.url(&format!("/files/after/{i}")))
             .send()

@@ -463,6 +463,17 @@ impl Api {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// PUTs `body` as is at `path` (`/…`) with version `version`; panics unless it gets a 200.
+    pub async fn put_ok(&self, path: &str, version: i64, body: Vec<u8>) {
+        let r = reqwest::Client::new()
+            .put(self.url(&format!("/files{path}?last_modified={}", lm(version))))
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "PUT {path}");
+    }
+
     /// Runs `s3dedup-cleaner ARGS` on this instance's store; panics unless it exits 0. Returns
     /// what it printed.
     fn run_cleaner(&self, args: &[&str]) -> String {
