@@ -51,8 +51,6 @@ pub struct GcReport {
     pub deletions_forgotten: u64,
     /// Abandoned multipart uploads of our objects aborted (older than the grace period).
     pub uploads_aborted: u64,
-    /// The object store could not list multipart uploads (a bucket lifecycle rule must).
-    pub uploads_unlisted: bool,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
 }
@@ -200,7 +198,6 @@ async fn abort_stale_uploads(fs: &FileStore, cutoff: i64, opts: &GcOptions, repo
             }
         }
         Ok(None) => {
-            report.uploads_unlisted = true;
             tracing::warn!(
                 store = %fs.store.describe(),
                 "the object store cannot list multipart uploads; give the bucket a lifecycle \

@@ -277,24 +277,32 @@ impl Multipart {
         }
     }
 
-    /// Discards the parts sent. Best effort: a failure leaves them to the lifecycle rules.
+    /// Discards the parts sent. Best effort: a failure leaves them to the cleaner's sweep of
+    /// abandoned uploads (or the bucket's lifecycle rule).
     async fn abort(mut self) {
         self.open = false;
         abort_multipart(&self.store, &self.key, &self.upload_id).await;
     }
 }
 
-async fn abort_multipart(store: &S3Store, key: &str, upload_id: &str) {
-    let r = store
+/// Aborts a multipart upload, discarding its parts; the error says why it could not.
+async fn try_abort_multipart(store: &S3Store, key: &str, upload_id: &str) -> Result<(), String> {
+    store
         .client
         .abort_multipart_upload()
         .bucket(&store.bucket)
         .key(key)
         .upload_id(upload_id)
         .send()
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(key, error = %DisplayErrorContext(&e), "cannot abort multipart upload");
+        .await
+        .map(drop)
+        .map_err(|e| DisplayErrorContext(&e).to_string())
+}
+
+/// [`try_abort_multipart`], a failure only logged.
+async fn abort_multipart(store: &S3Store, key: &str, upload_id: &str) {
+    if let Err(error) = try_abort_multipart(store, key, upload_id).await {
+        tracing::warn!(key, error, "cannot abort multipart upload");
     }
 }
 
@@ -678,18 +686,8 @@ impl ObjectStore for S3Store {
                 if !old || digest_of_key(&self.prefix, key).is_none() {
                     continue;
                 }
-                if !dry_run
-                    && let Err(e) = self
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(id)
-                        .send()
-                        .await
-                {
-                    done.failed
-                        .push((key.to_owned(), DisplayErrorContext(&e).to_string()));
+                if !dry_run && let Err(why) = try_abort_multipart(self, key, id).await {
+                    done.failed.push((key.to_owned(), why));
                     continue;
                 }
                 tracing::debug!(
