@@ -109,7 +109,6 @@ async fn torture_postgres_two_instances() {
     let s3 = S3Server::start().unwrap();
     let schema = unique_schema("torture");
     let env = pg_env(&schema);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let a = Api::start_with(Backend::S3(&s3), &env).unwrap();
     let b = Api::start_with(Backend::S3(&s3), &env).unwrap();
     torture(&[&a, &b], "torture-pg").await;
@@ -317,7 +316,6 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
 async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
     let moto = Moto::start().await.unwrap();
     let env = moto.env("ft");
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let api = Api::start_with(Backend::Local, &env).unwrap();
     let live = unique_content("live-beside-uploads", 5000);
     api.put_ok("/live", 1, live.clone()).await;

@@ -147,7 +147,10 @@ async fn gzip_bombs_are_refused_early() {
     let api = Api::start_with(
         Backend::Local,
         &[
-            ("S3DEDUP_API__MAX_FILE_SIZE", &(16u64 << 20).to_string()),
+            (
+                "S3DEDUP_API__MAX_FILE_SIZE",
+                (16u64 << 20).to_string().as_str(),
+            ),
             ("S3DEDUP_API__MAX_GZIP_RATIO", "100"),
         ],
     )

@@ -19,7 +19,6 @@ impl Cluster {
         let s3 = S3Server::start().expect("s3 server");
         let schema = unique_schema("multi");
         let env = pg_env(&schema);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let apis = (0..instances)
             .map(|_| Api::start_with(Backend::S3(&s3), &env).expect("api starts"))
             .collect();

@@ -39,7 +39,6 @@ async fn postgres_restart_gives_503_then_recovers() {
     let _turn = SERIAL.lock().await;
     let schema = unique_schema("outage");
     let env = pg_env(&schema);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut api = Api::start_with(Backend::Local, &env).unwrap();
     let http = reqwest::Client::new();
     let content = unique_content("outage", 20_000);
@@ -217,7 +216,6 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut api = Api::start_with(Backend::Local, &env).unwrap();
     let http = reqwest::Client::new();
     let base = api.url("");

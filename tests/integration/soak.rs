@@ -26,7 +26,6 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
     let schema = unique_schema("soak");
     let mut env = pg_env(&schema);
     env.push(("S3DEDUP_STORE__CACHE__MAX_SIZE_MB".into(), "64".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let a = Api::start_with(Backend::S3(&s3), &env).unwrap();
     let b = Api::start_with(Backend::S3(&s3), &env).unwrap();
     let urls = vec![a.url(""), b.url("")];

@@ -349,11 +349,14 @@ pub struct Api {
 
 impl Api {
     pub fn start(backend: Backend<'_>) -> anyhow::Result<Self> {
-        Self::start_with(backend, &[])
+        Self::start_with(backend, &[] as &[(&str, &str)])
     }
 
-    /// Starts the API with extra `S3DEDUP_*` environment overrides.
-    pub fn start_with(backend: Backend<'_>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    /// Starts the API with extra `S3DEDUP_*` environment overrides (borrowed or owned strings).
+    pub fn start_with(
+        backend: Backend<'_>,
+        env: &[(impl AsRef<str>, impl AsRef<str>)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut all: Vec<(String, String)> = vec![("RUST_LOG".into(), "warn".into())];
         if let Backend::S3(s3) = backend {
@@ -370,7 +373,10 @@ impl Api {
                 all.push((k.into(), v));
             }
         }
-        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        all.extend(
+            env.iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())),
+        );
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let data_dir = dir.path().join("data");
         let stderr_log = dir.path().join("api.log");
