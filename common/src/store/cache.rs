@@ -4,8 +4,8 @@
 //! It cannot be stale: an object's key is the SHA-256 of its content, so the bytes for a key
 //! never change, and a fill is kept only after it inflates to that digest. It never serves a
 //! deleted path: it is consulted only after the metadata database resolved the path to a
-//! digest. Entries are files named by digest; recency is the file's mtime, so the least
-//! recently used order survives restarts. The total size is bounded; objects larger than an
+//! digest. Entries are files named by digest; recency is the file's mtime (set on a hit at most
+//! once a minute), so the least recently used order survives restarts. The total size is bounded; objects larger than an
 //! eighth of it are not cached, so one huge file cannot flush everything else.
 //!
 //! Small uploads (those the spool kept in memory) are kept as they are stored, since they are
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::{
     ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, local_stream,
-    read_if_small,
+    read_cached, read_if_small,
 };
 use crate::blob::{self, Digest};
 use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
@@ -41,6 +41,9 @@ use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
 /// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
 /// for the cache's disk).
 const FILL_QUEUE: usize = 64;
+/// A hit sets its file's mtime (recency after a restart) at most this often; hits in between
+/// are served without a blocking call, so the order after a restart is this coarse.
+const RESTAMP_AFTER: Duration = Duration::from_secs(60);
 /// Prefix of fills in progress; leftovers are removed at startup.
 const FILL_PREFIX: &str = ".fill-";
 
@@ -60,6 +63,8 @@ struct Entry {
     tick: u64,
     /// Checked against its digest by this process (filled by it, or checked on a hit).
     checked: bool,
+    /// When its file's mtime (its recency after a restart) was last set.
+    stamped: Instant,
 }
 
 #[derive(Default)]
@@ -94,6 +99,7 @@ impl Lru {
                 size,
                 tick,
                 checked,
+                stamped: Instant::now(),
             },
         );
         self.order.insert(self.tick, d);
@@ -198,17 +204,29 @@ impl ReadCache {
         d: &Digest,
         size: u64,
     ) -> Option<Result<Bytes, std::fs::File>> {
-        let (current, checked) = {
+        let (current, checked, stamped) = {
             let mut lru = self.index();
-            let (current, checked) = lru.entries.get(d).map(|e| (e.size == size, e.checked))?;
-            if current {
+            let e = lru.entries.get(d)?;
+            let found = (
+                e.size == size,
+                e.checked,
+                e.stamped.elapsed() < RESTAMP_AFTER,
+            );
+            if found.0 {
                 lru.touch(d);
             } else {
                 lru.remove(d);
             }
-            (current, checked)
+            found
         };
         let path = self.path(d);
+        if current
+            && checked
+            && stamped
+            && let Some(bytes) = read_cached(&path, size)
+        {
+            return Some(Ok(bytes));
+        }
         let digest = *d;
         let opened = tokio::task::spawn_blocking(move || {
             if !current {
@@ -231,8 +249,9 @@ impl ReadCache {
         .await;
         match opened {
             Ok(Ok(read)) => {
-                if !checked && let Some(e) = self.index().entries.get_mut(d) {
+                if let Some(e) = self.index().entries.get_mut(d) {
                     e.checked = true;
+                    e.stamped = Instant::now();
                 }
                 read
             }

@@ -16,7 +16,7 @@ use tokio_util::io::ReaderStream;
 
 use super::{
     ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, SMALL_FILE, StoreError, digest_of_key,
-    local_stream, object_key, read_if_small,
+    local_stream, object_key, read_cached, read_if_small,
 };
 use crate::blob::Digest;
 use crate::spool::SpoolBody;
@@ -244,6 +244,9 @@ impl ObjectStore for FsStore {
             return self.get(digest).await;
         }
         let path = self.path(digest);
+        if let Some(bytes) = read_cached(&path, size) {
+            return Ok(local_stream(Ok(bytes)));
+        }
         let key = path.display().to_string();
         let read = tokio::task::spawn_blocking(move || read_if_small(std::fs::File::open(&path)?))
             .await

@@ -6,7 +6,9 @@ mod fs;
 mod s3;
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -39,6 +41,51 @@ fn read_if_small(mut f: std::fs::File) -> io::Result<Result<Bytes, std::fs::File
     let mut bytes = Vec::with_capacity(len as usize);
     io::Read::read_to_end(&mut f, &mut bytes)?;
     Ok(Ok(bytes.into()))
+}
+
+/// Set once the kernel or filesystem turned down a non-blocking read: stop asking.
+static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// A local file of `size` bytes, at most [`SMALL_FILE`], read whole without waiting for the
+/// disk, or `None` if that cannot be done: its path does not resolve from the kernel's caches
+/// alone, some of its bytes are not in the page cache, it is not `size` bytes long, or the
+/// kernel (before Linux 5.12) or filesystem cannot tell. The caller then reads it on a blocking
+/// thread, which also reports what went wrong, if anything. A hot object is thus
+/// served on the async runtime itself: the trip through the blocking pool cost more than the
+/// read (a 4 KiB GET took about 10% less CPU without it).
+fn read_cached(path: &Path, size: u64) -> Option<Bytes> {
+    use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
+    use rustix::io::{Errno, ReadWriteFlags};
+    if size > SMALL_FILE || NOWAIT_UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let unsupported = |e: Errno| {
+        if [Errno::NOSYS, Errno::INVAL, Errno::OPNOTSUPP].contains(&e) {
+            NOWAIT_UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+    };
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat2(CWD, path, flags, Mode::empty(), ResolveFlags::CACHED)
+        .map_err(unsupported)
+        .ok()?;
+    if u64::try_from(rustix::fs::fstat(&fd).ok()?.st_size) != Ok(size) {
+        return None;
+    }
+    let len = size as usize;
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let mut slice = [io::IoSliceMut::new(&mut buf[done..])];
+        match rustix::io::preadv2(&fd, &mut slice, done as u64, ReadWriteFlags::NOWAIT) {
+            Ok(0) => return None,
+            Ok(n) => done += n,
+            Err(e) => {
+                unsupported(e);
+                return None;
+            }
+        }
+    }
+    Some(buf.into())
 }
 
 /// The stream of what [`read_if_small`] gave.
@@ -272,5 +319,35 @@ mod tests {
         );
         assert_eq!(digest_of_key("", "12/ab/notes.txt"), None);
         assert_eq!(digest_of_key("other", &object_key("blobs", &d)), None);
+    }
+
+    #[test]
+    fn only_files_in_the_page_cache_are_read_without_blocking() {
+        // Under target/, not the temporary directory: a tmpfs cannot drop a file's pages.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let path = dir.path().join("object");
+        let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &body).unwrap();
+        assert_eq!(read_cached(&path, 5000).as_deref(), Some(&body[..]));
+        assert!(
+            read_cached(&path, 4999).is_none(),
+            "not the size the row says"
+        );
+        assert!(read_cached(&dir.path().join("missing"), 5000).is_none());
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![7; SMALL_FILE as usize + 1]).unwrap();
+        assert!(
+            read_cached(&big, SMALL_FILE + 1).is_none(),
+            "streamed instead"
+        );
+
+        // Dropped from the page cache: reading it would wait for the disk.
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(read_cached(&path, 5000).is_none(), "read from the disk");
+        // A blocking read brings it back into memory, where it is read on the spot again.
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        assert_eq!(read_cached(&path, 5000).as_deref(), Some(&body[..]));
     }
 }
