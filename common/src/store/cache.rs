@@ -5,8 +5,9 @@
 //! never change, and a fill is kept only after it inflates to that digest. It never serves a
 //! deleted path: it is consulted only after the metadata database resolved the path to a
 //! digest. Entries are files named by digest; recency is the file's mtime (set on a hit at most
-//! once a minute), so the least recently used order survives restarts. The total size is bounded; objects larger than an
-//! eighth of it are not cached, so one huge file cannot flush everything else.
+//! once a minute), so the least recently used order survives restarts. The total size is
+//! bounded; objects larger than an eighth of it are not cached, so one huge file cannot flush
+//! everything else.
 //!
 //! Small uploads (those the spool kept in memory) are kept as they are stored, since they are
 //! usually read soon after: a submission by its judge, a test input by each worker.
