@@ -205,15 +205,12 @@ impl ReadCache {
         d: &Digest,
         size: u64,
     ) -> Option<Result<Bytes, std::fs::File>> {
-        let (current, checked, stamped) = {
+        let (current, checked, restamped) = {
             let mut lru = self.index();
             let e = lru.entries.get(d)?;
-            let found = (
-                e.size == size,
-                e.checked,
-                e.stamped.elapsed() < RESTAMP_AFTER,
-            );
-            if found.0 {
+            let current = e.size == size;
+            let found = (current, e.checked, e.stamped.elapsed() < RESTAMP_AFTER);
+            if current {
                 lru.touch(d);
             } else {
                 lru.remove(d);
@@ -221,9 +218,10 @@ impl ReadCache {
             found
         };
         let path = self.path(d);
+        // Served on the spot only if nothing is owed on disk: no check, no new mtime.
         if current
             && checked
-            && stamped
+            && restamped
             && let Some(bytes) = read_cached(&path, size)
         {
             return Some(Ok(bytes));

@@ -50,9 +50,9 @@ static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 /// disk, or `None` if that cannot be done: its path does not resolve from the kernel's caches
 /// alone, some of its bytes are not in the page cache, it is not `size` bytes long, or the
 /// kernel (before Linux 5.12) or filesystem cannot tell. The caller then reads it on a blocking
-/// thread, which also reports what went wrong, if anything. A hot object is thus
-/// served on the async runtime itself: the trip through the blocking pool cost more than the
-/// read (a 4 KiB GET took about 10% less CPU without it).
+/// thread, which also reports what went wrong, if anything. A hot object is thus served on the
+/// async runtime itself: the trip through the blocking pool cost more than the read (a 4 KiB
+/// GET took 15% less CPU without it, a read-cache hit 21%).
 fn read_cached(path: &Path, size: u64) -> Option<Bytes> {
     use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
     use rustix::io::{Errno, ReadWriteFlags};
