@@ -10,13 +10,17 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use futures::StreamExt;
+use hyper::Method;
 use rand::RngCore;
 use s3dedup_tests::{S3_BUCKET, gzip, lm, proc_status_kib, s3_client, sha256_hex};
+
+mod http;
+use http::Http;
 
 struct Target {
     name: String,
@@ -70,16 +74,6 @@ fn text_like(n: usize) -> Vec<u8> {
     v
 }
 
-fn client(keep_alive: bool) -> reqwest::Client {
-    let b = reqwest::Client::builder().tcp_nodelay(true);
-    let b = if keep_alive {
-        b
-    } else {
-        b.pool_max_idle_per_host(0)
-    };
-    b.build().expect("http client")
-}
-
 /// Runs `ops` requests, `concurrency` at a time; `f(i)` performs request `i` and returns its bytes.
 async fn drive<F, Fut>(ops: usize, concurrency: usize, f: F) -> Measure
 where
@@ -124,9 +118,9 @@ where
 /// A body ready to send: raw, or pre-gzipped with its hints (prepared before timing).
 #[derive(Clone)]
 enum Body {
-    Raw(Vec<u8>),
+    Raw(Bytes),
     Gzip {
-        gz: Vec<u8>,
+        gz: Bytes,
         sha256: String,
         size: usize,
     },
@@ -135,35 +129,34 @@ enum Body {
 impl Body {
     fn gzipped(content: &[u8]) -> Body {
         Body::Gzip {
-            gz: gzip_fast(content),
+            gz: gzip_fast(content).into(),
             sha256: sha256_hex(content),
             size: content.len(),
         }
     }
 }
 
-async fn ft_put(http: &reqwest::Client, url: &str, path: &str, body: Body) -> anyhow::Result<u64> {
-    let mut req = http.put(format!(
-        "{url}/files{path}?last_modified={}",
-        lm(1_700_000_000)
-    ));
-    let len;
-    req = match body {
-        Body::Gzip { gz, sha256, size } => {
-            len = size as u64;
-            req.header("Content-Encoding", "gzip")
-                .header("SHA256-Checksum", sha256)
-                .header("Logical-Size", size.to_string())
-                .body(gz)
-        }
-        Body::Raw(b) => {
-            len = b.len() as u64;
-            req.body(b)
-        }
+async fn ft_put(http: &Http, path: &str, body: Body) -> anyhow::Result<u64> {
+    let target = format!("/files{path}?last_modified={}", lm(1_700_000_000));
+    let len = match &body {
+        Body::Gzip { size, .. } => *size as u64,
+        Body::Raw(b) => b.len() as u64,
     };
-    let r = req.send().await?;
-    if !r.status().is_success() {
-        bail!("PUT {path}: {}", r.status());
+    let status = match body {
+        Body::Gzip { gz, sha256, size } => {
+            let size = size.to_string();
+            let headers = [
+                ("Content-Encoding", "gzip"),
+                ("SHA256-Checksum", sha256.as_str()),
+                ("Logical-Size", size.as_str()),
+            ];
+            http.send(Method::PUT, &target, &headers, gz, |_| ())
+                .await?
+        }
+        Body::Raw(b) => http.send(Method::PUT, &target, &[], b, |_| ()).await?,
+    };
+    if !status.is_success() {
+        bail!("PUT {path}: {status}");
     }
     Ok(len)
 }
@@ -177,14 +170,19 @@ fn gzip_fast(data: &[u8]) -> Vec<u8> {
     e.finish().expect("gzip")
 }
 
-async fn ft_get(http: &reqwest::Client, url: &str, path: &str) -> anyhow::Result<u64> {
-    let mut r = http.get(format!("{url}/files{path}")).send().await?;
-    if !r.status().is_success() {
-        bail!("GET {path}: {}", r.status());
-    }
+async fn ft_get(http: &Http, path: &str) -> anyhow::Result<u64> {
     let mut n = 0u64;
-    while let Some(c) = r.chunk().await? {
-        n += c.len() as u64;
+    let status = http
+        .send(
+            Method::GET,
+            &format!("/files{path}"),
+            &[],
+            Bytes::new(),
+            |c| n += c.len() as u64,
+        )
+        .await?;
+    if !status.is_success() {
+        bail!("GET {path}: {status}");
     }
     Ok(n)
 }
@@ -209,9 +207,11 @@ async fn filetracker_suite(
     out: &mut BTreeMap<String, Measure>,
 ) -> anyhow::Result<()> {
     let run = format!("/bench/{}", rand::rng().next_u32());
-    let url = t.url.trim_end_matches('/').to_owned();
-    let (fresh, keep) = (client(false), client(true));
-    let small: Arc<Vec<Vec<u8>>> = Arc::new((0..cfg.small_ops * 3).map(|_| random(4096)).collect());
+    let (fresh, keep) = (Http::new(&t.url, false)?, Http::new(&t.url, true)?);
+    let (fresh, keep) = (&fresh, &keep);
+    let small: Vec<Bytes> = (0..cfg.small_ops * 3)
+        .map(|_| random(4096).into())
+        .collect();
     let want = |label: &str| cfg.only.as_deref().is_none_or(|o| label.contains(o));
     // What the load generator and the kernel can do at all on this machine: the smallest
     // request there is, through the same client.
@@ -228,12 +228,17 @@ async fn filetracker_suite(
         if !want(label) {
             continue;
         }
-        let m = drive(cfg.small_ops, 16, |_| {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                let r = http.get(format!("{url}/version/")).send().await?;
-                Ok(r.bytes().await?.len() as u64)
+        let m = drive(cfg.small_ops, 16, |_| async move {
+            let mut n = 0;
+            let status = http
+                .send(Method::GET, "/version/", &[], Bytes::new(), |c| {
+                    n += c.len() as u64
+                })
+                .await?;
+            if !status.is_success() {
+                bail!("GET /version/: {status}");
             }
+            Ok(n)
         })
         .await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
@@ -256,17 +261,9 @@ async fn filetracker_suite(
             continue;
         }
         let m = drive(ops, conc, |i| {
-            let body = small[base + i].clone();
-            let (http, url, run) = (http.clone(), url.clone(), run.clone());
-            async move {
-                ft_put(
-                    &http,
-                    &url,
-                    &format!("{run}/s/{}", base + i),
-                    Body::Raw(body),
-                )
-                .await
-            }
+            let body = Body::Raw(small[base + i].clone());
+            let path = format!("{run}/s/{}", base + i);
+            async move { ft_put(http, &path, body).await }
         })
         .await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
@@ -286,8 +283,8 @@ async fn filetracker_suite(
             continue;
         }
         let m = drive(ops, conc, |i| {
-            let (http, url, run) = (http.clone(), url.clone(), run.clone());
-            async move { ft_get(&http, &url, &format!("{run}/s/{}", i % slot.max(1))).await }
+            let path = format!("{run}/s/{}", i % slot.max(1));
+            async move { ft_get(http, &path).await }
         })
         .await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
@@ -296,9 +293,9 @@ async fn filetracker_suite(
     let label = "4 KiB re-upload of known content (dedup hit), c=16";
     if want(label) {
         let m = drive(cfg.small_ops, 16, |i| {
-            let body = small[i % 8].clone();
-            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-            async move { ft_put(&http, &url, &format!("{run}/dup/{i}"), Body::Raw(body)).await }
+            let body = Body::Raw(small[i % 8].clone());
+            let path = format!("{run}/dup/{i}");
+            async move { ft_put(keep, &path, body).await }
         })
         .await;
         eprintln!("  dedup hit: {:.0} ops/s", m.ops_per_sec());
@@ -306,7 +303,7 @@ async fn filetracker_suite(
     }
 
     if cfg.huge_gib > 0 && want("GiB") {
-        huge(&url, &run, cfg.huge_gib, out).await?;
+        huge(keep, &run, cfg.huge_gib, out).await?;
     }
     if !want("MiB") {
         return Ok(());
@@ -318,32 +315,34 @@ async fn filetracker_suite(
     ] {
         let bodies: Vec<Body> = (0..LARGE_REPS)
             .map(|_| text_like(large))
-            .map(|c| if gz { Body::gzipped(&c) } else { Body::Raw(c) })
+            .map(|c| {
+                if gz {
+                    Body::gzipped(&c)
+                } else {
+                    Body::Raw(c.into())
+                }
+            })
             .collect();
         let m = drive(LARGE_REPS, 1, |i| {
             let body = bodies[i].clone();
-            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-            async move { ft_put(&http, &url, &format!("{run}/large/{gz}/{i}"), body).await }
+            let path = format!("{run}/large/{gz}/{i}");
+            async move { ft_put(keep, &path, body).await }
         })
         .await;
         eprintln!("  {label}: {:.0} MiB/s", m.mib_per_sec());
         out.insert(label.replace("64", &cfg.large_mib.to_string()), m);
     }
-    let m = drive(LARGE_REPS, 1, |i| {
-        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-        async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
-    })
-    .await;
+    let large_get = |i| {
+        let path = format!("{run}/large/false/{i}");
+        async move { ft_get(keep, &path).await }
+    };
+    let m = drive(LARGE_REPS, 1, large_get).await;
     eprintln!("  large GET: {:.0} MiB/s", m.mib_per_sec());
     out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
     // The same objects again: s3dedup on S3 now serves them from its read cache (filled, and
     // verified, just after the first read).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = drive(LARGE_REPS, 1, |i| {
-        let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-        async move { ft_get(&http, &url, &format!("{run}/large/false/{i}")).await }
-    })
-    .await;
+    let m = drive(LARGE_REPS, 1, large_get).await;
     eprintln!("  large GET again: {:.0} MiB/s", m.mib_per_sec());
     out.insert(
         format!("{} MiB GET again (warm read cache)", cfg.large_mib),
@@ -352,9 +351,9 @@ async fn filetracker_suite(
 
     if cfg.list_files > 0 {
         let populate = drive(cfg.list_files, 16, |i| {
-            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-            let body = Body::Raw(format!("{i}").into_bytes());
-            async move { ft_put(&http, &url, &format!("{run}/list/{i:06}"), body).await }
+            let body = Body::Raw(format!("{i}").into());
+            let path = format!("{run}/list/{i:06}");
+            async move { ft_put(keep, &path, body).await }
         })
         .await;
         eprintln!(
@@ -362,17 +361,22 @@ async fn filetracker_suite(
             populate.ops,
             populate.ops_per_sec()
         );
-        let m = drive(3, 1, |_| {
-            let (http, url, run) = (keep.clone(), url.clone(), run.clone());
-            async move {
-                let r = http.get(format!("{url}/list{run}/list")).send().await?;
-                let body = r.bytes().await?;
-                let lines = body.iter().filter(|b| **b == b'\n').count();
-                if lines != populate.ops {
-                    bail!("listing has {lines} lines, expected {}", populate.ops);
-                }
-                Ok(body.len() as u64)
+        let listing = format!("/list{run}/list");
+        let m = drive(3, 1, |_| async {
+            let (mut bytes, mut lines) = (0, 0);
+            let status = keep
+                .send(Method::GET, &listing, &[], Bytes::new(), |c| {
+                    bytes += c.len() as u64;
+                    lines += c.iter().filter(|b| **b == b'\n').count();
+                })
+                .await?;
+            if !status.is_success() {
+                bail!("GET {listing}: {status}");
             }
+            if lines != populate.ops {
+                bail!("listing has {lines} lines, expected {}", populate.ops);
+            }
+            Ok(bytes)
         })
         .await;
         eprintln!("  list: p50 {:?}", m.pct(0.5));
@@ -441,7 +445,7 @@ async fn s3_suite(
 /// inflated and hashed by the server), then sixteen concurrent downloads without gzip (the
 /// server inflates each on the fly): what the peak RSS column then shows.
 async fn huge(
-    url: &str,
+    http: &Http,
     run: &str,
     gib: usize,
     out: &mut BTreeMap<String, Measure>,
@@ -455,21 +459,20 @@ async fn huge(
     }
     let size = gib << 30;
     let body = Body::Gzip {
-        gz: e.finish()?,
+        gz: e.finish()?.into(),
         sha256: hex::encode(sha2::Digest::finalize(hash)),
         size,
     };
-    let http = client(true);
     let m = drive(16, 16, |i| {
-        let (http, body) = (http.clone(), body.clone());
-        async move { ft_put(&http, url, &format!("{run}/huge/{i}"), body).await }
+        let (body, path) = (body.clone(), format!("{run}/huge/{i}"));
+        async move { ft_put(http, &path, body).await }
     })
     .await;
     eprintln!("  16 × {gib} GiB PUT: {:.0} MiB/s", m.mib_per_sec());
     out.insert(format!("16 × {gib} GiB PUT at once, pre-gzipped"), m);
     let m = drive(16, 16, |i| {
-        let (http, url, run) = (http.clone(), url.to_owned(), run.to_owned());
-        async move { ft_get(&http, &url, &format!("{run}/huge/{i}")).await }
+        let path = format!("{run}/huge/{i}");
+        async move { ft_get(http, &path).await }
     })
     .await;
     eprintln!("  16 × {gib} GiB GET: {:.0} MiB/s", m.mib_per_sec());
@@ -510,7 +513,8 @@ fn tree_peak_rss(pid: u32) -> u64 {
     total
 }
 
-#[tokio::main]
+// One thread, like `wrk -t1`: on two cores, a second one would take CPU from the server measured.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut targets = Vec::new();
