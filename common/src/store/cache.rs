@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -39,9 +40,12 @@ use super::{
 use crate::blob::{self, Digest};
 use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
 
-/// Chunks a fill may lag behind the client before the fill is abandoned (the client never waits
-/// for the cache's disk).
-const FILL_QUEUE: usize = 64;
+/// Bytes read from the remote store that all fills together may hold before they are on the
+/// cache's disk; a fill that would go past it is abandoned (the client never waits for the
+/// cache's disk). Counted in bytes, not chunks: a queue of 64 chunks of the S3 stream, a few KiB
+/// each, gave a fill milliseconds of slack on a busy machine, and one in six 64 MiB objects read
+/// one after another was not cached.
+const FILL_LAG: u64 = 16 << 20;
 /// A hit sets its file's mtime (recency after a restart) at most this often; hits in between
 /// are served without a blocking call, so the order after a restart is this coarse.
 const RESTAMP_AFTER: Duration = Duration::from_secs(60);
@@ -135,6 +139,45 @@ pub struct ReadCache {
     dir: PathBuf,
     max_bytes: u64,
     lru: Mutex<Lru>,
+    /// Bytes queued for fills, against [`FILL_LAG`].
+    lag: Arc<AtomicU64>,
+}
+
+/// A chunk on its way to a fill, counted against [`FILL_LAG`] until it is written or dropped.
+struct Lagging {
+    chunk: Bytes,
+    lag: Arc<AtomicU64>,
+}
+
+impl Drop for Lagging {
+    fn drop(&mut self) {
+        self.lag
+            .fetch_sub(self.chunk.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The sending side of a fill.
+struct Fill {
+    tx: mpsc::UnboundedSender<Lagging>,
+    lag: Arc<AtomicU64>,
+}
+
+impl Fill {
+    /// Queues a copy of `chunk`; false when the fills are too far behind or this one ended (then
+    /// give it up: the fill's gzip stream would be incomplete).
+    fn offer(&self, chunk: &Bytes) -> bool {
+        let n = chunk.len() as u64;
+        if self.lag.fetch_add(n, Ordering::Relaxed) + n > FILL_LAG {
+            self.lag.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        // Counted from here on: the guard uncounts it wherever it ends, even in a failed send.
+        let chunk = Lagging {
+            chunk: chunk.clone(),
+            lag: self.lag.clone(),
+        };
+        self.tx.send(chunk).is_ok()
+    }
 }
 
 impl ReadCache {
@@ -162,6 +205,7 @@ impl ReadCache {
             dir: dir.to_owned(),
             max_bytes,
             lru: Mutex::new(Lru::default()),
+            lag: Arc::default(),
         };
         {
             let mut lru = cache.index();
@@ -264,11 +308,11 @@ impl ReadCache {
 
     /// Starts keeping a copy of the object streaming past, unless one is already being made or
     /// it is too large to be worth a place.
-    fn start_fill(self: &Arc<Self>, d: Digest) -> Option<mpsc::Sender<Bytes>> {
+    fn start_fill(self: &Arc<Self>, d: Digest) -> Option<Fill> {
         if !self.index().filling.insert(d) {
             return None;
         }
-        let (tx, rx) = mpsc::channel(FILL_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
             let placed = cache.fill(&d, rx).and_then(|(tmp, size)| {
@@ -294,14 +338,17 @@ impl ReadCache {
                 let _ = std::fs::remove_file(cache.path(&old));
             }
         });
-        Some(tx)
+        Some(Fill {
+            tx,
+            lag: self.lag.clone(),
+        })
     }
 
     /// Keeps a copy of an object just stored from memory, verified like a fill from a read.
     fn keep(self: &Arc<Self>, d: Digest, stored: Bytes) {
         if let Some(fill) = self.start_fill(d) {
-            // A fresh queue has room for the one chunk; the fill ends when `fill` is dropped.
-            let _ = fill.try_send(stored);
+            // The fill ends when `fill` is dropped.
+            fill.offer(&stored);
         }
     }
 
@@ -310,7 +357,7 @@ impl ReadCache {
     fn fill(
         &self,
         d: &Digest,
-        mut chunks: mpsc::Receiver<Bytes>,
+        mut chunks: mpsc::UnboundedReceiver<Lagging>,
     ) -> io::Result<(tempfile::NamedTempFile, u64)> {
         let mut tmp = tempfile::Builder::new()
             .prefix(FILL_PREFIX)
@@ -318,12 +365,12 @@ impl ReadCache {
         let mut size = 0u64;
         // Ends when the reader is done or gave up; completeness is proven by the digest below
         // (a truncated gzip stream does not inflate).
-        while let Some(chunk) = chunks.blocking_recv() {
-            size += chunk.len() as u64;
+        while let Some(queued) = chunks.blocking_recv() {
+            size += queued.chunk.len() as u64;
             if size > self.max_bytes / 8 {
                 return Err(io::Error::other("larger than an eighth of the cache"));
             }
-            tmp.write_all(&chunk)?;
+            tmp.write_all(&queued.chunk)?;
         }
         let (digest, _) = blob::inflate(io::BufReader::new(tmp.reopen()?), io::sink())
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -358,7 +405,7 @@ impl CachedStore {
 /// Passes a store's stream through, copying each chunk to a fill.
 struct Tee {
     inner: ObjectStream,
-    fill: Option<mpsc::Sender<Bytes>>,
+    fill: Option<Fill>,
 }
 
 impl Stream for Tee {
@@ -371,7 +418,7 @@ impl Stream for Tee {
                 // The cache's disk may be behind: then give up on this fill, never slow the
                 // client.
                 if let Some(fill) = &self.fill
-                    && fill.try_send(chunk.clone()).is_err()
+                    && !fill.offer(chunk)
                 {
                     self.fill = None;
                 }
@@ -478,5 +525,61 @@ impl ObjectStore for CachedStore {
         dry_run: bool,
     ) -> Result<Option<StaleUploads>, StoreError> {
         self.inner.abort_stale_uploads(before, dry_run).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_are_given_up_past_the_lag_bound_and_the_bound_is_returned() {
+        let lag = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fill = Fill {
+            tx,
+            lag: lag.clone(),
+        };
+        let mib = Bytes::from(vec![0u8; 1 << 20]);
+        for _ in 0..FILL_LAG >> 20 {
+            assert!(fill.offer(&mib));
+        }
+        assert!(!fill.offer(&Bytes::from_static(b"x")));
+        assert_eq!(lag.load(Ordering::Relaxed), FILL_LAG);
+        // Chunks written (or dropped with the fill) no longer count; nor does one sent to a fill
+        // that has ended.
+        drop(rx);
+        assert_eq!(lag.load(Ordering::Relaxed), 0);
+        assert!(!fill.offer(&mib));
+        assert_eq!(lag.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fill_keeps_up_with_a_reader_faster_than_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ReadCache::open(dir.path(), 1 << 30).unwrap();
+        let content: Vec<u8> = (0..2_000_000u32)
+            .flat_map(|i| (i.wrapping_mul(2_654_435_761) >> 7).to_le_bytes())
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&content).unwrap();
+        let gz = gz.finish().unwrap();
+        let digest = Digest(<sha2::Sha256 as sha2::Digest>::digest(&content).into());
+        // As a stream from S3 arrives: thousands of small chunks, offered without waiting for
+        // the fill's writes (64 chunks of slack gave this up).
+        let fill = cache.start_fill(digest).unwrap();
+        for chunk in gz.chunks(4096) {
+            assert!(fill.offer(&Bytes::copy_from_slice(chunk)), "fill given up");
+        }
+        drop(fill);
+        for _ in 0..500 {
+            if cache.stats().entries == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let served = cache.open_entry(&digest, gz.len() as u64).await;
+        assert!(served.is_some(), "not cached");
+        assert_eq!(cache.lag.load(Ordering::Relaxed), 0);
     }
 }
