@@ -553,19 +553,7 @@ mod tests {
 
     #[test]
     fn a_reused_deflate_state_compresses_like_a_new_one() {
-        let ingest_raw = |content: &[u8]| {
-            let mut out = Vec::new();
-            let info = ingest(
-                content,
-                Encoding::Identity,
-                &mut out,
-                &Hints::default(),
-                &OPTS,
-            )
-            .unwrap();
-            assert_eq!(info.digest, sha(content));
-            out
-        };
+        let ingest_raw = |content: &[u8]| stored_form(content, usize::MAX);
         let (a, b) = (b"first ".repeat(5000), b"second, other ".repeat(3000));
         ingest_raw(&a);
         let reused = ingest_raw(&b);
@@ -578,12 +566,10 @@ mod tests {
 
     /// Bytes that look random (SHA-256 in counter mode), `n` of them.
     fn noise(n: usize) -> Vec<u8> {
-        let mut v: Vec<u8> = (0u64..)
+        (0u64..)
             .flat_map(|i| Sha256::digest(i.to_le_bytes()))
             .take(n)
-            .collect();
-        v.truncate(n);
-        v
+            .collect()
     }
 
     /// Hands out at most `step` bytes per read, like a body arriving in small frames.
@@ -598,9 +584,9 @@ mod tests {
         }
     }
 
-    /// Ingests identity bytes, checks their identity and that the stored form inflates back to
-    /// them, and returns the stored size.
-    fn stored_size(content: &[u8], step: usize) -> u64 {
+    /// Ingests identity bytes, read at most `step` at a time, checks their identity and that
+    /// the stored form inflates back to them, and returns the stored form.
+    fn stored_form(content: &[u8], step: usize) -> Vec<u8> {
         let mut out = Vec::new();
         let info = ingest(
             Trickle(content, step),
@@ -615,7 +601,11 @@ mod tests {
         let mut back = Vec::new();
         inflate(&out[..], &mut back).unwrap();
         assert!(back == content, "stored form does not inflate back");
-        info.stored_size
+        out
+    }
+
+    fn stored_size(content: &[u8], step: usize) -> u64 {
+        stored_form(content, step).len() as u64
     }
 
     #[test]

@@ -170,21 +170,23 @@ fn gzip_fast(data: &[u8]) -> Vec<u8> {
     e.finish().expect("gzip")
 }
 
-async fn ft_get(http: &Http, path: &str) -> anyhow::Result<u64> {
+/// GETs `target`, handing each chunk of the body to `chunk`; returns the body's size.
+async fn get(http: &Http, target: &str, mut chunk: impl FnMut(&[u8])) -> anyhow::Result<u64> {
     let mut n = 0u64;
     let status = http
-        .send(
-            Method::GET,
-            &format!("/files{path}"),
-            &[],
-            Bytes::new(),
-            |c| n += c.len() as u64,
-        )
+        .send(Method::GET, target, &[], Bytes::new(), |c| {
+            n += c.len() as u64;
+            chunk(c);
+        })
         .await?;
     if !status.is_success() {
-        bail!("GET {path}: {status}");
+        bail!("GET {target}: {status}");
     }
     Ok(n)
+}
+
+async fn ft_get(http: &Http, path: &str) -> anyhow::Result<u64> {
+    get(http, &format!("/files{path}"), |_| ()).await
 }
 
 /// Transfers of each large workload, one at a time (a 64 MiB transfer takes a few hundred
@@ -228,19 +230,7 @@ async fn filetracker_suite(
         if !want(label) {
             continue;
         }
-        let m = drive(cfg.small_ops, 16, |_| async move {
-            let mut n = 0;
-            let status = http
-                .send(Method::GET, "/version/", &[], Bytes::new(), |c| {
-                    n += c.len() as u64
-                })
-                .await?;
-            if !status.is_success() {
-                bail!("GET /version/: {status}");
-            }
-            Ok(n)
-        })
-        .await;
+        let m = drive(cfg.small_ops, 16, |_| get(http, "/version/", |_| ())).await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
         out.insert(label.into(), m);
     }
@@ -363,16 +353,11 @@ async fn filetracker_suite(
         );
         let listing = format!("/list{run}/list");
         let m = drive(3, 1, |_| async {
-            let (mut bytes, mut lines) = (0, 0);
-            let status = keep
-                .send(Method::GET, &listing, &[], Bytes::new(), |c| {
-                    bytes += c.len() as u64;
-                    lines += c.iter().filter(|b| **b == b'\n').count();
-                })
-                .await?;
-            if !status.is_success() {
-                bail!("GET {listing}: {status}");
-            }
+            let mut lines = 0;
+            let bytes = get(keep, &listing, |c| {
+                lines += c.iter().filter(|b| **b == b'\n').count()
+            })
+            .await?;
             if lines != populate.ops {
                 bail!("listing has {lines} lines, expected {}", populate.ops);
             }
