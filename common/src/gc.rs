@@ -185,8 +185,9 @@ async fn delete_blob(
     }
 }
 
-/// Aborts multipart uploads older than the grace period: an upload (which the grace period
-/// outlasts) that never completed, its parts kept by the server but in no listing of objects.
+/// Aborts uploads older than the grace period (which an upload outlasts) that never completed:
+/// S3 multipart uploads, their parts kept by the server but in no listing of objects, or a
+/// local store's temporary files.
 async fn abort_stale_uploads(fs: &FileStore, cutoff: i64, opts: &GcOptions, report: &mut GcReport) {
     match fs.store.abort_stale_uploads(cutoff, opts.dry_run).await {
         Ok(Some(done)) => {
@@ -204,9 +205,7 @@ async fn abort_stale_uploads(fs: &FileStore, cutoff: i64, opts: &GcOptions, repo
                  rule that aborts incomplete ones"
             );
         }
-        Err(e) => report
-            .errors
-            .push(format!("abandoned multipart uploads: {e}")),
+        Err(e) => report.errors.push(format!("abandoned uploads: {e}")),
     }
 }
 

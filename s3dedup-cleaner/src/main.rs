@@ -30,7 +30,8 @@ struct Cli {
     /// Grace period in seconds (overrides cleaner.grace_period_secs).
     #[arg(long, value_name = "SECS")]
     grace_secs: Option<u64>,
-    /// Skip the sweep for objects that have no metadata row, and for abandoned multipart uploads.
+    /// Skip the sweep for objects that have no metadata row, and for abandoned uploads (S3
+    /// multipart uploads, a local store's temporary files).
     #[arg(long)]
     no_orphans: bool,
     /// Check that every live blob's object exists with its recorded size, and every reference

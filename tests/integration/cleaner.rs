@@ -407,3 +407,46 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
         "the live file still reads back"
     );
 }
+
+/// On the local store, the temporary files a crash left in the shard directories go once older
+/// than the grace period; young ones (a write in progress) and objects stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
+    let api = Api::start(Backend::Local).unwrap();
+    let live = unique_content("live-beside-temporaries", 5000);
+    api.put_ok("/live", 1, live.clone()).await;
+    let [object] = &api.local_objects()[..] else {
+        panic!("one object: {:?}", api.local_objects());
+    };
+    let shard = object.parent().unwrap();
+    let (old, young) = (shard.join(".tmpOLDabc"), shard.join(".tmpNEWdef"));
+    std::fs::write(&old, "half an object").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+        .unwrap();
+    std::fs::write(&young, "a write in progress").unwrap();
+
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "3600"]);
+    let out = run(c);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("; 1 abandoned uploads aborted"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!old.exists(), "the old temporary file went");
+    assert!(young.exists(), "the young one stays");
+    assert!(object.exists(), "the object stays");
+    let r = reqwest::Client::new()
+        .get(api.url("/files/live"))
+        .header("Accept-Encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == live, "the live file reads back");
+}

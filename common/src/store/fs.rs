@@ -1,7 +1,7 @@
 //! The embedded default object store: one file per blob under a local directory.
 //!
-//! New objects are made durable in groups: each writer renames its file into place and then
-//! waits for one `syncfs(2)` of the store's filesystem that started after its rename. A disk
+//! New objects are made durable in groups: each writer moves (renames or links) its file into
+//! place and then waits for one `syncfs(2)` of the store's filesystem that started after that. A disk
 //! flush costs about a millisecond whatever it carries, so sixteen concurrent uploads share one
 //! instead of queueing for thirty-two (file and directory `fsync` each). Small bodies held in
 //! memory are written by the flushing thread itself, just before its flush, which saves each
@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, SMALL_FILE, StoreError, digest_of_key,
-    local_stream, object_key, read_cached, read_if_small,
+    ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, SMALL_FILE, StaleUploads, StoreError,
+    digest_of_key, local_stream, object_key, read_cached, read_if_small,
 };
 use crate::blob::Digest;
 use crate::spool::SpoolBody;
@@ -134,15 +134,10 @@ fn list_sorted(root: &Path, after: Option<&Digest>, limit: usize) -> io::Result<
                 let Ok(meta) = std::fs::metadata(dir.join(&name)) else {
                     continue; // deleted meanwhile
                 };
-                let modified = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs() as i64);
                 out.push(ObjectEntry {
                     digest,
                     size: meta.len(),
-                    modified,
+                    modified: modified_secs(&meta),
                 });
                 if out.len() >= limit {
                     return Ok(out);
@@ -179,7 +174,7 @@ fn place_in(
     let spool = match body {
         SpoolBody::File(f) => f,
         SpoolBody::Memory(bytes) => {
-            return write_beside(&mut &bytes[..], parent, dest)
+            return write_beside(&mut io::Cursor::new(&bytes[..]), parent, dest)
                 .map_err(|e| (e, Some(SpoolBody::Memory(bytes))));
         }
     };
@@ -197,11 +192,114 @@ fn place_in(
     }
 }
 
-/// Writes `src` to a temporary file in `parent`, `dest`'s directory, then renames it to `dest`.
-fn write_beside(src: &mut impl io::Read, parent: &Path, dest: &Path) -> io::Result<()> {
-    let mut tmp = tempfile::NamedTempFile::new_in(parent)?;
+/// Writes `src` into `parent`, `dest`'s directory, and gives it `dest`'s name only when whole.
+/// The file is first an unnamed `O_TMPFILE` one, named by `linkat(2)`: a process killed
+/// mid-write leaves nothing behind. Where that cannot be (a filesystem without `O_TMPFILE`, no
+/// `/proc`, or `dest` already there and to be replaced), a named temporary file is renamed
+/// instead; [`sweep_temporaries`] removes those a crash left.
+fn write_beside(
+    src: &mut (impl io::Read + io::Seek),
+    parent: &Path,
+    dest: &Path,
+) -> io::Result<()> {
+    if let Some(mut unnamed) = open_unnamed(parent)? {
+        io::copy(src, &mut unnamed)?;
+        // Whatever kept the link from being made (EEXIST most often), the rename below either
+        // does the job or fails with the error that matters.
+        if name_unnamed(&unnamed, dest).is_ok() {
+            return Ok(());
+        }
+        src.seek(io::SeekFrom::Start(0))?;
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(parent)?;
     io::copy(src, tmp.as_file_mut())?;
     tmp.persist(dest).map(drop).map_err(|e| e.error)
+}
+
+/// How the names of temporary files in shard directories begin (never a digest's first byte).
+const TEMP_PREFIX: &str = ".tmp";
+
+/// An unnamed file in `dir`, or `None` where its filesystem has no `O_TMPFILE`.
+fn open_unnamed(dir: &Path) -> io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_TMPFILE)
+        .open(dir);
+    match opened {
+        Ok(f) => Ok(Some(f)),
+        // EISDIR: a kernel that predates O_TMPFILE and took it for O_DIRECTORY.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EOPNOTSUPP | nix::libc::EISDIR | nix::libc::EINVAL)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Links an unnamed file in as `dest`, which must not exist. Through `/proc/self/fd`:
+/// `AT_EMPTY_PATH` would need `CAP_DAC_READ_SEARCH`.
+fn name_unnamed(file: &std::fs::File, dest: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        fd.as_str(),
+        nix::fcntl::AT_FDCWD,
+        dest,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Removes the temporary files older than `before` (Unix seconds) from the shard directories:
+/// what a process killed between creating one and renaming it left. Returns how many went (in
+/// a dry run: would go) and the ones that could not be removed, with why.
+fn sweep_temporaries(root: &Path, before: i64, dry_run: bool) -> io::Result<StaleUploads> {
+    let mut done = StaleUploads::default();
+    for aa in sorted_names(root, "")? {
+        for bb in sorted_names(&root.join(&aa), "")? {
+            let dir = root.join(&aa).join(&bb);
+            for name in sorted_names(&dir, "")? {
+                if !name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let path = dir.join(&name);
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue; // renamed into place or removed meanwhile
+                };
+                if !meta.is_file() || modified_secs(&meta) >= before {
+                    continue;
+                }
+                match if dry_run {
+                    Ok(())
+                } else {
+                    std::fs::remove_file(&path)
+                } {
+                    Ok(()) => done.aborted += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => done
+                        .failed
+                        .push((path.display().to_string(), e.to_string())),
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn modified_secs(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[async_trait]
@@ -290,6 +388,21 @@ impl ObjectStore for FsStore {
             .map_err(|e| StoreError::io("listing", &key, e))
     }
 
+    /// Here the unfinished uploads are the temporary files of writes a crash interrupted.
+    async fn abort_stale_uploads(
+        &self,
+        before: i64,
+        dry_run: bool,
+    ) -> Result<Option<StaleUploads>, StoreError> {
+        let root = self.root.clone();
+        let key = root.display().to_string();
+        tokio::task::spawn_blocking(move || sweep_temporaries(&root, before, dry_run))
+            .await
+            .map_err(|e| StoreError::io("sweeping", &key, io::Error::other(e)))?
+            .map(Some)
+            .map_err(|e| StoreError::io("sweeping", &key, e))
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
         match tokio::fs::metadata(&root).await {
@@ -362,6 +475,55 @@ mod tests {
         let shard = store.path(&d).parent().unwrap().to_owned();
         assert_eq!(std::fs::read_dir(shard).unwrap().count(), 1, "no copy left");
         assert_eq!(std::fs::read_dir(spool_dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_no_name_and_a_crash_leftover_is_swept_once_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("ab/cd");
+        std::fs::create_dir_all(&shard).unwrap();
+        let names = || {
+            let mut n: Vec<String> = std::fs::read_dir(&shard)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        // Killed mid-write: the unnamed file goes with its descriptor.
+        let mut unnamed = open_unnamed(&shard).unwrap().expect("O_TMPFILE here");
+        io::Write::write_all(&mut unnamed, b"half").unwrap();
+        drop(unnamed);
+        assert!(names().is_empty());
+
+        // What a crash in the fallback leaves, an old and a young one, beside an object and a
+        // file that is not ours.
+        let digest = "abcd".repeat(16);
+        std::fs::write(shard.join(&digest), "object").unwrap();
+        std::fs::write(shard.join("notes"), "foreign").unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (name, old) in [(".tmpOLD123", true), (".tmpNEW456", false)] {
+            let f = std::fs::File::create(shard.join(name)).unwrap();
+            if old {
+                f.set_modified(hour_ago).unwrap();
+            }
+        }
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            - 60;
+        let dry = sweep_temporaries(dir.path(), before, true).unwrap();
+        assert_eq!((dry.aborted, names().len()), (1, 4));
+        let done = sweep_temporaries(dir.path(), before, false).unwrap();
+        assert_eq!(
+            done,
+            StaleUploads {
+                aborted: 1,
+                failed: vec![]
+            }
+        );
+        assert_eq!(names(), [".tmpNEW456", digest.as_str(), "notes"]);
     }
 
     #[tokio::test]
