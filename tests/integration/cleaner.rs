@@ -18,6 +18,27 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs the cleaner beside `api` with `args`, to success.
+fn clean(api: &Api, args: &[&str]) -> Output {
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(args);
+    let out = run(c);
+    assert!(out.status.success(), "{}", stdout(&out));
+    out
+}
+
+/// Reads `path` back uncompressed and checks it is `content`.
+async fn assert_reads_back(api: &Api, path: &str, content: &[u8]) {
+    let r = reqwest::Client::new()
+        .get(api.url(&format!("/files{path}")))
+        .header("Accept-Encoding", "identity")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{path}");
+    assert!(r.bytes().await.unwrap() == content, "{path} reads back");
+}
+
 /// Runs the cleaner back to back (grace 0) until stopped; returns (runs, blobs freed, failures).
 fn cleaner_loop(
     api: &Api,
@@ -88,9 +109,7 @@ async fn torture(apis: &[&Api], tag: &str) {
     );
     workload.check_final(&outcome, &urls).await;
     // A last run collects what is left; the store must still be complete.
-    let mut last = apis[0].sibling("s3dedup-cleaner");
-    last.args(["--grace-secs", "0"]);
-    assert!(run(last).status.success());
+    clean(apis[0], &["--grace-secs", "0"]);
     workload.check_final(&outcome, &urls).await;
     apis[0].verify_deep();
 }
@@ -161,10 +180,7 @@ async fn only_one_cleaner_works_at_a_time() {
     )
     .unwrap();
     assert_eq!(line.trim(), "locked");
-    let mut c = api.sibling("s3dedup-cleaner");
-    c.args(["--grace-secs", "0"]);
-    let out = run(c);
-    assert!(out.status.success());
+    let out = clean(&api, &["--grace-secs", "0"]);
     assert!(
         stdout(&out).contains("another cleaner run holds the cleaner lock"),
         "{}",
@@ -228,10 +244,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    let mut c = api.sibling("s3dedup-cleaner");
-    c.args(["--grace-secs", "0"]);
-    let out = run(c);
-    assert!(out.status.success(), "{}", stdout(&out));
+    clean(&api, &["--grace-secs", "0"]);
     api.verify_deep();
     for (i, c) in live.iter().enumerate() {
         let r = http
@@ -275,10 +288,7 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     for k in foreign {
         s3.put_raw(k, b"not ours".to_vec()).await;
     }
-    let mut c = api.sibling("s3dedup-cleaner");
-    c.args(["--grace-secs", "0"]);
-    let out = run(c);
-    assert!(out.status.success(), "{}", stdout(&out));
+    let out = clean(&api, &["--grace-secs", "0"]);
     assert!(
         stdout(&out).contains("and 150 orphaned objects"),
         "{}",
@@ -372,11 +382,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
         v
     };
     let cleaner = |grace: &str, extra: &[&str]| {
-        let mut c = api.sibling("s3dedup-cleaner");
-        c.args(["--grace-secs", grace]).args(extra);
-        let out = run(c);
-        assert!(out.status.success(), "{}", stdout(&out));
-        stdout(&out)
+        stdout(&clean(&api, &[&["--grace-secs", grace], extra].concat()))
     };
     // moto reports every upload as started on 2010-11-10 (a fixed value in its answer), so a
     // grace of 31 years makes them young: they stay.
@@ -395,17 +401,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
         sorted(foreign),
         "only old uploads of ours went"
     );
-    let r = reqwest::Client::new()
-        .get(api.url("/files/live"))
-        .header("Accept-Encoding", "identity")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert!(
-        r.bytes().await.unwrap() == live,
-        "the live file still reads back"
-    );
+    assert_reads_back(&api, "/live", &live).await;
 }
 
 /// On the local store, the temporary files a crash left in the shard directories go once older
@@ -429,10 +425,7 @@ async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
         .unwrap();
     std::fs::write(&young, "a write in progress").unwrap();
 
-    let mut c = api.sibling("s3dedup-cleaner");
-    c.args(["--grace-secs", "3600"]);
-    let out = run(c);
-    assert!(out.status.success(), "{}", stdout(&out));
+    let out = clean(&api, &["--grace-secs", "3600"]);
     assert!(
         stdout(&out).contains("; 1 abandoned uploads aborted"),
         "{}",
@@ -441,12 +434,5 @@ async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
     assert!(!old.exists(), "the old temporary file went");
     assert!(young.exists(), "the young one stays");
     assert!(object.exists(), "the object stays");
-    let r = reqwest::Client::new()
-        .get(api.url("/files/live"))
-        .header("Accept-Encoding", "identity")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert!(r.bytes().await.unwrap() == live, "the live file reads back");
+    assert_reads_back(&api, "/live", &live).await;
 }
