@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::sync::mpsc;
 
@@ -402,10 +402,44 @@ impl CachedStore {
     }
 }
 
-/// Passes a store's stream through, copying each chunk to a fill.
+/// Bytes of a stream a [`Tee`] gathers before handing them to its fill. An S3 GET arrives in
+/// chunks of a few KiB (6.6 KiB on average for a 49 MiB object on loopback); a write and a
+/// wake-up of the fill's thread for each made a cold 64 MiB GET take 360 ms where one without
+/// the cache took 260. In batches, cold GETs through the cache were within 5% of those without.
+const FILL_BATCH: usize = 256 * 1024;
+
+/// Passes a store's stream through, copying it to a fill in batches of [`FILL_BATCH`].
 struct Tee {
     inner: ObjectStream,
     fill: Option<Fill>,
+    batch: BytesMut,
+}
+
+impl Tee {
+    fn new(inner: ObjectStream, fill: Fill) -> Self {
+        Tee {
+            inner,
+            fill: Some(fill),
+            batch: BytesMut::new(),
+        }
+    }
+
+    /// Offers bytes to the fill, giving the fill up if it is too far behind.
+    fn offer(&mut self, bytes: &Bytes) {
+        if let Some(fill) = &self.fill
+            && !fill.offer(bytes)
+        {
+            self.fill = None;
+        }
+    }
+
+    /// Offers what is gathered.
+    fn send_batch(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = self.batch.split().freeze();
+            self.offer(&batch);
+        }
+    }
 }
 
 impl Stream for Tee {
@@ -414,19 +448,33 @@ impl Stream for Tee {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = self.inner.as_mut().poll_next(cx);
         match &item {
-            Poll::Ready(Some(Ok(chunk))) => {
-                // The cache's disk may be behind: then give up on this fill, never slow the
-                // client.
-                if let Some(fill) = &self.fill
-                    && !fill.offer(chunk)
-                {
-                    self.fill = None;
+            Poll::Ready(Some(Ok(chunk))) if self.fill.is_some() => {
+                // The cache's disk may be behind: then the fill is given up, and the client is
+                // never slowed.
+                if self.batch.is_empty() && chunk.len() >= FILL_BATCH {
+                    let chunk = chunk.clone();
+                    self.offer(&chunk);
+                } else {
+                    self.batch.extend_from_slice(chunk);
+                    if self.batch.len() >= FILL_BATCH {
+                        let batch = self.batch.split().freeze();
+                        self.offer(&batch);
+                    }
                 }
             }
-            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => self.fill = None,
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(_))) => self.fill = None,
+            Poll::Ready(None) => self.send_batch(),
+            _ => {}
         }
         item
+    }
+}
+
+impl Drop for Tee {
+    /// The last batch: the HTTP server stops reading at the end of the Content-Length, before
+    /// the stream says it ended. A body cut short fails the fill's digest check.
+    fn drop(&mut self) {
+        self.send_batch();
     }
 }
 
@@ -493,10 +541,7 @@ impl ObjectStore for CachedStore {
         let Some(fill) = self.cache.start_fill(*digest) else {
             return Ok(body);
         };
-        Ok(Box::pin(Tee {
-            inner: body,
-            fill: Some(fill),
-        }))
+        Ok(Box::pin(Tee::new(body, fill)))
     }
 
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
@@ -555,7 +600,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fill_keeps_up_with_a_reader_faster_than_the_disk() {
+    async fn a_fill_keeps_up_with_a_reader_faster_than_the_disk_and_keeps_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ReadCache::open(dir.path(), 1 << 30).unwrap();
         let content: Vec<u8> = (0..2_000_000u32)
@@ -565,21 +610,43 @@ mod tests {
         gz.write_all(&content).unwrap();
         let gz = gz.finish().unwrap();
         let digest = Digest(<sha2::Sha256 as sha2::Digest>::digest(&content).into());
-        // As a stream from S3 arrives: thousands of small chunks, offered without waiting for
-        // the fill's writes (64 chunks of slack gave this up).
-        let fill = cache.start_fill(digest).unwrap();
-        for chunk in gz.chunks(4096) {
-            assert!(fill.offer(&Bytes::copy_from_slice(chunk)), "fill given up");
+        // As a stream from S3 arrives: thousands of small chunks, passed on without waiting for
+        // the fill's writes (64 chunks of slack gave this up), and read only as far as its
+        // length, as the HTTP server does: the last batch goes to the fill when the tee drops.
+        let chunks: Vec<io::Result<Bytes>> = gz
+            .chunks(4096)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let count = chunks.len();
+        let mut tee = Tee::new(
+            Box::pin(futures::stream::iter(chunks)),
+            cache.start_fill(digest).unwrap(),
+        );
+        let mut passed = Vec::new();
+        for _ in 0..count {
+            let chunk = futures::StreamExt::next(&mut tee).await.unwrap().unwrap();
+            passed.extend_from_slice(&chunk);
         }
-        drop(fill);
+        assert!(passed == gz, "the client's stream changed");
+        assert!(tee.fill.is_some(), "fill given up");
+        drop(tee);
         for _ in 0..500 {
             if cache.stats().entries == 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let served = cache.open_entry(&digest, gz.len() as u64).await;
-        assert!(served.is_some(), "not cached");
+        let Some(served) = cache.open_entry(&digest, gz.len() as u64).await else {
+            panic!("not cached");
+        };
+        let mut kept = Vec::new();
+        match served {
+            Ok(bytes) => kept.extend_from_slice(&bytes),
+            Err(mut f) => {
+                io::Read::read_to_end(&mut f, &mut kept).unwrap();
+            }
+        }
+        assert!(kept == gz, "the cached copy differs from what was read");
         assert_eq!(cache.lag.load(Ordering::Relaxed), 0);
     }
 }
