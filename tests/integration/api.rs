@@ -945,6 +945,52 @@ fn bad_config_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.s3.bucket"));
 }
 
+/// A bucket the S3 server refuses at start: the API exits non-zero with one line that says
+/// what the server answered and which setting to look at, not a dump of the SDK's structures.
+#[test]
+fn a_refused_bucket_is_one_readable_line_naming_the_setting() {
+    let s3 = S3Server::start().expect("s3 server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            S3_BUCKET,
+            "wrong-secret",
+            "HTTP 403",
+            "store.s3.access_key_id",
+        ),
+        (
+            "no-such-bucket",
+            S3_SECRET_KEY,
+            "HTTP 404",
+            "no such bucket",
+        ),
+        ("x", S3_SECRET_KEY, "HTTP 400", "valid bucket name"),
+    ];
+    for (bucket, secret, status, hint) in cases {
+        let out = std::process::Command::new(bin("s3dedup-api"))
+            .env("RUST_LOG", "off")
+            .env("S3DEDUP_DATA_DIR", dir.path())
+            .env("S3DEDUP_API__LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("S3DEDUP_STORE__BACKEND", "s3")
+            .env("S3DEDUP_STORE__S3__ENDPOINT", s3.endpoint())
+            .env("S3DEDUP_STORE__S3__BUCKET", bucket)
+            .env("S3DEDUP_STORE__S3__ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("S3DEDUP_STORE__S3__SECRET_ACCESS_KEY", secret)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bucket}: started: {err}");
+        let line = err.trim();
+        assert_eq!(line.lines().count(), 1, "{bucket}: one line: {err}");
+        for part in [bucket, status, hint] {
+            assert!(line.contains(part), "{bucket}: no {part:?} in: {line}");
+        }
+        for dump in ["ErrorMetadata", "Response {", "SdkBody"] {
+            assert!(!line.contains(dump), "{bucket}: debug dump in: {line}");
+        }
+    }
+}
+
 /// SIGTERM lets an in-flight upload finish before the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {

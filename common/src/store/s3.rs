@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::RequestId;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
@@ -38,16 +40,57 @@ pub struct S3Store {
     upload_concurrency: usize,
 }
 
-fn unavailable<E, R>(op: &'static str, key: &str, err: SdkError<E, R>) -> StoreError
+fn unavailable<E>(op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
-    E: std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     StoreError::Unavailable {
         op,
         key: key.to_owned(),
-        message: DisplayErrorContext(&err).to_string(),
+        message: sdk_error_text(&err),
     }
+}
+
+/// What a failed S3 request says, in a line an operator can read: the server's status, code and
+/// message, or the chain of causes when no answer came. The SDK's own text adds a debug dump of
+/// the whole response, and for an answer without a body (every HEAD) says only "unhandled error".
+fn sdk_error_text<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let SdkError::ServiceError(service) = err else {
+        return error_chain(err);
+    };
+    let status = service.raw().status().as_u16();
+    let mut text = format!("the S3 server answered HTTP {status}");
+    if let Some(reason) = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+    {
+        text = format!("{text} {reason}");
+    }
+    let meta = service.err().meta();
+    match (meta.code(), meta.message()) {
+        (Some(code), Some(message)) => text = format!("{text} ({code}: {message})"),
+        (Some(code), None) => text = format!("{text} ({code})"),
+        (None, Some(message)) => text = format!("{text} ({message})"),
+        (None, None) => {}
+    }
+    if let Some(id) = err.request_id() {
+        text = format!("{text}, request id {id}");
+    }
+    text
+}
+
+/// An error and its causes, joined by ": ".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 impl S3Store {
@@ -296,7 +339,7 @@ async fn try_abort_multipart(store: &S3Store, key: &str, upload_id: &str) -> Res
         .send()
         .await
         .map(drop)
-        .map_err(|e| DisplayErrorContext(&e).to_string())
+        .map_err(|e| sdk_error_text(&e))
 }
 
 /// [`try_abort_multipart`], a failure only logged.
@@ -747,7 +790,33 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| unavailable("checking bucket", &self.bucket, e))?;
+            .map_err(|e| {
+                let hint = bucket_check_hint(&e);
+                let mut err = unavailable("checking bucket", &self.bucket, e);
+                if let StoreError::Unavailable { message, .. } = &mut err {
+                    message.push_str(&hint);
+                }
+                err
+            })?;
         Ok(())
+    }
+}
+
+/// What the configuration likely gets wrong when the bucket check is refused (empty if unsure).
+fn bucket_check_hint<E>(err: &SdkError<E, HttpResponse>) -> String {
+    let Some(answer) = err.raw_response() else {
+        return String::new();
+    };
+    match answer.status().as_u16() {
+        301 => match answer.headers().get("x-amz-bucket-region") {
+            Some(region) => format!("; the bucket is in region {region}: set store.s3.region"),
+            None => "; the bucket is elsewhere: check store.s3.region and store.s3.endpoint".into(),
+        },
+        400 => "; check that store.s3.bucket is a valid bucket name and store.s3.region".into(),
+        403 => {
+            "; check store.s3.access_key_id, the secret access key and the bucket's policy".into()
+        }
+        404 => "; no such bucket: create it, or correct store.s3.bucket".into(),
+        _ => String::new(),
     }
 }
