@@ -228,6 +228,8 @@ const HASH_THREAD_BUFFERS: usize = 3;
 /// content outgrows a claimed Logical-Size (no point inflating the rest of a lie).
 struct ContentSink {
     hasher: Hasher,
+    /// Content past which hashing moves to a thread; never again once a thread failed to start.
+    thread_after: u64,
     size: u64,
     max: u64,
     claimed: Option<u64>,
@@ -292,6 +294,7 @@ impl ContentSink {
     fn new(max: u64, claimed: Option<u64>) -> Self {
         ContentSink {
             hasher: Hasher::Here(Sha256::new()),
+            thread_after: HASH_THREAD_AFTER,
             size: 0,
             max,
             claimed,
@@ -315,13 +318,12 @@ impl ContentSink {
     /// Hashes `buf[..n]`, the content counted last. Once hashing has moved to its own thread,
     /// `buf` is swapped for an empty buffer of the same length: callers must be done with it.
     fn hash(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<(), BlobError> {
-        if let Hasher::Here(state) = &mut self.hasher {
-            if self.size <= HASH_THREAD_AFTER {
-                state.update(&buf[..n]);
-                return Ok(());
-            }
-            if let Some(thread) = HashThread::start(state.clone(), buf.len()) {
-                self.hasher = Hasher::Thread(thread);
+        if let Hasher::Here(state) = &self.hasher
+            && self.size > self.thread_after
+        {
+            match HashThread::start(state.clone(), buf.len()) {
+                Some(thread) => self.hasher = Hasher::Thread(thread),
+                None => self.thread_after = u64::MAX,
             }
         }
         match &mut self.hasher {
