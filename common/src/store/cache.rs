@@ -457,8 +457,7 @@ impl Stream for Tee {
                 } else {
                     self.batch.extend_from_slice(chunk);
                     if self.batch.len() >= FILL_BATCH {
-                        let batch = self.batch.split().freeze();
-                        self.offer(&batch);
+                        self.send_batch();
                     }
                 }
             }

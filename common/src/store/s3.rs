@@ -790,13 +790,10 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| {
-                let hint = bucket_check_hint(&e);
-                let mut err = unavailable("checking bucket", &self.bucket, e);
-                if let StoreError::Unavailable { message, .. } = &mut err {
-                    message.push_str(&hint);
-                }
-                err
+            .map_err(|e| StoreError::Unavailable {
+                op: "checking bucket",
+                key: self.bucket.clone(),
+                message: sdk_error_text(&e) + &bucket_check_hint(&e),
             })?;
         Ok(())
     }
