@@ -170,6 +170,9 @@ pub struct ApiConfig {
     /// received (past the first MiB). 0: off, since deflate itself stops near 1032:1 and
     /// periodic test data gets close to that; `max_file_size` bounds the work either way.
     pub max_gzip_ratio: u64,
+    /// After this many seconds without a file or list request, the memory the allocator kept
+    /// from the last burst is given back to the system. 0: never.
+    pub release_memory_after_idle_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -190,6 +193,7 @@ impl Default for ApiConfig {
             body_timeout_secs: 60,
             send_timeout_secs: 120,
             max_gzip_ratio: 0,
+            release_memory_after_idle_secs: 10,
         }
     }
 }

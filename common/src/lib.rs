@@ -1,6 +1,7 @@
 //! `s3dedup-common`: everything the s3dedup programs share. One module per decision:
 //! configuration, the Filetracker protocol, the blob codec, the metadata store, advisory locks,
-//! the object store, the upload spool, the file store that orders them, and systemd integration.
+//! the object store, the upload spool, the file store that orders them, the allocator's free
+//! memory, and systemd integration.
 //! Nothing here reads configuration from the environment or prints.
 
 pub mod blob;
@@ -9,6 +10,7 @@ pub mod filestore;
 pub mod gc;
 pub mod group;
 pub mod locks;
+pub mod memory;
 pub mod meta;
 pub mod migrate;
 pub mod program;

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub cfg: ApiConfig,
     slots: Arc<Semaphore>,
+    /// Slots handed out so far: whether anything happened between two looks.
+    slots_granted: AtomicU64,
     /// Live migration: the old server that misses are imported from.
     fallback: Option<OldServer>,
     /// The local read cache in front of S3, if any (for `/metrics`).
@@ -57,12 +60,20 @@ impl AppState {
         };
         Ok(AppState {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            slots_granted: AtomicU64::new(0),
             files,
             metrics: Metrics::default(),
             cfg,
             fallback,
             cache: None,
         })
+    }
+
+    /// How many file and list requests have started, if none is running now (a GET's body
+    /// holds its slot until it is sent); `None` while one is.
+    pub fn idle_after(&self) -> Option<u64> {
+        let granted = self.slots_granted.load(Relaxed);
+        (self.slots.available_permits() == self.cfg.max_concurrent_requests).then_some(granted)
     }
 }
 
@@ -249,7 +260,10 @@ async fn route(
 async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
     let wait = Duration::from_secs(state.cfg.queue_timeout_secs);
     match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
-        Ok(Ok(p)) => Ok(p),
+        Ok(Ok(p)) => {
+            state.slots_granted.fetch_add(1, Relaxed);
+            Ok(p)
+        }
         _ => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -500,16 +500,25 @@ fn sha256sum_and_gzip(data: &[u8]) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Peak RSS (VmHWM) of a process and all its descendants, in KiB.
-fn tree_peak_rss(pid: u32) -> u64 {
-    let mut total = proc_status_kib(pid, "VmHWM:");
+/// A memory figure of `/proc/PID/status` (`VmHWM:` for the peak, `VmRSS:` for now) summed
+/// over a process and all its descendants, in KiB.
+fn tree_kib(pid: u32, field: &str) -> u64 {
+    let mut total = proc_status_kib(pid, field);
     if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
         for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            total += tree_peak_rss(c);
+            total += tree_kib(c, field);
         }
     }
     total
 }
+
+/// One server's name, figures per workload, and peak and idle resident sets (KiB) if its PID
+/// is known.
+type ServerResult = (String, BTreeMap<String, Measure>, Option<(u64, u64)>);
+
+/// How long a server is left idle before its resident set is read: past twice s3dedup's
+/// default `api.release_memory_after_idle_secs`, when it has given back what it will.
+const IDLE_WAIT: Duration = Duration::from_secs(22);
 
 // One thread, like `wrk -t1`: on two cores, a second one would take CPU from the server measured.
 #[tokio::main(flavor = "current_thread")]
@@ -552,12 +561,20 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let mut results: Vec<(String, BTreeMap<String, Measure>, Option<u64>)> = Vec::new();
+    let mut results: Vec<ServerResult> = Vec::new();
     for t in &targets {
         eprintln!("== {} ({})", t.name, t.url);
         let mut out = BTreeMap::new();
         filetracker_suite(t, &cfg, &mut out).await?;
-        results.push((t.name.clone(), out, t.pid.map(tree_peak_rss)));
+        let peak = t.pid.map(|p| tree_kib(p, "VmHWM:"));
+        let idle = match t.pid {
+            Some(p) => {
+                tokio::time::sleep(IDLE_WAIT).await;
+                Some(tree_kib(p, "VmRSS:"))
+            }
+            None => None,
+        };
+        results.push((t.name.clone(), out, peak.zip(idle)));
     }
     if let Some(ep) = &s3 {
         eprintln!("== S3 directly ({ep})");
@@ -587,7 +604,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(results: &[(String, BTreeMap<String, Measure>, Option<u64>)], baseline: &str) {
+fn print_table(results: &[ServerResult], baseline: &str) {
     let workloads: Vec<&String> = results[0].1.keys().collect();
     let find = |name: &str, w: &str| {
         results
@@ -631,11 +648,18 @@ fn print_table(results: &[(String, BTreeMap<String, Measure>, Option<u64>)], bas
         }
     }
     println!();
-    println!("| server | peak RSS (MiB, process tree) |");
-    println!("|---|---:|");
+    println!(
+        "| server | peak RSS (MiB, process tree) | RSS after {} s idle |",
+        IDLE_WAIT.as_secs()
+    );
+    println!("|---|---:|---:|");
     for (name, _, rss) in results {
-        if let Some(kib) = rss {
-            println!("| {name} | {:.1} |", *kib as f64 / 1024.0);
+        if let Some((peak, idle)) = rss {
+            println!(
+                "| {name} | {:.1} | {:.1} |",
+                *peak as f64 / 1024.0,
+                *idle as f64 / 1024.0
+            );
         }
     }
 }

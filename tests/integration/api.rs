@@ -1152,3 +1152,53 @@ async fn one_gib_round_trip_keeps_rss_under_100_mib_s3() {
     eprintln!("S3 store: peak RSS after 1 GiB up and down: {} KiB", peak);
     assert!(peak > 0 && peak < 100 * 1024, "peak RSS {peak} KiB");
 }
+
+/// The resident set of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// After a burst of large transfers, an idle API gives back the memory its allocator kept from
+/// them (`api.release_memory_after_idle_secs`), and says so in its debug log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_api_gives_back_the_memory_a_burst_left() {
+    let s = Setup::s3_with(&[
+        ("S3DEDUP_API__RELEASE_MEMORY_AFTER_IDLE_SECS", "2"),
+        ("RUST_LOG", "warn,s3dedup_api::server=debug"),
+    ]);
+    let contents: Vec<Vec<u8>> = (0..16)
+        .map(|i| unique_content(&format!("burst{i}"), 16 << 20))
+        .collect();
+    let burst = contents.iter().enumerate().map(|(i, c)| {
+        let s = &s;
+        async move {
+            let r = s.put(&format!("/burst/{i}"), 1, c.clone()).await;
+            assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
+            let r = s.get_accepting(&format!("/burst/{i}"), "identity").await;
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.bytes().await.unwrap() == c[..], "content {i} intact");
+        }
+    });
+    futures::future::join_all(burst).await;
+    let pid = s.api.proc.pid();
+    let after_burst = rss_kib(pid);
+    let mut rss = after_burst;
+    for _ in 0..100 {
+        if s.api.log().contains("gave free memory back") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss = rss_kib(pid);
+    }
+    rss = rss.min(rss_kib(pid));
+    eprintln!("resident set after the burst {after_burst} KiB, once idle {rss} KiB");
+    assert!(
+        s.api.log().contains("gave free memory back"),
+        "no release logged: {}",
+        s.api.log()
+    );
+    assert!(
+        rss + (8 << 10) < after_burst,
+        "resident set after the burst {after_burst} KiB, once idle {rss} KiB"
+    );
+}
