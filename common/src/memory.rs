@@ -20,8 +20,8 @@ pub fn resident_kib() -> Option<u64> {
         .ok()
 }
 
-/// Returns every free page the allocator holds to the system. Blocking: it walks every arena
-/// under its lock, a few milliseconds for a hundred MiB.
+/// Returns every free page the allocator holds to the system. Blocking: it walks every arena,
+/// each under its lock.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only reorganises the allocator's own free lists, under its locks.
