@@ -72,6 +72,30 @@ async fn hits_skip_s3_and_survive_a_restart() {
     assert_eq!(content(&http, &api, "/t/in").await, None);
 }
 
+/// The check that decides whether a copy is kept (inflating the whole object) runs on a thread
+/// of its own at the lowest priority, so it never takes a core from the requests being served;
+/// the copies it passes are kept all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_checked_at_the_lowest_priority() {
+    let s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let http = reqwest::Client::new();
+    let body = unique_content("checked-idle", 3 << 20);
+    api.put_ok("/idle/in", 1, body.to_vec()).await;
+    assert_eq!(content(&http, &api, "/idle/in").await.unwrap(), body);
+    wait_entries(&api, 1).await;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", api.proc.pid())).unwrap();
+    let nice_of_checker = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .find(|stat| stat.contains("(cache-check)"))
+        .map(|stat| {
+            // Fields after the parenthesised name: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(16).unwrap().parse::<i32>().unwrap()
+        });
+    assert_eq!(nice_of_checker, Some(19));
+}
+
 /// A judge reads a submission right after it is uploaded, and each worker a new test input: a
 /// small upload is kept as it is stored, so those first reads do not go to S3 either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
