@@ -446,6 +446,8 @@ pub struct S3Config {
     pub part_size: u64,
     /// Parts of one object uploaded at once.
     pub upload_concurrency: usize,
+    /// Ranges of one large object downloaded at once (1: one GET per object).
+    pub download_concurrency: usize,
     pub connect_timeout_secs: u64,
     /// Longest silence while reading a response.
     pub read_timeout_secs: u64,
@@ -467,6 +469,7 @@ impl Default for S3Config {
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
             upload_concurrency: 4,
+            download_concurrency: 4,
             connect_timeout_secs: 5,
             read_timeout_secs: 60,
             max_attempts: 3,
@@ -617,6 +620,9 @@ impl Config {
             }
             if s3.upload_concurrency == 0 {
                 return bad("store.s3.upload_concurrency", "must be at least 1");
+            }
+            if s3.download_concurrency == 0 {
+                return bad("store.s3.download_concurrency", "must be at least 1");
             }
             if s3.max_attempts == 0 {
                 return bad("store.s3.max_attempts", "must be at least 1");

@@ -113,6 +113,84 @@ async fn s3_dropping_a_read_after_its_headers_is_a_503() {
     assert!(!api.log().contains("panicked"), "{}", api.log());
 }
 
+/// A large object is read from S3 as several ranges at once (`store.s3.download_concurrency`).
+/// Each GET is then several S3 requests, or one with the setting at 1; through S3 errors,
+/// pauses and cut answers a GET gives the whole content or an error, never other bytes; and
+/// once S3 is healthy again every GET gives the content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_in_ranges_are_whole_or_fail() {
+    let (_s3, proxy, api) = behind_fault_proxy().await;
+    let http = reqwest::Client::new();
+    // Random bytes are stored as they are: past two 8 MiB ranges, the last one partial.
+    let random = |n: usize| {
+        let mut v = vec![0u8; n];
+        rand::rng().fill(&mut v[..]);
+        v
+    };
+    let contents = [random((16 << 20) + 4321), random(29 << 20)];
+    for (i, c) in contents.iter().enumerate() {
+        api.put_ok(&format!("/ranged/{i}"), 1, c.clone()).await;
+    }
+    let get = |i: usize| {
+        let (http, url) = (&http, api.url(&format!("/files/ranged/{i}")));
+        async move {
+            let r = http.get(url).send().await.map_err(|e| e.to_string())?;
+            if r.status() != StatusCode::OK {
+                return Err(format!("{}", r.status()));
+            }
+            body_of(r).await.map_err(|e| e.to_string())
+        }
+    };
+    for (i, c) in contents.iter().enumerate() {
+        let before = proxy.requests();
+        assert!(get(i).await.as_ref() == Ok(c), "content {i} intact");
+        let requests = proxy.requests() - before;
+        assert!(requests >= 3, "content {i} read in {requests} request(s)");
+    }
+
+    proxy.set_max_delay(Duration::from_secs(3));
+    proxy.set_rate(200);
+    let (mut whole, mut failed) = (0, 0);
+    for round in 0..10 {
+        for (i, c) in contents.iter().enumerate() {
+            match get(i).await {
+                Ok(body) => {
+                    assert!(body == *c, "round {round}: content {i} came back different");
+                    whole += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    proxy.set_rate(0);
+    eprintln!(
+        "{whole} whole, {failed} failed; faults by kind: {:?}",
+        proxy.injected()
+    );
+    assert!(proxy.total_injected() > 0, "no fault met a range");
+    for (i, c) in contents.iter().enumerate() {
+        assert!(
+            get(i).await.as_ref() == Ok(c),
+            "content {i} intact after the faults"
+        );
+    }
+    assert!(!api.log().contains("panicked"), "{}", api.log());
+
+    // One request per object when asked.
+    let s3 = S3Server::start().unwrap();
+    let proxy = FaultProxy::start(s3.addr, seed()).await.unwrap();
+    let endpoint = proxy.endpoint();
+    let mut env = S3_ENV.to_vec();
+    env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
+    env.push(("S3DEDUP_STORE__S3__DOWNLOAD_CONCURRENCY", "1"));
+    let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
+    api.put_ok("/ranged/one", 1, contents[1].clone()).await;
+    let before = proxy.requests();
+    let r = http.get(api.url("/files/ranged/one")).send().await.unwrap();
+    assert!(body_of(r).await.unwrap() == contents[1], "content intact");
+    assert_eq!(proxy.requests() - before, 1, "one GET");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_killed_and_restarted_mid_transfer() {
     let mut s3 = S3Server::start().unwrap();

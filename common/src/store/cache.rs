@@ -589,7 +589,7 @@ impl ObjectStore for CachedStore {
             self.cache.index().hits += 1;
             return Ok(local_stream(read));
         }
-        let body = self.inner.get(digest).await?;
+        let body = self.inner.get_stored(digest, size).await?;
         self.cache.index().misses += 1;
         let Some(fill) = self.cache.start_fill(*digest) else {
             return Ok(body);

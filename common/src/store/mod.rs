@@ -3,6 +3,7 @@
 
 mod cache;
 mod fs;
+mod ranged;
 mod s3;
 
 use std::io;

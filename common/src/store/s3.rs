@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,10 +18,12 @@ use aws_sdk_s3::operation::RequestId;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::ranged::{RangeBody, RangeSource, RangedReads};
 use super::{
     ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, digest_of_key,
     object_key,
@@ -38,7 +41,13 @@ pub struct S3Store {
     multipart_threshold: u64,
     part_size: u64,
     upload_concurrency: usize,
+    reads: RangedReads,
 }
+
+/// Bytes per range of an object read in ranges ([`RangedReads`]); what AWS suggests.
+const READ_RANGE: u64 = 8 << 20;
+/// Memory that all ranges read ahead of their turn may hold together, in this process.
+const READ_AHEAD_BUFFER: u64 = 3 * READ_RANGE;
 
 fn unavailable<E>(op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
@@ -136,6 +145,7 @@ impl S3Store {
             multipart_threshold: cfg.multipart_threshold,
             part_size: cfg.part_size,
             upload_concurrency: cfg.upload_concurrency,
+            reads: RangedReads::new(READ_RANGE, cfg.download_concurrency, READ_AHEAD_BUFFER),
         })
     }
 
@@ -631,6 +641,19 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(stream))
     }
 
+    async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
+        if !self.reads.worth_it(size) {
+            return self.get(digest).await;
+        }
+        let key = self.key(digest);
+        let src = Arc::new(ObjectRanges {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.clone(),
+        });
+        self.reads.read(src, &key).await
+    }
+
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         self.head_key(&self.key(digest)).await
     }
@@ -815,5 +838,58 @@ fn bucket_check_hint<E>(err: &SdkError<E, HttpResponse>) -> String {
         }
         404 => "; no such bucket: create it, or correct store.s3.bucket".into(),
         _ => String::new(),
+    }
+}
+
+/// The ranges of one object, for [`RangedReads`].
+struct ObjectRanges {
+    client: Client,
+    bucket: String,
+    key: String,
+}
+
+impl RangeSource for ObjectRanges {
+    fn fetch(
+        &self,
+        start: u64,
+        end: u64,
+        etag: Option<String>,
+    ) -> BoxFuture<'static, Result<RangeBody, StoreError>> {
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .range(format!("bytes={start}-{end}"))
+            .set_if_match(etag);
+        let key = self.key.clone();
+        Box::pin(async move {
+            let out = match request.send().await {
+                Ok(out) => out,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                    return Err(StoreError::NotFound { key });
+                }
+                Err(e) => return Err(unavailable("reading", &key, e)),
+            };
+            // `bytes <first>-<last>/<total>`; without it the server sent the whole object.
+            let total = out
+                .content_range()
+                .and_then(|r| r.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse::<u64>().ok());
+            let ranged = total.is_some();
+            let total = total.unwrap_or(out.content_length().unwrap_or(0).max(0) as u64);
+            let etag = out.e_tag().map(str::to_owned);
+            let body = futures::stream::unfold(out.body, |mut body| async move {
+                body.next()
+                    .await
+                    .map(|r| (r.map_err(io::Error::other), body))
+            });
+            Ok(RangeBody {
+                total,
+                ranged,
+                etag,
+                body: Box::pin(body),
+            })
+        })
     }
 }
