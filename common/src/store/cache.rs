@@ -342,9 +342,9 @@ impl ReadCache {
                 Err(e) => return cache.give_up(&d, e),
             };
             let checking = cache.clone();
-            let check = Box::new(move || {
-                let placed = checking.check(&d, written);
-                checking.place(&d, placed);
+            let check = Box::new(move || match checking.check(&d, written) {
+                Ok(size) => checking.place(&d, size),
+                Err(e) => checking.give_up(&d, e),
             });
             if cache.checks.try_send(check).is_err() {
                 cache.give_up(&d, io::Error::other("too many fills wait for their check"));
@@ -396,12 +396,9 @@ impl ReadCache {
         Ok(size)
     }
 
-    /// Ends the fill of `d`: indexes the copy if it was placed (evicting what no longer fits).
-    fn place(&self, d: &Digest, placed: io::Result<u64>) {
-        let size = match placed {
-            Ok(size) => size,
-            Err(e) => return self.give_up(d, e),
-        };
+    /// Ends the fill of `d` with its copy of `size` bytes in place: indexes it, evicting what
+    /// no longer fits.
+    fn place(&self, d: &Digest, size: u64) {
         let evicted = {
             let mut lru = self.index();
             lru.filling.remove(d);

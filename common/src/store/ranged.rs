@@ -91,7 +91,7 @@ impl RangedReads {
     ) -> Result<ObjectStream, StoreError> {
         let active = Active::new(&self.active);
         let first = src.fetch(0, self.range - 1, None).await?;
-        let (count, left) = if first.ranged {
+        let (count, len) = if first.ranged {
             (
                 first.total.div_ceil(self.range).max(1),
                 first.total.min(self.range),
@@ -99,6 +99,11 @@ impl RangedReads {
         } else {
             (1, first.total)
         };
+        let body = exactly(
+            first.body,
+            len,
+            format!("reading {key}: range 0-{}", len.max(1) - 1),
+        );
         let reading = Reading {
             src,
             key: key.to_owned(),
@@ -111,11 +116,7 @@ impl RangedReads {
             at: 0,
             count,
             next: 1,
-            current: Some(Current::Streamed {
-                body: first.body,
-                left,
-                last: 0,
-            }),
+            current: Some(Current::Streamed { body, last: 0 }),
             ahead: VecDeque::new(),
             done: false,
         };
@@ -127,8 +128,6 @@ impl RangedReads {
 enum Current {
     Streamed {
         body: ObjectStream,
-        /// Bytes it still owes.
-        left: u64,
         /// Index of the last range it covers.
         last: u64,
     },
@@ -200,6 +199,29 @@ impl Reading {
         io::Error::other(format!("reading {}: {what}", self.key))
     }
 
+    /// Requests bytes `start..=end` of the same object as the first range; its body, which
+    /// fails unless it holds exactly those bytes.
+    fn fetch(&self, start: u64, end: u64) -> BoxFuture<'static, io::Result<ObjectStream>> {
+        let fetch = self.src.fetch(start, end, self.etag.clone());
+        let (total, key) = (self.total, self.key.clone());
+        Box::pin(async move {
+            let got = fetch.await.map_err(io::Error::other)?;
+            let what = format!("reading {key}: range {start}-{end}");
+            if !got.ranged {
+                return Err(io::Error::other(format!(
+                    "{what}: the server ignored the range and sent the whole object"
+                )));
+            }
+            if got.total != total {
+                return Err(io::Error::other(format!(
+                    "{what}: the object changed while it was read ({total} bytes, now {})",
+                    got.total
+                )));
+            }
+            Ok(exactly(got.body, end - start + 1, what))
+        })
+    }
+
     /// Starts reading whole the ranges after the one being sent, while the object's share of
     /// ranges in flight and the process's budget allow.
     fn read_ahead(&mut self) {
@@ -214,28 +236,12 @@ impl Reading {
                 break;
             };
             let (start, end) = self.bounds(self.next);
-            let fetch = self.src.fetch(start, end, self.etag.clone());
-            let (total, key) = (self.total, self.key.clone());
+            let fetch = self.fetch(start, end);
             let task = tokio::spawn(async move {
-                let got = fetch.await.map_err(io::Error::other)?;
-                let mut body = checked(got, total)
-                    .map_err(|e| io::Error::other(format!("reading {key}: {e}")))?;
-                let want = (end - start + 1) as usize;
-                let mut data = BytesMut::with_capacity(want);
+                let mut body = fetch.await?;
+                let mut data = BytesMut::with_capacity((end - start + 1) as usize);
                 while let Some(chunk) = body.next().await {
-                    let chunk = chunk?;
-                    if data.len() + chunk.len() > want {
-                        return Err(io::Error::other(format!(
-                            "reading {key}: range {start}-{end} is longer than asked"
-                        )));
-                    }
-                    data.extend_from_slice(&chunk);
-                }
-                if data.len() != want {
-                    return Err(io::Error::other(format!(
-                        "reading {key}: range {start}-{end} ended after {} bytes",
-                        data.len()
-                    )));
+                    data.extend_from_slice(&chunk?);
                 }
                 Ok(data.freeze())
             });
@@ -254,23 +260,10 @@ impl Reading {
         }
         loop {
             self.read_ahead();
-            let at = self.at;
             match &mut self.current {
-                Some(Current::Streamed { body, left, last }) => match body.next().await {
-                    Some(Ok(chunk)) => {
-                        if chunk.len() as u64 > *left {
-                            let e = self.error(format_args!("range {at} is longer than asked"));
-                            return self.fail(e);
-                        }
-                        *left -= chunk.len() as u64;
-                        return Some((Ok(chunk), self));
-                    }
+                Some(Current::Streamed { body, last }) => match body.next().await {
+                    Some(Ok(chunk)) => return Some((Ok(chunk), self)),
                     Some(Err(e)) => return self.fail(e),
-                    None if *left > 0 => {
-                        let left = *left;
-                        let e = self.error(format_args!("range {at} ended {left} bytes early"));
-                        return self.fail(e);
-                    }
                     None => {
                         let last = *last;
                         self.current = None;
@@ -279,7 +272,8 @@ impl Reading {
                 },
                 Some(Current::Buffered { data, .. }) => {
                     if data.is_empty() {
-                        self.advance();
+                        self.current = None;
+                        self.at += 1;
                         continue;
                     }
                     let chunk = data.split_to(data.len().min(SEND_CHUNK));
@@ -304,35 +298,19 @@ impl Reading {
                     },
                     // Not read ahead: this range and all after it, in one request.
                     None => {
-                        let (start, _) = self.bounds(at);
-                        let end = self.total - 1;
+                        let (start, _) = self.bounds(self.at);
                         self.next = self.count;
-                        let got = match self.src.fetch(start, end, self.etag.clone()).await {
-                            Ok(got) => got,
-                            Err(e) => return self.fail(io::Error::other(e)),
-                        };
-                        match checked(got, self.total) {
+                        match self.fetch(start, self.total - 1).await {
                             Ok(body) => {
-                                self.current = Some(Current::Streamed {
-                                    body,
-                                    left: end - start + 1,
-                                    last: self.count - 1,
-                                })
+                                let last = self.count - 1;
+                                self.current = Some(Current::Streamed { body, last });
                             }
-                            Err(e) => {
-                                let e = self.error(e);
-                                return self.fail(e);
-                            }
+                            Err(e) => return self.fail(e),
                         }
                     }
                 },
             }
         }
-    }
-
-    fn advance(&mut self) {
-        self.current = None;
-        self.at += 1;
     }
 
     /// Ends the stream with `e`, stopping the reads ahead.
@@ -344,18 +322,28 @@ impl Reading {
     }
 }
 
-/// The body of a later range, if it is a range of the same object.
-fn checked(got: RangeBody, total: u64) -> Result<ObjectStream, String> {
-    if !got.ranged {
-        return Err("the server ignored the range and sent the whole object".into());
-    }
-    if got.total != total {
-        return Err(format!(
-            "the object changed while it was read ({total} bytes, now {})",
-            got.total
-        ));
-    }
-    Ok(got.body)
+/// `body`, ended by an error (`what` says which range) when it holds more or fewer than `len`
+/// bytes.
+fn exactly(body: ObjectStream, len: u64, what: String) -> ObjectStream {
+    Box::pin(futures::stream::unfold(
+        Some((body, len, what)),
+        |state| async move {
+            let (mut body, left, what) = state?;
+            let failed = |e: String| Some((Err(io::Error::other(format!("{what} {e}"))), None));
+            match body.next().await {
+                Some(Ok(chunk)) if chunk.len() as u64 > left => {
+                    failed("is longer than asked".into())
+                }
+                Some(Ok(chunk)) => {
+                    let left = left - chunk.len() as u64;
+                    Some((Ok(chunk), Some((body, left, what))))
+                }
+                Some(Err(e)) => Some((Err(e), None)),
+                None if left > 0 => failed(format!("ended {left} bytes early")),
+                None => None,
+            }
+        },
+    ))
 }
 
 #[cfg(test)]

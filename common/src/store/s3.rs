@@ -15,6 +15,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::RequestId;
+use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::{Bytes, BytesMut};
@@ -618,27 +619,9 @@ impl ObjectStore for S3Store {
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {
         let key = self.key(digest);
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Err(StoreError::NotFound { key });
-            }
-            Err(e) => return Err(unavailable("reading", &key, e)),
-        };
-        let body = out.body;
-        let stream = futures::stream::unfold(body, |mut body| async move {
-            body.next()
-                .await
-                .map(|r| (r.map_err(io::Error::other), body))
-        });
-        Ok(Box::pin(stream))
+        let request = self.client.get_object().bucket(&self.bucket).key(&key);
+        let out = request.send().await.map_err(|e| read_failed(key, e))?;
+        Ok(object_stream(out.body))
     }
 
     async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
@@ -841,6 +824,23 @@ fn bucket_check_hint<E>(err: &SdkError<E, HttpResponse>) -> String {
     }
 }
 
+/// What a failed GET of `key` means: no such object, or the store's own failure.
+fn read_failed(key: String, e: SdkError<GetObjectError, HttpResponse>) -> StoreError {
+    if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+        return StoreError::NotFound { key };
+    }
+    unavailable("reading", &key, e)
+}
+
+/// An object's body as a stream of bytes.
+fn object_stream(body: ByteStream) -> ObjectStream {
+    Box::pin(futures::stream::unfold(body, |mut body| async move {
+        body.next()
+            .await
+            .map(|r| (r.map_err(io::Error::other), body))
+    }))
+}
+
 /// The ranges of one object, for [`RangedReads`].
 struct ObjectRanges {
     client: Client,
@@ -864,13 +864,7 @@ impl RangeSource for ObjectRanges {
             .set_if_match(etag);
         let key = self.key.clone();
         Box::pin(async move {
-            let out = match request.send().await {
-                Ok(out) => out,
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                    return Err(StoreError::NotFound { key });
-                }
-                Err(e) => return Err(unavailable("reading", &key, e)),
-            };
+            let out = request.send().await.map_err(|e| read_failed(key, e))?;
             // `bytes <first>-<last>/<total>`; without it the server sent the whole object.
             let total = out
                 .content_range()
@@ -879,16 +873,11 @@ impl RangeSource for ObjectRanges {
             let ranged = total.is_some();
             let total = total.unwrap_or(out.content_length().unwrap_or(0).max(0) as u64);
             let etag = out.e_tag().map(str::to_owned);
-            let body = futures::stream::unfold(out.body, |mut body| async move {
-                body.next()
-                    .await
-                    .map(|r| (r.map_err(io::Error::other), body))
-            });
             Ok(RangeBody {
                 total,
                 ranged,
                 etag,
-                body: Box::pin(body),
+                body: object_stream(out.body),
             })
         })
     }
