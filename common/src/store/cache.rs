@@ -34,8 +34,8 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, local_stream,
-    read_cached, read_if_small,
+    ObjectEntry, ObjectStore, ObjectStream, PartUpload, SMALL_FILE, StaleUploads, StoreError,
+    local_stream, read_cached, read_if_small,
 };
 use crate::blob::{self, Digest};
 use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
@@ -341,11 +341,14 @@ impl ReadCache {
                 Ok(written) => written,
                 Err(e) => return cache.give_up(&d, e),
             };
+            // A small copy's check costs less than handing it over, and must not wait: a burst
+            // of small uploads kept the starved checking thread's queue full, so the reads
+            // that followed went to S3.
+            if written.1 <= SMALL_FILE {
+                return cache.keep_checked(&d, written);
+            }
             let checking = cache.clone();
-            let check = Box::new(move || match checking.check(&d, written) {
-                Ok(size) => checking.place(&d, size),
-                Err(e) => checking.give_up(&d, e),
-            });
+            let check = Box::new(move || checking.keep_checked(&d, written));
             if cache.checks.try_send(check).is_err() {
                 cache.give_up(&d, io::Error::other("too many fills wait for their check"));
             }
@@ -383,6 +386,14 @@ impl ReadCache {
             tmp.write_all(&queued.chunk)?;
         }
         Ok((tmp, size))
+    }
+
+    /// Ends the fill of `d`: its written copy is placed if it inflates to `d`, else dropped.
+    fn keep_checked(&self, d: &Digest, written: (tempfile::NamedTempFile, u64)) {
+        match self.check(d, written) {
+            Ok(size) => self.place(d, size),
+            Err(e) => self.give_up(d, e),
+        }
     }
 
     /// Checks that a written fill inflates to `d`, then moves it into place; returns its size.
@@ -647,6 +658,58 @@ mod tests {
         assert_eq!(lag.load(Ordering::Relaxed), 0);
         assert!(!fill.offer(&mib));
         assert_eq!(lag.load(Ordering::Relaxed), 0);
+    }
+
+    /// `len` bytes of content gzipped at `level`, with their digest.
+    fn object(len: u32, level: flate2::Compression) -> (Digest, Bytes) {
+        let content: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
+        gz.write_all(&content).unwrap();
+        let digest = Digest(<sha2::Sha256 as sha2::Digest>::digest(&content).into());
+        (digest, gz.finish().unwrap().into())
+    }
+
+    #[tokio::test]
+    async fn a_small_copy_does_not_wait_for_the_checking_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ReadCache::open(dir.path(), 1 << 30).unwrap();
+        // The checking thread busy and its queue full, as a burst of uploads left them on a
+        // loaded machine, where a thread at nice 19 gets the CPU last.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let hold = Box::new(move || {
+            started_tx.send(()).unwrap();
+            let _ = held.recv();
+        });
+        cache.checks.try_send(hold).unwrap();
+        started.recv_timeout(Duration::from_secs(10)).unwrap();
+        for _ in 0..CHECK_QUEUE {
+            cache.checks.try_send(Box::new(|| {})).unwrap();
+        }
+        let (large, large_gz) = object(100_000, flate2::Compression::none());
+        let (small, small_gz) = object(4096, flate2::Compression::fast());
+        assert!(large_gz.len() as u64 > SMALL_FILE && small_gz.len() as u64 <= SMALL_FILE);
+        cache.keep(large, large_gz.clone());
+        cache.keep(small, small_gz.clone());
+        for _ in 0..500 {
+            if cache.index().filling.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(cache.index().filling.is_empty(), "fills still running");
+        let kept = cache.open_entry(&small, small_gz.len() as u64).await;
+        assert!(
+            matches!(kept, Some(Ok(ref b)) if *b == small_gz),
+            "the small copy was not kept"
+        );
+        // The large one needed the held thread, so it was not kept.
+        let large_kept = cache.open_entry(&large, large_gz.len() as u64).await;
+        assert!(large_kept.is_none(), "the large copy skipped the queue");
+        assert_eq!(cache.stats().entries, 1);
+        drop(release);
     }
 
     #[tokio::test]
