@@ -662,13 +662,25 @@ mod tests {
 
     /// `len` bytes of content gzipped at `level`, with their digest.
     fn object(len: u32, level: flate2::Compression) -> (Digest, Bytes) {
-        let content: Vec<u8> = (0..len)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        // Barely compressible, so the gzip stream is about as long as the content.
+        let content: Vec<u8> = (0..len.div_ceil(4))
+            .flat_map(|i| (i.wrapping_mul(2_654_435_761) >> 7).to_le_bytes())
+            .take(len as usize)
             .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
         gz.write_all(&content).unwrap();
         let digest = Digest(<sha2::Sha256 as sha2::Digest>::digest(&content).into());
         (digest, gz.finish().unwrap().into())
+    }
+
+    /// Returns once `done` holds, or after 10 s (the caller's assertions then say what failed).
+    async fn wait_until(done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
@@ -693,12 +705,7 @@ mod tests {
         assert!(large_gz.len() as u64 > SMALL_FILE && small_gz.len() as u64 <= SMALL_FILE);
         cache.keep(large, large_gz.clone());
         cache.keep(small, small_gz.clone());
-        for _ in 0..500 {
-            if cache.index().filling.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(|| cache.index().filling.is_empty()).await;
         assert!(cache.index().filling.is_empty(), "fills still running");
         let kept = cache.open_entry(&small, small_gz.len() as u64).await;
         assert!(
@@ -716,13 +723,7 @@ mod tests {
     async fn a_fill_keeps_up_with_a_reader_faster_than_the_disk_and_keeps_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ReadCache::open(dir.path(), 1 << 30).unwrap();
-        let content: Vec<u8> = (0..2_000_000u32)
-            .flat_map(|i| (i.wrapping_mul(2_654_435_761) >> 7).to_le_bytes())
-            .collect();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&content).unwrap();
-        let gz = gz.finish().unwrap();
-        let digest = Digest(<sha2::Sha256 as sha2::Digest>::digest(&content).into());
+        let (digest, gz) = object(8_000_000, flate2::Compression::fast());
         // As a stream from S3 arrives: thousands of small chunks, passed on without waiting for
         // the fill's writes (64 chunks of slack gave this up), and read only as far as its
         // length, as the HTTP server does: the last batch goes to the fill when the tee drops.
@@ -743,12 +744,7 @@ mod tests {
         assert!(passed == gz, "the client's stream changed");
         assert!(tee.fill.is_some(), "fill given up");
         drop(tee);
-        for _ in 0..500 {
-            if cache.stats().entries == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(|| cache.stats().entries == 1).await;
         let Some(served) = cache.open_entry(&digest, gz.len() as u64).await else {
             panic!("not cached");
         };
