@@ -16,9 +16,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 step "System packages"
 # libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv;
 # postgresql: a real server for the metadata and lock suites (pg_virtualenv runs a throw-away one);
+# libisal-dev: ISA-L, the fast gzip inflater (the Debian packages require it);
 # debhelper, lintian: the Debian packages; systemd-container, debootstrap: a booted systemd.
 missing=()
-for pkg in libdb-dev python3-venv python3-dev pkg-config postgresql postgresql-common \
+for pkg in libdb-dev python3-venv python3-dev pkg-config libisal-dev postgresql postgresql-common \
            debhelper lintian systemd-container debootstrap; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done

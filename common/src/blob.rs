@@ -8,8 +8,8 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
 
+use crate::gunzip::GzDecoder;
 use bytes::Bytes;
-use flate2::read::MultiGzDecoder;
 use flate2::{Compress, Compression, FlushCompress, Status};
 use sha2::{Digest as _, Sha256};
 
@@ -390,7 +390,7 @@ pub fn ingest<R: Read, W: Write>(
                 count: 0,
                 write_error: None,
             };
-            let mut decoder = MultiGzDecoder::new(&mut tee);
+            let mut decoder = GzDecoder::new(&mut tee);
             loop {
                 match decoder.read(&mut buf) {
                     Ok(0) => break,
@@ -609,7 +609,7 @@ impl<W: Write> Write for CountingWriter<W> {
 /// Inflates a stored blob from `src`, writing the content to `out`; returns the content's digest
 /// and size. Used to verify objects and to serve clients that refuse gzip.
 pub fn inflate<R: Read, W: Write>(src: R, mut out: W) -> Result<(Digest, u64), BlobError> {
-    let mut decoder = MultiGzDecoder::new(src);
+    let mut decoder = GzDecoder::new(src);
     let mut sink = ContentSink::new(u64::MAX, None);
     let mut buf = vec![0u8; BUF_SIZE];
     loop {

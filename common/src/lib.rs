@@ -9,6 +9,7 @@ pub mod config;
 pub mod filestore;
 pub mod gc;
 pub mod group;
+pub mod gunzip;
 pub mod locks;
 pub mod memory;
 pub mod meta;

@@ -263,7 +263,8 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
             close_when_stopping,
         ));
 
-    info!(%addr, metadata = %state.files.meta.describe(), store = %state.files.store.describe(), "listening");
+    info!(%addr, metadata = %state.files.meta.describe(), store = %state.files.store.describe(),
+        inflater = s3dedup_common::gunzip::INFLATER, "listening");
     systemd::notify_ready(&format!("listening on {addr}"));
 
     if let Some(every) = systemd::watchdog_interval() {
