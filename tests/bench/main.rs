@@ -410,9 +410,7 @@ async fn s3_suite(
     let m = drive(cfg.small_ops, 16, |i| get(format!("{run}/s/{i}"))).await;
     out.insert("4 KiB GET, keep-alive, c=16".into(), m);
     let large = cfg.large_mib << 20;
-    let bodies: Vec<Vec<u8>> = (0..LARGE_REPS)
-        .map(|_| gzip(&text_like(large)))
-        .collect();
+    let bodies: Vec<Vec<u8>> = (0..LARGE_REPS).map(|_| gzip(&text_like(large))).collect();
     let logical = large as u64;
     let m = drive(LARGE_REPS, 1, |i| {
         let b = bodies[i].clone();

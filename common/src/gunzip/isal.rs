@@ -147,7 +147,7 @@ impl<R: Read> Read for Decoder<R> {
             if !OK_CODES.contains(&code) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("invalid gzip data ({} {code})", describe(code)),
+                    format!("invalid gzip data ({})", describe(code)),
                 ));
             }
             self.pos += (given - in_left) as usize;
