@@ -628,10 +628,10 @@ pub fn inflate<R: Read, W: Write>(src: R, mut out: W) -> Result<(Digest, u64), B
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+    pub(crate) fn gzip(data: &[u8], level: u32) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), Compression::new(level));
         e.write_all(data).unwrap();
         e.finish().unwrap()
@@ -669,7 +669,7 @@ mod tests {
     }
 
     /// Hands out at most `step` bytes per read, like a body arriving in small frames.
-    struct Trickle<'a>(&'a [u8], usize);
+    pub(crate) struct Trickle<'a>(pub(crate) &'a [u8], pub(crate) usize);
 
     impl Read for Trickle<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

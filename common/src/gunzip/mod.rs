@@ -68,13 +68,8 @@ impl<R: Read> Read for GzDecoder<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::tests::{Trickle, gzip};
     use std::io::Write;
-
-    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
 
     /// Text-like content: compressible, with long and short matches.
     fn content(len: usize, seed: u32) -> Vec<u8> {
@@ -91,18 +86,6 @@ mod tests {
         }
         v.truncate(len);
         v
-    }
-
-    /// A reader handing out at most `step` bytes a call.
-    struct Trickle<'a>(&'a [u8], usize);
-
-    impl Read for Trickle<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = self.0.len().min(self.1).min(buf.len());
-            buf[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
     }
 
     /// What a decoder makes of `gz`, read `in_step` bytes in and `out_step` bytes out at a time:
