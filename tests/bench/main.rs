@@ -74,6 +74,50 @@ fn text_like(n: usize) -> Vec<u8> {
     v
 }
 
+/// Each workload's figures, and the server's peak resident set (KiB, process tree) while it ran
+/// (with whatever preparation it needed on the server since the previous workload: the listing's
+/// includes populating its directory).
+struct Results {
+    pid: Option<u32>,
+    rows: BTreeMap<String, (Measure, Option<u64>)>,
+}
+
+impl Results {
+    /// Starts measuring the peak resident set of `pid`'s tree from now on.
+    fn new(pid: Option<u32>) -> Results {
+        if let Some(p) = pid {
+            reset_peak(p);
+        }
+        Results {
+            pid,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    /// Records `m` under `label` with the peak resident set since the previous record, and
+    /// starts a new one.
+    fn record(&mut self, label: impl Into<String>, m: Measure) {
+        let peak = self.pid.map(|p| {
+            let kib = tree_kib(p, "VmHWM:");
+            reset_peak(p);
+            kib
+        });
+        self.rows.insert(label.into(), (m, peak));
+    }
+
+    fn get(&self, label: &str) -> Option<&Measure> {
+        self.rows.get(label).map(|(m, _)| m)
+    }
+
+    /// The highest of the recorded peaks, and the workload it was reached in.
+    fn peak(&self) -> Option<(u64, &str)> {
+        self.rows
+            .iter()
+            .filter_map(|(l, (_, p))| p.map(|p| (p, l.as_str())))
+            .max()
+    }
+}
+
 /// Runs `ops` requests, `concurrency` at a time; `f(i)` performs request `i` and returns its bytes.
 async fn drive<F, Fut>(ops: usize, concurrency: usize, f: F) -> Measure
 where
@@ -195,11 +239,7 @@ struct Config {
     list_files: usize,
 }
 
-async fn filetracker_suite(
-    t: &Target,
-    cfg: &Config,
-    out: &mut BTreeMap<String, Measure>,
-) -> anyhow::Result<()> {
+async fn filetracker_suite(t: &Target, cfg: &Config, out: &mut Results) -> anyhow::Result<()> {
     let run = format!("/bench/{}", rand::rng().next_u32());
     let (fresh, keep) = (Http::new(&t.url, false)?, Http::new(&t.url, true)?);
     let (fresh, keep) = (&fresh, &keep);
@@ -224,7 +264,7 @@ async fn filetracker_suite(
         }
         let m = drive(cfg.small_ops, 16, |_| get(http, "/version/", |_| ())).await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
-        out.insert(label.into(), m);
+        out.record(label, m);
     }
     let mut slot = 0;
     for (label, http, conc) in [
@@ -249,7 +289,7 @@ async fn filetracker_suite(
         })
         .await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
-        out.insert(label.into(), m);
+        out.record(label, m);
     }
     for (label, http, conc) in [
         ("4 KiB GET, new conn, c=1", &fresh, 1),
@@ -270,7 +310,7 @@ async fn filetracker_suite(
         })
         .await;
         eprintln!("  {label}: {:.0} ops/s", m.ops_per_sec());
-        out.insert(label.into(), m);
+        out.record(label, m);
     }
     let label = "4 KiB re-upload of known content (dedup hit), c=16";
     if want(label) {
@@ -281,7 +321,7 @@ async fn filetracker_suite(
         })
         .await;
         eprintln!("  dedup hit: {:.0} ops/s", m.ops_per_sec());
-        out.insert(label.into(), m);
+        out.record(label, m);
     }
 
     if want("MiB") {
@@ -314,7 +354,7 @@ async fn filetracker_suite(
         })
         .await;
         eprintln!("  list: p50 {:?}", m.pct(0.5));
-        out.insert(format!("list a directory of {} files", cfg.list_files), m);
+        out.record(format!("list a directory of {} files", cfg.list_files), m);
     }
     // Last: 16 × `--huge-gib` GiB written leave the disk busy with writeback for a while, which
     // would slow the rows after them, and only on the servers that run them (S3 directly does
@@ -326,12 +366,7 @@ async fn filetracker_suite(
 }
 
 /// The 64 MiB (`--large-mib`) PUTs, pre-gzipped and raw, then GETs, cold and warm.
-async fn large(
-    keep: &Http,
-    run: &str,
-    cfg: &Config,
-    out: &mut BTreeMap<String, Measure>,
-) -> anyhow::Result<()> {
+async fn large(keep: &Http, run: &str, cfg: &Config, out: &mut Results) -> anyhow::Result<()> {
     let large = cfg.large_mib << 20;
     for (label, gz) in [
         ("64 MiB PUT, pre-gzipped + hints", true),
@@ -354,7 +389,7 @@ async fn large(
         })
         .await;
         eprintln!("  {label}: {:.0} MiB/s", m.mib_per_sec());
-        out.insert(label.replace("64", &cfg.large_mib.to_string()), m);
+        out.record(label.replace("64", &cfg.large_mib.to_string()), m);
     }
     let large_get = |i| {
         let path = format!("{run}/large/false/{i}");
@@ -362,24 +397,20 @@ async fn large(
     };
     let m = drive(LARGE_REPS, 1, large_get).await;
     eprintln!("  large GET: {:.0} MiB/s", m.mib_per_sec());
-    out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+    out.record(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
     // The same objects again: s3dedup on S3 now serves them from its read cache (filled, and
     // verified, just after the first read).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let m = drive(LARGE_REPS, 1, large_get).await;
     eprintln!("  large GET again: {:.0} MiB/s", m.mib_per_sec());
-    out.insert(
+    out.record(
         format!("{} MiB GET again (warm read cache)", cfg.large_mib),
         m,
     );
     Ok(())
 }
 
-async fn s3_suite(
-    endpoint: &str,
-    cfg: &Config,
-    out: &mut BTreeMap<String, Measure>,
-) -> anyhow::Result<()> {
+async fn s3_suite(endpoint: &str, cfg: &Config, out: &mut Results) -> anyhow::Result<()> {
     let s3 = s3_client(endpoint);
     let run = rand::rng().next_u32();
     let put = |key: String, body: Vec<u8>| {
@@ -406,9 +437,9 @@ async fn s3_suite(
         put(format!("{run}/s/{i}"), random(4096))
     })
     .await;
-    out.insert("4 KiB PUT, keep-alive, c=16".into(), m);
+    out.record("4 KiB PUT, keep-alive, c=16", m);
     let m = drive(cfg.small_ops, 16, |i| get(format!("{run}/s/{i}"))).await;
-    out.insert("4 KiB GET, keep-alive, c=16".into(), m);
+    out.record("4 KiB GET, keep-alive, c=16", m);
     let large = cfg.large_mib << 20;
     let bodies: Vec<Vec<u8>> = (0..LARGE_REPS).map(|_| gzip(&text_like(large))).collect();
     let logical = large as u64;
@@ -418,11 +449,11 @@ async fn s3_suite(
         async move { put(format!("{run}/l/{i}"), b).await.map(|_| logical) }
     })
     .await;
-    out.insert(format!("{} MiB PUT, pre-gzipped + hints", cfg.large_mib), m);
+    out.record(format!("{} MiB PUT, pre-gzipped + hints", cfg.large_mib), m);
     let m = drive(LARGE_REPS, 1, |i| get(format!("{run}/l/{i}"))).await;
-    out.insert(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
+    out.record(format!("{} MiB GET (bytes on the wire)", cfg.large_mib), m);
     let m = drive(LARGE_REPS, 1, |i| get(format!("{run}/l/{i}"))).await;
-    out.insert(
+    out.record(
         format!("{} MiB GET again (warm read cache)", cfg.large_mib),
         m,
     );
@@ -432,12 +463,7 @@ async fn s3_suite(
 /// Sixteen concurrent uploads of `gib` GiB each (pre-gzipped with hints, so every one is
 /// inflated and hashed by the server), then sixteen concurrent downloads without gzip (the
 /// server inflates each on the fly): what the peak RSS column then shows.
-async fn huge(
-    http: &Http,
-    run: &str,
-    gib: usize,
-    out: &mut BTreeMap<String, Measure>,
-) -> anyhow::Result<()> {
+async fn huge(http: &Http, run: &str, gib: usize, out: &mut Results) -> anyhow::Result<()> {
     let block = text_like(1 << 20);
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
     let mut hash = sha2::Sha256::default();
@@ -457,14 +483,14 @@ async fn huge(
     })
     .await;
     eprintln!("  16 × {gib} GiB PUT: {:.0} MiB/s", m.mib_per_sec());
-    out.insert(format!("16 × {gib} GiB PUT at once, pre-gzipped"), m);
+    out.record(format!("16 × {gib} GiB PUT at once, pre-gzipped"), m);
     let m = drive(16, 16, |i| {
         let path = format!("{run}/huge/{i}");
         async move { ft_get(http, &path).await }
     })
     .await;
     eprintln!("  16 × {gib} GiB GET: {:.0} MiB/s", m.mib_per_sec());
-    out.insert(format!("16 × {gib} GiB GET at once, inflated"), m);
+    out.record(format!("16 × {gib} GiB GET at once, inflated"), m);
     Ok(())
 }
 
@@ -490,21 +516,37 @@ fn sha256sum_and_gzip(data: &[u8]) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// Resets the peak resident set (`VmHWM`) of a process and all its descendants to what each
+/// holds now (`clear_refs` 5, Linux ≥ 4.0), so the next reading covers only what follows.
+fn reset_peak(pid: u32) {
+    for p in tree(pid) {
+        // A process that has just exited has nothing left to measure.
+        let _ = std::fs::write(format!("/proc/{p}/clear_refs"), "5");
+    }
+}
+
+/// A process and all its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            all.extend(tree(c));
+        }
+    }
+    all
+}
+
 /// A memory figure of `/proc/PID/status` (`VmHWM:` for the peak, `VmRSS:` for now) summed
 /// over a process and all its descendants, in KiB.
 fn tree_kib(pid: u32, field: &str) -> u64 {
-    let mut total = proc_status_kib(pid, field);
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            total += tree_kib(c, field);
-        }
-    }
-    total
+    tree(pid)
+        .into_iter()
+        .map(|p| proc_status_kib(p, field))
+        .sum()
 }
 
-/// One server's name, figures per workload, and peak and idle resident sets (KiB) if its PID
-/// is known.
-type ServerResult = (String, BTreeMap<String, Measure>, Option<(u64, u64)>);
+/// One server's name, its figures, and its resident set (KiB) after idling, if its PID is known.
+type ServerResult = (String, Results, Option<u64>);
 
 /// How long a server is left idle before its resident set is read: past twice s3dedup's
 /// default `api.release_memory_after_idle_secs`, when it has given back what it will.
@@ -554,9 +596,8 @@ async fn main() -> anyhow::Result<()> {
     let mut results: Vec<ServerResult> = Vec::new();
     for t in &targets {
         eprintln!("== {} ({})", t.name, t.url);
-        let mut out = BTreeMap::new();
+        let mut out = Results::new(t.pid);
         filetracker_suite(t, &cfg, &mut out).await?;
-        let peak = t.pid.map(|p| tree_kib(p, "VmHWM:"));
         let idle = match t.pid {
             Some(p) => {
                 tokio::time::sleep(IDLE_WAIT).await;
@@ -564,11 +605,11 @@ async fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
-        results.push((t.name.clone(), out, peak.zip(idle)));
+        results.push((t.name.clone(), out, idle));
     }
     if let Some(ep) = &s3 {
         eprintln!("== S3 directly ({ep})");
-        let mut out = BTreeMap::new();
+        let mut out = Results::new(None);
         s3_suite(ep, &cfg, &mut out).await?;
         results.push(("s3-direct".into(), out, None));
     }
@@ -595,7 +636,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn print_table(results: &[ServerResult], baseline: &str) {
-    let workloads: Vec<&String> = results[0].1.keys().collect();
+    let workloads: Vec<&String> = results[0].1.rows.keys().collect();
     let find = |name: &str, w: &str| {
         results
             .iter()
@@ -603,13 +644,15 @@ fn print_table(results: &[ServerResult], baseline: &str) {
             .and_then(|r| r.1.get(w))
     };
     println!(
-        "| workload | server | ops/s | MiB/s | p50 ms | p99 ms | errors | vs {baseline} | vs s3-direct |"
+        "| workload | server | ops/s | MiB/s | p50 ms | p99 ms | errors | peak RSS MiB | vs {baseline} | vs s3-direct |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for w in workloads {
         let large = w.contains("MiB");
         for (name, out, _) in results {
-            let Some(m) = out.get(w) else { continue };
+            let Some((m, peak)) = out.rows.get(w.as_str()) else {
+                continue;
+            };
             let ratio = |other: Option<&Measure>| match other {
                 Some(o) if name != baseline && o.ops > 0 => {
                     let (a, b) = if large {
@@ -627,29 +670,31 @@ fn print_table(results: &[ServerResult], baseline: &str) {
                 ratio(find("s3-direct", w))
             };
             println!(
-                "| {w} | {name} | {:.0} | {:.1} | {:.2} | {:.2} | {} | {} | {vs_s3} |",
+                "| {w} | {name} | {:.0} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {vs_s3} |",
                 m.ops_per_sec(),
                 m.mib_per_sec(),
                 m.pct(0.5).as_secs_f64() * 1e3,
                 m.pct(0.99).as_secs_f64() * 1e3,
                 m.errors,
+                peak.map_or(String::new(), mib),
                 ratio(find(baseline, w)),
             );
         }
     }
     println!();
     println!(
-        "| server | peak RSS (MiB, process tree) | RSS after {} s idle |",
+        "| server | peak RSS over the run (MiB, process tree) | reached in | RSS after {} s idle |",
         IDLE_WAIT.as_secs()
     );
-    println!("|---|---:|---:|");
-    for (name, _, rss) in results {
-        if let Some((peak, idle)) = rss {
-            println!(
-                "| {name} | {:.1} | {:.1} |",
-                *peak as f64 / 1024.0,
-                *idle as f64 / 1024.0
-            );
+    println!("|---|---:|---|---:|");
+    for (name, out, idle) in results {
+        if let (Some((peak, during)), Some(idle)) = (out.peak(), idle) {
+            println!("| {name} | {} | {during} | {} |", mib(peak), mib(*idle));
         }
     }
+}
+
+/// KiB as MiB, one decimal.
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
 }
