@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::metrics::Metrics;
 
 /// Chunks buffered between the socket and the blocking ingest task (bounded memory per upload:
-/// hyper hands over up to ~400 KiB a chunk, so 4 keep sixteen 1 GiB uploads under 100 MiB).
+/// each is at most `server::READ_BUFFER`).
 const BODY_QUEUE: usize = 4;
 /// Bodies declared this small are read whole and verified on the runtime thread: compressing
 /// 16 KiB (or inflating a gzip body to at most 64 KiB) takes tens of microseconds, less than the
