@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::ranged::{RangeBody, RangeSource, RangedReads};
 use super::{
@@ -42,9 +42,16 @@ pub struct S3Store {
     multipart_threshold: u64,
     part_size: u64,
     upload_concurrency: usize,
+    /// Parts being sent, all uploads together (see [`PARTS_IN_FLIGHT`]).
+    part_slots: Arc<Semaphore>,
     reads: RangedReads,
 }
 
+/// Parts that all uploads together send at once, in this process (at least
+/// `upload_concurrency`). While the S3 server takes a part in, the HTTP client queues up to
+/// ~400 KiB of it: sixteen concurrent 1 GiB uploads, four parts each, held 24 MiB that way, and
+/// more parts at once do not make the S3 server take them in faster.
+const PARTS_IN_FLIGHT: usize = 16;
 /// Bytes per range of an object read in ranges ([`RangedReads`]); what AWS suggests.
 const READ_RANGE: u64 = 8 << 20;
 /// Memory that all ranges read ahead of their turn may hold together, in this process.
@@ -146,6 +153,7 @@ impl S3Store {
             multipart_threshold: cfg.multipart_threshold,
             part_size: cfg.part_size,
             upload_concurrency: cfg.upload_concurrency,
+            part_slots: Arc::new(Semaphore::new(PARTS_IN_FLIGHT.max(cfg.upload_concurrency))),
             reads: RangedReads::new(READ_RANGE, cfg.download_concurrency, READ_AHEAD_BUFFER),
         })
     }
@@ -192,6 +200,8 @@ impl S3Store {
         index: u64,
         len: u64,
     ) -> Result<CompletedPart, StoreError> {
+        // Never closed: a failure to acquire cannot happen while `self` holds the semaphore.
+        let _slot = self.part_slots.acquire().await.ok();
         let body = ByteStream::read_from()
             .path(path)
             .offset(index * self.part_size)
