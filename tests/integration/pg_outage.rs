@@ -246,7 +246,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
 
     // Cut: the server side of every pooled connection is gone, and the API learns it only by
     // using them. Reads and writes go through on fresh connections; nothing fails.
-    proxy.cut_upstream();
+    proxy.cut_upstream().await;
     let r = http.get(api.url("/files/kept")).send().await.unwrap();
     assert_eq!(
         r.status(),
@@ -255,7 +255,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         r.headers()
     );
     assert_eq!(gunzip(&r.bytes().await.unwrap()), kept);
-    proxy.cut_upstream();
+    proxy.cut_upstream().await;
     let cut_body = unique_content("stall-cut", 3_000);
     let r = put("/after-cut", 1, cut_body.clone()).await.unwrap();
     assert_eq!(
@@ -264,11 +264,11 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         "PUT after the cut: {:?}",
         r.headers()
     );
-    proxy.cut_upstream();
+    proxy.cut_upstream().await;
     let r = http.get(api.url("/list/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "LIST after the cut");
     assert!(r.text().await.unwrap().contains("after-cut"));
-    proxy.cut_upstream();
+    proxy.cut_upstream().await;
     let r = http
         .delete(api.url(&format!("/files/after-cut?last_modified={}", lm(2))))
         .send()
