@@ -7,6 +7,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::gunzip::GzDecoder;
 use bytes::Bytes;
@@ -224,11 +226,42 @@ const HASH_THREAD_AFTER: u64 = 1 << 20;
 /// sides to trade without waiting on each other, few enough to keep an upload's memory small.
 const HASH_THREAD_BUFFERS: usize = 3;
 
+/// Hashing threads running in this process. Uploads arrive by the hundred, each thread holds
+/// its buffers, and more threads than cores hash no faster: past [`hash_thread_limit`], an
+/// upload hashes where it inflates until a thread is free.
+static HASH_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many hashing threads may run at once: one per core.
+fn hash_thread_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// One of the [`hash_thread_limit`] places for a hashing thread, given back when dropped.
+struct HashSlot;
+
+impl HashSlot {
+    fn take() -> Option<HashSlot> {
+        HASH_THREADS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < hash_thread_limit()).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HashSlot)
+    }
+}
+
+impl Drop for HashSlot {
+    fn drop(&mut self) {
+        HASH_THREADS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Hashes and counts uncompressed bytes, enforcing the size limit and stopping as soon as the
 /// content outgrows a claimed Logical-Size (no point inflating the rest of a lie).
 struct ContentSink {
     hasher: Hasher,
-    /// Content past which hashing moves to a thread; never again once a thread failed to start.
+    /// Content past which hashing moves to a thread; moved on by a MiB when none could start.
     thread_after: u64,
     size: u64,
     max: u64,
@@ -250,9 +283,10 @@ struct HashThread {
 }
 
 impl HashThread {
-    /// Hands the state hashed so far to a new thread; `None` if no thread can be started, in
-    /// which case hashing goes on where it was.
+    /// Hands the state hashed so far to a new thread; `None` if no thread can be started now
+    /// (all places taken, or the system refused one), in which case hashing goes on where it was.
     fn start(state: Sha256, buf_len: usize) -> Option<HashThread> {
+        let slot = HashSlot::take()?;
         let (full, to_hash) =
             std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_THREAD_BUFFERS);
         let (give_back, empty) = std::sync::mpsc::sync_channel(HASH_THREAD_BUFFERS + 1);
@@ -262,6 +296,8 @@ impl HashThread {
         let done = std::thread::Builder::new()
             .name("sha256".into())
             .spawn(move || {
+                // Held until the thread ends, also when the upload was dropped unfinished.
+                let _slot = slot;
                 let mut state = state;
                 // Ends when the sink is finished or dropped (the upload failed).
                 for (buf, n) in to_hash {
@@ -323,7 +359,7 @@ impl ContentSink {
         {
             match HashThread::start(state.clone(), buf.len()) {
                 Some(thread) => self.hasher = Hasher::Thread(thread),
-                None => self.thread_after = u64::MAX,
+                None => self.thread_after = self.size + HASH_THREAD_AFTER,
             }
         }
         match &mut self.hasher {
@@ -838,6 +874,77 @@ pub(crate) mod tests {
             &OPTS,
         );
         assert!(matches!(e, Err(BlobError::BadGzip(_))), "{e:?}");
+    }
+
+    /// Hands out `content` a frame at a time and, past `pause_at`, stops once at `gate`.
+    struct Gated<'a> {
+        content: &'a [u8],
+        sent: usize,
+        pause_at: usize,
+        gate: Option<&'a (dyn Fn() + Sync)>,
+    }
+
+    impl Read for Gated<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.sent >= self.pause_at
+                && let Some(gate) = self.gate.take()
+            {
+                gate();
+            }
+            let n = (self.content.len() - self.sent)
+                .min(buf.len())
+                .min(64 << 10);
+            buf[..n].copy_from_slice(&self.content[self.sent..n + self.sent]);
+            self.sent += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn more_large_uploads_than_cores_share_the_hashing_threads() {
+        // Every upload below is past the threshold at once, paused: at most one hashing thread
+        // per core runs; the others hash where they inflate, with the same result.
+        let limit = hash_thread_limit();
+        let n = limit + 3;
+        let contents: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let mut c = noise(3 * HASH_THREAD_AFTER as usize);
+                c[0] = i as u8;
+                c
+            })
+            .collect();
+        let all_paused = std::sync::Barrier::new(n);
+        let counted = std::sync::Barrier::new(n);
+        let seen = AtomicUsize::new(0);
+        let gate = || {
+            all_paused.wait();
+            seen.fetch_max(HASH_THREADS.load(Ordering::Acquire), Ordering::AcqRel);
+            counted.wait();
+        };
+        std::thread::scope(|s| {
+            for c in &contents {
+                let gate: &(dyn Fn() + Sync) = &gate;
+                s.spawn(move || {
+                    let body = Gated {
+                        content: c,
+                        sent: 0,
+                        pause_at: 2 * HASH_THREAD_AFTER as usize,
+                        gate: Some(gate),
+                    };
+                    let hints = Hints {
+                        sha256: Some(sha(c)),
+                        logical_size: Some(c.len() as u64),
+                    };
+                    let info = ingest(body, Encoding::Identity, io::sink(), &hints, &OPTS);
+                    assert_eq!(info.unwrap().digest, sha(c));
+                });
+            }
+        });
+        let seen = seen.into_inner();
+        assert!(
+            (1..=limit).contains(&seen),
+            "{seen} hashing threads ran at once, {limit} allowed"
+        );
     }
 
     #[test]
