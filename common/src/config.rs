@@ -117,6 +117,12 @@ pub struct CleanerConfig {
     /// Deleted paths are remembered this long, so a migration (migrator or the API's fallback)
     /// does not bring them back; 0: forever.
     pub remember_deletions_days: u64,
+    /// Every request deleting one object is sent within this time; past it the cleaner drops
+    /// it and leaves the object to its next run.
+    pub delete_timeout_secs: u64,
+    /// How long after a delete request was dropped (or its sender died) the object store may
+    /// still carry it out. A PUT of that content in the meantime waits until both have passed.
+    pub delete_settle_secs: u64,
 }
 
 impl Default for CleanerConfig {
@@ -126,6 +132,8 @@ impl Default for CleanerConfig {
             lock_timeout_secs: 5,
             page_size: 1000,
             remember_deletions_days: 90,
+            delete_timeout_secs: 30,
+            delete_settle_secs: 30,
         }
     }
 }
@@ -572,6 +580,9 @@ impl Config {
         }
         if self.migrator.jobs == 0 {
             return bad("migrator.jobs", "must be at least 1");
+        }
+        if self.cleaner.delete_timeout_secs == 0 {
+            return bad("cleaner.delete_timeout_secs", "must be at least 1");
         }
         if self.cleaner.page_size == 0 {
             return bad("cleaner.page_size", "must be at least 1");

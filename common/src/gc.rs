@@ -1,20 +1,23 @@
 //! Garbage collection and verification of a store, as `s3dedup-cleaner` runs them.
 //!
 //! Deleting a blob: take its lock, re-check inside one statement that it is still unreferenced
-//! past the grace period and mark it `deleting` (tombstone), delete the object, remove the row.
-//! A crash anywhere leaves either a live row with its object or a tombstone the next run
-//! finishes. Objects without any row are deleted only when older than the grace period, under
-//! the digest's lock and after a re-check, since they may be an upload about to commit.
+//! past the grace period and make it a tombstone of a new deletion (recording until when a
+//! delete request of it may still reach the object store), confirm the lock is still held,
+//! delete the object with every request sent before a deadline, and record the object gone.
+//! A crash anywhere leaves a live row with its object, or a tombstone the next run finishes.
+//! Objects without any row get such a tombstone first, under the digest's lock, since they may
+//! be an upload about to commit. Why each interleaving is safe: docs/design.md.
 
 use std::io;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::time::Instant;
 
 use crate::blob::{self, BlobInfo, ChannelReader, Digest};
-use crate::filestore::{FileStore, FileStoreError};
-use crate::locks::{LockMode, blob_lock};
-use crate::store::{ObjectEntry, StoreError};
+use crate::filestore::{FileStore, FileStoreError, TOMBSTONE_KEEP};
+use crate::locks::{BlobLock, Exclusive, LockError, LockMode, Shared};
+use crate::store::{Deleted, ObjectEntry, StoreError};
 
 /// Name of the lock only one cleaner run per bucket holds.
 pub const CLEANER_LOCK: &str = "cleaner";
@@ -36,6 +39,19 @@ pub struct GcOptions {
     pub orphans: bool,
     /// Forget remembered deletions of paths older than this; `None`: keep them forever.
     pub remember_deletions: Option<Duration>,
+    /// Every request of one deletion is sent within this time of its tombstone; past it the
+    /// deletion is dropped and left to the next run.
+    pub delete_timeout: Duration,
+    /// How long after its request was dropped (or its sender died) the object store may still
+    /// carry out a delete. A PUT of the same content waits until both have passed.
+    pub delete_settle: Duration,
+}
+
+impl GcOptions {
+    /// How long a new tombstone's delete requests may reach the object store.
+    fn settle(&self) -> Duration {
+        self.delete_timeout + self.delete_settle
+    }
 }
 
 /// What a run did (or, in a dry run, would do).
@@ -49,8 +65,12 @@ pub struct GcReport {
     pub skipped_busy: u64,
     /// Remembered deletions of paths forgotten (older than `remember_deletions`).
     pub deletions_forgotten: u64,
+    /// Tombstones of deleted objects forgotten, long after their deletion settled.
+    pub tombstones_forgotten: u64,
     /// Abandoned multipart uploads of our objects aborted (older than the grace period).
     pub uploads_aborted: u64,
+    /// Deletions abandoned because the blob's lock was lost before the object was deleted.
+    pub locks_lost: u64,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
 }
@@ -65,13 +85,14 @@ impl GcReport {
         let verb = if dry_run { "would free" } else { "freed" };
         format!(
             "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} abandoned uploads \
-             aborted; {} busy, {} old deletions forgotten, {} errors",
+             aborted; {} busy, {} locks lost, {} old deletions forgotten, {} errors",
             self.blobs_deleted,
             self.bytes_freed,
             self.orphans_deleted,
             self.orphan_bytes,
             self.uploads_aborted,
             self.skipped_busy,
+            self.locks_lost,
             self.deletions_forgotten,
             self.errors.len()
         )
@@ -107,26 +128,35 @@ pub async fn collect(
     let cutoff = now - opts.grace.as_secs() as i64;
     let mut report = GcReport::default();
     let mut after: Option<Digest> = None;
-    'blobs: loop {
-        let page = fs
+    loop {
+        let mut page = fs
             .meta
             .unreferenced_blobs(cutoff, after.as_ref(), opts.page_size)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.digest);
-        for blob in page {
-            if limit_reached(&report, opts) {
-                break 'blobs;
-            }
-            delete_blob(fs, &blob, cutoff, opts, &mut report).await;
+        if let Some(max) = opts.max_deletes {
+            page.truncate(max.saturating_sub(report.deletions()) as usize);
+        }
+        let mut outcomes = futures::stream::iter(&page)
+            .map(|blob| delete_blob(fs, blob, cutoff, opts))
+            .buffer_unordered(DELETE_CONCURRENCY);
+        while let Some((blob, outcome)) = outcomes.next().await {
+            report.tally(blob, outcome);
         }
         progress(&report);
+        if limit_reached(&report, opts) {
+            break;
+        }
     }
     if opts.orphans && !limit_reached(&report, opts) {
-        sweep_orphans(fs, cutoff, opts, &mut report, progress).await?;
+        sweep_orphans(fs, cutoff, now, opts, &mut report, progress).await?;
     }
     if opts.orphans {
         abort_stale_uploads(fs, cutoff, opts, &mut report).await;
+    }
+    if !opts.dry_run {
+        report.tombstones_forgotten = fs.meta.purge_tombstones(TOMBSTONE_KEEP).await?;
     }
     if let Some(keep) = opts.remember_deletions.filter(|_| !opts.dry_run) {
         let before = now - keep.as_secs() as i64;
@@ -136,52 +166,134 @@ pub async fn collect(
     Ok(report)
 }
 
-async fn delete_blob(
+/// Why a deletion stopped short.
+enum Abandoned {
+    /// The blob's lock was lost before the object was deleted.
+    LockLost(String),
+    Failed(FileStoreError),
+}
+
+impl From<FileStoreError> for Abandoned {
+    fn from(e: FileStoreError) -> Self {
+        match e {
+            FileStoreError::Lock(LockError::Lost { why, .. }) => Abandoned::LockLost(why),
+            e => Abandoned::Failed(e),
+        }
+    }
+}
+
+impl From<crate::meta::MetaError> for Abandoned {
+    fn from(e: crate::meta::MetaError) -> Self {
+        Abandoned::Failed(e.into())
+    }
+}
+
+impl From<StoreError> for Abandoned {
+    fn from(e: StoreError) -> Self {
+        Abandoned::Failed(e.into())
+    }
+}
+
+impl From<LockError> for Abandoned {
+    fn from(e: LockError) -> Self {
+        FileStoreError::from(e).into()
+    }
+}
+
+/// Records a deletion abandoned for a lost lock.
+fn lock_lost(report: &mut GcReport, what: &str, digest: &Digest, why: &str) {
+    report.locks_lost += 1;
+    tracing::warn!(lock = %format!("blob:{digest}"), cause = why,
+        "lost the lock of {what} {digest} ({why}); abandoned deleting its object, which the \
+         next run finishes unless a writer revived it");
+}
+
+/// Blobs of a page deleted at once: each is a few database round trips and a delete request,
+/// under a lock of its own.
+const DELETE_CONCURRENCY: usize = 8;
+
+/// What became of one unreferenced blob.
+enum Outcome {
+    Deleted,
+    /// Referenced again, or younger than the grace period by now.
+    Kept,
+    /// A PUT held its lock throughout.
+    Busy,
+    Abandoned(Abandoned),
+}
+
+impl GcReport {
+    fn tally(&mut self, blob: &BlobInfo, outcome: Outcome) {
+        let d = &blob.digest;
+        match outcome {
+            Outcome::Deleted => {
+                self.blobs_deleted += 1;
+                self.bytes_freed += blob.stored_size;
+                tracing::debug!(digest = %d, "deleted unreferenced blob");
+            }
+            Outcome::Kept => {}
+            Outcome::Busy => self.skipped_busy += 1,
+            Outcome::Abandoned(Abandoned::LockLost(why)) => lock_lost(self, "blob", d, &why),
+            Outcome::Abandoned(Abandoned::Failed(e)) => self.errors.push(format!("blob {d}: {e}")),
+        }
+    }
+}
+
+async fn delete_blob<'a>(
     fs: &FileStore,
-    blob: &BlobInfo,
+    blob: &'a BlobInfo,
     cutoff: i64,
     opts: &GcOptions,
-    report: &mut GcReport,
-) {
-    let d = blob.digest;
+) -> (&'a BlobInfo, Outcome) {
     if opts.dry_run {
-        report.blobs_deleted += 1;
-        report.bytes_freed += blob.stored_size;
-        return;
+        return (blob, Outcome::Deleted);
     }
-    let guard = match fs
-        .locks
-        .lock(&blob_lock(&d), LockMode::Exclusive, opts.lock_timeout)
-        .await
-    {
-        Ok(g) => g,
-        Err(crate::locks::LockError::Timeout { .. }) => {
-            report.skipped_busy += 1;
-            return;
-        }
-        Err(e) => {
-            report.errors.push(format!("blob {d}: {e}"));
-            return;
-        }
+    let lock =
+        match BlobLock::<Exclusive>::acquire(&*fs.locks, &blob.digest, opts.lock_timeout).await {
+            Ok(l) => l,
+            Err(LockError::Timeout { .. }) => return (blob, Outcome::Busy),
+            Err(e) => return (blob, Outcome::Abandoned(e.into())),
+        };
+    let result = delete_locked(fs, &lock, cutoff, opts).await;
+    lock.release().await;
+    let outcome = match result {
+        Ok(true) => Outcome::Deleted,
+        Ok(false) => Outcome::Kept,
+        Err(e) => Outcome::Abandoned(e),
     };
-    let result: Result<bool, FileStoreError> = async {
-        if !fs.meta.tombstone_blob(&d, cutoff).await? {
-            return Ok(false); // referenced again, or younger than the grace period now
+    (blob, outcome)
+}
+
+/// The deletion itself, under the blob's lock; false when the blob is referenced again (or
+/// still young).
+async fn delete_locked(
+    fs: &FileStore,
+    lock: &BlobLock<Exclusive>,
+    cutoff: i64,
+    opts: &GcOptions,
+) -> Result<bool, Abandoned> {
+    let d = lock.digest();
+    // Started before the tombstone, whose settle time starts later on the database's clock:
+    // every request of this delete goes out at least `delete_settle` before that time.
+    let deadline = Instant::now() + opts.delete_timeout;
+    let Some(deletion) = fs.meta.tombstone_blob(lock, cutoff, opts.settle()).await? else {
+        return Ok(false); // referenced again, or younger than the grace period now
+    };
+    lock.ensure_held().await?;
+    match fs.store.delete(d, deadline).await {
+        Ok(settled) => {
+            // Only a fact about this deletion, written whatever became of the lock: a writer
+            // who revived the blob meanwhile changed the tombstone, and this changes nothing.
+            fs.meta
+                .finish_deletion(d, deletion, settled == Deleted::Settled)
+                .await?;
+            Ok(true)
         }
-        fs.store.delete(&d).await?;
-        fs.meta.remove_blob(&d).await?;
-        Ok(true)
-    }
-    .await;
-    guard.release().await;
-    match result {
-        Ok(true) => {
-            report.blobs_deleted += 1;
-            report.bytes_freed += blob.stored_size;
-            tracing::debug!(digest = %d, "deleted unreferenced blob");
-        }
-        Ok(false) => {}
-        Err(e) => report.errors.push(format!("blob {d}: {e}")),
+        // The delete failed: say so as a lost lock if that is what stopped it.
+        Err(e) => match lock.ensure_held().await {
+            Err(LockError::Lost { why, .. }) => Err(Abandoned::LockLost(why)),
+            _ => Err(e.into()),
+        },
     }
 }
 
@@ -216,6 +328,7 @@ const ORPHAN_BATCH: usize = 100;
 async fn sweep_orphans(
     fs: &FileStore,
     cutoff: i64,
+    now: i64,
     opts: &GcOptions,
     report: &mut GcReport,
     progress: &(dyn Fn(&GcReport) + Sync),
@@ -238,7 +351,7 @@ async fn sweep_orphans(
             candidates.truncate(max.saturating_sub(report.deletions()) as usize);
         }
         for batch in candidates.chunks(ORPHAN_BATCH) {
-            delete_orphans(fs, batch, opts, report).await;
+            delete_orphans(fs, batch, now, opts, report).await;
         }
         progress(report);
         if limit_reached(report, opts) {
@@ -250,6 +363,7 @@ async fn sweep_orphans(
 async fn delete_orphans(
     fs: &FileStore,
     batch: &[&ObjectEntry],
+    now: i64,
     opts: &GcOptions,
     report: &mut GcReport,
 ) {
@@ -260,40 +374,23 @@ async fn delete_orphans(
     }
     let mut held = Vec::with_capacity(batch.len());
     for o in batch {
-        match fs
-            .locks
-            .lock(
-                &blob_lock(&o.digest),
-                LockMode::Exclusive,
-                opts.lock_timeout,
-            )
-            .await
-        {
-            Ok(g) => held.push((*o, g)),
-            Err(crate::locks::LockError::Timeout { .. }) => report.skipped_busy += 1,
+        match BlobLock::<Exclusive>::acquire(&*fs.locks, &o.digest, opts.lock_timeout).await {
+            Ok(l) => held.push((*o, l)),
+            Err(LockError::Timeout { .. }) => report.skipped_busy += 1,
             Err(e) => report.errors.push(format!("orphan {}: {e}", o.digest)),
         }
     }
-    // Under the locks no PUT is between its upload and its commit: a row now means it committed.
-    let digests: Vec<Digest> = held.iter().map(|(o, _)| o.digest).collect();
-    let result = async {
-        let known = fs.meta.known_blobs(&digests).await?;
-        let doomed: Vec<&ObjectEntry> = held
-            .iter()
-            .map(|(o, _)| *o)
-            .filter(|o| !known.contains(&o.digest))
-            .collect();
-        let ids: Vec<Digest> = doomed.iter().map(|o| o.digest).collect();
-        let failed = fs.store.delete_many(&ids).await?;
-        Ok::<_, FileStoreError>((doomed, failed))
-    }
-    .await;
-    for (_, g) in held {
-        g.release().await;
+    let first = held
+        .first()
+        .map(|(o, _)| o.digest.to_hex())
+        .unwrap_or_default();
+    let result = delete_orphans_locked(fs, &held, now, opts, report).await;
+    for (_, l) in held {
+        l.release().await;
     }
     match result {
-        Ok((doomed, failed)) => {
-            for o in doomed {
+        Ok((deleted, failed)) => {
+            for o in deleted {
                 if let Some((_, why)) = failed.iter().find(|(d, _)| *d == o.digest) {
                     report.errors.push(format!("orphan {}: {why}", o.digest));
                 } else {
@@ -303,14 +400,51 @@ async fn delete_orphans(
                 }
             }
         }
-        Err(e) => report.errors.push(format!(
-            "orphans {}..: {e}",
-            digests.first().map(Digest::to_hex).unwrap_or_default()
-        )),
+        Err(e) => report.errors.push(format!("orphans {first}..: {e}")),
     }
 }
 
-/// What `--verify` found.
+/// Under the locks no PUT is between its upload and its commit, unless its lock was lost: a
+/// tombstone row made now is what such a PUT's commit finds instead of the absence it saw.
+async fn delete_orphans_locked<'a>(
+    fs: &FileStore,
+    held: &[(&'a ObjectEntry, BlobLock<Exclusive>)],
+    now: i64,
+    opts: &GcOptions,
+    report: &mut GcReport,
+) -> Result<(Vec<&'a ObjectEntry>, Vec<(Digest, String)>), FileStoreError> {
+    let deadline = Instant::now() + opts.delete_timeout;
+    let orphans: Vec<(&BlobLock<Exclusive>, u64)> = held.iter().map(|(o, l)| (l, o.size)).collect();
+    let made = fs
+        .meta
+        .tombstone_orphans(&orphans, opts.settle(), now)
+        .await?;
+    let mut doomed = Vec::with_capacity(made.len());
+    for (digest, deletion) in made {
+        let Some((o, lock)) = held.iter().find(|(o, _)| o.digest == digest) else {
+            continue;
+        };
+        match lock.ensure_held().await {
+            Ok(()) => doomed.push((*o, deletion)),
+            Err(LockError::Lost { why, .. }) => lock_lost(report, "orphaned object", &digest, &why),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ids: Vec<Digest> = doomed.iter().map(|(o, _)| o.digest).collect();
+    let done = fs.store.delete_many(&ids, deadline).await?;
+    let settled = done.settled == Deleted::Settled;
+    for (o, deletion) in &doomed {
+        if !done.failed.iter().any(|(d, _)| *d == o.digest) {
+            fs.meta
+                .finish_deletion(&o.digest, *deletion, settled)
+                .await?;
+        }
+    }
+    Ok((doomed.into_iter().map(|(o, _)| o).collect(), done.failed))
+}
+
+/// What `--verify` found. Each problem was seen twice: once in the scan, and again under the
+/// blob's lock against a fresh row, so a blob deleted or stored again meanwhile is none.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
     pub blobs_checked: u64,
@@ -321,25 +455,48 @@ pub struct VerifyReport {
     pub wrong_size: Vec<(Digest, u64, u64)>,
     /// Objects that do not inflate to their digest and logical size (deep only).
     pub corrupt: Vec<(Digest, String)>,
+    /// Objects the store would not let us read (permissions, I/O errors), with why.
+    pub unreadable: Vec<(Digest, String)>,
     /// `(digest, recorded, actual)` reference counts that differ.
     pub refcounts: Vec<(Digest, i64, i64)>,
+    /// Problems seen in the scan that could not be checked again: a writer held the blob's
+    /// lock throughout. Not counted as problems.
+    pub unconfirmed: Vec<Digest>,
 }
 
 impl VerifyReport {
     /// Number of problems found.
     pub fn problems(&self) -> usize {
-        self.missing.len() + self.wrong_size.len() + self.corrupt.len() + self.refcounts.len()
+        self.missing.len()
+            + self.wrong_size.len()
+            + self.corrupt.len()
+            + self.unreadable.len()
+            + self.refcounts.len()
+    }
+
+    fn record(&mut self, b: &BlobInfo, check: Check) {
+        match check {
+            Check::Ok => {}
+            Check::Missing => self.missing.push(b.digest),
+            Check::WrongSize(actual) => self.wrong_size.push((b.digest, b.stored_size, actual)),
+            Check::Corrupt(why) => self.corrupt.push((b.digest, why)),
+            Check::Unreadable(why) => self.unreadable.push((b.digest, why)),
+            Check::Busy => self.unconfirmed.push(b.digest),
+        }
     }
 }
 
 /// Checks every live blob's object (exists, recorded size; with `deep`, also re-reads and
-/// re-hashes it) and every reference count. Deletes nothing.
+/// re-hashes it) and every reference count. Deletes nothing. An object store that does not
+/// answer at all is an error; one object it will not give is a problem, and the scan goes on.
 pub async fn verify(
     fs: &FileStore,
     deep: bool,
     page_size: usize,
+    lock_timeout: Duration,
     progress: &(dyn Fn(&VerifyReport) + Sync),
 ) -> Result<VerifyReport, FileStoreError> {
+    fs.store.check().await?;
     let mut report = VerifyReport {
         refcounts: fs.meta.refcount_mismatches().await?,
         ..VerifyReport::default()
@@ -355,17 +512,14 @@ pub async fn verify(
             .buffer_unordered(4)
             .collect::<Vec<_>>()
             .await;
-        for (b, outcome) in checks {
+        for (b, first) in checks {
             report.blobs_checked += 1;
             report.bytes_checked += b.stored_size;
-            match outcome {
-                Ok(Check::Ok) => {}
-                Ok(Check::Missing) => report.missing.push(b.digest),
-                Ok(Check::WrongSize(actual)) => {
-                    report.wrong_size.push((b.digest, b.stored_size, actual))
-                }
-                Ok(Check::Corrupt(why)) => report.corrupt.push((b.digest, why)),
-                Err(e) => return Err(e),
+            if matches!(first, Check::Ok) {
+                continue;
+            }
+            if let Some((row, check)) = recheck(fs, &b.digest, deep, lock_timeout).await? {
+                report.record(&row, check);
             }
         }
         progress(&report);
@@ -373,33 +527,75 @@ pub async fn verify(
     Ok(report)
 }
 
+/// A problem seen in the scan, checked again under the blob's shared lock (no upload or
+/// deletion of it in progress) against its row as it is now. `None`: the row is gone or not
+/// live any more, so nothing is wrong.
+async fn recheck(
+    fs: &FileStore,
+    digest: &Digest,
+    deep: bool,
+    lock_timeout: Duration,
+) -> Result<Option<(BlobInfo, Check)>, FileStoreError> {
+    let lock = match BlobLock::<Shared>::acquire(&*fs.locks, digest, lock_timeout).await {
+        Ok(l) => l,
+        Err(LockError::Timeout { .. }) => {
+            return Ok(Some((
+                BlobInfo {
+                    digest: *digest,
+                    logical_size: 0,
+                    stored_size: 0,
+                },
+                Check::Busy,
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let result = async {
+        let Some(row) = fs.meta.get_blob(digest).await?.filter(|r| r.live) else {
+            return Ok(None);
+        };
+        let check = check_blob(fs, &row.info, deep).await;
+        Ok(Some((row.info, check)))
+    }
+    .await;
+    lock.release().await;
+    result
+}
+
 enum Check {
     Ok,
     Missing,
     WrongSize(u64),
     Corrupt(String),
+    Unreadable(String),
+    /// Its lock stayed taken: checked once only.
+    Busy,
 }
 
-async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Result<Check, FileStoreError> {
-    let Some(size) = fs.store.head(&b.digest).await? else {
-        return Ok(Check::Missing);
+async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
+    let size = match fs.store.head(&b.digest).await {
+        Ok(Some(size)) => size,
+        Ok(None) => return Check::Missing,
+        Err(e) => return Check::Unreadable(e.to_string()),
     };
     if size != b.stored_size {
-        return Ok(Check::WrongSize(size));
+        return Check::WrongSize(size);
     }
     if !deep {
-        return Ok(Check::Ok);
+        return Check::Ok;
     }
     let stream = match fs.store.get(&b.digest).await {
         Ok(s) => s,
-        Err(StoreError::NotFound { .. }) => return Ok(Check::Missing),
-        Err(e) => return Err(e.into()),
+        Err(StoreError::NotFound { .. }) => return Check::Missing,
+        Err(e) => return Check::Unreadable(e.to_string()),
     };
-    Ok(match inflate_digest(stream).await {
+    match inflate_digest(stream).await {
         Ok((d, n)) if d == b.digest && n == b.logical_size => Check::Ok,
         Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
+        // The stream failing to deliver is the store's doing, not the content's.
+        Err(blob::BlobError::Interrupted(why)) => Check::Unreadable(why),
         Err(e) => Check::Corrupt(e.to_string()),
-    })
+    }
 }
 
 /// Inflates a stored object stream off the runtime, returning its content's digest and size.
@@ -463,7 +659,23 @@ mod tests {
             page_size: 2,
             orphans: true,
             remember_deletions: Some(Duration::from_secs(100)),
+            delete_timeout: Duration::from_secs(10),
+            delete_settle: Duration::from_secs(5),
         }
+    }
+
+    const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// The blob's row says its object was deleted.
+    async fn deleted(fs: &FileStore, d: &Digest) -> bool {
+        let lock = BlobLock::<Exclusive>::assumed(d);
+        let row = fs.meta.get_blob(d).await.unwrap();
+        let state = fs.meta.blob_state(lock.held()).await.unwrap();
+        row.is_some_and(|r| !r.live) && matches!(state, crate::meta::BlobState::Tombstone { .. })
     }
 
     fn no_progress<T>(_: &T) {}
@@ -501,8 +713,13 @@ mod tests {
             "inside the grace period"
         );
         assert!(fs.store.head(&kept).await.unwrap().is_some(), "referenced");
-        assert_eq!(fs.meta.known_blobs(&[old]).await.unwrap(), vec![]);
-        let v = verify(&fs, true, 10, &no_progress).await.unwrap();
+        assert!(
+            deleted(&fs, &old).await,
+            "a tombstone remembers the deletion"
+        );
+        let v = verify(&fs, true, 10, LOCK_WAIT, &no_progress)
+            .await
+            .unwrap();
         assert_eq!((v.problems(), v.blobs_checked), (0, 2), "{v:?}");
     }
 
@@ -551,19 +768,25 @@ mod tests {
         let d = put(&fs, "/x", b"doomed", 0).await;
         fs.delete("/x", 1, 0).await.unwrap();
         // A run that died right after marking the row.
-        assert!(fs.meta.tombstone_blob(&d, 10).await.unwrap());
+        let tombstone = async |d: &Digest| {
+            let lock = BlobLock::<Exclusive>::assumed(d);
+            let settle = Duration::from_secs(5);
+            let made = fs.meta.tombstone_blob(&lock, 10, settle).await.unwrap();
+            assert!(made.is_some(), "tombstoned");
+        };
+        tombstone(&d).await;
         let r = collect(&fs, &opts(0), 10, &no_progress).await.unwrap();
         assert_eq!(r.blobs_deleted, 1);
         assert!(fs.store.head(&d).await.unwrap().is_none());
-        assert_eq!(fs.meta.known_blobs(&[d]).await.unwrap(), vec![]);
-        // And one that died after deleting the object but before removing the row.
+        assert!(deleted(&fs, &d).await);
+        // And one that died after deleting the object but before recording it.
         let d = put(&fs, "/y", b"doomed too", 0).await;
         fs.delete("/y", 1, 0).await.unwrap();
-        assert!(fs.meta.tombstone_blob(&d, 10).await.unwrap());
-        fs.store.delete(&d).await.unwrap();
+        tombstone(&d).await;
+        fs.store.delete(&d, soon()).await.unwrap();
         let r = collect(&fs, &opts(0), 10, &no_progress).await.unwrap();
         assert_eq!((r.blobs_deleted, r.errors.len()), (1, 0));
-        assert_eq!(fs.meta.known_blobs(&[d]).await.unwrap(), vec![]);
+        assert!(deleted(&fs, &d).await);
     }
 
     #[tokio::test]
@@ -604,7 +827,7 @@ mod tests {
         let a = put(&fs, "/a", b"content a", 0).await;
         let b = put(&fs, "/b", b"content b", 0).await;
         let c = put(&fs, "/c", b"content c", 0).await;
-        fs.store.delete(&a).await.unwrap();
+        fs.store.delete(&a, soon()).await.unwrap();
         // Replace b's object with the gzip of other content of the same size.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
         std::io::Write::write_all(&mut gz, b"content B").unwrap();
@@ -614,13 +837,17 @@ mod tests {
             .put(&b, SpoolBody::Memory(gz.into()), size)
             .await
             .unwrap();
-        let shallow = verify(&fs, false, 10, &no_progress).await.unwrap();
+        let shallow = verify(&fs, false, 10, LOCK_WAIT, &no_progress)
+            .await
+            .unwrap();
         assert_eq!(shallow.missing, vec![a]);
         assert!(
             shallow.corrupt.is_empty(),
             "a shallow check does not read contents"
         );
-        let deep = verify(&fs, true, 10, &no_progress).await.unwrap();
+        let deep = verify(&fs, true, 10, LOCK_WAIT, &no_progress)
+            .await
+            .unwrap();
         assert_eq!(deep.missing, vec![a]);
         assert_eq!(deep.corrupt.len(), 1);
         assert_eq!(deep.corrupt[0].0, b);

@@ -14,6 +14,7 @@ pub mod locks;
 pub mod memory;
 pub mod meta;
 pub mod migrate;
+pub mod pg;
 pub mod program;
 pub mod protocol;
 pub mod spool;

@@ -23,6 +23,43 @@ pub enum SpoolBody {
     File(NamedTempFile),
 }
 
+impl SpoolBody {
+    /// A second handle on the bytes, kept while the body is stored, so that they can be stored
+    /// again if the first store is undone (the cleaner, let in by a lost lock, deleted the
+    /// object before its row was written). A file stays readable through it after the body
+    /// is moved into place or deleted.
+    pub fn retain(&self) -> io::Result<Retained> {
+        Ok(match self {
+            SpoolBody::Memory(b) => Retained::Memory(b.clone()),
+            SpoolBody::File(f) => Retained::File(f.reopen()?),
+        })
+    }
+}
+
+/// See [`SpoolBody::retain`].
+#[derive(Debug)]
+pub enum Retained {
+    Memory(Bytes),
+    File(std::fs::File),
+}
+
+impl Retained {
+    /// The bytes as a body again: a file is copied into a new spool file in `dir`. Blocking.
+    pub fn restore(&self, dir: &Path) -> io::Result<SpoolBody> {
+        match self {
+            Retained::Memory(b) => Ok(SpoolBody::Memory(b.clone())),
+            Retained::File(f) => {
+                use std::io::Seek;
+                let mut f = f.try_clone()?;
+                let mut copy = new_spool_file(dir)?;
+                f.seek(io::SeekFrom::Start(0))?;
+                io::copy(&mut f, copy.as_file_mut())?;
+                Ok(SpoolBody::File(copy))
+            }
+        }
+    }
+}
+
 /// How much of a growing spool file is on disk, for a reader that sends it on before the
 /// upload ends (S3 parts sent while the body still arrives).
 #[derive(Debug, Clone, Default)]
@@ -233,6 +270,23 @@ mod tests {
         );
         drop(f);
         assert_eq!(files_in(dir.path()), 0, "the file goes with the body");
+    }
+
+    #[test]
+    fn a_retained_body_outlives_the_one_stored_and_is_restored_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = written(dir.path(), 4, &[b"abcdef", b"ghij"]);
+        let retained = body.retain().unwrap();
+        drop(body); // stored and gone, as after an upload
+        assert_eq!(files_in(dir.path()), 0);
+        let SpoolBody::File(again) = retained.restore(dir.path()).unwrap() else {
+            panic!("a file body stays a file")
+        };
+        assert_eq!(std::fs::read(again.path()).unwrap(), b"abcdefghij");
+        let small = written(dir.path(), 64, &[b"xyz"]).retain().unwrap();
+        assert!(
+            matches!(small.restore(dir.path()).unwrap(), SpoolBody::Memory(b) if &b[..] == b"xyz")
+        );
     }
 
     #[test]

@@ -136,7 +136,9 @@ impl From<FileStoreError> for ApiError {
             }
             FileStoreError::Store(StoreError::Full { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             FileStoreError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            FileStoreError::Lock(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FileStoreError::Lock(_) | FileStoreError::Changed { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             FileStoreError::Blob(BlobError::TooLarge(_) | BlobError::GzipBomb(_)) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -306,9 +308,11 @@ async fn metrics(state: &AppState) -> Response {
     let stats = state.files.meta.stats().await.ok();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state
-            .metrics
-            .render(stats.as_ref(), state.cache.as_ref().map(|c| c.stats())),
+        state.metrics.render(
+            stats.as_ref(),
+            state.cache.as_ref().map(|c| c.stats()),
+            state.files.lock_incidents(),
+        ),
     )
         .into_response()
 }

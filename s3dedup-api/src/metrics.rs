@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use s3dedup_common::filestore::LockIncidents;
 use s3dedup_common::meta::Stats;
 use s3dedup_common::store::CacheStats;
 
@@ -67,7 +68,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with store totals when the database answered.
-    pub fn render(&self, stats: Option<&Stats>, cache: Option<CacheStats>) -> String {
+    pub fn render(
+        &self,
+        stats: Option<&Stats>,
+        cache: Option<CacheStats>,
+        locks: LockIncidents,
+    ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
         let _ = writeln!(out, "# TYPE s3dedup_requests_total counter");
@@ -114,31 +120,47 @@ impl Metrics {
             (
                 "s3dedup_received_bytes_total",
                 "Request body bytes received.",
-                &self.bytes_in,
+                self.bytes_in.load(Relaxed),
             ),
             (
                 "s3dedup_sent_bytes_total",
                 "Response body bytes sent.",
-                &self.bytes_out,
+                self.bytes_out.load(Relaxed),
             ),
             (
                 "s3dedup_dedup_hits_total",
                 "Uploads whose content was already stored.",
-                &self.dedup_hits,
+                self.dedup_hits.load(Relaxed),
             ),
             (
                 "s3dedup_dedup_misses_total",
                 "Uploads that stored new content.",
-                &self.dedup_misses,
+                self.dedup_misses.load(Relaxed),
             ),
             (
                 "s3dedup_fallback_imports_total",
                 "Files imported from the old server on a miss (live migration).",
-                &self.fallback_imports,
+                self.fallback_imports.load(Relaxed),
+            ),
+            (
+                "s3dedup_locks_lost_total",
+                "Blob and cleaner locks this process lost with their PostgreSQL session.",
+                locks.locks_lost,
+            ),
+            (
+                "s3dedup_commits_retried_total",
+                "Uploads whose blob changed under a lost lock before their commit; each looked \
+                 again and stored it again if needed.",
+                locks.commits_retried,
+            ),
+            (
+                "s3dedup_deletion_waits_total",
+                "Uploads that waited for a recent deletion of their content to settle.",
+                locks.settle_waits,
             ),
         ];
         for (name, help, v) in counters {
-            scalar(&mut out, name, "counter", help, v.load(Relaxed));
+            scalar(&mut out, name, "counter", help, v);
         }
         scalar(
             &mut out,
@@ -236,8 +258,14 @@ mod tests {
                 hits: 3,
                 ..CacheStats::default()
             }),
+            LockIncidents {
+                locks_lost: 4,
+                ..LockIncidents::default()
+            },
         );
         assert!(text.contains("s3dedup_cache_hits_total 3"), "{text}");
+        assert!(text.contains("s3dedup_locks_lost_total 4"), "{text}");
+        assert!(text.contains("s3dedup_commits_retried_total 0"), "{text}");
         assert!(
             text.contains(
                 "s3dedup_requests_total{route=\"files\",method=\"GET\",status=\"200\"} 2"

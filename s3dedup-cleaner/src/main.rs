@@ -92,9 +92,16 @@ async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> an
         let progress = |r: &VerifyReport| {
             systemd::notify_status(&format!("verifying: {} blobs checked", r.blobs_checked));
         };
-        let report = gc::verify(&fs, cli.deep, cfg.cleaner.page_size, &progress)
-            .await
-            .context("verifying")?;
+        let lock_timeout = Duration::from_secs(cfg.cleaner.lock_timeout_secs);
+        let report = gc::verify(
+            &fs,
+            cli.deep,
+            cfg.cleaner.page_size,
+            lock_timeout,
+            &progress,
+        )
+        .await
+        .context("verifying")?;
         return Ok(print_verify(&report, cli.deep, started.elapsed()));
     }
     let opts = GcOptions {
@@ -108,6 +115,8 @@ async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> an
             0 => None,
             days => Some(Duration::from_secs(days * 86400)),
         },
+        delete_timeout: Duration::from_secs(cfg.cleaner.delete_timeout_secs),
+        delete_settle: Duration::from_secs(cfg.cleaner.delete_settle_secs),
     };
     let progress = |r: &GcReport| systemd::notify_status(&r.summary(opts.dry_run));
     let Some(report) = gc::run(&fs, &opts, unix_now(), &progress)
@@ -130,6 +139,7 @@ async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> an
         bytes = report.bytes_freed,
         orphans = report.orphans_deleted,
         uploads_aborted = report.uploads_aborted,
+        locks_lost = report.locks_lost,
         errors = report.errors.len(),
         dry_run = opts.dry_run,
         "{line}"
@@ -150,13 +160,14 @@ fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
     let kind = if deep { "deep" } else { "shallow" };
     let line = format!(
         "{kind} verify: {} blobs ({} bytes) checked in {took:.1?}; {} problems: {} missing, \
-         {} wrong size, {} corrupt, {} wrong reference counts",
+         {} wrong size, {} corrupt, {} unreadable, {} wrong reference counts",
         r.blobs_checked,
         r.bytes_checked,
         r.problems(),
         r.missing.len(),
         r.wrong_size.len(),
         r.corrupt.len(),
+        r.unreadable.len(),
         r.refcounts.len()
     );
     println!("{line}");
@@ -169,6 +180,14 @@ fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
     }
     for (d, why) in &r.corrupt {
         println!("corrupt: blob {d}: {why}");
+    }
+    for (d, why) in &r.unreadable {
+        println!("unreadable: blob {d}: {why}");
+    }
+    for d in &r.unconfirmed {
+        println!(
+            "unconfirmed: blob {d} looked wrong once, and a writer held its lock when it was checked again; not counted"
+        );
     }
     for (d, want, got) in &r.refcounts {
         println!("refcount: blob {d} records {want} references, {got} files point at it");

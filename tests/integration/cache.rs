@@ -216,9 +216,11 @@ async fn only_verified_content_is_kept() {
     // wrong digest.
     let other = unique_content("other", 200_000);
     s3.put_raw(&key, gzip(&other)).await;
-    // The sizes differ, so the client sees a broken body rather than wrong content.
+    // The sizes differ: an error that says so, never a 200 with other bytes.
     let r = http.get(api.url("/files/v/good")).send().await.unwrap();
-    assert!(r.bytes().await.is_err());
+    assert_eq!(r.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
+    assert!(why.contains("where its metadata says"), "{why}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(api.metric("s3dedup_cache_entries").await, 0);
 

@@ -29,14 +29,9 @@ fn clean(api: &Api, args: &[&str]) -> Output {
 
 /// Reads `path` back uncompressed and checks it is `content`.
 async fn assert_reads_back(api: &Api, path: &str, content: &[u8]) {
-    let r = reqwest::Client::new()
-        .get(api.url(&format!("/files{path}")))
-        .header("Accept-Encoding", "identity")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{path}");
-    assert!(r.bytes().await.unwrap() == content, "{path} reads back");
+    let (status, body) = api.get_identity(path).await;
+    assert_eq!(status, StatusCode::OK, "{path}");
+    assert!(body == content, "{path} reads back");
 }
 
 /// Runs the cleaner back to back (grace 0) until stopped; returns (runs, blobs freed, failures).
@@ -307,15 +302,8 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
 
     // Damage the live object: verify reports it and exits 3.
     s3.put_raw(&sharded_key(&hex), b"truncated".to_vec()).await;
-    let mut v = api.sibling("s3dedup-cleaner");
-    v.arg("--verify");
-    let out = run(v);
-    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
-    assert!(
-        stdout(&out).contains("wrong size: blob"),
-        "{}",
-        stdout(&out)
-    );
+    let text = verify_finds_problems(&api, &["--verify"], &[]);
+    assert!(text.contains("wrong size: blob"), "{text}");
 }
 
 /// Multipart uploads that never completed (an API killed mid-upload, a lost connection) are
@@ -435,4 +423,66 @@ async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
     assert!(young.exists(), "the young one stays");
     assert!(object.exists(), "the object stays");
     assert_reads_back(&api, "/live", &live).await;
+}
+
+/// An object the store will not give is a problem `--verify` reports by name, and the check goes
+/// on with the others: on S3 a GET refused with 403 (deep), on the local store an object whose
+/// path cannot be resolved (shallow too). Exit 3, with every other blob checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_unreadable_objects_and_goes_on() {
+    use s3dedup_tests::fault_proxy::{FaultProxy, Refuse};
+    let s3 = S3Server::start().unwrap();
+    let proxy = FaultProxy::start(s3.addr, 3).await.unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let contents: Vec<Vec<u8>> = (0..3)
+        .map(|i| unique_content("unreadable", 3000 + i))
+        .collect();
+    for (i, c) in contents.iter().enumerate() {
+        api.put_ok(&format!("/u/{i}"), 1, c.clone()).await;
+    }
+    let refused = sha256_hex(&contents[1]);
+    proxy.set_refuse(Some(Refuse {
+        method: hyper::Method::GET,
+        key: refused.clone(),
+        status: 403,
+    }));
+    let via_proxy = [("S3DEDUP_STORE__S3__ENDPOINT", proxy.endpoint())];
+    let text = verify_finds_problems(&api, &["--verify", "--deep"], &via_proxy);
+    assert!(
+        text.contains("deep verify: 3 blobs"),
+        "all three checked: {text}"
+    );
+    assert!(
+        text.contains("1 problems: 0 missing, 0 wrong size, 0 corrupt, 1 unreadable"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("unreadable: blob {refused}: ")) && text.contains("403"),
+        "{text}"
+    );
+
+    let local = Api::start(Backend::Local).unwrap();
+    for (i, c) in contents.iter().enumerate() {
+        local.put_ok(&format!("/u/{i}"), 1, c.clone()).await;
+    }
+    let object = local.data_dir.join("objects").join(sharded_key(&refused));
+    std::fs::remove_file(&object).unwrap();
+    std::os::unix::fs::symlink(&object, &object).unwrap(); // resolves to itself: ELOOP
+    let text = verify_finds_problems(&local, &["--verify"], &[]);
+    assert!(text.contains("shallow verify: 3 blobs"), "{text}");
+    assert!(
+        text.contains(&format!("unreadable: blob {refused}: ")),
+        "{text}"
+    );
+}
+
+/// Runs the cleaner with `args` and `env` beside `api`; it must exit 3. Returns its output.
+fn verify_finds_problems(api: &Api, args: &[&str], env: &[(&str, String)]) -> String {
+    let mut v = api.sibling("s3dedup-cleaner");
+    v.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let out = run(v);
+    let text = stdout(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}{stderr}");
+    text
 }

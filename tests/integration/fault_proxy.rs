@@ -46,7 +46,32 @@ pub const FAULTS: [Fault; 7] = [
     Fault::CutAfterHeaders,
 ];
 
+/// Requests the proxy holds back, whatever the fault plan says.
+#[derive(Debug, Clone)]
+pub enum Hold {
+    /// Every delete (`DELETE`, and `POST ?delete` of several objects) is held this long, then
+    /// forwarded even if its client gave up meanwhile: a slow front that still delivers.
+    Deletes(Duration),
+    /// A `PUT` whose path contains this text is forwarded at once, and its answer held this
+    /// long: an upload done in the store that its client does not know about yet.
+    PutAnswer { key: String, delay: Duration },
+}
+
+/// Requests of `method` whose path contains `key` are answered `status` (an S3 error) and never
+/// forwarded: an object the server will not give, as a bucket policy or a damaged disk does.
+#[derive(Debug, Clone)]
+pub struct Refuse {
+    pub method: hyper::Method,
+    pub key: String,
+    pub status: u16,
+}
+
 struct Plan {
+    hold: Mutex<Option<Hold>>,
+    refuse: Mutex<Option<Refuse>>,
+    /// Requests held so far, and those of them forwarded.
+    held: AtomicU64,
+    held_forwarded: AtomicU64,
     /// Chance of a fault per request, in thousandths.
     rate: AtomicU32,
     max_delay_ms: AtomicU64,
@@ -92,6 +117,10 @@ impl FaultProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let plan = Arc::new(Plan {
+            hold: Mutex::new(None),
+            refuse: Mutex::new(None),
+            held: AtomicU64::new(0),
+            held_forwarded: AtomicU64::new(0),
             rate: AtomicU32::new(0),
             max_delay_ms: AtomicU64::new(1000),
             injected: Default::default(),
@@ -156,6 +185,59 @@ impl FaultProxy {
     pub fn requests(&self) -> u64 {
         self.plan.requests.load(Relaxed)
     }
+
+    /// Holds requests as `hold` says from now on (`None`: none).
+    pub fn set_hold(&self, hold: Option<Hold>) {
+        *self.plan.hold.lock().expect("hold lock") = hold;
+    }
+
+    /// Refuses requests as `refuse` says from now on (`None`: none).
+    pub fn set_refuse(&self, refuse: Option<Refuse>) {
+        *self.plan.refuse.lock().expect("refuse lock") = refuse;
+    }
+
+    /// Requests held so far.
+    pub fn held(&self) -> u64 {
+        self.plan.held.load(Relaxed)
+    }
+
+    /// Held requests forwarded (deletes) or answered (PUTs) so far.
+    pub fn held_forwarded(&self) -> u64 {
+        self.plan.held_forwarded.load(Relaxed)
+    }
+
+    /// Waits until `n` requests have been held, up to `timeout`.
+    pub async fn wait_held(&self, n: u64, timeout: Duration) -> bool {
+        let end = tokio::time::Instant::now() + timeout;
+        while self.held() < n {
+            if tokio::time::Instant::now() > end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+/// What [`Hold`] does to this request, if anything.
+fn held_for(plan: &Plan, parts: &hyper::http::request::Parts) -> Option<(bool, Duration)> {
+    let hold = plan.hold.lock().expect("hold lock").clone()?;
+    let query = parts.uri.query().unwrap_or("");
+    match hold {
+        Hold::Deletes(d)
+            if parts.method == hyper::Method::DELETE
+                || parts.method == hyper::Method::POST
+                    && query.split('&').any(|q| q == "delete" || q == "delete=") =>
+        {
+            Some((true, d))
+        }
+        Hold::PutAnswer { key, delay }
+            if parts.method == hyper::Method::PUT && parts.uri.path().contains(&key) =>
+        {
+            Some((false, delay))
+        }
+        _ => None,
+    }
 }
 
 fn s3_error(status: u16, code: &str) -> Response<Body> {
@@ -211,10 +293,38 @@ async fn handle(
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
     upstream: SocketAddr,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
-    let fault = plan.pick();
     let (mut parts, body) = req.into_parts();
+    let refused = plan
+        .refuse
+        .lock()
+        .expect("refuse lock")
+        .clone()
+        .filter(|r| parts.method == r.method && parts.uri.path().contains(&r.key));
+    if let Some(r) = refused {
+        return Ok(s3_error(r.status, "AccessDenied"));
+    }
+    let hold = held_for(&plan, &parts);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = format!("http://{upstream}{target}").parse()?;
+    if let Some((before, delay)) = hold {
+        plan.held.fetch_add(1, Relaxed);
+        let body = body.collect().await?.to_bytes();
+        let request = Request::from_parts(parts, boxed(Full::new(body)));
+        // Detached: the request reaches the server even if its client hangs up meanwhile.
+        let forwarded = tokio::spawn(async move {
+            if before {
+                tokio::time::sleep(delay).await;
+            }
+            let answer = client.request(request).await;
+            if !before {
+                tokio::time::sleep(delay).await;
+            }
+            plan.held_forwarded.fetch_add(1, Relaxed);
+            answer
+        });
+        return Ok(forwarded.await??.map(boxed));
+    }
+    let fault = plan.pick();
     let len = content_length(&parts.headers);
     let body = match fault {
         Some((Fault::Status500, _)) => return Ok(s3_error(500, "InternalError")),

@@ -149,7 +149,7 @@ async fn sigkill_of_one_instance_mid_upload() {
     }
     cluster.assert_consistent().await;
     // No advisory lock of the dead instance stays held.
-    let locks = PgLocks::new(pg_conninfo().parse().unwrap(), 1);
+    let locks = PgLocks::new(pg_conninfo().parse().unwrap(), 1).in_schema(&cluster.schema);
     for content in &big {
         let digest = sha256_hex(content).parse().unwrap();
         let g = locks

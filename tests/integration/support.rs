@@ -480,6 +480,18 @@ impl Api {
         assert_eq!(r.status(), reqwest::StatusCode::OK, "PUT {path}");
     }
 
+    /// GETs `path` uncompressed (`Accept-Encoding: identity`): the status and the body.
+    pub async fn get_identity(&self, path: &str) -> (reqwest::StatusCode, Vec<u8>) {
+        let r = reqwest::Client::new()
+            .get(self.url(&format!("/files{path}")))
+            .header("Accept-Encoding", "identity")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = r.status();
+        (status, r.bytes().await.expect("body").to_vec())
+    }
+
     /// Runs `s3dedup-cleaner ARGS` on this instance's store; panics unless it exits 0. Returns
     /// what it printed.
     fn run_cleaner(&self, args: &[&str]) -> String {
@@ -648,6 +660,40 @@ pub fn unique_schema(tag: &str) -> String {
     format!("{tag}_{}_{}", std::process::id(), rand::random::<u32>())
 }
 
+/// A client of the test server for what an administrator (or a failover) does behind the
+/// programs' backs.
+pub async fn pg_admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&pg_conninfo(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// Ends the PostgreSQL session holding the advisory lock `name` of the deployment in `schema`
+/// (as `pg_terminate_backend` does in a failover or by hand); returns how many sessions it
+/// ended.
+pub async fn terminate_lock_holder(schema: &str, name: &str) -> i64 {
+    let key = s3dedup_common::locks::PgLocks::new(pg_conninfo().parse().expect("conninfo"), 1)
+        .in_schema(schema)
+        .key(name);
+    pg_admin()
+        .await
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'
+                AND granted AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&((key >> 32) as i64), &((key & 0xffff_ffff) as i64)],
+        )
+        .await
+        .expect("terminate the lock's session")
+        .get(0)
+}
+
+/// The name of the lock of the blob holding `content`.
+pub fn blob_lock_of(content: &[u8]) -> String {
+    format!("blob:{}", sha256_hex(content))
+}
+
 /// Environment that points `s3dedup-api` at PostgreSQL metadata and advisory locks.
 pub fn pg_env(schema: &str) -> Vec<(String, String)> {
     vec![
@@ -717,6 +763,16 @@ pub struct Outcome {
     pub ops: usize,
 }
 
+/// An answer's status and error message (`X-Exception`, empty if none).
+fn answer(r: &reqwest::Response) -> (reqwest::StatusCode, String) {
+    let why = r
+        .headers()
+        .get("x-exception")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    (r.status(), why.to_owned())
+}
+
 fn version_of(r: &reqwest::Response) -> Option<i64> {
     let h = r.headers().get("last-modified")?.to_str().ok()?;
     chrono::DateTime::parse_from_rfc2822(h)
@@ -737,6 +793,15 @@ impl Workload {
         }
     }
 
+    /// Draws from `n` small contents instead of six: with few references each, contents keep
+    /// becoming garbage and coming back, and a cleaner at grace 0 deletes them all the time.
+    pub fn churning(mut self, n: usize) -> Self {
+        self.contents = (0..n)
+            .map(|i| unique_content(&format!("{}-churn{i}", self.prefix), 500 + (i * 37) % 3000))
+            .collect();
+        self
+    }
+
     fn digests(&self) -> std::collections::HashMap<String, usize> {
         self.contents
             .iter()
@@ -751,7 +816,12 @@ impl Workload {
         let record = std::sync::Arc::new(std::sync::Mutex::new(Outcome::default()));
         let contents = std::sync::Arc::new(self.contents.clone());
         let digests = std::sync::Arc::new(self.digests());
-        let http = reqwest::Client::new();
+        // A connection left idle past the server's header timeout (60 s) is closed by the
+        // server, and one reused just as that happens fails: keep idle ones for less.
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(20))
+            .build()
+            .expect("HTTP client");
         let mut tasks = Vec::new();
         for client in 0..self.clients {
             let (contents, digests, record, http) = (
@@ -791,33 +861,35 @@ impl Workload {
                                     .or_default()
                                     .push((v, c));
                             }
-                            r.status()
+                            answer(&r)
                         })
                     } else if kind < 85 {
-                        match http.get(format!("{base}/files{prefix}/{p}")).send().await {
+                        let get = format!("{base}/files{prefix}/{p}");
+                        let result = match http.get(&get).send().await {
                             Ok(r) if r.status() == reqwest::StatusCode::OK => {
                                 let body = gunzip(&r.bytes().await.unwrap());
                                 assert!(
                                     digests.contains_key(&sha256_hex(&body)),
                                     "GET returned unknown content"
                                 );
-                                Ok(reqwest::StatusCode::OK)
+                                Ok((reqwest::StatusCode::OK, String::new()))
                             }
-                            other => other.map(|r| r.status()),
-                        }
+                            other => other.map(|r| answer(&r)),
+                        };
+                        result.map(|(s, why)| (s, format!("GET: {why}")))
                     } else {
                         http.delete(&url).send().await.map(|r| {
                             if r.status() == reqwest::StatusCode::OK && version_of(&r).is_none() {
                                 record.lock().unwrap().deleted.entry(p).or_default().push(v);
                             }
-                            r.status()
+                            answer(&r)
                         })
                     };
                     let mut rec = record.lock().unwrap();
                     rec.ops += 1;
                     match result {
-                        Ok(s) if s.is_server_error() => {
-                            rec.server_errors.push(format!("{url}: {s}"))
+                        Ok((s, why)) if s.is_server_error() => {
+                            rec.server_errors.push(format!("{url}: {s}: {why}"))
                         }
                         Ok(_) => {}
                         Err(e) => rec.server_errors.push(format!("{url}: {e:?}")),

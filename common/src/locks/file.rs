@@ -15,8 +15,8 @@ use nix::libc;
 use tokio::time::Instant;
 
 use super::{
-    Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire, lock_key,
-    timed_out,
+    Check, Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire,
+    lock_key, timed_out,
 };
 
 /// `fcntl`-based [`LockManager`].
@@ -26,11 +26,33 @@ pub struct FileLocks {
 }
 
 /// Closing the file releases the byte-range lock.
-struct HeldFile(#[allow(dead_code)] File);
+struct HeldFile {
+    file: File,
+    path: PathBuf,
+}
 
 impl Held for HeldFile {
     fn release(self: Box<Self>) -> Option<Release> {
         None
+    }
+
+    /// The kernel keeps the lock while the file is open, but only on that file: one deleted or
+    /// replaced at the path is a new file whose byte ranges anyone can lock.
+    fn check(&self) -> Check<'_> {
+        use std::os::unix::fs::MetadataExt;
+        let same = || -> std::io::Result<bool> {
+            let (ours, there) = (self.file.metadata()?, std::fs::metadata(&self.path)?);
+            Ok((ours.dev(), ours.ino()) == (there.dev(), there.ino()))
+        };
+        let result = match same() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "the lock file {} was replaced",
+                self.path.display()
+            )),
+            Err(e) => Err(format!("the lock file {}: {e}", self.path.display())),
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -82,7 +104,10 @@ impl FileLocks {
         fl.l_start = offset;
         fl.l_len = 1;
         match fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&fl)) {
-            Ok(_) => Ok(Some(Box::new(HeldFile(file)))),
+            Ok(_) => Ok(Some(Box::new(HeldFile {
+                file,
+                path: self.path.clone(),
+            }))),
             Err(Errno::EAGAIN) | Err(Errno::EACCES) => Ok(None),
             Err(e) => Err(self.backend_error(name, e)),
         }
@@ -124,5 +149,26 @@ mod tests {
         // Two managers on one file behave like two processes.
         let (a, b) = (FileLocks::open(&p).unwrap(), FileLocks::open(&p).unwrap());
         super::super::conformance::run_all(&a, &b).await;
+    }
+
+    #[tokio::test]
+    async fn a_lock_file_replaced_under_its_holder_is_a_lost_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("locks");
+        let (a, b) = (FileLocks::open(&p).unwrap(), FileLocks::open(&p).unwrap());
+        let g = a
+            .lock("r", LockMode::Exclusive, Duration::from_secs(1))
+            .await
+            .unwrap();
+        g.ensure_held().await.unwrap();
+        // Someone "cleans up" the lock file: the next locker locks a new file.
+        std::fs::remove_file(&p).unwrap();
+        let other = b.try_lock("r", LockMode::Exclusive).await.unwrap();
+        assert!(other.is_some(), "the new file's byte is free");
+        let e = g.ensure_held().await.unwrap_err();
+        assert!(
+            matches!(e, LockError::Lost { .. }) && e.to_string().contains("replaced"),
+            "{e}"
+        );
     }
 }

@@ -4,6 +4,11 @@
 //! Every backend has two layers: an in-process async lock per key, so tasks of one process queue
 //! without threads or polling, and the cross-process lock (fcntl byte ranges, or PostgreSQL
 //! advisory locks), taken with non-blocking attempts and backoff until a deadline.
+//!
+//! A cross-process lock can be lost while its holder still runs (a PostgreSQL session ended by
+//! a failover or `pg_terminate_backend`). Holders ask [`LockGuard::ensure_held`] before a step
+//! that must not happen without the lock, and the metadata store's compare-and-set on a blob's
+//! state catches what a lost lock lets through in between (docs/design.md, "Losing a lock").
 
 mod file;
 mod postgres;
@@ -31,22 +36,30 @@ pub enum LockMode {
     Exclusive,
 }
 
-/// Why a lock could not be taken.
+/// Why a lock could not be taken, or is no longer held.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("timed out after {waited:?} waiting for lock {name}")]
     Timeout { name: String, waited: Duration },
     #[error("lock backend failed for {name}: {message}")]
     Backend { name: String, message: String },
+    #[error("lock {name} was lost: {why}")]
+    Lost { name: String, why: String },
 }
 
 /// A future that releases a cross-process lock.
 pub(crate) type Release = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// A future that tells whether a cross-process lock is still held (`Err`: why not).
+pub(crate) type Check<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// The cross-process half of a held lock.
 pub(crate) trait Held: Send + Sync + 'static {
     /// Releases it; `None` when that already happened synchronously.
     fn release(self: Box<Self>) -> Option<Release>;
+
+    /// Asks the backend whether the lock is still held by us.
+    fn check(&self) -> Check<'_>;
 }
 
 /// A held lock; released by [`LockGuard::release`], when dropped, and by the OS or the database
@@ -61,6 +74,19 @@ impl LockGuard {
     /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Confirms with the backend that the lock is still held (a PostgreSQL session can end
+    /// under a holder); [`LockError::Lost`] says why it is not. A lock confirmed here can still
+    /// be lost right after: callers also rely on the metadata store's compare-and-set.
+    pub async fn ensure_held(&self) -> Result<(), LockError> {
+        let Some(held) = &self.held else {
+            return Ok(()); // a test's stand-in, which no backend can take away
+        };
+        held.check().await.map_err(|why| LockError::Lost {
+            name: self.name.clone(),
+            why,
+        })
     }
 
     /// Releases the lock and waits until the release reached the backend.
@@ -112,6 +138,124 @@ pub trait LockManager: Send + Sync + 'static {
 
     /// Takes the lock if it is free right now.
     async fn try_lock(&self, name: &str, mode: LockMode) -> Result<Option<LockGuard>, LockError>;
+
+    /// Locks this process held and lost without releasing them (their backend session ended).
+    fn locks_lost(&self) -> u64 {
+        0
+    }
+}
+
+/// The lock modes as types, so that a step needing the exclusive lock cannot be given a shared
+/// one.
+pub trait Mode: Send + Sync + 'static {
+    const MODE: LockMode;
+}
+
+/// Taken by re-uploads of known content: they only need the cleaner kept out.
+#[derive(Debug)]
+pub enum Shared {}
+/// Taken by whoever creates, revives or deletes a blob's object.
+#[derive(Debug)]
+pub enum Exclusive {}
+
+impl Mode for Shared {
+    const MODE: LockMode = LockMode::Shared;
+}
+impl Mode for Exclusive {
+    const MODE: LockMode = LockMode::Exclusive;
+}
+
+/// A blob's lock (`blob:<digest>`) held in mode `M`. The metadata store's calls that are safe
+/// only under it take it (or [`HeldBlob`], its proof in either mode), so no caller can forget it.
+pub struct BlobLock<M: Mode> {
+    guard: LockGuard,
+    digest: Digest,
+    mode: std::marker::PhantomData<M>,
+}
+
+/// Borrowed proof that a blob's lock is held, in either mode.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldBlob<'a> {
+    digest: &'a Digest,
+}
+
+impl HeldBlob<'_> {
+    pub fn digest(&self) -> &Digest {
+        self.digest
+    }
+}
+
+impl<M: Mode> BlobLock<M> {
+    /// Waits up to `timeout` for the blob's lock.
+    pub async fn acquire(
+        locks: &dyn LockManager,
+        digest: &Digest,
+        timeout: Duration,
+    ) -> Result<Self, LockError> {
+        let guard = locks.lock(&blob_lock(digest), M::MODE, timeout).await?;
+        Ok(Self::wrap(guard, digest))
+    }
+
+    /// Takes the blob's lock if it is free right now.
+    pub async fn try_acquire(
+        locks: &dyn LockManager,
+        digest: &Digest,
+    ) -> Result<Option<Self>, LockError> {
+        let guard = locks.try_lock(&blob_lock(digest), M::MODE).await?;
+        Ok(guard.map(|g| Self::wrap(g, digest)))
+    }
+
+    fn wrap(guard: LockGuard, digest: &Digest) -> Self {
+        BlobLock {
+            guard,
+            digest: *digest,
+            mode: std::marker::PhantomData,
+        }
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn name(&self) -> &str {
+        self.guard.name()
+    }
+
+    /// The proof of holding it, for calls that accept either mode.
+    pub fn held(&self) -> HeldBlob<'_> {
+        HeldBlob {
+            digest: &self.digest,
+        }
+    }
+
+    /// See [`LockGuard::ensure_held`].
+    pub async fn ensure_held(&self) -> Result<(), LockError> {
+        self.guard.ensure_held().await
+    }
+
+    pub async fn release(self) {
+        self.guard.release().await
+    }
+
+    /// A stand-in no backend holds, for unit tests of the calls that ask for one.
+    #[cfg(test)]
+    pub(crate) fn assumed(digest: &Digest) -> Self {
+        let guard = LockGuard {
+            name: blob_lock(digest),
+            held: None,
+            local: None,
+        };
+        Self::wrap(guard, digest)
+    }
+}
+
+impl<M: Mode> std::fmt::Debug for BlobLock<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobLock")
+            .field("name", &self.guard.name)
+            .field("mode", &M::MODE)
+            .finish()
+    }
 }
 
 /// The stable 64-bit key of a lock name: the first 8 bytes of its SHA-256 (never changes between

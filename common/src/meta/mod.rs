@@ -1,19 +1,27 @@
 //! The metadata store: which path holds which version of which blob, and each blob's reference
-//! count. It is the only judge of liveness (DESIGN invariant 2). Every change a request makes is
-//! one transaction.
+//! count and state. It is the only judge of liveness: a live row means the object is stored
+//! (docs/design.md). Every change a request makes is one transaction.
+//!
+//! A blob row is live, or a tombstone of one deletion by the cleaner. A tombstone keeps the
+//! time until which a delete request of that deletion may still reach the object store
+//! (`settles_at`), and stays, once the object is gone, until long after that time, so that a
+//! writer who lost its lock meanwhile finds that its blob changed under it instead of an
+//! absent row that looks as it did before.
 
 mod postgres;
 mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::blob::{BlobInfo, Digest};
+use crate::locks::{BlobLock, Exclusive, HeldBlob};
 use crate::protocol::Version;
 
 #[cfg(test)]
 pub(crate) use postgres::tests::test_config as postgres_test_config;
 pub use postgres::{PostgresMeta, connection_config as postgres_connection_config};
-pub(crate) use postgres::{no_answer, within};
 #[cfg(test)]
 pub(crate) use sqlite::tests::test_options as sqlite_test_options;
 pub use sqlite::{SqliteMeta, SqliteOptions};
@@ -36,6 +44,167 @@ pub enum PutOutcome {
     /// An import only: the path was deleted here at `version`, at or after the imported
     /// version, so the old store's copy must not resurrect it.
     Deleted { version: Version },
+}
+
+/// A blob as a writer sees it under the blob's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// No row: never stored, or deleted long enough ago to be forgotten.
+    Absent,
+    /// Its object is stored.
+    Live,
+    /// A tombstone of the cleaner's deletion `deletion`: the object may be gone, and a delete
+    /// request of that deletion may still reach the object store for `settles_in`.
+    Tombstone { deletion: i64, settles_in: Duration },
+}
+
+impl BlobState {
+    /// Whether the row is still in this state (a tombstone: of the same deletion).
+    fn same_as(self, other: BlobState) -> bool {
+        match (self, other) {
+            (
+                BlobState::Tombstone { deletion: a, .. },
+                BlobState::Tombstone { deletion: b, .. },
+            ) => a == b,
+            (a, b) => a == b,
+        }
+    }
+}
+
+/// How a PUT's content is known to be in the object store, with the lock that makes it so.
+#[derive(Debug, Clone, Copy)]
+pub enum Stored<'a> {
+    /// The blob was live when seen under its lock (either mode): add a reference.
+    Existing(HeldBlob<'a>),
+    /// The caller stored (or, adopting, found) the object under the blob's exclusive lock,
+    /// having seen the blob in state `over`: create or revive the row with the upload's sizes
+    /// (`over` is [`BlobState::Live`] when the object was stored again over a live row whose
+    /// sizes were another upload's).
+    Object {
+        lock: &'a BlobLock<Exclusive>,
+        over: BlobState,
+    },
+}
+
+/// [`Stored`] without its lock: what the commit's transaction checks the row against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Basis {
+    Existing,
+    Object { over: BlobState },
+}
+
+impl Stored<'_> {
+    pub(crate) fn basis(&self) -> Basis {
+        match self {
+            Stored::Existing(_) => Basis::Existing,
+            Stored::Object { over, .. } => Basis::Object { over: *over },
+        }
+    }
+
+    fn digest(&self) -> &Digest {
+        match self {
+            Stored::Existing(held) => held.digest(),
+            Stored::Object { lock, .. } => lock.digest(),
+        }
+    }
+
+    /// The lock must be the blob's own.
+    pub(crate) fn check(&self, blob: &BlobInfo) -> Result<(), MetaError> {
+        if *self.digest() == blob.digest {
+            return Ok(());
+        }
+        Err(MetaError::Inconsistent(format!(
+            "storing blob {} under the lock of blob {}",
+            blob.digest,
+            self.digest()
+        )))
+    }
+}
+
+/// Who is writing a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutKind {
+    /// A client's PUT.
+    Client,
+    /// A file from an old Filetracker (the migrator, the API's live fallback): also refused
+    /// when the path was deleted here at or after its version.
+    Import,
+}
+
+/// What [`MetaStore::store_file`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutResult {
+    Done(PutOutcome),
+    /// The blob's row was not in the state the commit relied on (a lost lock let the cleaner
+    /// in): nothing changed. The writer must look again under its lock.
+    Conflict(BlobState),
+}
+
+/// What a commit does with the blob's row, found in state `found` (its stored size
+/// `found_size`, when it has a row) by the commit's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlobPlan {
+    /// Live: add the reference.
+    Reference,
+    /// No row: insert a live one with the upload's sizes.
+    Insert,
+    /// Revive tombstone `deletion` with the upload's sizes.
+    Revive {
+        deletion: i64,
+    },
+    /// Live, and the object was stored again over it: take the upload's sizes.
+    Resize,
+    Conflict(BlobState),
+}
+
+pub(crate) fn plan_blob(
+    basis: Basis,
+    found: BlobState,
+    found_size: Option<u64>,
+    blob: &BlobInfo,
+) -> BlobPlan {
+    let over = match basis {
+        Basis::Existing if found == BlobState::Live => return BlobPlan::Reference,
+        Basis::Existing => return BlobPlan::Conflict(found),
+        Basis::Object { over } => over,
+    };
+    match found {
+        BlobState::Live if over == BlobState::Live => BlobPlan::Resize,
+        // Someone else stored it meanwhile (both only under lost locks): the object is theirs
+        // or ours, and only the same size makes either fit the row.
+        BlobState::Live if found_size == Some(blob.stored_size) => BlobPlan::Reference,
+        BlobState::Absent if over == BlobState::Absent => BlobPlan::Insert,
+        BlobState::Tombstone { deletion, .. } if over.same_as(found) => {
+            BlobPlan::Revive { deletion }
+        }
+        _ => BlobPlan::Conflict(found),
+    }
+}
+
+/// The state a row's columns describe; `settles_in_ms` is its `settles_at` minus now.
+pub(crate) fn state_of(live: bool, deletion: Option<i64>, settles_in_ms: Option<i64>) -> BlobState {
+    if live {
+        return BlobState::Live;
+    }
+    BlobState::Tombstone {
+        // A tombstone from before deletions had ids.
+        deletion: deletion.unwrap_or(0),
+        settles_in: Duration::from_millis(settles_in_ms.unwrap_or(0).max(0) as u64),
+    }
+}
+
+/// Milliseconds since the Unix epoch: SQLite's clock for settle times (one host).
+pub(crate) fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A new deletion's id: random, so that a tombstone removed and made again never repeats one
+/// a writer may still hold.
+pub(crate) fn new_deletion_id() -> i64 {
+    // Never 0, the id of tombstones from before ids existed.
+    (rand::random::<u64>() >> 1) as i64 | 1
 }
 
 /// What a DELETE did.
@@ -85,13 +254,6 @@ pub enum MetaError {
     Inconsistent(String),
 }
 
-/// The message of a PostgreSQL error, with the server's own text and the cause.
-pub fn postgres_error_text(e: tokio_postgres::Error) -> String {
-    match postgres::pg_error(e) {
-        MetaError::Unavailable(m) | MetaError::Database(m) | MetaError::Inconsistent(m) => m,
-    }
-}
-
 /// The metadata database. Implementations: SQLite (one host) and PostgreSQL (several).
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -101,52 +263,28 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The file at `path` with its blob, if any.
     async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError>;
 
-    /// True when a live row exists for the digest (its object is stored). Callers that act on
-    /// the answer hold the digest's lock.
+    /// True when a live row exists for the digest (its object is stored). Only a hint: what
+    /// acts on a blob's state reads it under the blob's lock with [`MetaStore::blob_state`].
     async fn blob_is_live(&self, digest: &Digest) -> Result<bool, MetaError>;
 
+    /// The blob's state, for a writer holding its lock: the commit that follows must still find
+    /// it so ([`Stored`]).
+    async fn blob_state(&self, lock: HeldBlob<'_>) -> Result<BlobState, MetaError>;
+
     /// One transaction: make `path` point at `blob` with `version` unless a strictly newer
-    /// version is stored, adjusting reference counts. `uploaded` says the caller has just stored
-    /// the object (under the digest's lock), so the blob row is created or revived with these
-    /// sizes; otherwise the blob row must already be live. `import` (a file from an old
-    /// Filetracker: migrator, live fallback): also refused when the path was deleted here at or
-    /// after `version`.
-    #[allow(clippy::too_many_arguments)]
+    /// version is stored (or, for [`PutKind::Import`], the path was deleted here at or after
+    /// `version`), adjusting reference counts. `stored` says how the content is known to be in
+    /// the object store; if the blob's row is no longer in the state that implies, nothing
+    /// changes and the answer is [`PutResult::Conflict`].
     async fn store_file(
         &self,
         path: &str,
         version: Version,
         blob: &BlobInfo,
-        uploaded: bool,
+        stored: Stored<'_>,
         now: i64,
-        import: bool,
-    ) -> Result<PutOutcome, MetaError>;
-
-    /// A client's PUT: [`MetaStore::store_file`], not an import.
-    async fn put_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-    ) -> Result<PutOutcome, MetaError> {
-        self.store_file(path, version, blob, uploaded, now, false)
-            .await
-    }
-
-    /// An import: [`MetaStore::store_file`], refused for a path deleted here since.
-    async fn import_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-    ) -> Result<PutOutcome, MetaError> {
-        self.store_file(path, version, blob, uploaded, now, true)
-            .await
-    }
+        kind: PutKind,
+    ) -> Result<PutResult, MetaError>;
 
     /// One transaction: remove `path` unless a strictly newer version is stored, and remember
     /// the deletion (path and version) so imports do not resurrect it.
@@ -175,8 +313,12 @@ pub trait MetaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError>;
 
-    /// Blobs the cleaner may delete: no references since at or before `cutoff`, or already
-    /// tombstoned by a run that did not finish. Digest order, strictly after `after`.
+    /// The blob's row, if any.
+    async fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRow>, MetaError>;
+
+    /// Blobs the cleaner may delete: live with no references since at or before `cutoff`, or
+    /// tombstoned by a run that did not see its object deleted. Digest order, strictly after
+    /// `after`.
     async fn unreferenced_blobs(
         &self,
         cutoff: i64,
@@ -184,12 +326,40 @@ pub trait MetaStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError>;
 
-    /// One atomic re-check and mark: if the blob still has no references since `cutoff` (or is
-    /// already tombstoned), mark it `deleting` and return true. Callers hold its lock.
-    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError>;
+    /// One atomic re-check and mark: if the blob still has no references since `cutoff` (or
+    /// is a tombstone whose object was not seen deleted), make it a tombstone of a new
+    /// deletion whose delete requests may land until `settle` from now (the database's clock);
+    /// returns that deletion's id.
+    async fn tombstone_blob(
+        &self,
+        lock: &BlobLock<Exclusive>,
+        cutoff: i64,
+        settle: Duration,
+    ) -> Result<Option<i64>, MetaError>;
 
-    /// Removes a tombstoned, unreferenced blob row (after its object is gone).
-    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError>;
+    /// For objects that have no row (orphans), each under its lock with its stored size: one
+    /// tombstone row each, as [`MetaStore::tombstone_blob`] makes. Returns the deletion ids of
+    /// those that still had no row.
+    async fn tombstone_orphans(
+        &self,
+        orphans: &[(&BlobLock<Exclusive>, u64)],
+        settle: Duration,
+        now: i64,
+    ) -> Result<Vec<(Digest, i64)>, MetaError>;
+
+    /// Records that deletion `deletion` saw the object deleted; `settled`: and that none of
+    /// its delete requests can land any more, so writers need not wait for it. False when the
+    /// row is no longer that tombstone (a writer revived it; nothing changes).
+    async fn finish_deletion(
+        &self,
+        digest: &Digest,
+        deletion: i64,
+        settled: bool,
+    ) -> Result<bool, MetaError>;
+
+    /// Forgets tombstones whose object is gone and that settled more than `keep` ago (the
+    /// database's clock); returns how many.
+    async fn purge_tombstones(&self, keep: Duration) -> Result<u64, MetaError>;
 
     /// Which of `digests` have a row, in any state.
     async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError>;
@@ -308,8 +478,62 @@ fn prefix_end(prefix: &str) -> Option<String> {
 
 #[cfg(test)]
 pub(crate) mod conformance {
-    //! The behaviour every metadata store must have; run against each implementation.
+    //! The behaviour every metadata store must have; run against each implementation. Locks
+    //! are stand-ins: what is checked here is what the database does with each call.
     use super::*;
+
+    const SETTLE: Duration = Duration::from_secs(60);
+
+    /// A write as the file store makes it: `uploaded`, the caller stored the object over the
+    /// state it finds; otherwise it references a live blob.
+    async fn put_as(
+        m: &dyn MetaStore,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+        kind: PutKind,
+    ) -> Result<PutResult, MetaError> {
+        let lock = BlobLock::<Exclusive>::assumed(&blob.digest);
+        let stored = if uploaded {
+            let over = m.blob_state(lock.held()).await?;
+            Stored::Object { lock: &lock, over }
+        } else {
+            Stored::Existing(lock.held())
+        };
+        m.store_file(path, version, blob, stored, now, kind).await
+    }
+
+    fn done(r: PutResult) -> Result<PutOutcome, MetaError> {
+        match r {
+            PutResult::Done(o) => Ok(o),
+            PutResult::Conflict(found) => {
+                Err(MetaError::Inconsistent(format!("conflict: {found:?}")))
+            }
+        }
+    }
+
+    pub(crate) async fn put(
+        m: &dyn MetaStore,
+        path: &str,
+        version: Version,
+        blob: &BlobInfo,
+        uploaded: bool,
+        now: i64,
+    ) -> Result<PutOutcome, MetaError> {
+        done(put_as(m, path, version, blob, uploaded, now, PutKind::Client).await?)
+    }
+
+    async fn tombstone(m: &dyn MetaStore, digest: &Digest, cutoff: i64) -> Option<i64> {
+        let lock = BlobLock::<Exclusive>::assumed(digest);
+        m.tombstone_blob(&lock, cutoff, SETTLE).await.unwrap()
+    }
+
+    async fn state(m: &dyn MetaStore, digest: &Digest) -> BlobState {
+        let lock = BlobLock::<Exclusive>::assumed(digest);
+        m.blob_state(lock.held()).await.unwrap()
+    }
 
     fn blob(n: u8, size: u64) -> BlobInfo {
         BlobInfo {
@@ -325,19 +549,19 @@ pub(crate) mod conformance {
         assert_eq!(m.get_file("/x").await.unwrap(), None);
         assert!(!m.blob_is_live(&a.digest).await.unwrap());
         assert_eq!(
-            m.put_file("/x", 10, &a, true, 1).await.unwrap(),
+            put(m, "/x", 10, &a, true, 1).await.unwrap(),
             PutOutcome::Stored { version: 10 }
         );
         assert!(m.blob_is_live(&a.digest).await.unwrap());
         // Older: ignored, reported.
         assert_eq!(
-            m.put_file("/x", 9, &b, true, 1).await.unwrap(),
+            put(m, "/x", 9, &b, true, 1).await.unwrap(),
             PutOutcome::Newer { version: 10 }
         );
         assert_eq!(m.get_file("/x").await.unwrap().unwrap().blob, a);
         // Equal: overwrites.
         assert_eq!(
-            m.put_file("/x", 10, &b, false, 1).await.unwrap(),
+            put(m, "/x", 10, &b, false, 1).await.unwrap(),
             PutOutcome::Stored { version: 10 }
         );
         let f = m.get_file("/x").await.unwrap().unwrap();
@@ -362,18 +586,18 @@ pub(crate) mod conformance {
         let b = blob(4, 10);
         for i in 0..5 {
             let uploaded = i == 0;
-            m.put_file(&format!("/d/{i}"), 1, &a, uploaded, 1)
+            put(m, &format!("/d/{i}"), 1, &a, uploaded, 1)
                 .await
                 .unwrap();
         }
-        m.put_file("/d/b", 1, &b, true, 1).await.unwrap();
+        put(m, "/d/b", 1, &b, true, 1).await.unwrap();
         let s = m.stats().await.unwrap();
         assert_eq!((s.files, s.blobs), (6, 2));
         assert_eq!(s.logical_bytes, 1010);
         assert_eq!(s.referenced_bytes, 5 * 1000 + 10);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
         // Overwrite one reference of `a` with `b`, delete the others.
-        m.put_file("/d/0", 2, &b, false, 1).await.unwrap();
+        put(m, "/d/0", 2, &b, false, 1).await.unwrap();
         for i in 1..5 {
             m.delete_file(&format!("/d/{i}"), 5, 3).await.unwrap();
         }
@@ -383,7 +607,7 @@ pub(crate) mod conformance {
         // `a` is unreferenced but its row lives on until the cleaner removes it.
         assert!(m.blob_is_live(&a.digest).await.unwrap());
         // Re-referencing an unreferenced blob needs no upload.
-        m.put_file("/d/again", 1, &a, false, 4).await.unwrap();
+        put(m, "/d/again", 1, &a, false, 4).await.unwrap();
         assert_eq!(m.stats().await.unwrap().referenced_bytes, 1020);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
@@ -391,10 +615,10 @@ pub(crate) mod conformance {
     pub async fn newer_put_of_a_new_blob_keeps_its_row(m: &dyn MetaStore) {
         let a = blob(5, 1);
         let b = blob(6, 2);
-        m.put_file("/n", 100, &a, true, 1).await.unwrap();
+        put(m, "/n", 100, &a, true, 1).await.unwrap();
         // An object was uploaded for `b`, but the path is newer: the row must still record it
         // so the cleaner can reclaim the object.
-        m.put_file("/n", 50, &b, true, 1).await.unwrap();
+        put(m, "/n", 50, &b, true, 1).await.unwrap();
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         assert_eq!(m.stats().await.unwrap().blobs, 2);
         let rows = m.list_blobs(None, 10).await.unwrap();
@@ -410,7 +634,7 @@ pub(crate) mod conformance {
         let a = blob(7, 1);
         let paths = ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/la", "/m", "/l/ż"];
         for (i, p) in paths.iter().enumerate() {
-            m.put_file(p, 10 + i as i64, &a, i == 0, 1).await.unwrap();
+            put(m, p, 10 + i as i64, &a, i == 0, 1).await.unwrap();
         }
         let all = m.list_files("/l/", i64::MAX, None, 100).await.unwrap();
         assert_eq!(all, ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/l/ż"]);
@@ -429,9 +653,9 @@ pub(crate) mod conformance {
         let a = blob(8, 10);
         let b = blob(9, 20);
         let c = blob(10, 30);
-        m.put_file("/ga", 1, &a, true, 100).await.unwrap();
-        m.put_file("/gb", 1, &b, true, 100).await.unwrap();
-        m.put_file("/gc", 1, &c, true, 100).await.unwrap();
+        put(m, "/ga", 1, &a, true, 100).await.unwrap();
+        put(m, "/gb", 1, &b, true, 100).await.unwrap();
+        put(m, "/gc", 1, &c, true, 100).await.unwrap();
         m.delete_file("/ga", 1, 200).await.unwrap(); // a: unreferenced since 200
         m.delete_file("/gb", 1, 300).await.unwrap(); // b: unreferenced since 300
         let digests = |v: Vec<BlobInfo>| v.into_iter().map(|b| b.digest).collect::<Vec<_>>();
@@ -456,51 +680,176 @@ pub(crate) mod conformance {
             vec![b.digest]
         );
         // The re-check refuses what is too young or referenced again.
-        assert!(
-            !m.tombstone_blob(&b.digest, 250).await.unwrap(),
+        assert_eq!(
+            tombstone(m, &b.digest, 250).await,
+            None,
             "inside the grace period"
         );
-        assert!(
-            !m.tombstone_blob(&c.digest, 1000).await.unwrap(),
-            "referenced"
-        );
-        m.put_file("/gb2", 1, &b, false, 400).await.unwrap();
-        assert!(
-            !m.tombstone_blob(&b.digest, 1000).await.unwrap(),
-            "re-referenced"
-        );
-        // Tombstone, then remove.
-        assert!(m.tombstone_blob(&a.digest, 250).await.unwrap());
+        assert_eq!(tombstone(m, &c.digest, 1000).await, None, "referenced");
+        put(m, "/gb2", 1, &b, false, 400).await.unwrap();
+        assert_eq!(tombstone(m, &b.digest, 1000).await, None, "re-referenced");
+        // A tombstone names its deletion and how long its delete requests may still land.
+        let first = tombstone(m, &a.digest, 250).await.expect("tombstoned");
         assert!(
             !m.blob_is_live(&a.digest).await.unwrap(),
             "tombstoned blobs are not live"
         );
+        let BlobState::Tombstone {
+            deletion,
+            settles_in,
+        } = state(m, &a.digest).await
+        else {
+            panic!("a tombstone")
+        };
+        assert_eq!(deletion, first);
+        assert!(
+            settles_in > SETTLE - Duration::from_secs(10) && settles_in <= SETTLE,
+            "{settles_in:?}"
+        );
         assert_eq!(m.stats().await.unwrap().blobs, 2);
-        // A run that died after the tombstone: the next one finds it whatever the cutoff.
+        // A run that died after the tombstone: the next one finds it whatever the cutoff, and
+        // deletes it as a deletion of its own.
         assert_eq!(
             digests(m.unreferenced_blobs(0, None, 10).await.unwrap()),
             vec![a.digest]
         );
-        assert!(m.tombstone_blob(&a.digest, 0).await.unwrap());
+        let second = tombstone(m, &a.digest, 0).await.expect("tombstoned again");
+        assert_ne!(second, first);
+        assert!(
+            !m.finish_deletion(&a.digest, first, true).await.unwrap(),
+            "not that deletion any more"
+        );
+        assert!(m.finish_deletion(&a.digest, second, true).await.unwrap());
+        assert!(
+            matches!(state(m, &a.digest).await, BlobState::Tombstone { deletion, settles_in } if deletion == second && settles_in.is_zero()),
+            "settled: no wait"
+        );
+        assert_eq!(
+            digests(m.unreferenced_blobs(0, None, 10).await.unwrap()),
+            vec![],
+            "a deletion that saw its object go is done"
+        );
         let known = m
             .known_blobs(&[a.digest, b.digest, blob(99, 1).digest])
             .await
             .unwrap();
-        assert_eq!(known.len(), 2);
-        assert!(m.remove_blob(&a.digest).await.unwrap());
-        assert!(
-            !m.remove_blob(&b.digest).await.unwrap(),
-            "only tombstoned rows go"
+        assert_eq!(known.len(), 2, "the tombstone is still known");
+        // Kept for a while after it settled, then forgotten; live rows never are.
+        assert_eq!(
+            m.purge_tombstones(Duration::from_secs(60)).await.unwrap(),
+            0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            m.purge_tombstones(Duration::from_millis(1)).await.unwrap(),
+            1
         );
         assert_eq!(m.known_blobs(&[a.digest]).await.unwrap(), vec![]);
+        assert_eq!(state(m, &a.digest).await, BlobState::Absent);
+        assert!(m.blob_is_live(&b.digest).await.unwrap());
         // A PUT revives a tombstoned row with a fresh upload.
-        m.put_file("/gc2", 1, &c, false, 1).await.unwrap();
+        put(m, "/gc2", 1, &c, false, 1).await.unwrap();
         m.delete_file("/gc", 1, 500).await.unwrap();
         m.delete_file("/gc2", 1, 500).await.unwrap();
-        assert!(m.tombstone_blob(&c.digest, 500).await.unwrap());
-        m.put_file("/gc3", 1, &c, true, 600).await.unwrap();
+        assert!(tombstone(m, &c.digest, 500).await.is_some());
+        put(m, "/gc3", 1, &c, true, 600).await.unwrap();
         assert!(m.blob_is_live(&c.digest).await.unwrap());
-        assert!(!m.remove_blob(&c.digest).await.unwrap());
+        assert_eq!(state(m, &c.digest).await, BlobState::Live);
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
+    /// A commit of `blob` at `path` (version 1) with the content stored as `stored` says.
+    async fn commit(
+        m: &dyn MetaStore,
+        path: &str,
+        blob: &BlobInfo,
+        stored: Stored<'_>,
+    ) -> PutResult {
+        m.store_file(path, 1, blob, stored, 2, PutKind::Client)
+            .await
+            .unwrap()
+    }
+
+    /// A commit finds the blob as its writer saw it under the lock, or changes nothing.
+    pub async fn commits_need_the_state_they_saw(m: &dyn MetaStore) {
+        let a = blob(20, 100);
+        let lock = BlobLock::<Exclusive>::assumed(&a.digest);
+        let over = |over| Stored::Object { lock: &lock, over };
+        let stored = |n: u8| PutResult::Done(PutOutcome::Stored { version: n as i64 });
+        // Referencing content that is not live.
+        let r = commit(m, "/c", &a, Stored::Existing(lock.held())).await;
+        assert_eq!(r, PutResult::Conflict(BlobState::Absent));
+        // An orphan's tombstone made after the writer saw no row.
+        let made = m
+            .tombstone_orphans(&[(&lock, 77)], SETTLE, 1)
+            .await
+            .unwrap();
+        let [(d, orphan)] = made[..] else {
+            panic!("{made:?}")
+        };
+        assert_eq!(d, a.digest);
+        let r = commit(m, "/c", &a, over(BlobState::Absent)).await;
+        assert!(
+            matches!(r, PutResult::Conflict(BlobState::Tombstone { deletion, .. }) if deletion == orphan),
+            "{r:?}"
+        );
+        assert!(
+            m.tombstone_orphans(&[(&lock, 77)], SETTLE, 1)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a row is there already"
+        );
+        // That deletion redone by the next run: a writer that saw the first one conflicts.
+        let redone = tombstone(m, &a.digest, 0)
+            .await
+            .expect("an unfinished deletion");
+        let seen_first = BlobState::Tombstone {
+            deletion: orphan,
+            settles_in: Duration::ZERO,
+        };
+        let r = commit(m, "/c", &a, over(seen_first)).await;
+        assert!(
+            matches!(r, PutResult::Conflict(BlobState::Tombstone { deletion, .. }) if deletion == redone),
+            "{r:?}"
+        );
+        assert_eq!(m.get_file("/c").await.unwrap(), None, "nothing changed");
+        // The writer that saw the current deletion revives it with its own sizes.
+        let seen = state(m, &a.digest).await;
+        assert_eq!(commit(m, "/c", &a, over(seen)).await, stored(1));
+        let row = m.get_blob(&a.digest).await.unwrap().unwrap();
+        assert_eq!((row.info, row.refcount, row.live), (a, 1, true));
+        // Another writer's object under the same digest: the same size fits the row, another
+        // does not.
+        assert_eq!(
+            commit(m, "/d", &a, over(BlobState::Absent)).await,
+            stored(1)
+        );
+        let other = BlobInfo {
+            stored_size: a.stored_size + 1,
+            ..a
+        };
+        let r = commit(m, "/e", &other, over(BlobState::Absent)).await;
+        assert_eq!(r, PutResult::Conflict(BlobState::Live));
+        // The object is that writer's (it landed last): the row takes its sizes.
+        assert_eq!(
+            commit(m, "/e", &other, over(BlobState::Live)).await,
+            stored(1)
+        );
+        assert_eq!(m.get_blob(&a.digest).await.unwrap().unwrap().info, other);
+        // A lock of another blob proves nothing.
+        let wrong = BlobLock::<Exclusive>::assumed(&blob(21, 1).digest);
+        let r = m
+            .store_file(
+                "/f",
+                1,
+                &a,
+                Stored::Existing(wrong.held()),
+                2,
+                PutKind::Client,
+            )
+            .await;
+        assert!(matches!(r, Err(MetaError::Inconsistent(_))), "{r:?}");
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
 
@@ -508,7 +857,7 @@ pub(crate) mod conformance {
         let a = blob(11, 5);
         let b = blob(12, 6);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
-        m.put_file("/t", 10, &a, true, 1).await.unwrap();
+        put(m, "/t", 10, &a, true, 1).await.unwrap();
         assert_eq!(
             m.delete_file("/t", 20, 2).await.unwrap(),
             DeleteOutcome::Deleted
@@ -517,7 +866,10 @@ pub(crate) mod conformance {
         // An import of the old store's copy (version 10, or even 20) does not resurrect it.
         for v in [10, 20] {
             assert_eq!(
-                m.import_file("/t", v, &b, true, 3).await.unwrap(),
+                put_as(m, "/t", v, &b, true, 3, PutKind::Import)
+                    .await
+                    .and_then(done)
+                    .unwrap(),
                 PutOutcome::Deleted { version: 20 }
             );
         }
@@ -526,13 +878,16 @@ pub(crate) mod conformance {
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         // A newer version in the old store is a newer file: imported.
         assert_eq!(
-            m.import_file("/t", 21, &b, false, 3).await.unwrap(),
+            put_as(m, "/t", 21, &b, false, 3, PutKind::Import)
+                .await
+                .and_then(done)
+                .unwrap(),
             PutOutcome::Stored { version: 21 }
         );
         // Clients may write a deleted path again at any version.
         m.delete_file("/t", 30, 4).await.unwrap();
         assert_eq!(
-            m.put_file("/t", 5, &a, false, 5).await.unwrap(),
+            put(m, "/t", 5, &a, false, 5).await.unwrap(),
             PutOutcome::Stored { version: 5 }
         );
         // A second delete at a lower version keeps the higher one remembered.
@@ -568,11 +923,9 @@ pub(crate) mod conformance {
         let writes = (0..60u8).map(|i| async move {
             if i % 10 == 5 {
                 // Claims a live blob that was never stored: must fail, alone.
-                m.put_file(&format!("/bad/{i}"), 1, &missing, false, 1)
-                    .await
+                put(m, &format!("/bad/{i}"), 1, &missing, false, 1).await
             } else {
-                m.put_file(&format!("/ok/{i:02}"), 1, &stored, true, 1)
-                    .await
+                put(m, &format!("/ok/{i:02}"), 1, &stored, true, 1).await
             }
         });
         let results = futures::future::join_all(writes).await;
@@ -599,6 +952,7 @@ pub(crate) mod conformance {
         deletions_are_remembered_for_imports(&*make().await).await;
         checkpoints_are_per_source(&*make().await).await;
         garbage_is_found_rechecked_and_removed(&*make().await).await;
+        commits_need_the_state_they_saw(&*make().await).await;
         versions_follow_filetracker(&*make().await).await;
         refcounts_track_references(&*make().await).await;
         newer_put_of_a_new_blob_keeps_its_row(&*make().await).await;

@@ -14,12 +14,14 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    BlobRow, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan, Stats, plan_delete,
-    plan_put, prefix_end,
+    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore,
+    PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete, plan_put,
+    prefix_end, state_of,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::PostgresConfig;
-use crate::locks::lock_key;
+use crate::locks::{BlobLock, Exclusive, HeldBlob, lock_key};
+use crate::pg::{self, no_answer, within};
 use crate::protocol::Version;
 
 /// Versioned schema changes, applied in order, each once.
@@ -53,7 +55,15 @@ const MIGRATIONS: &[&str] = &[
         position TEXT NOT NULL,
         updated_at BIGINT NOT NULL
     );",
+    // 3: tombstones name their deletion, say until when its delete requests may land (Unix
+    // ms, the server's clock), and whether the object was seen deleted; such rows stay a while.
+    "ALTER TABLE blobs ADD COLUMN deletion BIGINT, ADD COLUMN settles_at BIGINT,
+        ADD COLUMN object_deleted BOOLEAN NOT NULL DEFAULT false;",
 ];
+
+/// The server's clock in Unix milliseconds: settle times are set and compared on it alone, so
+/// the hosts' clocks never meet.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// How often a transaction is retried after a serialization failure or deadlock.
 const TX_ATTEMPTS: usize = 5;
@@ -115,22 +125,8 @@ fn describe(c: &tokio_postgres::Config, schema: &str) -> String {
 
 /// Connection trouble is "unavailable" (503, retry later); anything else is a database error.
 pub(crate) fn pg_error(e: tokio_postgres::Error) -> MetaError {
-    let unavailable = e.is_closed()
-        || e.code().is_none() && e.as_db_error().is_none()
-        || e.code().is_some_and(|c| {
-            let c = c.code();
-            // 57014: statement_timeout; 55P03: lock_timeout. Both pass: retry later.
-            c.starts_with("08") || c.starts_with("53") || c.starts_with("57") || c == "55P03"
-        });
-    // The Display of tokio_postgres errors omits the server's message; include it.
-    let message = match e.as_db_error() {
-        Some(db) => format!("{e}: {}", db.message()),
-        None => match std::error::Error::source(&e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    };
-    if unavailable {
+    let message = pg::error_text(&e);
+    if pg::unavailable(&e) {
         MetaError::Unavailable(message)
     } else {
         MetaError::Database(message)
@@ -243,22 +239,35 @@ impl PostgresMeta {
         })
     }
 
-    /// A read-only statement's rows. A connection found closed under it (the server restarted
-    /// since it was pooled, say) is retried on a fresh one, with backoff; timeouts are not, since
-    /// a stalled or overloaded server would only make the client wait again.
+    /// A statement's rows, the statement run on its own (autocommit). A connection lost under
+    /// it (the server restarted since it was pooled, or ended the session) is retried on a
+    /// fresh one, with backoff; timeouts are not, since a stalled or overloaded server would
+    /// only make the client wait again. Only for statements that may run twice: reads, and
+    /// writes whose second run changes nothing more (one lost in flight may have committed).
     async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, MetaError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let c = self.conn().await?;
             match within(self.deadline, rows(&*c, sql, params)).await {
-                Some(Err(e)) if e.is_closed() && attempt < READ_ATTEMPTS => {
+                Some(Err(e)) if pg::connection_lost(&e) && attempt < READ_ATTEMPTS => {
                     self.forget_idle();
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
                 result => return c.settle(result),
             }
         }
+    }
+
+    /// A write that may run twice, run as [`PostgresMeta::read`] runs a statement; it ends in
+    /// `RETURNING 1`, so its rows are the rows it changed.
+    async fn write_idempotent(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, MetaError> {
+        debug_assert!(sql.trim_end().ends_with("RETURNING 1"), "{sql}");
+        Ok(self.read(sql, params).await?.len() as u64)
     }
 
     /// [`PostgresMeta::read`] of at most one row.
@@ -277,9 +286,12 @@ impl PostgresMeta {
             .ok_or_else(|| MetaError::Database(format!("no row from {sql}")))
     }
 
-    /// Runs `body` in a transaction, retrying serialization failures and deadlocks; each attempt
-    /// has the client deadline.
-    async fn in_transaction<T, F>(&self, mut body: F) -> Result<T, MetaError>
+    /// Runs `body` in a transaction, retrying serialization failures and deadlocks, and a
+    /// session lost on the way (a failover, `pg_terminate_backend`) on a fresh connection; each
+    /// attempt has the client deadline. Every transaction here may run twice: one lost at
+    /// COMMIT may have taken effect, and then runs again, which changes nothing more (the
+    /// returned flag says this happened). A missed deadline is not retried.
+    async fn in_transaction<T, F>(&self, mut body: F) -> Result<(T, bool), MetaError>
     where
         F: for<'a> FnMut(
             &'a deadpool_postgres::Transaction<'a>,
@@ -287,27 +299,41 @@ impl PostgresMeta {
             Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>,
         >,
     {
+        #[derive(PartialEq)]
+        enum Stage {
+            Begin,
+            Body,
+            Commit,
+        }
         let mut conn = self.conn().await?;
-        let mut attempt = 0;
+        let (mut attempt, mut replayed) = (0, false);
         loop {
             attempt += 1;
-            // Whether the failure came after BEGIN went through: before it, nothing was done.
             let work = async {
-                let tx = conn.transaction().await.map_err(|e| (false, e))?;
-                let v = body(&tx).await.map_err(|e| (true, e))?;
-                tx.commit().await.map(|()| v).map_err(|e| (true, e))
+                let tx = conn.transaction().await.map_err(|e| (Stage::Begin, e))?;
+                let v = body(&tx).await.map_err(|e| (Stage::Body, e))?;
+                tx.commit()
+                    .await
+                    .map(|()| v)
+                    .map_err(|e| (Stage::Commit, e))
             };
             match within(self.deadline, work).await {
+                Some(Ok(v)) => return Ok((v, replayed)),
                 Some(Err((_, e))) if retryable(&e) && attempt < TX_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
                 }
-                // The pooled connection was lost (the server restarted since): a fresh one.
-                Some(Err((false, e))) if e.is_closed() && attempt < TX_ATTEMPTS => {
+                Some(Err((stage, e))) if pg::connection_lost(&e) && attempt < TX_ATTEMPTS => {
+                    replayed |= stage == Stage::Commit;
+                    tracing::debug!(error = %pg::error_text(&e), "database session lost in a transaction; running it again on a new one");
                     self.forget_idle();
-                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                    tokio::time::sleep(Duration::from_millis(20 << attempt.min(4))).await;
                     conn = self.conn().await?;
                 }
-                result => return conn.settle(result.map(|r| r.map_err(|(_, e)| e))),
+                result => {
+                    return conn
+                        .settle(result.map(|r| r.map_err(|(_, e)| e)))
+                        .map(|v| (v, replayed));
+                }
             }
         }
     }
@@ -316,25 +342,6 @@ impl PostgresMeta {
     /// died with it (a server restart) without the client having noticed yet.
     fn forget_idle(&self) {
         self.pool.retain(|_, _| false);
-    }
-}
-
-/// The message for a statement that missed its `deadline`.
-pub(crate) fn no_answer(deadline: Option<Duration>) -> String {
-    format!(
-        "the database did not answer within {} s",
-        deadline.unwrap_or_default().as_secs()
-    )
-}
-
-/// `work`, or `None` if `deadline` passes first.
-pub(crate) async fn within<T>(
-    deadline: Option<Duration>,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    match deadline {
-        Some(d) => tokio::time::timeout(d, work).await.ok(),
-        None => Some(work.await),
     }
 }
 
@@ -348,15 +355,6 @@ struct Conn {
 }
 
 impl Conn {
-    /// One statement (or a few, in one future) within the deadline.
-    async fn bounded<T>(
-        &self,
-        work: impl Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, MetaError> {
-        let result = within(self.deadline, work).await;
-        self.settle(result)
-    }
-
     /// The error for a missed deadline (marking the connection), else the result.
     fn settle<T>(&self, result: Option<Result<T, tokio_postgres::Error>>) -> Result<T, MetaError> {
         match result {
@@ -473,10 +471,49 @@ async fn unreference(
     Ok(())
 }
 
-/// The outcome of a put transaction, or the reason it must not commit.
-enum PutResult {
-    Done(PutOutcome),
-    NotLive(String),
+/// The statement [`blob_row_state`] runs.
+fn blob_state_sql() -> String {
+    format!(
+        "SELECT state, deletion, settles_at - {NOW_MS}, stored_size FROM blobs WHERE digest = $1"
+    )
+}
+
+/// A blob row's state and stored size (`None`: no row).
+fn row_state(row: Option<&Row>) -> (BlobState, Option<u64>) {
+    match row {
+        None => (BlobState::Absent, None),
+        Some(r) => (
+            state_of(r.get::<_, String>(0) == "live", r.get(1), r.get(2)),
+            Some(r.get::<_, i64>(3) as u64),
+        ),
+    }
+}
+
+/// The blob's state and stored size, as a writer must find it.
+async fn blob_row_state(
+    c: &impl GenericClient,
+    digest: &str,
+) -> Result<(BlobState, Option<u64>), tokio_postgres::Error> {
+    let row = row_opt(c, &blob_state_sql(), &[&digest]).await?;
+    Ok(row_state(row.as_ref()))
+}
+
+/// The columns [`blob_row`] reads.
+const BLOB_ROW: &str = "SELECT digest, logical_size, stored_size, refcount, state,
+        unreferenced_since, created_at FROM blobs";
+
+fn blob_row(r: &Row) -> Result<BlobRow, MetaError> {
+    Ok(BlobRow {
+        info: BlobInfo {
+            digest: parse_digest(r.get(0))?,
+            logical_size: r.get::<_, i64>(1) as u64,
+            stored_size: r.get::<_, i64>(2) as u64,
+        },
+        refcount: r.get(3),
+        live: r.get::<_, String>(4) == "live",
+        unreferenced_since: r.get(5),
+        created_at: r.get(6),
+    })
 }
 
 #[async_trait]
@@ -517,18 +554,28 @@ impl MetaStore for PostgresMeta {
         Ok(row.is_some())
     }
 
+    async fn blob_state(&self, lock: HeldBlob<'_>) -> Result<BlobState, MetaError> {
+        let row = self
+            .read_opt(&blob_state_sql(), &[&lock.digest().to_hex()])
+            .await?;
+        Ok(row_state(row.as_ref()).0)
+    }
+
     async fn store_file(
         &self,
         path: &str,
         version: Version,
         blob: &BlobInfo,
-        uploaded: bool,
+        stored: Stored<'_>,
         now: i64,
-        import: bool,
-    ) -> Result<PutOutcome, MetaError> {
+        kind: PutKind,
+    ) -> Result<PutResult, MetaError> {
+        stored.check(blob)?;
+        let basis = stored.basis();
         let digest = blob.digest.to_hex();
-        let (logical, stored) = (blob.logical_size as i64, blob.stored_size as i64);
-        let result = self
+        let blob = *blob;
+        let (logical, size) = (blob.logical_size as i64, blob.stored_size as i64);
+        let (result, _) = self
             .in_transaction(|tx| {
                 let digest = digest.clone();
                 let path = path.to_owned();
@@ -539,29 +586,51 @@ impl MetaStore for PostgresMeta {
                     let touched: Vec<&str> =
                         [Some(digest.as_str()), old].into_iter().flatten().collect();
                     lock_blobs(tx, &touched).await?;
-                    if uploaded {
-                        exec(
+                    let (found, found_size) = blob_row_state(tx, &digest).await?;
+                    let mut plan = plan_blob(basis, found, found_size, &blob);
+                    if plan == BlobPlan::Insert
+                        && exec(
                             tx,
-                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
-                                                unreferenced_since, created_at)
+                            "INSERT INTO blobs (digest, logical_size, stored_size, refcount,
+                                state, unreferenced_since, created_at)
                              VALUES ($1, $2, $3, 0, 'live', $4, $4)
-                             ON CONFLICT (digest) DO UPDATE SET state = 'live',
-                                logical_size = EXCLUDED.logical_size,
-                                stored_size = EXCLUDED.stored_size",
-                            &[&digest, &logical, &stored, &now],
+                             ON CONFLICT (digest) DO NOTHING",
+                            &[&digest, &logical, &size, &now],
                         )
-                        .await?;
-                    } else if row_opt(
-                        tx,
-                        "SELECT 1 FROM blobs WHERE digest = $1 AND state = 'live'",
-                        &[&digest],
-                    )
-                    .await?
-                    .is_none()
+                        .await?
+                            == 0
                     {
-                        return Ok(PutResult::NotLive(digest));
+                        // Another transaction inserted the row since ours looked (a
+                        // concurrent upload, or an orphan's tombstone): judge by that row.
+                        let (found, found_size) = blob_row_state(tx, &digest).await?;
+                        plan = plan_blob(basis, found, found_size, &blob);
                     }
-                    let deleted: Option<i64> = if import {
+                    match plan {
+                        BlobPlan::Conflict(found) => return Ok(PutResult::Conflict(found)),
+                        BlobPlan::Reference | BlobPlan::Insert => {}
+                        BlobPlan::Revive { deletion } => {
+                            exec(
+                                tx,
+                                "UPDATE blobs SET state = 'live', deletion = NULL,
+                                    settles_at = NULL, object_deleted = false,
+                                    logical_size = $2, stored_size = $3, unreferenced_since = $4
+                                 WHERE digest = $1 AND state = 'deleting'
+                                    AND COALESCE(deletion, 0) = $5",
+                                &[&digest, &logical, &size, &now, &deletion],
+                            )
+                            .await?;
+                        }
+                        BlobPlan::Resize => {
+                            exec(
+                                tx,
+                                "UPDATE blobs SET logical_size = $2, stored_size = $3
+                                 WHERE digest = $1 AND state = 'live'",
+                                &[&digest, &logical, &size],
+                            )
+                            .await?;
+                        }
+                    }
+                    let deleted: Option<i64> = if kind == PutKind::Import {
                         row_opt(
                             tx,
                             "SELECT version FROM deleted_paths WHERE path = $1",
@@ -613,13 +682,7 @@ impl MetaStore for PostgresMeta {
                 })
             })
             .await?;
-        match result {
-            PutResult::Done(o) => Ok(o),
-            // The transaction committed nothing of substance (no row was written).
-            PutResult::NotLive(d) => Err(MetaError::Inconsistent(format!(
-                "blob {d} is not live although its lock was held"
-            ))),
-        }
+        Ok(result)
     }
 
     async fn delete_file(
@@ -627,18 +690,19 @@ impl MetaStore for PostgresMeta {
         path: &str,
         version: Version,
         now: i64,
-    ) -> Result<super::DeleteOutcome, MetaError> {
-        self.in_transaction(|tx| {
-            let path = path.to_owned();
-            Box::pin(async move {
-                let path = path.as_str();
-                let current = current_row(tx, path).await?;
-                let plan = plan_delete(current, version);
-                if let DeletePlan::Remove { digest } = &plan {
-                    lock_blobs(tx, &[digest]).await?;
-                    exec(tx, "DELETE FROM files WHERE path = $1", &[&path]).await?;
-                    unreference(tx, digest, now).await?;
-                    exec(
+    ) -> Result<DeleteOutcome, MetaError> {
+        let (outcome, replayed) = self
+            .in_transaction(|tx| {
+                let path = path.to_owned();
+                Box::pin(async move {
+                    let path = path.as_str();
+                    let current = current_row(tx, path).await?;
+                    let plan = plan_delete(current, version);
+                    if let DeletePlan::Remove { digest } = &plan {
+                        lock_blobs(tx, &[digest]).await?;
+                        exec(tx, "DELETE FROM files WHERE path = $1", &[&path]).await?;
+                        unreference(tx, digest, now).await?;
+                        exec(
                         tx,
                         "INSERT INTO deleted_paths (path, version, deleted_at) VALUES ($1, $2, $3)
                          ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
@@ -646,11 +710,17 @@ impl MetaStore for PostgresMeta {
                         &[&path, &version, &now],
                     )
                     .await?;
-                }
-                Ok(plan.outcome())
+                    }
+                    Ok(plan.outcome())
+                })
             })
+            .await?;
+        // Run again after a COMMIT that was lost on the way and had taken effect: the path is
+        // gone because of this very delete.
+        Ok(match outcome {
+            DeleteOutcome::NotFound if replayed => DeleteOutcome::Deleted,
+            other => other,
         })
-        .await
     }
 
     async fn list_files(
@@ -691,27 +761,21 @@ impl MetaStore for PostgresMeta {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let rows = self
             .read(
-                "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
-                        created_at
-                 FROM blobs WHERE digest > $1 ORDER BY digest LIMIT $2",
+                &format!("{BLOB_ROW} WHERE digest > $1 ORDER BY digest LIMIT $2"),
                 &[&after, &(limit as i64)],
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(BlobRow {
-                    info: BlobInfo {
-                        digest: parse_digest(r.get(0))?,
-                        logical_size: r.get::<_, i64>(1) as u64,
-                        stored_size: r.get::<_, i64>(2) as u64,
-                    },
-                    refcount: r.get(3),
-                    live: r.get::<_, String>(4) == "live",
-                    unreferenced_since: r.get(5),
-                    created_at: r.get(6),
-                })
-            })
-            .collect()
+        rows.iter().map(blob_row).collect()
+    }
+
+    async fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRow>, MetaError> {
+        let row = self
+            .read_opt(
+                &format!("{BLOB_ROW} WHERE digest = $1"),
+                &[&digest.to_hex()],
+            )
+            .await?;
+        row.as_ref().map(blob_row).transpose()
     }
 
     async fn unreferenced_blobs(
@@ -724,8 +788,9 @@ impl MetaStore for PostgresMeta {
         let rows = self
             .read(
                 "SELECT digest, logical_size, stored_size FROM blobs
-                 WHERE digest > $1 AND refcount <= 0
-                   AND (state = 'deleting' OR unreferenced_since <= $2)
+                 WHERE digest > $1 AND refcount <= 0 AND (
+                    (state = 'deleting' AND NOT object_deleted)
+                    OR (state = 'live' AND unreferenced_since <= $2))
                  ORDER BY digest LIMIT $3",
                 &[&after, &cutoff, &(limit as i64)],
             )
@@ -741,29 +806,100 @@ impl MetaStore for PostgresMeta {
             .collect()
     }
 
-    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let n = c
-            .bounded(exec(
-                &*c,
-                "UPDATE blobs SET state = 'deleting' WHERE digest = $1 AND refcount <= 0
-                   AND (state = 'deleting' OR unreferenced_since <= $2)",
-                &[&digest.to_hex(), &cutoff],
-            ))
+    async fn tombstone_blob(
+        &self,
+        lock: &BlobLock<Exclusive>,
+        cutoff: i64,
+        settle: Duration,
+    ) -> Result<Option<i64>, MetaError> {
+        let digest = lock.digest().to_hex();
+        let settle = settle.as_millis() as i64;
+        let id = new_deletion_id();
+        // Run twice, the second run makes the same tombstone with the same id.
+        let sql = format!(
+            "UPDATE blobs SET state = 'deleting', deletion = $3, settles_at = {NOW_MS} + $4,
+                object_deleted = false
+             WHERE digest = $1 AND refcount <= 0 AND (
+                (state = 'deleting' AND NOT object_deleted AND COALESCE(deletion, 0) <> $3)
+                OR (state = 'live' AND unreferenced_since <= $2))
+             RETURNING 1"
+        );
+        let n = self
+            .write_idempotent(&sql, &[&digest, &cutoff, &id, &settle])
+            .await?;
+        if n == 1 {
+            return Ok(Some(id));
+        }
+        // Zero rows: refused, or a first run committed whose answer was lost.
+        let row = self.read_opt(&blob_state_sql(), &[&digest]).await?;
+        Ok(match row_state(row.as_ref()).0 {
+            BlobState::Tombstone { deletion, .. } if deletion == id => Some(id),
+            _ => None,
+        })
+    }
+
+    async fn tombstone_orphans(
+        &self,
+        orphans: &[(&BlobLock<Exclusive>, u64)],
+        settle: Duration,
+        now: i64,
+    ) -> Result<Vec<(Digest, i64)>, MetaError> {
+        let orphans: Vec<(Digest, i64)> = orphans
+            .iter()
+            .map(|(lock, size)| (*lock.digest(), *size as i64))
+            .collect();
+        let settle = settle.as_millis() as i64;
+        let (made, _) = self
+            .in_transaction(|tx| {
+                let orphans = orphans.clone();
+                Box::pin(async move {
+                    let sql = format!(
+                        "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                            unreferenced_since, created_at, deletion, settles_at)
+                         VALUES ($1, 0, $2, 0, 'deleting', $3, $3, $4, {NOW_MS} + $5)
+                         ON CONFLICT (digest) DO NOTHING"
+                    );
+                    let mut made = Vec::new();
+                    for (digest, size) in orphans {
+                        let id = new_deletion_id();
+                        let hex = digest.to_hex();
+                        if exec(tx, &sql, &[&hex, &size, &now, &id, &settle]).await? == 1 {
+                            made.push((digest, id));
+                        }
+                    }
+                    Ok(made)
+                })
+            })
+            .await?;
+        Ok(made)
+    }
+
+    async fn finish_deletion(
+        &self,
+        digest: &Digest,
+        deletion: i64,
+        settled: bool,
+    ) -> Result<bool, MetaError> {
+        let sql = format!(
+            "UPDATE blobs SET object_deleted = true,
+                settles_at = CASE WHEN $3 THEN LEAST(settles_at, {NOW_MS}) ELSE settles_at END
+             WHERE digest = $1 AND state = 'deleting' AND COALESCE(deletion, 0) = $2
+             RETURNING 1"
+        );
+        let n = self
+            .write_idempotent(&sql, &[&digest.to_hex(), &deletion, &settled])
             .await?;
         Ok(n == 1)
     }
 
-    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let c = self.conn().await?;
-        let n = c
-            .bounded(exec(
-                &*c,
-                "DELETE FROM blobs WHERE digest = $1 AND state = 'deleting' AND refcount <= 0",
-                &[&digest.to_hex()],
-            ))
-            .await?;
-        Ok(n == 1)
+    async fn purge_tombstones(&self, keep: Duration) -> Result<u64, MetaError> {
+        let sql = format!(
+            "DELETE FROM blobs WHERE state = 'deleting' AND object_deleted
+                AND refcount <= 0 AND COALESCE(settles_at, 0) < {NOW_MS} - $1
+             RETURNING 1"
+        );
+        self.write_idempotent(&sql, &[&(keep.as_millis() as i64)])
+            .await
     }
 
     async fn known_blobs(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetaError> {
@@ -824,13 +960,8 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
-        let c = self.conn().await?;
-        c.bounded(exec(
-            &*c,
-            "DELETE FROM deleted_paths WHERE deleted_at < $1",
-            &[&before],
-        ))
-        .await
+        let sql = "DELETE FROM deleted_paths WHERE deleted_at < $1 RETURNING 1";
+        self.write_idempotent(sql, &[&before]).await
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
@@ -849,29 +980,26 @@ impl MetaStore for PostgresMeta {
         position: Option<&str>,
         now: i64,
     ) -> Result<(), MetaError> {
-        let c = self.conn().await?;
-        match position {
-            Some(p) => {
-                exec(
-                    &*c,
-                    "INSERT INTO migration_checkpoints (source, position, updated_at)
-                         VALUES ($1, $2, $3) ON CONFLICT (source) DO UPDATE
-                         SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at",
-                    &[&source, &p, &now],
-                )
-                .await
-            }
-            None => {
-                exec(
-                    &*c,
-                    "DELETE FROM migration_checkpoints WHERE source = $1",
-                    &[&source],
-                )
-                .await
-            }
-        }
-        .map(drop)
-        .map_err(pg_error)
+        let position = position.map(str::to_owned);
+        self.in_transaction(|tx| {
+            let (source, position) = (source.to_owned(), position.clone());
+            Box::pin(async move {
+                match position {
+                    Some(p) => {
+                        let sql = "INSERT INTO migration_checkpoints (source, position, updated_at)
+                             VALUES ($1, $2, $3) ON CONFLICT (source) DO UPDATE
+                             SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at";
+                        exec(tx, sql, &[&source, &p, &now]).await
+                    }
+                    None => {
+                        let sql = "DELETE FROM migration_checkpoints WHERE source = $1";
+                        exec(tx, sql, &[&source]).await
+                    }
+                }
+            })
+        })
+        .await?;
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), MetaError> {
@@ -946,8 +1074,12 @@ pub(crate) mod tests {
             logical_size: 2,
             stored_size: 22,
         };
-        a.put_file("/seed-x", 1, &x, true, 0).await.unwrap();
-        a.put_file("/seed-y", 1, &y, true, 0).await.unwrap();
+        super::super::conformance::put(&a, "/seed-x", 1, &x, true, 0)
+            .await
+            .unwrap();
+        super::super::conformance::put(&a, "/seed-y", 1, &y, true, 0)
+            .await
+            .unwrap();
         let mut tasks = Vec::new();
         for i in 0..200 {
             let m = if i % 2 == 0 { &a } else { &b };
@@ -957,7 +1089,9 @@ pub(crate) mod tests {
                 if i % 5 == 4 {
                     m.delete_file(&path, i, 0).await.map(|_| ())
                 } else {
-                    m.put_file(&path, i / 2, &blob, false, 0).await.map(|_| ())
+                    super::super::conformance::put(m, &path, i / 2, &blob, false, 0)
+                        .await
+                        .map(|_| ())
                 }
             });
         }
@@ -994,10 +1128,10 @@ pub(crate) mod tests {
             stored_size: 21,
         };
         for round in 1..=3 {
-            meta.put_file("/a", round, &blob(round as u8), true, 0)
+            super::super::conformance::put(&meta, "/a", round, &blob(round as u8), true, 0)
                 .await
                 .unwrap();
-            meta.put_file("/b", round, &blob(9), round == 1, 0)
+            super::super::conformance::put(&meta, "/b", round, &blob(9), round == 1, 0)
                 .await
                 .unwrap();
             meta.delete_file("/b", round, 0).await.unwrap();

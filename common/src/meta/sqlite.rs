@@ -14,11 +14,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BlobRow, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore, PutOutcome, PutPlan,
-    Stats, plan_delete, plan_put, prefix_end,
+    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore,
+    PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete, plan_put,
+    prefix_end, state_of, unix_now_ms,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
+use crate::locks::{BlobLock, Exclusive, HeldBlob};
 use crate::protocol::Version;
 
 /// Versioned schema changes, applied in order, each once, each in its own transaction.
@@ -52,6 +54,11 @@ const MIGRATIONS: &[&str] = &[
         position TEXT NOT NULL,
         updated_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // 3: tombstones name their deletion, say until when its delete requests may land (Unix
+    // ms), and whether the object was seen deleted; such rows stay a while after that.
+    "ALTER TABLE blobs ADD COLUMN deletion INTEGER;
+    ALTER TABLE blobs ADD COLUMN settles_at INTEGER;
+    ALTER TABLE blobs ADD COLUMN object_deleted INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Writes one group commit takes at most, so one transaction never keeps other processes (the
@@ -341,6 +348,52 @@ fn unreference(tx: &Connection, digest: &str, now: i64) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// The columns [`blob_row`] reads.
+const BLOB_ROW: &str = "SELECT digest, logical_size, stored_size, refcount, state,
+        unreferenced_since, created_at FROM blobs";
+
+fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
+    Ok(BlobRow {
+        info: BlobInfo {
+            digest: parse_digest(r.get(0)?)?,
+            logical_size: r.get::<_, i64>(1)? as u64,
+            stored_size: r.get::<_, i64>(2)? as u64,
+        },
+        refcount: r.get(3)?,
+        live: r.get::<_, String>(4)? == "live",
+        unreferenced_since: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+/// The blob's state and stored size, as a writer must find it.
+fn blob_row_state(c: &Connection, digest: &str) -> rusqlite::Result<(BlobState, Option<u64>)> {
+    let row = c
+        .prepare_cached(
+            "SELECT state, deletion, settles_at, stored_size FROM blobs WHERE digest = ?1",
+        )?
+        .query_row([digest], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?;
+    Ok(match row {
+        None => (BlobState::Absent, None),
+        Some((state, deletion, settles_at, size)) => (
+            state_of(
+                state == "live",
+                deletion,
+                settles_at.map(|t| t - unix_now_ms()),
+            ),
+            Some(size as u64),
+        ),
+    })
+}
+
 #[async_trait]
 impl MetaStore for SqliteMeta {
     fn describe(&self) -> String {
@@ -383,19 +436,61 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn blob_state(&self, lock: HeldBlob<'_>) -> Result<BlobState, MetaError> {
+        let digest = lock.digest().to_hex();
+        self.read(move |c| Ok(blob_row_state(c, &digest)?.0)).await
+    }
+
     async fn store_file(
         &self,
         path: &str,
         version: Version,
         blob: &BlobInfo,
-        uploaded: bool,
+        stored: Stored<'_>,
         now: i64,
-        import: bool,
-    ) -> Result<PutOutcome, MetaError> {
+        kind: PutKind,
+    ) -> Result<PutResult, MetaError> {
+        stored.check(blob)?;
+        let basis = stored.basis();
         let path = path.to_owned();
         let blob = *blob;
         self.write(move |tx| {
             let digest = blob.digest.to_hex();
+            let (found, found_size) = blob_row_state(tx, &digest).map_err(db_error)?;
+            let (logical, size) = (blob.logical_size as i64, blob.stored_size as i64);
+            let changed = match plan_blob(basis, found, found_size, &blob) {
+                BlobPlan::Conflict(found) => return Ok(PutResult::Conflict(found)),
+                BlobPlan::Reference => Ok(1),
+                // A new row starts unreferenced, so the cleaner can reclaim its object if no
+                // file ends up pointing at it (e.g. a newer version was stored meanwhile).
+                BlobPlan::Insert => exec(
+                    tx,
+                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                                        unreferenced_since, created_at)
+                     VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)",
+                    params![digest, logical, size, now],
+                ),
+                BlobPlan::Revive { deletion } => exec(
+                    tx,
+                    "UPDATE blobs SET state = 'live', deletion = NULL, settles_at = NULL,
+                        object_deleted = 0, logical_size = ?2, stored_size = ?3,
+                        unreferenced_since = ?4
+                     WHERE digest = ?1 AND state = 'deleting' AND COALESCE(deletion, 0) = ?5",
+                    params![digest, logical, size, now, deletion],
+                ),
+                BlobPlan::Resize => exec(
+                    tx,
+                    "UPDATE blobs SET logical_size = ?2, stored_size = ?3
+                     WHERE digest = ?1 AND state = 'live'",
+                    params![digest, logical, size],
+                ),
+            }
+            .map_err(db_error)?;
+            if changed != 1 {
+                return Err(MetaError::Inconsistent(format!(
+                    "blob {digest} changed inside the transaction storing {path}"
+                )));
+            }
             let current: Option<(i64, String)> = tx
                 .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
                 .and_then(|mut s| {
@@ -403,36 +498,7 @@ impl MetaStore for SqliteMeta {
                         .optional()
                 })
                 .map_err(db_error)?;
-            if uploaded {
-                // A new row starts unreferenced, so the cleaner can reclaim its object if no
-                // file ends up pointing at it (e.g. a newer version was stored meanwhile).
-                exec(
-                    tx,
-                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
-                                        unreferenced_since, created_at)
-                     VALUES (?1, ?2, ?3, 0, 'live', ?4, ?4)
-                     ON CONFLICT (digest) DO UPDATE SET state = 'live',
-                        logical_size = excluded.logical_size, stored_size = excluded.stored_size",
-                    params![
-                        digest,
-                        blob.logical_size as i64,
-                        blob.stored_size as i64,
-                        now
-                    ],
-                )
-                .map_err(db_error)?;
-            } else {
-                let live = tx
-                    .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1 AND state = 'live'")
-                    .and_then(|mut s| s.exists([&digest]))
-                    .map_err(db_error)?;
-                if !live {
-                    return Err(MetaError::Inconsistent(format!(
-                        "blob {digest} is not live although its lock was held"
-                    )));
-                }
-            }
-            let deleted: Option<i64> = if import {
+            let deleted: Option<i64> = if kind == PutKind::Import {
                 tx.prepare_cached("SELECT version FROM deleted_paths WHERE path = ?1")
                     .and_then(|mut s| s.query_row([&path], |r| r.get(0)).optional())
                     .map_err(db_error)?
@@ -476,7 +542,7 @@ impl MetaStore for SqliteMeta {
                     }
                 }
             }
-            Ok(plan.outcome(version))
+            Ok(PutResult::Done(plan.outcome(version)))
         })
         .await
     }
@@ -565,24 +631,10 @@ impl MetaStore for SqliteMeta {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let limit = limit as i64;
         self.read(move |c| {
-            let mut s = c.prepare_cached(
-                "SELECT digest, logical_size, stored_size, refcount, state, unreferenced_since,
-                        created_at
-                 FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
-            )?;
-            let rows = s.query_map(params![after, limit], |r| {
-                Ok(BlobRow {
-                    info: BlobInfo {
-                        digest: parse_digest(r.get(0)?)?,
-                        logical_size: r.get::<_, i64>(1)? as u64,
-                        stored_size: r.get::<_, i64>(2)? as u64,
-                    },
-                    refcount: r.get(3)?,
-                    live: r.get::<_, String>(4)? == "live",
-                    unreferenced_since: r.get(5)?,
-                    created_at: r.get(6)?,
-                })
-            })?;
+            let mut s = c.prepare_cached(&format!(
+                "{BLOB_ROW} WHERE digest > ?1 ORDER BY digest LIMIT ?2"
+            ))?;
+            let rows = s.query_map(params![after, limit], blob_row)?;
             rows.collect()
         })
         .await
@@ -599,8 +651,9 @@ impl MetaStore for SqliteMeta {
         self.read(move |c| {
             let mut s = c.prepare_cached(
                 "SELECT digest, logical_size, stored_size FROM blobs
-                 WHERE digest > ?1 AND refcount <= 0
-                   AND (state = 'deleting' OR unreferenced_since <= ?2)
+                 WHERE digest > ?1 AND refcount <= 0 AND (
+                    (state = 'deleting' AND object_deleted = 0)
+                    OR (state = 'live' AND unreferenced_since <= ?2))
                  ORDER BY digest LIMIT ?3",
             )?;
             let rows = s.query_map(params![after, cutoff, limit], |r| {
@@ -615,14 +668,88 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn tombstone_blob(&self, digest: &Digest, cutoff: i64) -> Result<bool, MetaError> {
+    async fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRow>, MetaError> {
+        let digest = digest.to_hex();
+        self.read(move |c| {
+            c.prepare_cached(&format!("{BLOB_ROW} WHERE digest = ?1"))?
+                .query_row([&digest], blob_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn tombstone_blob(
+        &self,
+        lock: &BlobLock<Exclusive>,
+        cutoff: i64,
+        settle: Duration,
+    ) -> Result<Option<i64>, MetaError> {
+        let digest = lock.digest().to_hex();
+        let id = new_deletion_id();
+        self.write(move |c| {
+            let settles_at = unix_now_ms() + settle.as_millis() as i64;
+            exec(
+                c,
+                "UPDATE blobs SET state = 'deleting', deletion = ?3, settles_at = ?4,
+                    object_deleted = 0
+                 WHERE digest = ?1 AND refcount <= 0 AND (
+                    (state = 'deleting' AND object_deleted = 0)
+                    OR (state = 'live' AND unreferenced_since <= ?2))",
+                params![digest, cutoff, id, settles_at],
+            )
+            .map(|n| (n == 1).then_some(id))
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn tombstone_orphans(
+        &self,
+        orphans: &[(&BlobLock<Exclusive>, u64)],
+        settle: Duration,
+        now: i64,
+    ) -> Result<Vec<(Digest, i64)>, MetaError> {
+        let orphans: Vec<(Digest, i64, i64)> = orphans
+            .iter()
+            .map(|(lock, size)| (*lock.digest(), *size as i64, new_deletion_id()))
+            .collect();
+        self.write(move |c| {
+            let settles_at = unix_now_ms() + settle.as_millis() as i64;
+            let mut made = Vec::new();
+            for (digest, size, id) in orphans {
+                let n = exec(
+                    c,
+                    "INSERT INTO blobs (digest, logical_size, stored_size, refcount, state,
+                        unreferenced_since, created_at, deletion, settles_at)
+                     VALUES (?1, 0, ?2, 0, 'deleting', ?3, ?3, ?4, ?5)
+                     ON CONFLICT (digest) DO NOTHING",
+                    params![digest.to_hex(), size, now, id, settles_at],
+                )
+                .map_err(db_error)?;
+                if n == 1 {
+                    made.push((digest, id));
+                }
+            }
+            Ok(made)
+        })
+        .await
+    }
+
+    async fn finish_deletion(
+        &self,
+        digest: &Digest,
+        deletion: i64,
+        settled: bool,
+    ) -> Result<bool, MetaError> {
         let digest = digest.to_hex();
         self.write(move |c| {
             exec(
                 c,
-                "UPDATE blobs SET state = 'deleting' WHERE digest = ?1 AND refcount <= 0
-                   AND (state = 'deleting' OR unreferenced_since <= ?2)",
-                params![digest, cutoff],
+                "UPDATE blobs SET object_deleted = 1,
+                    settles_at = CASE WHEN ?3 THEN MIN(COALESCE(settles_at, ?4), ?4)
+                                      ELSE settles_at END
+                 WHERE digest = ?1 AND state = 'deleting' AND COALESCE(deletion, 0) = ?2",
+                params![digest, deletion, settled, unix_now_ms()],
             )
             .map(|n| n == 1)
             .map_err(db_error)
@@ -630,15 +757,15 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn remove_blob(&self, digest: &Digest) -> Result<bool, MetaError> {
-        let digest = digest.to_hex();
+    async fn purge_tombstones(&self, keep: Duration) -> Result<u64, MetaError> {
         self.write(move |c| {
             exec(
                 c,
-                "DELETE FROM blobs WHERE digest = ?1 AND state = 'deleting' AND refcount <= 0",
-                [digest],
+                "DELETE FROM blobs WHERE state = 'deleting' AND object_deleted = 1
+                    AND refcount <= 0 AND COALESCE(settles_at, 0) < ?1",
+                [unix_now_ms() - keep.as_millis() as i64],
             )
-            .map(|n| n == 1)
+            .map(|n| n as u64)
             .map_err(db_error)
         })
         .await
@@ -807,7 +934,9 @@ pub(crate) mod tests {
         };
         {
             let m = SqliteMeta::open(&p, test_options()).await.unwrap();
-            m.put_file("/a", 1, &b, true, 0).await.unwrap();
+            super::super::conformance::put(&m, "/a", 1, &b, true, 0)
+                .await
+                .unwrap();
         }
         let (m1, m2) = tokio::join!(
             SqliteMeta::open(&p, test_options()),
@@ -834,7 +963,9 @@ pub(crate) mod tests {
             logical_size: 3,
             stored_size: 23,
         };
-        m.put_file("/a", 1, &b, true, 0).await.unwrap();
+        super::super::conformance::put(&m, "/a", 1, &b, true, 0)
+            .await
+            .unwrap();
         let reprepared = m
             .read(|c| {
                 for path in ["/a", "/b", "/a", "/c", "/a"] {

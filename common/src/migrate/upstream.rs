@@ -137,7 +137,7 @@ impl Reader {
                 let rows = client
                     .query(&sql, &[&bucket, &after, &limit])
                     .await
-                    .map_err(crate::meta::postgres_error_text)?;
+                    .map_err(|e| crate::pg::error_text(&e))?;
                 Ok(rows
                     .iter()
                     .map(|r| Row {

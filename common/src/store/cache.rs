@@ -34,8 +34,8 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, PartUpload, SMALL_FILE, StaleUploads, StoreError,
-    local_stream, read_cached, read_if_small,
+    Deleted, DeletedMany, ObjectEntry, ObjectStore, ObjectStream, PartUpload, SMALL_FILE,
+    StaleUploads, StoreError, local_stream, read_cached, read_if_small,
 };
 use crate::blob::{self, Digest};
 use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
@@ -609,8 +609,20 @@ impl ObjectStore for CachedStore {
         self.inner.head(digest).await
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.inner.delete(digest).await
+    async fn delete(
+        &self,
+        digest: &Digest,
+        deadline: tokio::time::Instant,
+    ) -> Result<Deleted, StoreError> {
+        self.inner.delete(digest, deadline).await
+    }
+
+    async fn delete_many(
+        &self,
+        digests: &[Digest],
+        deadline: tokio::time::Instant,
+    ) -> Result<DeletedMany, StoreError> {
+        self.inner.delete_many(digests, deadline).await
     }
 
     async fn check(&self) -> Result<(), StoreError> {

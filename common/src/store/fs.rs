@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, SMALL_FILE, StaleUploads, StoreError,
+    Deleted, ObjectEntry, ObjectStore, ObjectStream, READ_CHUNK, StaleUploads, StoreError,
     digest_of_key, local_stream, object_key, read_cached, read_if_small,
 };
 use crate::blob::Digest;
@@ -338,19 +339,24 @@ impl ObjectStore for FsStore {
     }
 
     async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
-        if size > SMALL_FILE {
-            return self.get(digest).await;
-        }
         let path = self.path(digest);
         if let Some(bytes) = read_cached(&path, size) {
             return Ok(local_stream(Ok(bytes)));
         }
         let key = path.display().to_string();
-        let read = tokio::task::spawn_blocking(move || read_if_small(std::fs::File::open(&path)?))
-            .await
-            .map_err(|e| StoreError::io("reading", &key, io::Error::other(e)))?;
+        // The size is the open file's: a file stored again at the path later is another file.
+        let read = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            let actual = f.metadata()?.len();
+            Ok::<_, io::Error>((actual, read_if_small(f)?))
+        })
+        .await
+        .map_err(|e| StoreError::io("reading", &key, io::Error::other(e)))?;
         match read {
-            Ok(read) => Ok(local_stream(read)),
+            Ok((actual, read)) => {
+                super::check_size(&key, size, actual)?;
+                Ok(local_stream(read))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound { key }),
             Err(e) => Err(StoreError::io("reading", &key, e)),
         }
@@ -365,12 +371,20 @@ impl ObjectStore for FsStore {
         }
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+    /// An unlink cannot be taken back once started: one that outlives the deadline (a hung
+    /// disk) is reported as failed and may still happen, which the settle time after the
+    /// deadline covers.
+    async fn delete(&self, digest: &Digest, deadline: Instant) -> Result<Deleted, StoreError> {
         let path = self.path(digest);
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io("deleting", &path.display().to_string(), e)),
+        let key = path.display().to_string();
+        if Instant::now() >= deadline {
+            return Err(super::deadline_passed(&key));
+        }
+        match tokio::time::timeout_at(deadline, tokio::fs::remove_file(&path)).await {
+            Err(_) => Err(super::deadline_passed(&key)),
+            Ok(Ok(())) => Ok(Deleted::Settled),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => Ok(Deleted::Settled),
+            Ok(Err(e)) => Err(StoreError::io("deleting", &key, e)),
         }
     }
 
@@ -451,9 +465,16 @@ mod tests {
         let shard = store.path(&d).parent().unwrap().to_owned();
         assert_eq!(std::fs::read_dir(shard).unwrap().count(), 1);
 
-        store.delete(&d).await.unwrap();
-        store.delete(&d).await.unwrap();
+        let soon = Instant::now() + std::time::Duration::from_secs(30);
+        assert_eq!(store.delete(&d, soon).await.unwrap(), Deleted::Settled);
+        assert_eq!(
+            store.delete(&d, soon).await.unwrap(),
+            Deleted::Settled,
+            "already gone"
+        );
         assert_eq!(store.head(&d).await.unwrap(), None);
+        let e = store.delete(&d, Instant::now()).await.unwrap_err();
+        assert!(e.to_string().contains("deadline"), "{e}");
         store.check().await.unwrap();
     }
 

@@ -1,5 +1,5 @@
 //! The object store: where blob contents live, keyed by digest. The metadata database, not the
-//! store, decides whether a blob exists (DESIGN invariant 2); the store only holds bytes.
+//! store, decides whether a blob exists (docs/design.md, invariant 2); the store only holds bytes.
 
 mod cache;
 mod fs;
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
+use tokio::time::Instant;
 
 use crate::blob::Digest;
 use crate::spool::SpoolBody;
@@ -115,6 +116,15 @@ pub enum StoreError {
     },
     #[error("object store is out of space while {op} {key}")]
     Full { op: &'static str, key: String },
+    #[error(
+        "object {key} is {actual} bytes where its metadata says {expected}: stored again since \
+         the metadata was read, or damaged"
+    )]
+    Changed {
+        key: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("object store failed while {op} {key}: {source}")]
     Io {
         op: &'static str,
@@ -147,6 +157,56 @@ pub struct ObjectEntry {
     pub size: u64,
     /// Last modification, Unix seconds (for the orphan grace period).
     pub modified: i64,
+}
+
+/// What a delete sent before a deadline left behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deleted {
+    /// The object is gone, and no request of this delete can still reach the store.
+    #[default]
+    Settled,
+    /// The object is gone, but an earlier attempt went unanswered: it may still be carried out
+    /// later (within the deletion's settle time).
+    Unsettled,
+}
+
+impl Deleted {
+    /// Both together.
+    pub fn and(self, other: Deleted) -> Deleted {
+        if self == Deleted::Settled && other == Deleted::Settled {
+            Deleted::Settled
+        } else {
+            Deleted::Unsettled
+        }
+    }
+}
+
+/// What [`ObjectStore::delete_many`] did: how it settled, and the objects it could not delete.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeletedMany {
+    pub settled: Deleted,
+    pub failed: Vec<(Digest, String)>,
+}
+
+/// The error for an object found to be `actual` bytes where `expected` were wanted.
+pub(crate) fn check_size(key: &str, expected: u64, actual: u64) -> Result<(), StoreError> {
+    if expected == actual {
+        return Ok(());
+    }
+    Err(StoreError::Changed {
+        key: key.to_owned(),
+        expected,
+        actual,
+    })
+}
+
+/// The error of a delete that outlived its deadline.
+pub(crate) fn deadline_passed(key: &str) -> StoreError {
+    StoreError::Unavailable {
+        op: "deleting",
+        key: key.to_owned(),
+        message: "no answer before the deletion's deadline; the request was dropped".into(),
+    }
 }
 
 /// What [`ObjectStore::abort_stale_uploads`] did.
@@ -217,28 +277,37 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Streams the object a metadata row describes, `size` being the row's stored size. One
     /// content can be stored as different gzip bytes over time (the server's own gzip of a raw
-    /// upload, or a client's), so a copy kept elsewhere (a cache) must also match the size.
-    async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
-        let _ = size;
-        self.get(digest).await
-    }
+    /// upload, or a client's; the cleaner may delete one and a PUT store the other), so an
+    /// object of another size is [`StoreError::Changed`], never streamed under the row's length.
+    async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError>;
 
     /// The object's stored size, or `None` when there is none.
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
 
-    /// Deletes a digest's object; deleting a missing object succeeds.
-    async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
+    /// Deletes a digest's object; deleting a missing object succeeds. Every request it sends
+    /// is sent before `deadline`; past it the delete gives up with an error (dropping what is in
+    /// flight), so no request of it can be carried out long after (the cleaner's tombstone
+    /// records how long after: docs/design.md).
+    async fn delete(&self, digest: &Digest, deadline: Instant) -> Result<Deleted, StoreError>;
 
-    /// Deletes several objects in as few requests as the store allows (at most 1000 a call);
-    /// returns the ones that failed, with why.
-    async fn delete_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, String)>, StoreError> {
-        let mut failed = Vec::new();
+    /// Deletes several objects in as few requests as the store allows (at most 1000 a call),
+    /// under the same deadline as [`ObjectStore::delete`].
+    async fn delete_many(
+        &self,
+        digests: &[Digest],
+        deadline: Instant,
+    ) -> Result<DeletedMany, StoreError> {
+        let mut done = DeletedMany::default();
         for d in digests {
-            if let Err(e) = self.delete(d).await {
-                failed.push((*d, e.to_string()));
+            match self.delete(d, deadline).await {
+                Ok(settled) => done.settled = done.settled.and(settled),
+                Err(e) => {
+                    done.settled = Deleted::Unsettled;
+                    done.failed.push((*d, e.to_string()));
+                }
             }
         }
-        Ok(failed)
+        Ok(done)
     }
 
     /// Checks that the store answers (for readiness and `/health`).

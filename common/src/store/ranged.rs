@@ -82,15 +82,18 @@ impl RangedReads {
         self.concurrency > 1 && size > self.range
     }
 
-    /// Streams the object `src` serves, named `key` in errors. The first range is requested
-    /// now, so that a missing object is an error here rather than in the stream.
+    /// Streams the object `src` serves, named `key` in errors, which must be `size` bytes. The
+    /// first range is requested now, so that a missing object (or one of another size) is an
+    /// error here rather than in the stream.
     pub async fn read(
         &self,
         src: Arc<dyn RangeSource>,
         key: &str,
+        size: u64,
     ) -> Result<ObjectStream, StoreError> {
         let active = Active::new(&self.active);
         let first = src.fetch(0, self.range - 1, None).await?;
+        super::check_size(key, size, first.total)?;
         let (count, len) = if first.ranged {
             (
                 first.total.div_ceil(self.range).max(1),
@@ -410,7 +413,8 @@ mod tests {
 
     /// Everything the stream gives until its end or first error.
     async fn collect(reads: &RangedReads, fake: &Fake) -> (Vec<u8>, Option<String>) {
-        let mut stream = reads.read(Arc::new(fake.clone()), "k").await.unwrap();
+        let size = fake.data.len() as u64;
+        let mut stream = reads.read(Arc::new(fake.clone()), "k", size).await.unwrap();
         let mut out = Vec::new();
         while let Some(item) = stream.next().await {
             match item {
@@ -457,6 +461,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_object_of_another_size_than_its_row_says_is_refused_before_any_byte() {
+        let reads = RangedReads::new(10, 4, 1000);
+        let fake = Fake {
+            data: object(95),
+            ..Fake::default()
+        };
+        let e = reads.read(Arc::new(fake), "k", 96).await.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                StoreError::Changed {
+                    expected: 96,
+                    actual: 95,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn with_many_large_reads_in_flight_the_rest_is_one_request() {
         let reads = RangedReads::new(10, 4, 1000);
         let others = Fake {
@@ -465,7 +490,13 @@ mod tests {
         };
         let mut open = Vec::new();
         for _ in 0..PARALLEL_READS_UP_TO {
-            open.push(reads.read(Arc::new(others.clone()), "o").await.unwrap());
+            let size = others.data.len() as u64;
+            open.push(
+                reads
+                    .read(Arc::new(others.clone()), "o", size)
+                    .await
+                    .unwrap(),
+            );
         }
         let fake = Fake {
             data: object(95),

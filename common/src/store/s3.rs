@@ -23,11 +23,12 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::ranged::{RangeBody, RangeSource, RangedReads};
 use super::{
-    ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads, StoreError, digest_of_key,
-    object_key,
+    Deleted, DeletedMany, ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads,
+    StoreError, deadline_passed, digest_of_key, object_key,
 };
 use crate::blob::Digest;
 use crate::config::S3Config;
@@ -45,6 +46,8 @@ pub struct S3Store {
     /// Parts being sent, all uploads together (see [`PARTS_IN_FLIGHT`]).
     part_slots: Arc<Semaphore>,
     reads: RangedReads,
+    /// Attempts of one request (`store.s3.max_attempts`).
+    max_attempts: u32,
 }
 
 /// Parts that all uploads together send at once, in this process (at least
@@ -155,6 +158,7 @@ impl S3Store {
             upload_concurrency: cfg.upload_concurrency,
             part_slots: Arc::new(Semaphore::new(PARTS_IN_FLIGHT.max(cfg.upload_concurrency))),
             reads: RangedReads::new(READ_RANGE, cfg.download_concurrency, READ_AHEAD_BUFFER),
+            max_attempts: cfg.max_attempts,
         })
     }
 
@@ -507,6 +511,53 @@ impl PartUpload for Multipart {
     }
 }
 
+/// The client's configuration with its retries off, for requests whose attempts are made and
+/// counted one by one.
+fn single_attempt() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::new().retry_config(RetryConfig::disabled())
+}
+
+impl S3Store {
+    /// Sends a delete request (`send`, one attempt each call) until it is answered with
+    /// success, up to `store.s3.max_attempts` times and never past `deadline`. The attempts are
+    /// ours, not the SDK's, so that we know whether one went unanswered: such a request may
+    /// still be carried out after a later one succeeded, and the delete is then
+    /// [`Deleted::Unsettled`].
+    async fn delete_attempts<O, E, F, Fut>(
+        &self,
+        key: &str,
+        deadline: Instant,
+        mut send: F,
+    ) -> Result<(Deleted, O), StoreError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<O, SdkError<E, HttpResponse>>>,
+    {
+        let mut unanswered = false;
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match tokio::time::timeout_at(deadline, send()).await {
+                Err(_) => return Err(deadline_passed(key)),
+                Ok(Ok(out)) if unanswered => return Ok((Deleted::Unsettled, out)),
+                Ok(Ok(out)) => return Ok((Deleted::Settled, out)),
+                Ok(Err(e)) => e,
+            };
+            // No answer (a timeout, a connection lost after sending): the server may still act.
+            if err.raw_response().is_none() && !matches!(err, SdkError::ConstructionFailure(_)) {
+                unanswered = true;
+            }
+            if attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
+                return Err(unavailable("deleting", key, err));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
@@ -635,32 +686,42 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_stored(&self, digest: &Digest, size: u64) -> Result<ObjectStream, StoreError> {
-        if !self.reads.worth_it(size) {
-            return self.get(digest).await;
-        }
         let key = self.key(digest);
+        if !self.reads.worth_it(size) {
+            let request = self.client.get_object().bucket(&self.bucket).key(&key);
+            let out = request
+                .send()
+                .await
+                .map_err(|e| read_failed(key.clone(), e))?;
+            let actual = out.content_length().unwrap_or(0).max(0) as u64;
+            super::check_size(&key, size, actual)?;
+            return Ok(object_stream(out.body));
+        }
         let src = Arc::new(ObjectRanges {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
             key: key.clone(),
         });
-        self.reads.read(src, &key).await
+        self.reads.read(src, &key, size).await
     }
 
     async fn head(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         self.head_key(&self.key(digest)).await
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+    async fn delete(&self, digest: &Digest, deadline: Instant) -> Result<Deleted, StoreError> {
         let key = self.key(digest);
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|e| unavailable("deleting", &key, e))?;
-        Ok(())
+        let send = || {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .customize()
+                .config_override(single_attempt())
+                .send()
+        };
+        let (settled, _) = self.delete_attempts(&key, deadline, send).await?;
+        Ok(settled)
     }
 
     async fn list(
@@ -769,8 +830,12 @@ impl ObjectStore for S3Store {
         }
     }
 
-    async fn delete_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, String)>, StoreError> {
-        let mut failed = Vec::new();
+    async fn delete_many(
+        &self,
+        digests: &[Digest],
+        deadline: Instant,
+    ) -> Result<DeletedMany, StoreError> {
+        let mut done = DeletedMany::default();
         for chunk in digests.chunks(1000) {
             let objects = chunk
                 .iter()
@@ -782,22 +847,26 @@ impl ObjectStore for S3Store {
                 .quiet(true)
                 .build()
                 .map_err(|e| StoreError::io("deleting", &self.bucket, io::Error::other(e)))?;
-            let out = self
-                .client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| unavailable("deleting objects in", &self.bucket, e))?;
+            let send = || {
+                self.client
+                    .delete_objects()
+                    .bucket(&self.bucket)
+                    .delete(delete.clone())
+                    .customize()
+                    .config_override(single_attempt())
+                    .send()
+            };
+            let (settled, out) = self.delete_attempts(&self.bucket, deadline, send).await?;
+            done.settled = done.settled.and(settled);
             for err in out.errors() {
                 let key = err.key().unwrap_or_default();
                 if let Some(d) = digest_of_key(&self.prefix, key) {
-                    failed.push((d, err.message().unwrap_or("delete failed").to_owned()));
+                    done.failed
+                        .push((d, err.message().unwrap_or("delete failed").to_owned()));
                 }
             }
         }
-        Ok(failed)
+        Ok(done)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
