@@ -4,14 +4,43 @@
 # Filetracker client from PyPI, and the S3 server process the suites start (built from the
 # workspace: tests/s3-test-server).
 #
-#   tests/run-all.sh            everything: format, lint, unit, integration and client suites
+#   tests/run-all.sh            everything: format, lint, unit, integration, client, package and
+#                               systemd suites (what CI runs)
+#   tests/run-all.sh --quick    the edit-test loop: format, lint, unit tests and the API suites
+#                               (local store and the S3 test server; nothing to install)
 #
 # Environment: TESTS_VENV (default target/test-venv) to reuse a venv elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+quick=false
+case "${1:-}" in
+    --quick) quick=true ;;
+    "") ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+esac
+
 step() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Both tiers start here: formatting, lints, and every binary the suites drive.
+check_and_build() {
+    step "Formatting (cargo fmt --check)"
+    cargo fmt --all -- --check
+    step "Lints (cargo clippy --all-targets -D warnings)"
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    step "Build every binary (the suites drive the real programs)"
+    cargo build --workspace --bins --locked
+}
+
+if $quick; then
+    check_and_build
+    step "Unit tests, then the API suites"
+    cargo test --locked -p s3dedup-common -p s3dedup-api -p s3dedup-cleaner -p s3dedup-migrator
+    cargo test --locked -p s3dedup-tests --test api
+    step "Quick tier passed (the full run: tests/run-all.sh)"
+    exit 0
+fi
 
 step "System packages"
 # libdb-dev: the Filetracker package builds bsddb3 against it; python3-dev/venv for the venv;
@@ -41,14 +70,7 @@ if ! "$venv/bin/python" -c 'import filetracker, pytest, requests, moto.server' 2
 fi
 "$venv/bin/python" -c 'import filetracker; print("filetracker client ready")'
 
-step "Formatting (cargo fmt --check)"
-cargo fmt --all -- --check
-
-step "Lints (cargo clippy --all-targets -D warnings)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-
-step "Build every binary (the suites drive the real programs)"
-cargo build --workspace --bins --locked
+check_and_build
 
 step "Rust unit and integration tests, with a throw-away PostgreSQL (pg_virtualenv)"
 # Tests that need PostgreSQL are #[ignore]d for a plain `cargo test`; here they all run.

@@ -1,5 +1,5 @@
 //! The Filetracker protocol v2 as clients speak it: routes, file paths, versions on the wire and
-//! header names. Everything here is pure parsing; see `shared/PROTOCOL.md` for the observed rules.
+//! header names. Everything here is pure parsing; docs/protocol.md states the rules.
 
 use chrono::{DateTime, Utc};
 use percent_encoding::percent_decode_str;

@@ -1133,7 +1133,7 @@ async fn round_trip_streaming(s: &Setup, size: u64) -> u64 {
     s.api.proc.peak_rss_kib()
 }
 
-/// DESIGN invariant 5: memory does not grow with file size.
+/// Memory does not grow with file size (docs/design.md, invariant 6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_round_trip_keeps_rss_under_100_mib_local() {
     let s = Setup::local();
