@@ -20,7 +20,8 @@ pub const S3_ACCESS_KEY: &str = "test-access-key";
 pub const S3_SECRET_KEY: &str = "test-secret-key";
 pub const S3_BUCKET: &str = "s3dedup-test";
 
-/// Where cargo put the workspace binaries (next to this test's `deps/` directory).
+/// Where cargo put the workspace binaries (next to this test's `deps/` directory), or
+/// `TESTS_BIN_DIR` (binaries of another build, run as they are: an earlier commit's, say).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TESTS_BIN_DIR") {
         return PathBuf::from(dir);
@@ -32,13 +33,25 @@ pub fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
+/// A workspace binary, as the current sources build it: the first call in a test process runs
+/// `cargo build --workspace --bins` (a second or so when nothing changed), so a suite never
+/// tests what an earlier edit left in `target/`. With `TESTS_BIN_DIR` set, its binaries are run
+/// as they are (an earlier commit's, to check that a test fails without a fix).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("TESTS_BIN_DIR").is_none() {
+        BUILD.call_once(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "--workspace", "--bins", "--locked"])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "cargo build --workspace --bins failed");
+        });
+    }
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace --bins)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing", p.display());
     p
 }
 
