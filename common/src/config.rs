@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::source::{OldServerUrl, Source};
+
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "S3DEDUP_";
 
@@ -72,7 +74,8 @@ pub struct MigratorConfig {
     /// `v1:DIR` (Filetracker v1 `files/`), `v2:DIR` (`filetracker-server -d DIR`), an old
     /// server's `http://HOST:PORT`, or an upstream s3dedup bucket (`upstream:BUCKET:…`); empty:
     /// none.
-    pub source: String,
+    #[serde(deserialize_with = "crate::source::optional")]
+    pub source: Option<Source>,
     /// Files imported at once.
     pub jobs: usize,
     /// Bytes read from the source per second, over all jobs; 0: unlimited.
@@ -82,7 +85,7 @@ pub struct MigratorConfig {
 impl Default for MigratorConfig {
     fn default() -> Self {
         MigratorConfig {
-            source: String::new(),
+            source: None,
             jobs: 4,
             max_bytes_per_sec: 0,
         }
@@ -161,7 +164,8 @@ pub struct ApiConfig {
     pub shutdown_timeout_secs: u64,
     /// Live migration: the old Filetracker server's root URL (`http://HOST:PORT`). A GET, HEAD
     /// or DELETE of a path not stored here first imports it from there. Empty: off.
-    pub fallback_url: String,
+    #[serde(deserialize_with = "crate::source::optional")]
+    pub fallback_url: Option<OldServerUrl>,
     /// With `fallback_url`: PUTs and DELETEs that succeed here are also sent to the old server,
     /// so switching back to it loses nothing.
     pub fallback_forward_writes: bool,
@@ -194,7 +198,7 @@ impl Default for ApiConfig {
             compression_level: 1,
             lock_timeout_secs: 60,
             shutdown_timeout_secs: 30,
-            fallback_url: String::new(),
+            fallback_url: None,
             fallback_forward_writes: false,
             fallback_timeout_secs: 30,
             header_timeout_secs: 60,
@@ -561,22 +565,6 @@ impl Config {
         let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
         if self.api.compression_level > 9 {
             return bad("api.compression_level", "must be between 0 and 9");
-        }
-        if !self.migrator.source.is_empty()
-            && let Err(e) = self.migrator.source.parse::<crate::migrate::Source>()
-        {
-            return Err(("migrator.source".into(), e));
-        }
-        if !self.api.fallback_url.is_empty()
-            && !matches!(
-                self.api.fallback_url.parse::<crate::migrate::Source>(),
-                Ok(crate::migrate::Source::Http(_))
-            )
-        {
-            return bad(
-                "api.fallback_url",
-                "must be the old server's http://HOST:PORT",
-            );
         }
         if self.migrator.jobs == 0 {
             return bad("migrator.jobs", "must be at least 1");
@@ -986,6 +974,33 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/s3dedup.toml"), "{e}");
         let e = load(None, &[ov("api.listen", "unix:run/api.sock")]).unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn sources_are_parsed_with_the_configuration() {
+        let cfg = load(None, &[ov("migrator.source", "v2:/srv/ft")]).unwrap();
+        let want: Source = "v2:/srv/ft".parse().unwrap();
+        assert_eq!(cfg.migrator.source, Some(want));
+        let cfg = load(
+            None,
+            &[ov("migrator.source", ""), ov("api.fallback_url", "")],
+        )
+        .unwrap();
+        assert_eq!((cfg.migrator.source, cfg.api.fallback_url), (None, None));
+        let e = load(None, &[ov("migrator.source", "v3:/x")]).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("migrator.source") && s.contains("unknown source"),
+            "{s}"
+        );
+        let e = load(None, &[ov("api.fallback_url", "v2:/srv/ft")]).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("api.fallback_url") && s.contains("http://HOST:PORT"),
+            "{s}"
+        );
+        let cfg = load(None, &[ov("api.fallback_url", "http://old:9999/")]).unwrap();
+        assert_eq!(cfg.api.fallback_url.unwrap().as_str(), "http://old:9999");
     }
 
     #[test]

@@ -758,7 +758,7 @@ impl FileStore {
                     Err(StoreError::NotFound { .. }) => return Err(missing()),
                     other => other?,
                 };
-                let (actual, logical_size) = crate::gc::inflate_digest(body).await?;
+                let (actual, logical_size) = crate::inflating::digest_of(body).await?;
                 if actual != *digest {
                     return Err(FileStoreError::Blob(BlobError::ChecksumMismatch {
                         claimed: *digest,

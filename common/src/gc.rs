@@ -8,13 +8,12 @@
 //! Objects without any row get such a tombstone first, under the digest's lock, since they may
 //! be an upload about to commit. Why each interleaving is safe: docs/design.md.
 
-use std::io;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::blob::{self, BlobInfo, ChannelReader, Digest};
+use crate::blob::{self, BlobInfo, Digest};
 use crate::filestore::{FileStore, FileStoreError, TOMBSTONE_KEEP};
 use crate::locks::{BlobLock, Exclusive, LockError, LockMode, Shared};
 use crate::store::{Deleted, ObjectEntry, StoreError};
@@ -589,25 +588,13 @@ async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
         Err(StoreError::NotFound { .. }) => return Check::Missing,
         Err(e) => return Check::Unreadable(e.to_string()),
     };
-    match inflate_digest(stream).await {
+    match crate::inflating::digest_of(stream).await {
         Ok((d, n)) if d == b.digest && n == b.logical_size => Check::Ok,
         Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
         // The stream failing to deliver is the store's doing, not the content's.
         Err(blob::BlobError::Interrupted(why)) => Check::Unreadable(why),
         Err(e) => Check::Corrupt(e.to_string()),
     }
-}
-
-/// Inflates a stored object stream off the runtime, returning its content's digest and size.
-pub async fn inflate_digest(
-    stream: crate::store::ObjectStream,
-) -> Result<(Digest, u64), blob::BlobError> {
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let feeder = async move { blob::feed(stream, &tx).await };
-    let inflater =
-        tokio::task::spawn_blocking(move || blob::inflate(ChannelReader::new(rx), io::sink()));
-    let ((), result) = tokio::join!(feeder, inflater);
-    result.map_err(|e| blob::BlobError::Interrupted(e.to_string()))?
 }
 
 #[cfg(test)]

@@ -10,16 +10,20 @@ pub mod filestore;
 pub mod gc;
 pub mod group;
 pub mod gunzip;
+pub mod inflating;
 pub mod locks;
 pub mod memory;
 pub mod meta;
 pub mod migrate;
+pub mod old_server;
 pub mod pg;
 pub mod program;
 pub mod protocol;
+pub mod source;
 pub mod spool;
 pub mod store;
 pub mod systemd;
+pub mod throttle;
 
 /// Seconds since the Unix epoch, the clock of versions and grace periods.
 pub fn unix_now() -> i64 {

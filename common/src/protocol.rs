@@ -267,9 +267,35 @@ pub fn request_version(
     }
 }
 
+/// Undoes Filetracker v2's double encoding of non-ASCII names (UTF-8 bytes read as Latin-1 and
+/// encoded as UTF-8 again); names that are not double-encoded come back unchanged.
+pub fn decode_v2_name(name: &str) -> String {
+    if name.is_ascii() {
+        return name.to_owned();
+    }
+    let bytes: Option<Vec<u8>> = name
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).ok())
+        .collect();
+    bytes
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| name.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_encoded_names_are_decoded() {
+        let name = "zażółć/gęś.txt";
+        let double: String = name.bytes().map(char::from).collect();
+        assert_ne!(double, name);
+        assert_eq!(decode_v2_name(&double), name);
+        assert_eq!(decode_v2_name("plain/a b.txt"), "plain/a b.txt");
+        // Not double-encoded (a char above U+00FF): unchanged.
+        assert_eq!(decode_v2_name("✓.txt"), "✓.txt");
+    }
 
     const MAX: usize = DEFAULT_MAX_PATH_LEN;
 

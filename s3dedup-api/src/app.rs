@@ -1,6 +1,5 @@
 //! HTTP handling: maps Filetracker requests onto the file store and its errors onto statuses.
 
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,15 +12,16 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use s3dedup_common::blob::{self, BlobError, ChannelReader, Chunk, Encoding, Hints, IngestOptions};
+use s3dedup_common::blob::{BlobError, Chunk, Encoding, Hints, IngestOptions};
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::{FileStore, FileStoreError, Spooled};
+use s3dedup_common::inflating;
 use s3dedup_common::meta::{DeleteOutcome, MetaError, PutOutcome};
-use s3dedup_common::migrate::{Imported, OldServer, OldServerError};
+use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{self, FilePath, ProtocolError, Route};
 use s3dedup_common::store::{ReadCache, StoreError};
 use s3dedup_common::unix_now;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -50,13 +50,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, String> {
-        let fallback = match cfg.fallback_url.as_str() {
-            "" => None,
-            url => Some(OldServer::new(
-                url,
-                Duration::from_secs(cfg.fallback_timeout_secs),
-            )?),
+    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, OldServerError> {
+        let timeout = Duration::from_secs(cfg.fallback_timeout_secs);
+        let fallback = match &cfg.fallback_url {
+            None => None,
+            Some(url) => Some(OldServer::new(url.as_str(), timeout)?),
         };
         Ok(AppState {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
@@ -458,7 +456,7 @@ async fn get_file(
         Body::from_stream(counted(opened.body, state.clone(), permit))
     } else {
         Body::from_stream(counted(
-            inflate_stream(opened.body, opened.entry.blob.digest),
+            inflating::content_of(opened.body, opened.entry.blob.digest),
             state.clone(),
             permit,
         ))
@@ -487,72 +485,6 @@ where
         }
         chunk
     })
-}
-
-/// Serves identity bytes to a client that refuses gzip: inflates off the runtime, and checks
-/// the content against `digest`.
-fn inflate_stream<S>(
-    src: S,
-    digest: blob::Digest,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
-where
-    S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
-{
-    let (in_tx, in_rx) = mpsc::channel::<Chunk>(BODY_QUEUE);
-    let (out_tx, out_rx) = mpsc::channel::<std::io::Result<Bytes>>(BODY_QUEUE);
-    tokio::spawn(async move { blob::feed(src, &in_tx).await });
-    tokio::task::spawn_blocking(move || {
-        let mut out = std::io::BufWriter::with_capacity(
-            64 * 1024,
-            HoldLast {
-                tx: out_tx.clone(),
-                held: None,
-            },
-        );
-        let checked = match blob::inflate(ChannelReader::new(in_rx), &mut out) {
-            Ok((d, _)) if d == digest => out.flush().map_err(|e| e.to_string()),
-            Ok((d, _)) => Err(format!("stored content inflates to {d}, not {digest}")),
-            Err(e) => Err(e.to_string()),
-        };
-        // Without flushing what is buffered: on an error, the body must come out short.
-        let (mut last, _) = out.into_parts();
-        let end = match checked {
-            Ok(()) => last.held.take().map(Ok),
-            Err(e) => Some(Err(std::io::Error::other(e))),
-        };
-        if let Some(end) = end {
-            let _ = out_tx.blocking_send(end);
-        }
-    });
-    tokio_stream_from(out_rx)
-}
-
-/// Sends all but the last chunk written, which waits until the whole content is proven. A
-/// body that fails at its very end (a gzip trailer cut off, a wrong digest) then reaches the
-/// client short, as a failure; complete, the client would take it and reuse the connection
-/// that the server is closing.
-struct HoldLast {
-    tx: mpsc::Sender<std::io::Result<Bytes>>,
-    held: Option<Bytes>,
-}
-
-impl Write for HoldLast {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(ready) = self.held.replace(Bytes::copy_from_slice(buf)) {
-            self.tx
-                .blocking_send(Ok(ready))
-                .map_err(|_| std::io::Error::other("client went away"))?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
 fn parse_hints(headers: &HeaderMap) -> Result<Hints, ApiError> {

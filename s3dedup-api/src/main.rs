@@ -84,7 +84,7 @@ async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Resul
         // Not fatal: leftovers only cost disk space.
         Err(e) => tracing::warn!(error = %e, spool = %spool.display(), "cannot clean the spool"),
     }
-    let mut state = app::AppState::new(files, cfg.api.clone()).map_err(anyhow::Error::msg)?;
+    let mut state = app::AppState::new(files, cfg.api.clone())?;
     state.cache = cache;
     let state = Arc::new(state);
     server::run(state).await

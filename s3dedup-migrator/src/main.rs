@@ -13,8 +13,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
-use s3dedup_common::migrate::{self, MigrateReport, RunOptions, Source};
+use s3dedup_common::migrate::{self, MigrateReport, RunOptions};
 use s3dedup_common::program;
+use s3dedup_common::source::Source;
 use s3dedup_common::{systemd, unix_now};
 
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
@@ -30,7 +31,7 @@ struct Cli {
     /// What to import (overrides migrator.source): v1:DIR, v2:DIR, http://HOST:PORT or
     /// upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://USER@HOST/DB.
     #[arg(long, value_name = "SOURCE")]
-    source: Option<String>,
+    source: Option<Source>,
     /// Files imported at once (overrides migrator.jobs).
     #[arg(long, value_name = "N")]
     jobs: Option<usize>,
@@ -62,20 +63,12 @@ fn main() -> ExitCode {
             return ExitCode::from(e.code);
         }
     };
-    let source = cli
-        .source
-        .clone()
-        .unwrap_or_else(|| cfg.migrator.source.clone());
-    let source: Source = match source.parse() {
-        Ok(s) => s,
-        Err(e) if source.is_empty() => {
-            eprintln!("s3dedup-migrator: no source: pass --source or set migrator.source ({e})");
-            return ExitCode::from(program::EXIT_CONFIG);
-        }
-        Err(e) => {
-            eprintln!("s3dedup-migrator: --source: {e}");
-            return ExitCode::from(program::EXIT_CONFIG);
-        }
+    let Some(source) = cli.source.clone().or_else(|| cfg.migrator.source.clone()) else {
+        eprintln!(
+            "s3dedup-migrator: no source: pass --source or set migrator.source (v1:DIR, v2:DIR, \
+             http://HOST:PORT, upstream:BUCKET:…)"
+        );
+        return ExitCode::from(program::EXIT_CONFIG);
     };
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     let opts = RunOptions {

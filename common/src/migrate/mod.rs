@@ -4,8 +4,6 @@
 //! left alone, and a path deleted here is not brought back. A directory walk has a fixed order
 //! and records how far it got in the metadata store, so a killed run resumes from there.
 
-mod old_server;
-mod throttle;
 mod upstream;
 mod walk;
 
@@ -15,84 +13,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-pub use old_server::{Imported, OldServer, OldServerError};
-pub use throttle::Throttle;
-pub use upstream::UpstreamDb;
-
 use crate::blob::{Encoding, Hints, IngestOptions};
 use crate::filestore::FileStore;
+use crate::filestore::FileStoreError;
 use crate::meta::{MetaError, PutOutcome};
-use crate::protocol::{FilePath, Version};
-
-/// Where files come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// Filetracker v1: `DIR/files/<path>` plain files, mtime = version.
-    V1Dir(PathBuf),
-    /// Filetracker v2 (`filetracker-server -d DIR`): `DIR/links/<path>` symlinks (their own
-    /// mtime = version) to gzip blobs `DIR/blobs/<aa>/<sha256>`.
-    V2Dir(PathBuf),
-    /// A running Filetracker v2 server (its root URL): `GET /list/`, then each file.
-    Http(String),
-    /// An upstream s3dedup deployment's bucket, adopted in place: `upstream:BUCKET:sqlite:PATH`
-    /// or `upstream:BUCKET:postgres://…`. The store must be configured with the same bucket.
-    Upstream { bucket: String, db: UpstreamDb },
-}
-
-impl std::str::FromStr for Source {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.starts_with("http://") {
-            return Ok(Source::Http(s.trim_end_matches('/').to_owned()));
-        }
-        if s.starts_with("https://") {
-            return Err(
-                "https sources are not supported: use the old server's http address".into(),
-            );
-        }
-        if let Some(rest) = s.strip_prefix("upstream:") {
-            let bad = || {
-                format!(
-                    "bad upstream source {:?}: expected upstream:BUCKET:sqlite:PATH or \
-                     upstream:BUCKET:postgres://USER@HOST/DB",
-                    upstream::redact(s)
-                )
-            };
-            let (bucket, db) = rest.split_once(':').ok_or_else(bad)?;
-            if !upstream::valid_bucket(bucket) {
-                return Err(bad());
-            }
-            let db = match db.split_once(':') {
-                Some(("sqlite", path)) if !path.is_empty() => UpstreamDb::Sqlite(path.into()),
-                Some(("postgres" | "postgresql", _)) => UpstreamDb::Postgres(db.to_owned()),
-                _ => return Err(bad()),
-            };
-            return Ok(Source::Upstream {
-                bucket: bucket.to_owned(),
-                db,
-            });
-        }
-        match s.split_once(':') {
-            Some(("v1", dir)) if !dir.is_empty() => Ok(Source::V1Dir(dir.into())),
-            Some(("v2", dir)) if !dir.is_empty() => Ok(Source::V2Dir(dir.into())),
-            _ => Err(format!(
-                "unknown source {s:?}: expected v1:DIR, v2:DIR, http://HOST:PORT or \
-                 upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://…"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Source::V1Dir(d) => write!(f, "v1:{}", d.display()),
-            Source::V2Dir(d) => write!(f, "v2:{}", d.display()),
-            Source::Http(u) => f.write_str(u),
-            Source::Upstream { bucket, db } => write!(f, "upstream:{bucket}:{db}"),
-        }
-    }
-}
+use crate::old_server::{Imported, OldServer, OldServerError};
+use crate::protocol::{self, FilePath, Version};
+use crate::source::{Source, UpstreamDb};
+use crate::throttle::Throttle;
 
 /// One file found in the source.
 #[derive(Debug, Clone)]
@@ -126,6 +54,31 @@ impl Item {
             Origin::Http | Origin::Adopt { .. } => self.path.to_string(),
         }
     }
+}
+
+/// Why a file of the source was not imported, or a run could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// What the walk, the listing or the upstream metadata found is not a file to import.
+    #[error("{0}")]
+    Source(String),
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    OldServer(#[from] OldServerError),
+    #[error("listed by the old server, but gone from it")]
+    Vanished,
+    #[error("upstream metadata {db}: {why}")]
+    Upstream { db: String, why: String },
+    #[error(transparent)]
+    Store(#[from] FileStoreError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("import task: {0}")]
+    Task(String),
 }
 
 /// What a run did.
@@ -162,21 +115,6 @@ impl MigrateReport {
     }
 }
 
-/// Undoes Filetracker v2's double encoding of non-ASCII names (UTF-8 bytes read as Latin-1 and
-/// encoded as UTF-8 again); names that are not double-encoded come back unchanged.
-pub fn decode_v2_name(name: &str) -> String {
-    if name.is_ascii() {
-        return name.to_owned();
-    }
-    let bytes: Option<Vec<u8>> = name
-        .chars()
-        .map(|c| u8::try_from(u32::from(c)).ok())
-        .collect();
-    bytes
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_else(|| name.to_owned())
-}
-
 fn mtime(meta: &std::fs::Metadata) -> Version {
     use std::os::unix::fs::MetadataExt;
     meta.mtime()
@@ -200,7 +138,8 @@ pub struct RunOptions {
 /// everything before it are done (directory walks only: a listing has no fixed order).
 struct Work {
     position: Option<String>,
-    item: Result<Item, (String, String)>,
+    /// The item, or what was found (a file, a name) and why it cannot be one.
+    item: Result<Item, (String, MigrateError)>,
 }
 
 fn describe(
@@ -208,9 +147,9 @@ fn describe(
     p: &Path,
     meta: &std::fs::Metadata,
     v2: bool,
-) -> Result<Item, (String, String)> {
+) -> Result<Item, (String, MigrateError)> {
     let shown = p.display().to_string();
-    let fail = |why: String| Err((shown.clone(), why));
+    let fail = |why: String| Err((shown.clone(), MigrateError::Source(why)));
     let Ok(rel) = p.strip_prefix(root) else {
         return fail("outside the source".into());
     };
@@ -218,7 +157,7 @@ fn describe(
         return fail("name is not UTF-8".into());
     };
     let rel = if v2 {
-        decode_v2_name(rel)
+        protocol::decode_v2_name(rel)
     } else {
         rel.to_owned()
     };
@@ -298,7 +237,7 @@ async fn import(
     item: &Item,
     opts: &RunOptions,
     throttle: Option<&Arc<Throttle>>,
-) -> Result<Done, String> {
+) -> Result<Done, MigrateError> {
     if let Origin::Adopt { version, digest } = &item.origin {
         return adopt(fs, &item.path, *version, digest, opts).await;
     }
@@ -309,7 +248,7 @@ async fn import(
         expected,
     } = &item.origin
     else {
-        let old = old.ok_or("no old server")?;
+        let old = old.ok_or_else(|| MigrateError::Source("no old server".into()))?;
         let imported = old
             .import(
                 fs,
@@ -319,13 +258,12 @@ async fn import(
                 opts.dry_run,
                 opts.now,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         return match imported {
             Imported::Stored { bytes, .. } => Ok(Done::Migrated(bytes)),
             Imported::Present => Ok(Done::Skipped),
             Imported::Deleted => Ok(Done::KeptDeleted),
-            Imported::Missing => Err("listed by the old server, but gone from it".into()),
+            Imported::Missing => Err(MigrateError::Vanished),
         };
     };
     let path = item.path.as_str();
@@ -335,14 +273,17 @@ async fn import(
     if opts.dry_run {
         return Ok(Done::Migrated(0));
     }
-    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let f = std::fs::File::open(file).map_err(|source| MigrateError::Read {
+        path: file.clone(),
+        source,
+    })?;
     let hints = Hints {
         sha256: *expected,
         logical_size: None,
     };
     let (fs2, encoding, throttle) = (fs.clone(), *encoding, throttle.cloned());
     let spooled = tokio::task::spawn_blocking(move || {
-        let read = throttle::ThrottledRead {
+        let read = crate::throttle::ThrottledRead {
             inner: f,
             throttle: throttle.as_deref(),
         };
@@ -354,33 +295,25 @@ async fn import(
         )
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| MigrateError::Task(e.to_string()))??;
     let bytes = spooled.info.logical_size;
-    let committed = fs
-        .import(path, *version, spooled, opts.now)
-        .await
-        .map_err(|e| e.to_string())?;
+    let committed = fs.import(path, *version, spooled, opts.now).await?;
     Ok(Done::of(committed.outcome, bytes))
 }
 
 /// What `Done` an import of `path` at `version` is, before any work: skipped when ours is at
 /// least as new or the path was deleted here since.
-async fn settled(fs: &FileStore, path: &str, version: Version) -> Result<Option<Done>, String> {
-    let stored = fs
-        .stat(path)
-        .await
-        .map_err(|e| e.to_string())?
-        .map(|e| e.version);
+async fn settled(
+    fs: &FileStore,
+    path: &str,
+    version: Version,
+) -> Result<Option<Done>, MigrateError> {
+    let stored = fs.stat(path).await?.map(|e| e.version);
     if stored.is_some_and(|s| s >= version) {
         return Ok(Some(Done::Skipped));
     }
     if stored.is_none()
-        && let Some(at) = fs
-            .meta
-            .deleted_version(path)
-            .await
-            .map_err(|e| e.to_string())?
+        && let Some(at) = fs.meta.deleted_version(path).await?
         && at >= version
     {
         return Ok(Some(Done::KeptDeleted));
@@ -394,30 +327,16 @@ async fn adopt(
     version: Version,
     digest: &crate::blob::Digest,
     opts: &RunOptions,
-) -> Result<Done, String> {
+) -> Result<Done, MigrateError> {
     if let Some(done) = settled(fs, path.as_str(), version).await? {
         return Ok(done);
     }
     if opts.dry_run {
         return Ok(Done::Migrated(0));
     }
-    let committed = fs
-        .adopt(path.as_str(), version, digest, opts.now)
-        .await
-        .map_err(|e| e.to_string())?;
+    let committed = fs.adopt(path.as_str(), version, digest, opts.now).await?;
     // Nothing was copied: no bytes moved.
     Ok(Done::of(committed.outcome, 0))
-}
-
-impl Source {
-    /// For directory sources, the directory the walk starts in (`files/` or `links/`).
-    pub fn walk_root(&self) -> Option<PathBuf> {
-        match self {
-            Source::V1Dir(d) => Some(d.join("files")),
-            Source::V2Dir(d) => Some(d.join("links")),
-            Source::Http(_) | Source::Upstream { .. } => None,
-        }
-    }
 }
 
 /// True for sources read in a fixed order, so a checkpoint can say how far a run got.
@@ -438,87 +357,137 @@ fn canonical(dir: &Path) -> PathBuf {
     std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned())
 }
 
-/// Starts the walk or listing, feeding a bounded channel (memory stays flat).
+/// Starts the walk or listing of `source`, feeding a bounded channel (memory stays flat).
 fn produce(
     source: &Source,
     old: Option<OldServer>,
     resume: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Work> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    if let Some(root) = source.walk_root() {
-        let v2 = matches!(source, Source::V2Dir(_));
-        tokio::task::spawn_blocking(move || {
-            let resume = resume.as_deref().map(walk::parse_position);
-            walk::walk(&root, resume.as_deref(), &mut |found| {
-                let item = found
-                    .entry
-                    .and_then(|(path, meta)| describe(&root, &path, &meta, v2));
-                let work = Work {
-                    position: Some(found.position),
-                    item,
-                };
-                tx.blocking_send(work).is_ok()
-            });
-        });
-    } else if let Source::Upstream { bucket, db } = source {
-        let (bucket, db) = (bucket.clone(), db.clone());
-        tokio::spawn(async move {
-            let fail = |why: String| Work {
-                position: None,
-                item: Err((format!("upstream metadata {db}"), why)),
-            };
-            let reader = match upstream::Reader::open(&db).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(fail(e)).await;
-                    return;
-                }
-            };
-            let mut after = resume.unwrap_or_default();
-            loop {
-                let page = match reader.page(&bucket, &after, 1000).await {
-                    Ok(p) if p.is_empty() => return,
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(fail(e)).await;
-                        return;
-                    }
-                };
-                for row in page {
-                    let item = FilePath::parse(
-                        &format!("/{}", row.path),
-                        crate::protocol::DEFAULT_MAX_PATH_LEN,
-                    )
-                    .map_err(|e| e.to_string())
-                    .and_then(|path| {
-                        let digest = row
-                            .hash
-                            .parse()
-                            .map_err(|e| format!("hash {:?}: {e}", row.hash))?;
-                        Ok(Item {
-                            path,
-                            origin: Origin::Adopt {
-                                version: row.version,
-                                digest,
-                            },
-                        })
-                    })
-                    .map_err(|why| (row.path.clone(), why));
-                    let work = Work {
-                        position: Some(row.path.clone()),
-                        item,
-                    };
-                    if tx.send(work).await.is_err() {
-                        return;
-                    }
-                    after = row.path;
-                }
-            }
-        });
-    } else if let Some(old) = old {
-        tokio::spawn(async move { old.list(tx).await });
+    match (source, old) {
+        (Source::V1Dir(_) | Source::V2Dir(_), _) => {
+            let v2 = matches!(source, Source::V2Dir(_));
+            let root = source.walk_root().unwrap_or_default();
+            tokio::task::spawn_blocking(move || walk_dir(&root, v2, resume, tx));
+        }
+        (Source::Upstream { bucket, db }, _) => {
+            let (bucket, db) = (bucket.clone(), db.clone());
+            tokio::spawn(async move { read_upstream(&bucket, &db, resume, tx).await });
+        }
+        (Source::Http(_), Some(old)) => {
+            tokio::spawn(async move { list_old_server(&old, tx).await });
+        }
+        (Source::Http(_), None) => {}
     }
     rx
+}
+
+/// A directory source (`files/` or `links/` under `root`), walked in a fixed order from the
+/// position after `resume`. Blocking.
+fn walk_dir(root: &Path, v2: bool, resume: Option<String>, tx: tokio::sync::mpsc::Sender<Work>) {
+    let resume = resume.as_deref().map(walk::parse_position);
+    walk::walk(root, resume.as_deref(), &mut |found| {
+        let item = found
+            .entry
+            .map_err(|(file, why)| (file, MigrateError::Source(why)))
+            .and_then(|(path, meta)| describe(root, &path, &meta, v2));
+        let work = Work {
+            position: Some(found.position),
+            item,
+        };
+        tx.blocking_send(work).is_ok()
+    });
+}
+
+/// An upstream deployment's metadata, its paths in order, from the one after `resume`.
+async fn read_upstream(
+    bucket: &str,
+    db: &UpstreamDb,
+    resume: Option<String>,
+    tx: tokio::sync::mpsc::Sender<Work>,
+) {
+    let fail = |why: String| Work {
+        position: None,
+        item: Err((
+            format!("upstream metadata {db}"),
+            MigrateError::Upstream {
+                db: db.to_string(),
+                why,
+            },
+        )),
+    };
+    let reader = match upstream::Reader::open(db).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(fail(e)).await;
+            return;
+        }
+    };
+    let mut after = resume.unwrap_or_default();
+    loop {
+        let page = match reader.page(bucket, &after, 1000).await {
+            Ok(p) if p.is_empty() => return,
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(fail(e)).await;
+                return;
+            }
+        };
+        for row in page {
+            let work = Work {
+                position: Some(row.path.clone()),
+                item: adopted(&row).map_err(|why| (row.path.clone(), MigrateError::Source(why))),
+            };
+            if tx.send(work).await.is_err() {
+                return;
+            }
+            after = row.path;
+        }
+    }
+}
+
+/// What an upstream row asks for: its path, adopted at its version and digest.
+fn adopted(row: &upstream::Row) -> Result<Item, String> {
+    let path = FilePath::parse(&format!("/{}", row.path), protocol::DEFAULT_MAX_PATH_LEN)
+        .map_err(|e| e.to_string())?;
+    let digest = row
+        .hash
+        .parse()
+        .map_err(|e| format!("hash {:?}: {e}", row.hash))?;
+    Ok(Item {
+        path,
+        origin: Origin::Adopt {
+            version: row.version,
+            digest,
+        },
+    })
+}
+
+/// A running old server's listing (no fixed order, so no positions).
+async fn list_old_server(old: &OldServer, tx: tokio::sync::mpsc::Sender<Work>) {
+    let (names_tx, mut names) = tokio::sync::mpsc::channel(1024);
+    let listing = old.list(names_tx);
+    let forward = async {
+        while let Some(name) = names.recv().await {
+            let item = match name {
+                Ok(name) => FilePath::parse(&name, protocol::DEFAULT_MAX_PATH_LEN)
+                    .map(|path| Item {
+                        path,
+                        origin: Origin::Http,
+                    })
+                    .map_err(|e| (name, MigrateError::Source(e.to_string()))),
+                Err(e) => Err((format!("{}/list/", old.base()), e.into())),
+            };
+            let work = Work {
+                position: None,
+                item,
+            };
+            if tx.send(work).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(listing, forward);
 }
 
 /// How many files a run of `source` will look at (for a progress bar's ETA): a walk or listing
@@ -553,9 +522,9 @@ pub async fn run(
     source: &Source,
     opts: RunOptions,
     progress: &(dyn Fn(&MigrateReport) + Sync),
-) -> Result<MigrateReport, MetaError> {
+) -> Result<MigrateReport, MigrateError> {
     let old = match source {
-        Source::Http(u) => Some(OldServer::new(u, opts.http_timeout).map_err(MetaError::Database)?),
+        Source::Http(u) => Some(OldServer::new(u, opts.http_timeout)?),
         _ => None,
     };
     let key = checkpoint_key(source);
@@ -588,15 +557,15 @@ pub async fn run(
                 Err((file, _)) => file.clone(),
             };
             let task = tokio::spawn(async move {
-                match &item {
-                    Ok(item) => import(&fs, old.as_ref(), item, &opts, throttle.as_ref()).await,
-                    Err((_, why)) => Err(why.clone()),
+                match item {
+                    Ok(item) => import(&fs, old.as_ref(), &item, &opts, throttle.as_ref()).await,
+                    Err((_, why)) => Err(why),
                 }
             });
             async move {
                 let result = task
                     .await
-                    .unwrap_or_else(|e| Err(format!("import task: {e}")));
+                    .unwrap_or_else(|e| Err(MigrateError::Task(e.to_string())));
                 (result, shown, position)
             }
         })
@@ -613,8 +582,8 @@ pub async fn run(
             Ok(Done::Skipped) => report.skipped += 1,
             Ok(Done::KeptDeleted) => report.kept_deleted += 1,
             Err(why) => {
-                tracing::warn!(file, error = why, "not migrated");
-                report.failed.push((file, why));
+                tracing::warn!(file, error = %why, "not migrated");
+                report.failed.push((file, why.to_string()));
             }
         }
         position = pos.or(position);
@@ -633,46 +602,4 @@ pub async fn run(
         fs.meta.set_checkpoint(&key, None, opts.now).await?;
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn double_encoded_names_are_decoded() {
-        let name = "zażółć/gęś.txt";
-        let double: String = name.bytes().map(char::from).collect();
-        assert_ne!(double, name);
-        assert_eq!(decode_v2_name(&double), name);
-        assert_eq!(decode_v2_name("plain/a b.txt"), "plain/a b.txt");
-        // Not double-encoded (a char above U+00FF): unchanged.
-        assert_eq!(decode_v2_name("✓.txt"), "✓.txt");
-    }
-
-    #[test]
-    fn sources_parse() {
-        assert_eq!("v1:/srv/ft".parse(), Ok(Source::V1Dir("/srv/ft".into())));
-        assert_eq!("v2:/srv/ft".parse(), Ok(Source::V2Dir("/srv/ft".into())));
-        assert!("v3:/x".parse::<Source>().is_err());
-        assert!("v1:".parse::<Source>().is_err());
-        assert_eq!(
-            "http://127.0.0.1:9999/".parse(),
-            Ok(Source::Http("http://127.0.0.1:9999".into()))
-        );
-        assert!("https://x".parse::<Source>().is_err());
-        assert_eq!(
-            "upstream:files:sqlite:/var/lib/s3dedup/db.sqlite".parse(),
-            Ok(Source::Upstream {
-                bucket: "files".into(),
-                db: UpstreamDb::Sqlite("/var/lib/s3dedup/db.sqlite".into())
-            })
-        );
-        let pg: Source = "upstream:my-files:postgres://ft:secret@db/ft"
-            .parse()
-            .unwrap();
-        assert_eq!(pg.to_string(), "upstream:my-files:postgres://ft@db/ft");
-        assert!("upstream:bad\"name:sqlite:/x".parse::<Source>().is_err());
-        assert!("upstream:files:mysql://x".parse::<Source>().is_err());
-    }
 }

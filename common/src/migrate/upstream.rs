@@ -3,27 +3,9 @@
 //! so they are adopted in place (verified, never copied). It trusted client hints, so every
 //! adopted object is inflated and hashed once.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// Where the upstream deployment keeps its metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamDb {
-    /// One SQLite file; tables shared by all buckets.
-    Sqlite(PathBuf),
-    /// A PostgreSQL URL; tables prefixed by the bucket name.
-    Postgres(String),
-}
-
-impl std::fmt::Display for UpstreamDb {
-    /// As in the source syntax, without a password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamDb::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
-            UpstreamDb::Postgres(url) => f.write_str(&redact(url)),
-        }
-    }
-}
+use crate::source::{UpstreamDb, redact};
 
 /// One live path of the upstream bucket.
 pub(super) struct Row {
@@ -36,28 +18,6 @@ pub(super) struct Row {
 pub(super) enum Reader {
     Sqlite(Arc<Mutex<rusqlite::Connection>>),
     Postgres(tokio_postgres::Client),
-}
-
-/// Bucket names become table names on PostgreSQL: only what cannot break out of an identifier.
-pub(super) fn valid_bucket(bucket: &str) -> bool {
-    !bucket.is_empty()
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
-/// A PostgreSQL URL without its password, for messages and logs.
-pub(super) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}@{host}")
-        }
-        None => url.to_owned(),
-    }
 }
 
 impl Reader {

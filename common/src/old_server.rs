@@ -1,5 +1,7 @@
-//! A running Filetracker v2 server (the Python `filetracker-server`) as a source: its listing,
-//! its files, and, for live migration, the writes forwarded to it so it can be switched back to.
+//! A client of a running Filetracker v2 server (the Python `filetracker-server`): its listing,
+//! its files imported one by one, and, during a live migration, the writes forwarded to it so
+//! that it can be switched back to. The migrator reads through it, and so does the API's
+//! fallback.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +13,7 @@ use crate::filestore::{FileStore, FileStoreError};
 use crate::meta::PutOutcome;
 use crate::protocol::{self, FilePath, Version};
 
-use super::throttle::Throttle;
-use super::{Item, Origin, Work, decode_v2_name};
+use crate::throttle::Throttle;
 
 /// Why talking to the old server failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum OldServerError {
     Protocol { url: String, why: String },
     #[error("importing from the old server: {0}")]
     Store(#[from] FileStoreError),
+    #[error("old server {url}: cannot make an HTTP client: {source}")]
+    Client { url: String, source: reqwest::Error },
 }
 
 /// What importing one path did.
@@ -65,12 +68,15 @@ const SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 impl OldServer {
     /// `base` is `http://HOST:PORT` without a trailing slash; `timeout` bounds connecting and
     /// each stall while reading.
-    pub fn new(base: &str, timeout: Duration) -> Result<OldServer, String> {
+    pub fn new(base: &str, timeout: Duration) -> Result<OldServer, OldServerError> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .read_timeout(timeout)
             .build()
-            .map_err(|e| format!("HTTP client for {base}: {e}"))?;
+            .map_err(|source| OldServerError::Client {
+                url: base.to_owned(),
+                source,
+            })?;
         Ok(OldServer {
             base: base.trim_end_matches('/').to_owned(),
             http,
@@ -249,23 +255,23 @@ impl OldServer {
         self.send("DELETE", &url, req).await.map(drop)
     }
 
-    /// Streams `GET /list/` (every path the old server holds), line by line, so memory stays
-    /// flat, as work for a run (no position: the listing has no fixed order). Lines that are not
-    /// valid paths and a failed listing are sent as failures.
-    pub(super) async fn list(&self, tx: tokio::sync::mpsc::Sender<Work>) {
+    /// Every name `GET /list/` gives (the old server lists its on-disk names, double-encoded
+    /// like its links, which this decodes), sent one by one as they arrive, so memory stays
+    /// flat; a failed or cut-off listing is sent as its error, last.
+    pub async fn list(&self, tx: tokio::sync::mpsc::Sender<Result<String, OldServerError>>) {
         let url = format!("{}/list/", self.base);
-        let fail = |why: String| Work {
-            position: None,
-            item: Err((url.clone(), why)),
+        let protocol_error = |why: String| OldServerError::Protocol {
+            url: url.clone(),
+            why,
         };
         let r = match self.send("GET", &url, self.http.get(&url)).await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let _ = tx.send(fail("listing: 404".into())).await;
+                let _ = tx.send(Err(protocol_error("listing: 404".into()))).await;
                 return;
             }
             Err(e) => {
-                let _ = tx.send(fail(e.to_string())).await;
+                let _ = tx.send(Err(e)).await;
                 return;
             }
         };
@@ -275,7 +281,8 @@ impl OldServer {
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    let _ = tx.send(fail(format!("listing cut off: {e}"))).await;
+                    let why = format!("listing cut off: {e}");
+                    let _ = tx.send(Err(protocol_error(why))).await;
                     return;
                 }
                 None => break,
@@ -283,22 +290,9 @@ impl OldServer {
             pending.extend_from_slice(&chunk);
             while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=nl).collect();
-                // The old server lists its on-disk names, double-encoded like its links/.
-                let line = decode_v2_name(&String::from_utf8_lossy(&line[..line.len() - 1]));
-                if line.is_empty() {
-                    continue;
-                }
-                let item = FilePath::parse(&line, protocol::DEFAULT_MAX_PATH_LEN)
-                    .map(|path| Item {
-                        path,
-                        origin: Origin::Http,
-                    })
-                    .map_err(|e| (line.clone(), e.to_string()));
-                let work = Work {
-                    position: None,
-                    item,
-                };
-                if tx.send(work).await.is_err() {
+                let line =
+                    protocol::decode_v2_name(&String::from_utf8_lossy(&line[..line.len() - 1]));
+                if !line.is_empty() && tx.send(Ok(line)).await.is_err() {
                     return;
                 }
             }
