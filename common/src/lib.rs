@@ -7,7 +7,6 @@
 pub mod blob;
 pub mod config;
 pub mod filestore;
-pub mod gc;
 pub mod group;
 pub mod gunzip;
 pub mod inflating;

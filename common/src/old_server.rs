@@ -135,7 +135,6 @@ impl OldServer {
         let deleted = match stored {
             Some(_) => None,
             None => fs
-                .meta
                 .deleted_version(path.as_str())
                 .await
                 .map_err(FileStoreError::from)?,

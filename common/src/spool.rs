@@ -60,28 +60,31 @@ impl Retained {
     }
 }
 
-/// How much of a growing spool file is on disk, for a reader that sends it on before the
-/// upload ends (S3 parts sent while the body still arrives).
-#[derive(Debug, Clone, Default)]
-pub struct SpoolProgress {
-    /// The spool file, once there is one.
-    pub path: Option<PathBuf>,
-    /// Bytes written through to the file (not waiting in the writer's buffer).
-    pub flushed: u64,
-}
+/// Sees a spool as it is written: a store sending the upload on while it still arrives. It
+/// must not block (the writer is verifying the upload), and is dropped with the writer, which
+/// tells it the upload ended.
+pub trait SpoolFeed: Send {
+    /// Asks the writer to flush its file and call [`SpoolFeed::flushed`] each time another this
+    /// many bytes are written.
+    fn flush_every(&self) -> Option<u64> {
+        None
+    }
 
-/// Receives a copy of every byte written to a spool, in order: a store sending the upload on
-/// while it arrives. It must not block (the writer is verifying the upload).
-pub trait SpoolCopy: Send {
     /// The next bytes written.
-    fn copy(&mut self, data: &[u8]);
+    fn wrote(&mut self, data: &[u8]) {
+        let _ = data;
+    }
+
+    /// The spool file at `path` now holds the first `len` bytes on disk.
+    fn flushed(&mut self, path: &Path, len: u64) {
+        let _ = (path, len);
+    }
 }
 
-/// Where a writer reports its progress, every `step` bytes.
-struct Reporter {
-    step: u64,
-    next: u64,
-    tx: tokio::sync::watch::Sender<SpoolProgress>,
+/// A feed, and the next length at which it wants a flush.
+struct Fed {
+    feed: Box<dyn SpoolFeed>,
+    next_flush: Option<u64>,
 }
 
 /// A writer that keeps up to `limit` bytes in memory and moves everything to a new file in
@@ -92,8 +95,7 @@ pub struct SpoolWriter {
     memory: Vec<u8>,
     file: Option<BufWriter<NamedTempFile>>,
     written: u64,
-    reporter: Option<Reporter>,
-    copy: Option<Box<dyn SpoolCopy>>,
+    fed: Option<Fed>,
 }
 
 impl SpoolWriter {
@@ -106,44 +108,29 @@ impl SpoolWriter {
             memory: Vec::new(),
             file: None,
             written: 0,
-            reporter: None,
-            copy: None,
+            fed: None,
         }
     }
 
-    /// Also hands every byte written to `copy`, which is dropped with the writer.
-    pub fn copying(mut self, copy: Box<dyn SpoolCopy>) -> Self {
-        self.copy = Some(copy);
+    /// Also tells `feed` what is written, and flushes for it as it asks.
+    pub fn feeding(mut self, feed: Box<dyn SpoolFeed>) -> Self {
+        let next_flush = feed.flush_every().map(|step| step.max(1));
+        self.fed = Some(Fed { feed, next_flush });
         self
     }
 
-    /// Also flushes the file and publishes its length on `tx` each time another `step` bytes
-    /// are written. The sender is dropped when the writer is, which tells the reader it ended.
-    pub fn reporting(mut self, step: u64, tx: tokio::sync::watch::Sender<SpoolProgress>) -> Self {
-        let step = step.max(1);
-        self.reporter = Some(Reporter {
-            step,
-            next: step,
-            tx,
-        });
-        self
-    }
-
-    /// Publishes the flushed length once the writer has passed the next reporting mark.
-    fn report(&mut self) -> io::Result<()> {
-        let (Some(r), Some(w)) = (&mut self.reporter, &mut self.file) else {
+    /// Flushes and tells the feed, once the writer has passed the length it asked for.
+    fn feed_flushed(&mut self) -> io::Result<()> {
+        let (Some(fed), Some(w)) = (&mut self.fed, &mut self.file) else {
             return Ok(());
         };
-        if self.written < r.next {
+        let Some(next) = fed.next_flush.filter(|n| self.written >= *n) else {
             return Ok(());
-        }
+        };
         w.flush()?;
-        r.next = (self.written / r.step + 1) * r.step;
-        let path = w.get_ref().path().to_owned();
-        r.tx.send_replace(SpoolProgress {
-            path: Some(path),
-            flushed: self.written,
-        });
+        let step = fed.feed.flush_every().unwrap_or(next).max(1);
+        fed.next_flush = Some((self.written / step + 1) * step);
+        fed.feed.flushed(w.get_ref().path(), self.written);
         Ok(())
     }
 
@@ -194,10 +181,10 @@ impl Write for SpoolWriter {
             }
         };
         self.written += n as u64;
-        if let Some(c) = &mut self.copy {
-            c.copy(&buf[..n]);
+        if let Some(fed) = &mut self.fed {
+            fed.feed.wrote(&buf[..n]);
         }
-        self.report().map_err(|e| self.context(e))?;
+        self.feed_flushed().map_err(|e| self.context(e))?;
         Ok(n)
     }
 
@@ -298,30 +285,72 @@ mod tests {
         assert_eq!(std::fs::read(f.path()).unwrap(), b"");
     }
 
+    /// What a feed saw: the bytes, and at each flush the file's length and what was on disk.
+    #[derive(Default)]
+    struct Saw {
+        bytes: Vec<u8>,
+        flushes: Vec<(u64, Vec<u8>)>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Seen(std::sync::Arc<std::sync::Mutex<Saw>>);
+
+    struct Recording(Seen, Option<u64>);
+
+    impl SpoolFeed for Recording {
+        fn flush_every(&self) -> Option<u64> {
+            self.1
+        }
+        fn wrote(&mut self, data: &[u8]) {
+            self.0.0.lock().unwrap().bytes.extend_from_slice(data);
+        }
+        fn flushed(&mut self, path: &Path, len: u64) {
+            let on_disk = std::fs::read(path).unwrap();
+            self.0.0.lock().unwrap().flushes.push((len, on_disk));
+        }
+    }
+
     #[test]
-    fn progress_is_reported_on_disk_at_each_step() {
+    fn a_feed_sees_every_byte_and_the_file_flushed_at_each_step() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = tokio::sync::watch::channel(SpoolProgress::default());
-        let mut w = SpoolWriter::new(dir.path(), 4).reporting(10, tx);
+        let seen = Seen::default();
+        let mut w =
+            SpoolWriter::new(dir.path(), 4).feeding(Box::new(Recording(seen.clone(), Some(10))));
         w.write_all(b"0123456").unwrap();
-        assert!(!rx.has_changed().unwrap(), "no mark passed yet");
-        w.write_all(b"789abcdefghijklmnopq").unwrap();
-        let seen = rx.borrow_and_update().clone();
-        assert_eq!(
-            seen.flushed, 27,
-            "past two marks at once: reported once, all of it"
-        );
-        let on_disk = std::fs::read(seen.path.unwrap()).unwrap();
-        assert_eq!(on_disk, b"0123456789abcdefghijklmnopq");
-        w.write_all(b"rs").unwrap();
-        assert!(!rx.has_changed().unwrap(), "the next mark is 30");
-        w.write_all(b"t").unwrap();
-        assert_eq!(rx.borrow_and_update().flushed, 30);
-        let _body = w.finish().unwrap();
         assert!(
-            rx.has_changed().is_err(),
-            "the reader learns the writer ended"
+            seen.0.lock().unwrap().flushes.is_empty(),
+            "no mark passed yet"
         );
+        w.write_all(b"789abcdefghijklmnopq").unwrap();
+        {
+            let seen = seen.0.lock().unwrap();
+            assert_eq!(seen.flushes.len(), 1, "past two marks at once: one flush");
+            assert_eq!(seen.flushes[0].0, 27);
+            assert_eq!(
+                seen.flushes[0].1, b"0123456789abcdefghijklmnopq",
+                "all of it on disk"
+            );
+        }
+        w.write_all(b"rs").unwrap();
+        assert_eq!(
+            seen.0.lock().unwrap().flushes.len(),
+            1,
+            "the next mark is 30"
+        );
+        w.write_all(b"t").unwrap();
+        assert_eq!(seen.0.lock().unwrap().flushes.last().unwrap().0, 30);
+        let _body = w.finish().unwrap();
+        assert_eq!(
+            seen.0.lock().unwrap().bytes,
+            b"0123456789abcdefghijklmnopqrst"
+        );
+        // A feed that only wants the bytes gets no flushes, in memory or not.
+        let bytes = Seen::default();
+        let mut w =
+            SpoolWriter::new(dir.path(), 4).feeding(Box::new(Recording(bytes.clone(), None)));
+        w.write_all(b"abcdefgh").unwrap();
+        assert_eq!(bytes.0.lock().unwrap().bytes, b"abcdefgh");
+        assert!(bytes.0.lock().unwrap().flushes.is_empty());
     }
 
     #[test]

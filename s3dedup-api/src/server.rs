@@ -248,18 +248,10 @@ async fn release_memory_when_idle(state: Arc<AppState>, every: Duration) {
 /// Serves until SIGTERM/SIGINT, then drains in-flight requests for at most the configured time.
 pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     // READY=1 means the database and the object store answer, not merely that we started.
-    state.files.meta.check().await.with_context(|| {
-        format!(
-            "metadata store {} is not usable",
-            state.files.meta.describe()
-        )
-    })?;
-    state.files.store.check().await.with_context(|| {
-        format!(
-            "object store {} is not usable",
-            state.files.store.describe()
-        )
-    })?;
+    let (metadata, store) = state.files.describe();
+    let (meta_ok, store_ok) = state.files.check().await;
+    meta_ok.with_context(|| format!("metadata store {metadata} is not usable"))?;
+    store_ok.with_context(|| format!("object store {store} is not usable"))?;
 
     let listener = listener(&state).await?;
     let addr = listener.describe();
@@ -273,8 +265,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
             close_when_stopping,
         ));
 
-    info!(%addr, metadata = %state.files.meta.describe(), store = %state.files.store.describe(),
-        inflater = s3dedup_common::gunzip::INFLATER, "listening");
+    info!(%addr, %metadata, %store, inflater = s3dedup_common::gunzip::INFLATER, "listening");
     systemd::notify_ready(&format!("listening on {addr}"));
 
     if let Some(every) = systemd::watchdog_interval() {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
 use s3dedup_common::filestore::FileStore;
-use s3dedup_common::gc::{self, GcOptions, GcReport, VerifyReport};
+use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, VerifyReport};
 use s3dedup_common::program;
 use s3dedup_common::{systemd, unix_now};
 
@@ -202,7 +202,7 @@ fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
 }
 
 async fn print_stats(fs: &FileStore) -> anyhow::Result<()> {
-    let s = fs.meta.stats().await.context("reading statistics")?;
+    let s = fs.stats().await.context("reading statistics")?;
     let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     let saved = s.referenced_bytes.saturating_sub(s.stored_bytes);
     println!("files:                      {}", s.files);

@@ -313,7 +313,7 @@ async fn settled(
         return Ok(Some(Done::Skipped));
     }
     if stored.is_none()
-        && let Some(at) = fs.meta.deleted_version(path).await?
+        && let Some(at) = fs.deleted_version(path).await?
         && at >= version
     {
         return Ok(Some(Done::KeptDeleted));
@@ -499,7 +499,7 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
     };
     let resume = if ordered(source) {
         let key = checkpoint_key(source);
-        fs.meta.checkpoint(&key).await.ok().flatten()
+        fs.checkpoint(&key).await.ok().flatten()
     } else {
         None
     };
@@ -530,7 +530,7 @@ pub async fn run(
     let key = checkpoint_key(source);
     let checkpoints = ordered(source) && !opts.dry_run;
     let resume = if checkpoints {
-        fs.meta.checkpoint(&key).await?
+        fs.checkpoint(&key).await?
     } else {
         None
     };
@@ -590,7 +590,7 @@ pub async fn run(
         if checkpoints && saved.elapsed() >= CHECKPOINT_EVERY {
             saved = Instant::now();
             if let Some(p) = &position
-                && let Err(e) = fs.meta.set_checkpoint(&key, Some(p), opts.now).await
+                && let Err(e) = fs.set_checkpoint(&key, Some(p), opts.now).await
             {
                 tracing::warn!(error = %e, "cannot record the checkpoint");
             }
@@ -599,7 +599,7 @@ pub async fn run(
     }
     if checkpoints {
         // Finished: the next run walks everything again (and copies only what is new).
-        fs.meta.set_checkpoint(&key, None, opts.now).await?;
+        fs.set_checkpoint(&key, None, opts.now).await?;
     }
     Ok(report)
 }

@@ -34,11 +34,11 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use super::{
-    Deleted, DeletedMany, ObjectEntry, ObjectStore, ObjectStream, PartUpload, SMALL_FILE,
-    StaleUploads, StoreError, local_stream, read_cached, read_if_small,
+    Deleted, DeletedMany, EarlyUpload, Incoming, ObjectEntry, ObjectStore, ObjectStream,
+    SMALL_FILE, StaleUploads, StoreError, local_stream, read_cached, read_if_small,
 };
 use crate::blob::{self, Digest};
-use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
+use crate::spool::SpoolBody;
 
 /// Bytes read from the remote store that all fills together may hold before they are on the
 /// cache's disk; a fill that would go past it is abandoned (the client never waits for the
@@ -553,24 +553,8 @@ impl ObjectStore for CachedStore {
         self.inner.key(digest)
     }
 
-    fn part_size(&self) -> Option<u64> {
-        self.inner.part_size()
-    }
-
-    fn stream_put(
-        &self,
-        digest: &Digest,
-        size: u64,
-    ) -> Option<(Box<dyn SpoolCopy>, Box<dyn PartUpload>)> {
-        self.inner.stream_put(digest, size)
-    }
-
-    async fn send_parts(
-        &self,
-        digest: &Digest,
-        progress: tokio::sync::watch::Receiver<SpoolProgress>,
-    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
-        self.inner.send_parts(digest, progress).await
+    fn early_upload(&self, digest: &Digest, incoming: Incoming) -> Option<EarlyUpload> {
+        self.inner.early_upload(digest, incoming)
     }
 
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError> {

@@ -17,7 +17,7 @@ use futures::Stream;
 use tokio::time::Instant;
 
 use crate::blob::Digest;
-use crate::spool::SpoolBody;
+use crate::spool::{SpoolBody, SpoolFeed};
 
 pub use cache::{CacheStats, CachedStore, ReadCache};
 pub use fs::FsStore;
@@ -218,12 +218,28 @@ pub struct StaleUploads {
     pub failed: Vec<(String, String)>,
 }
 
-/// An object sent to the store while its upload was still arriving (S3: multipart parts, or a
-/// PUT whose last bytes are held back). It stays invisible until [`PartUpload::finish`];
-/// dropping it unfinished discards what was sent (in the background, best effort).
+/// What is known of an upload's size before it arrives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Incoming {
+    /// The stored size, when the body is stored as sent (gzip with a `Content-Length`).
+    pub stored: Option<u64>,
+    /// The body's declared length, a bound on what is stored.
+    pub at_most: Option<u64>,
+}
+
+/// An upload a store sends on while it still arrives: `feed` sees the spool as it is written,
+/// and `upload` makes the whole object the digest's. No object exists until then; dropped
+/// unfinished, what was sent is discarded.
+pub struct EarlyUpload {
+    pub feed: Box<dyn SpoolFeed>,
+    pub upload: Box<dyn PendingUpload>,
+}
+
+/// The unfinished half of an [`EarlyUpload`].
 #[async_trait]
-pub trait PartUpload: Send + Sync {
-    /// Sends the rest of the spooled object and makes the whole of it the digest's object.
+pub trait PendingUpload: Send + Sync {
+    /// Sends the rest of the spooled object (all of it, if sending on failed) and makes it the
+    /// digest's object. Called under the blob's lock, once the content matched its digest.
     async fn finish(self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError>;
 }
 
@@ -240,35 +256,12 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Consumes the body (a spool file is renamed into place or deleted).
     async fn put(&self, digest: &Digest, body: SpoolBody, size: u64) -> Result<(), StoreError>;
 
-    /// The part size, when [`ObjectStore::send_parts`] can overlap sending an object with
-    /// receiving it; `None` when it cannot (a local directory gains nothing from it).
-    fn part_size(&self) -> Option<u64> {
-        None
-    }
-
-    /// Sends the complete parts of a spool file as it grows (`progress`), until its writer ends;
-    /// `None` when the file never reached one part, or the store has no use for parts. Called
-    /// only with content whose digest the client claimed and which is not stored yet; the
-    /// object becomes visible only when the returned upload is finished (under the blob lock).
-    async fn send_parts(
-        &self,
-        digest: &Digest,
-        progress: tokio::sync::watch::Receiver<crate::spool::SpoolProgress>,
-    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
-        let _ = (digest, progress);
-        Ok(None)
-    }
-
-    /// Starts storing a digest's object of `size` bytes from a copy of its spool as it is
-    /// written, when the store can (S3: one PUT whose last bytes are held back, so the object
-    /// does not exist until the returned upload is finished under the blob lock). Same
-    /// conditions as [`ObjectStore::send_parts`]; `None` when the store has no such way.
-    fn stream_put(
-        &self,
-        digest: &Digest,
-        size: u64,
-    ) -> Option<(Box<dyn crate::spool::SpoolCopy>, Box<dyn PartUpload>)> {
-        let _ = (digest, size);
+    /// Starts sending an upload of `digest` while it arrives, when the store gains from that
+    /// (S3: receiving, verifying and sending overlap); `None` when it does not (a local
+    /// directory). Only for content whose digest the client claimed and which is not stored
+    /// yet: without a claim the key is known only at the end, and known content needs no object.
+    fn early_upload(&self, digest: &Digest, incoming: Incoming) -> Option<EarlyUpload> {
+        let _ = (digest, incoming);
         None
     }
 

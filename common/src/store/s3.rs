@@ -1,7 +1,7 @@
 //! Objects in an S3-compatible bucket through aws-sdk-s3.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +27,12 @@ use tokio::time::Instant;
 
 use super::ranged::{RangeBody, RangeSource, RangedReads};
 use super::{
-    Deleted, DeletedMany, ObjectEntry, ObjectStore, ObjectStream, PartUpload, StaleUploads,
-    StoreError, deadline_passed, digest_of_key, object_key,
+    Deleted, DeletedMany, EarlyUpload, Incoming, ObjectEntry, ObjectStore, ObjectStream,
+    PendingUpload, StaleUploads, StoreError, deadline_passed, digest_of_key, object_key,
 };
 use crate::blob::Digest;
 use crate::config::S3Config;
-use crate::spool::{SpoolBody, SpoolCopy, SpoolProgress};
+use crate::spool::{SpoolBody, SpoolFeed};
 
 /// A bucket (and key prefix) of an S3-compatible server.
 #[derive(Clone)]
@@ -421,8 +421,8 @@ struct CopyToPut {
     tail: Option<oneshot::Sender<Bytes>>,
 }
 
-impl SpoolCopy for CopyToPut {
-    fn copy(&mut self, data: &[u8]) {
+impl SpoolFeed for CopyToPut {
+    fn wrote(&mut self, data: &[u8]) {
         let Some(tx) = &self.tx else { return };
         if self.held.len() >= STREAM_CHUNK && tx.try_send(self.held.split().freeze()).is_err() {
             // The server fell behind or failed: give up streaming, the commit sends the file.
@@ -485,7 +485,7 @@ impl Drop for StreamedPut {
 }
 
 #[async_trait]
-impl PartUpload for StreamedPut {
+impl PendingUpload for StreamedPut {
     async fn finish(mut self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
         if self.complete().await {
             return Ok(());
@@ -495,17 +495,174 @@ impl PartUpload for StreamedPut {
     }
 }
 
+/// How much of a growing spool file is on disk, for the task sending its parts.
+#[derive(Debug, Clone, Default)]
+struct SpoolProgress {
+    /// The spool file, once there is one.
+    path: Option<PathBuf>,
+    /// Bytes written through to the file.
+    flushed: u64,
+}
+
+/// The spool writer's side of an upload in parts: it has the writer flush each part's worth
+/// and publishes how far the file is on disk. Dropped with the writer, which ends the parts.
+struct ProgressFeed {
+    step: u64,
+    tx: watch::Sender<SpoolProgress>,
+}
+
+impl SpoolFeed for ProgressFeed {
+    fn flush_every(&self) -> Option<u64> {
+        Some(self.step)
+    }
+
+    fn flushed(&mut self, path: &Path, len: u64) {
+        self.tx.send_replace(SpoolProgress {
+            path: Some(path.to_owned()),
+            flushed: len,
+        });
+    }
+}
+
+/// An upload in parts: the task sending whole parts as the spool file grows, then, at finish,
+/// the rest and the completion. Sending that failed is not fatal: the object then goes up
+/// whole at finish. Dropped unfinished, the task stops and its upload is aborted.
+struct PartsPending {
+    store: S3Store,
+    key: String,
+    sending: tokio::task::JoinHandle<Result<Option<Multipart>, StoreError>>,
+}
+
+impl Drop for PartsPending {
+    fn drop(&mut self) {
+        self.sending.abort();
+    }
+}
+
 #[async_trait]
-impl PartUpload for Multipart {
-    async fn finish(self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
-        match body {
-            SpoolBody::File(spool) => self.complete(spool.path(), size).await,
+impl PendingUpload for PartsPending {
+    async fn finish(mut self: Box<Self>, body: SpoolBody, size: u64) -> Result<(), StoreError> {
+        let sent = match (&mut self.sending).await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(e)) => {
+                tracing::warn!(key = %self.key, error = %e,
+                    "sending an upload in parts failed; sending it whole");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "the part upload task failed");
+                None
+            }
+        };
+        match (sent, body) {
+            (Some(upload), SpoolBody::File(spool)) => upload.complete(spool.path(), size).await,
             // Parts are only sent from files; a body in memory is one small request.
-            SpoolBody::Memory(_) => {
-                let store = self.store.clone();
-                let key = self.key.clone();
-                self.abort().await;
-                store.put_key(&key, body, size).await
+            (sent, body) => {
+                if let Some(upload) = sent {
+                    upload.abort().await;
+                }
+                self.store.put_key(&self.key, body, size).await
+            }
+        }
+    }
+}
+
+impl S3Store {
+    /// One PUT of `size` bytes at `key`, fed from the spool as it is written.
+    fn streamed_put(&self, key: String, size: u64) -> EarlyUpload {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let (tail_tx, tail_rx) = oneshot::channel();
+        let store = self.clone();
+        let request = {
+            let key = key.clone();
+            tokio::spawn(async move {
+                store
+                    .client
+                    .put_object()
+                    .bucket(&store.bucket)
+                    .key(&key)
+                    .content_length(size as i64)
+                    .body(ByteStream::from_body_1_x(ChannelBody(rx)))
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("storing", &key, e))?;
+                Ok(())
+            })
+        };
+        let copy = CopyToPut {
+            tx: Some(tx.clone()),
+            held: BytesMut::new(),
+            tail: Some(tail_tx),
+        };
+        let put = StreamedPut {
+            store: self.clone(),
+            key,
+            tx: Some(tx),
+            tail: tail_rx,
+            request,
+        };
+        EarlyUpload {
+            feed: Box::new(copy),
+            upload: Box::new(put),
+        }
+    }
+
+    /// Sends the complete parts of a spool file as it grows (`progress`), until its writer
+    /// ends; `None` when the file never reached one part.
+    async fn send_parts(
+        &self,
+        key: &str,
+        mut progress: watch::Receiver<SpoolProgress>,
+    ) -> Result<Option<Multipart>, StoreError> {
+        let key = key.to_owned();
+        let mut upload: Option<Multipart> = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = 0u64;
+        let mut ended = false;
+        let sent: Result<(), StoreError> = async {
+            loop {
+                let ready = progress.borrow_and_update().clone();
+                while !ended
+                    && in_flight.len() < self.upload_concurrency
+                    && (next + 1) * self.part_size <= ready.flushed
+                {
+                    let Some(path) = ready.path.clone() else {
+                        break;
+                    };
+                    let id = match &upload {
+                        Some(u) => u.upload_id.clone(),
+                        None => upload
+                            .insert(self.start_multipart(&key).await?)
+                            .upload_id
+                            .clone(),
+                    };
+                    let key = key.clone();
+                    let len = self.part_size;
+                    in_flight
+                        .push(async move { self.upload_part(&key, &id, &path, next, len).await });
+                    next += 1;
+                }
+                tokio::select! {
+                    Some(part) = in_flight.next(), if !in_flight.is_empty() => {
+                        if let Some(u) = upload.as_mut() {
+                            u.parts.push(part?);
+                        }
+                    }
+                    changed = progress.changed(), if !ended => ended = changed.is_err(),
+                    else => return Ok(()),
+                }
+            }
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(upload),
+            Err(e) => {
+                // Let parts still being sent end before the upload is discarded.
+                while in_flight.next().await.is_some() {}
+                if let Some(u) = upload {
+                    u.abort().await;
+                }
+                Err(e)
             }
         }
     }
@@ -572,110 +729,34 @@ impl ObjectStore for S3Store {
         self.put_key(&self.key(digest), body, size).await
     }
 
-    fn part_size(&self) -> Option<u64> {
-        Some(self.part_size)
-    }
-
-    fn stream_put(
-        &self,
-        digest: &Digest,
-        size: u64,
-    ) -> Option<(Box<dyn SpoolCopy>, Box<dyn PartUpload>)> {
-        // Larger objects go up in parts (several requests, retried one by one).
-        if size >= self.multipart_threshold {
+    /// Below the multipart threshold, with its stored size known: one PUT streamed from the
+    /// spool as it is written, its last bytes held back until the content is verified. Else in
+    /// parts read from the spool file (at least one part's worth).
+    fn early_upload(&self, digest: &Digest, incoming: Incoming) -> Option<EarlyUpload> {
+        let key = self.key(digest);
+        if let Some(size) = incoming.stored.filter(|n| *n < self.multipart_threshold) {
+            return Some(self.streamed_put(key, size));
+        }
+        if incoming.at_most.is_some_and(|n| n < self.part_size) {
             return None;
         }
-        let key = self.key(digest);
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let (tail_tx, tail_rx) = oneshot::channel();
+        let (tx, rx) = watch::channel(SpoolProgress::default());
         let store = self.clone();
-        let request = {
+        let sending = {
             let key = key.clone();
-            tokio::spawn(async move {
-                store
-                    .client
-                    .put_object()
-                    .bucket(&store.bucket)
-                    .key(&key)
-                    .content_length(size as i64)
-                    .body(ByteStream::from_body_1_x(ChannelBody(rx)))
-                    .send()
-                    .await
-                    .map_err(|e| unavailable("storing", &key, e))?;
-                Ok(())
-            })
+            tokio::spawn(async move { store.send_parts(&key, rx).await })
         };
-        let copy = CopyToPut {
-            tx: Some(tx.clone()),
-            held: BytesMut::new(),
-            tail: Some(tail_tx),
-        };
-        let put = StreamedPut {
-            store: self.clone(),
-            key,
-            tx: Some(tx),
-            tail: tail_rx,
-            request,
-        };
-        Some((Box::new(copy), Box::new(put)))
-    }
-
-    async fn send_parts(
-        &self,
-        digest: &Digest,
-        mut progress: watch::Receiver<SpoolProgress>,
-    ) -> Result<Option<Box<dyn PartUpload>>, StoreError> {
-        let key = self.key(digest);
-        let mut upload: Option<Multipart> = None;
-        let mut in_flight = FuturesUnordered::new();
-        let mut next = 0u64;
-        let mut ended = false;
-        let sent: Result<(), StoreError> = async {
-            loop {
-                let ready = progress.borrow_and_update().clone();
-                while !ended
-                    && in_flight.len() < self.upload_concurrency
-                    && (next + 1) * self.part_size <= ready.flushed
-                {
-                    let Some(path) = ready.path.clone() else {
-                        break;
-                    };
-                    let id = match &upload {
-                        Some(u) => u.upload_id.clone(),
-                        None => upload
-                            .insert(self.start_multipart(&key).await?)
-                            .upload_id
-                            .clone(),
-                    };
-                    let key = key.clone();
-                    let len = self.part_size;
-                    in_flight
-                        .push(async move { self.upload_part(&key, &id, &path, next, len).await });
-                    next += 1;
-                }
-                tokio::select! {
-                    Some(part) = in_flight.next(), if !in_flight.is_empty() => {
-                        if let Some(u) = upload.as_mut() {
-                            u.parts.push(part?);
-                        }
-                    }
-                    changed = progress.changed(), if !ended => ended = changed.is_err(),
-                    else => return Ok(()),
-                }
-            }
-        }
-        .await;
-        match sent {
-            Ok(()) => Ok(upload.map(|u| Box::new(u) as Box<dyn PartUpload>)),
-            Err(e) => {
-                // Let parts still being sent end before the upload is discarded.
-                while in_flight.next().await.is_some() {}
-                if let Some(u) = upload {
-                    u.abort().await;
-                }
-                Err(e)
-            }
-        }
+        Some(EarlyUpload {
+            feed: Box::new(ProgressFeed {
+                step: self.part_size,
+                tx,
+            }),
+            upload: Box::new(PartsPending {
+                store: self.clone(),
+                key,
+                sending,
+            }),
+        })
     }
 
     async fn get(&self, digest: &Digest) -> Result<ObjectStream, StoreError> {

@@ -1,0 +1,289 @@
+//! The deduplicating file store: the one place that orders object-store, metadata and lock
+//! operations so the invariants of docs/design.md hold for every program that writes files:
+//! uploads (ingest, commit), reads (read), and the cleaner's deletions and checks (gc). Only
+//! this module tree reaches the metadata store, the object store and the locks directly.
+
+mod commit;
+pub mod gc;
+mod ingest;
+mod read;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::blob::{BlobError, Digest};
+use crate::config::{Config, LocksBackend, MetadataBackend, StoreBackend};
+use crate::locks::{FileLocks, LockError, LockManager, PgLocks};
+use crate::meta::{
+    BlobState, DeleteOutcome, FileEntry, MetaError, MetaStore, PostgresMeta, SqliteMeta, Stats,
+    postgres_connection_config,
+};
+use crate::protocol::Version;
+use crate::store::{CachedStore, FsStore, ObjectStore, ReadCache, S3Store, StoreError};
+
+pub use commit::{Committed, STATE_TRUSTED_FOR, TOMBSTONE_KEEP};
+pub use ingest::{Ingesting, Spooled};
+pub use read::Opened;
+
+/// Why a file operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileStoreError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("cannot create spool file in {dir}: {source}")]
+    Spool { dir: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("object for {path} (blob {digest}) is missing from the object store")]
+    ObjectMissing { path: String, digest: Digest },
+    #[error("ingest task failed: {0}")]
+    IngestTask(String),
+    #[error(
+        "blob {digest} kept changing while {path} was stored (found {found:?}): its lock was lost \
+         and the cleaner acted; nothing was stored"
+    )]
+    Changed {
+        path: String,
+        digest: Digest,
+        found: BlobState,
+    },
+}
+
+impl FileStoreError {
+    /// True when a disk (the spool's or the local store's) ran out of space.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            FileStoreError::Store(StoreError::Full { .. }) => true,
+            FileStoreError::Blob(BlobError::Spool(io))
+            | FileStoreError::Spool { source: io, .. } => crate::spool::is_out_of_space(io),
+            _ => false,
+        }
+    }
+}
+
+/// What went on around lost locks, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LockIncidents {
+    /// Locks this process held and lost (their backend session ended).
+    pub locks_lost: u64,
+    /// Commits that found their blob changed under them and looked again.
+    pub commits_retried: u64,
+    /// Uploads that waited for a recent deletion of their content to settle.
+    pub settle_waits: u64,
+}
+
+/// Metadata + objects + locks, wired together.
+pub struct FileStore {
+    meta: Arc<dyn MetaStore>,
+    store: Arc<dyn ObjectStore>,
+    locks: Arc<dyn LockManager>,
+    commits_retried: std::sync::atomic::AtomicU64,
+    settle_waits: std::sync::atomic::AtomicU64,
+    spool_dir: PathBuf,
+    /// Uploads up to this many stored bytes wait in memory instead of a spool file.
+    spool_memory: usize,
+    lock_timeout: Duration,
+}
+
+impl FileStore {
+    /// Wires the parts; creates the spool directory.
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        store: Arc<dyn ObjectStore>,
+        locks: Arc<dyn LockManager>,
+        spool_dir: &Path,
+        lock_timeout: Duration,
+    ) -> Result<Self, FileStoreError> {
+        std::fs::create_dir_all(spool_dir).map_err(|source| FileStoreError::Spool {
+            dir: spool_dir.to_owned(),
+            source,
+        })?;
+        Ok(FileStore {
+            meta,
+            store,
+            locks,
+            commits_retried: Default::default(),
+            settle_waits: Default::default(),
+            spool_dir: spool_dir.to_owned(),
+            spool_memory: crate::spool::DEFAULT_MEMORY_LIMIT,
+            lock_timeout,
+        })
+    }
+
+    /// Opens the metadata store, object store and locks the configuration names. Secrets given
+    /// as files are read relative to `credentials_dir` (systemd's `$CREDENTIALS_DIRECTORY`).
+    pub async fn from_config(
+        cfg: &Config,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Self, FileStoreError> {
+        let meta: Arc<dyn MetaStore> = match cfg.metadata.backend {
+            MetadataBackend::Sqlite => {
+                Arc::new(SqliteMeta::open(&cfg.sqlite_path(), (&cfg.metadata.sqlite).into()).await?)
+            }
+            MetadataBackend::Postgres => {
+                let pg = &cfg.metadata.postgres;
+                Arc::new(PostgresMeta::connect(pg, pg.resolve_password(credentials_dir)?).await?)
+            }
+        };
+        let store: Arc<dyn ObjectStore> = match cfg.store.backend {
+            StoreBackend::Local => Arc::new(FsStore::open(cfg.local_store_path())?),
+            StoreBackend::S3 => {
+                let secret = cfg.store.s3.resolve_secret(credentials_dir)?;
+                Arc::new(S3Store::connect(&cfg.store.s3, secret).await?)
+            }
+        };
+        let locks: Arc<dyn LockManager> = match cfg.locks.backend {
+            LocksBackend::File => Arc::new(FileLocks::open(&cfg.lock_file_path())?),
+            LocksBackend::Postgres => {
+                let pg = &cfg.metadata.postgres;
+                let conn = postgres_connection_config(pg, pg.resolve_password(credentials_dir)?)?;
+                Arc::new(
+                    PgLocks::new(conn, cfg.locks.postgres_connections)
+                        .in_schema(&pg.schema)
+                        .with_deadline(pg.client_deadline()),
+                )
+            }
+        };
+        let mut fs = Self::new(
+            meta,
+            store,
+            locks,
+            &cfg.spool_dir(),
+            Duration::from_secs(cfg.api.lock_timeout_secs),
+        )?;
+        fs.spool_memory = (cfg.store.spool_memory_kib as usize).saturating_mul(1024);
+        Ok(fs)
+    }
+
+    /// Reads objects through the configured local disk cache when the store is remote and the
+    /// cache is enabled; returns the cache (for its statistics) if one is used.
+    pub fn with_read_cache(
+        mut self,
+        cfg: &Config,
+    ) -> Result<(Self, Option<Arc<ReadCache>>), FileStoreError> {
+        if cfg.store.backend == StoreBackend::Local || !cfg.store.cache.enabled {
+            return Ok((self, None));
+        }
+        let dir = cfg.cache_path();
+        let cache = ReadCache::open(&dir, cfg.store.cache.max_size_mb << 20).map_err(|e| {
+            FileStoreError::Store(StoreError::io(
+                "opening the read cache",
+                &dir.display().to_string(),
+                e,
+            ))
+        })?;
+        self.store = Arc::new(CachedStore::new(self.store, cache.clone()));
+        Ok((self, Some(cache)))
+    }
+
+    /// What lost locks caused so far.
+    pub fn lock_incidents(&self) -> LockIncidents {
+        use std::sync::atomic::Ordering::Relaxed;
+        LockIncidents {
+            locks_lost: self.locks.locks_lost(),
+            commits_retried: self.commits_retried.load(Relaxed),
+            settle_waits: self.settle_waits.load(Relaxed),
+        }
+    }
+
+    /// How many stored bytes of an upload may wait in memory instead of a spool file.
+    pub fn spool_memory(&self) -> usize {
+        self.spool_memory
+    }
+
+    /// Removes spool files (`upload-*`) not modified for `max_age`: what a killed process left.
+    /// Blocking; returns how many were removed.
+    pub fn remove_stale_spool(&self, max_age: std::time::Duration) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.spool_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with("upload-") {
+                continue;
+            }
+            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if age >= max_age {
+                // Gone already: another process cleaned it, which is as good.
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The file's metadata, without touching the object store.
+    pub async fn stat(&self, path: &str) -> Result<Option<FileEntry>, FileStoreError> {
+        Ok(self.meta.get_file(path).await?)
+    }
+    /// Deletes `path` unless a newer version is stored. The object stays for the cleaner.
+    pub async fn delete(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<DeleteOutcome, FileStoreError> {
+        Ok(self.meta.delete_file(path, version, now).await?)
+    }
+}
+
+/// What the programs around the file store ask of its backends.
+impl FileStore {
+    /// The metadata database and the object store, for logs.
+    pub fn describe(&self) -> (String, String) {
+        (self.meta.describe(), self.store.describe())
+    }
+
+    /// Whether the metadata database and the object store answer.
+    pub async fn check(&self) -> (Result<(), MetaError>, Result<(), StoreError>) {
+        tokio::join!(self.meta.check(), self.store.check())
+    }
+
+    /// Totals over files and live blobs.
+    pub async fn stats(&self) -> Result<Stats, MetaError> {
+        self.meta.stats().await
+    }
+
+    /// Paths under `prefix` at or before `cutoff`, sorted, after `after`, at most `limit`.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        cutoff: Version,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        self.meta.list_files(prefix, cutoff, after, limit).await
+    }
+
+    /// The version at which `path` was last deleted, if its deletion is remembered.
+    pub async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
+        self.meta.deleted_version(path).await
+    }
+
+    /// Where an interrupted import of `source` stopped, if one did.
+    pub async fn checkpoint(&self, source: &str) -> Result<Option<String>, MetaError> {
+        self.meta.checkpoint(source).await
+    }
+
+    /// Records (`Some`) or clears (`None`) where an import of `source` got to.
+    pub async fn set_checkpoint(
+        &self,
+        source: &str,
+        position: Option<&str>,
+        now: i64,
+    ) -> Result<(), MetaError> {
+        self.meta.set_checkpoint(source, position, now).await
+    }
+}

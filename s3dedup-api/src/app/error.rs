@@ -1,0 +1,110 @@
+//! Error answers: a status, and a one-line message in the body and the `X-Exception` header
+//! (which the Filetracker client copies into its exception).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use s3dedup_common::blob::BlobError;
+use s3dedup_common::filestore::FileStoreError;
+use s3dedup_common::meta::MetaError;
+use s3dedup_common::old_server::OldServerError;
+use s3dedup_common::protocol::{self, FilePath, ProtocolError};
+use s3dedup_common::store::StoreError;
+
+/// An error answer: the message goes in a `text/plain` body and the `X-Exception` header.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) message: String,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // Header values cannot hold newlines or non-visible bytes; keep the header readable.
+        let header_text: String = self
+            .message
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .take(1000)
+            .collect();
+        let mut r = (self.status, format!("{}\n", self.message)).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&header_text) {
+            r.headers_mut().insert(protocol::HEADER_EXCEPTION, v);
+        }
+        r
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(e: ProtocolError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl From<FileStoreError> for ApiError {
+    fn from(e: FileStoreError) -> Self {
+        let status = match &e {
+            FileStoreError::Meta(MetaError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            FileStoreError::Meta(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FileStoreError::Store(StoreError::Unavailable { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            FileStoreError::Store(StoreError::Full { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            FileStoreError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FileStoreError::Lock(_) | FileStoreError::Changed { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            FileStoreError::Blob(BlobError::TooLarge(_) | BlobError::GzipBomb(_)) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            _ if e.is_out_of_space() => StatusCode::INSUFFICIENT_STORAGE,
+            FileStoreError::Blob(b) if b.is_client_error() => StatusCode::BAD_REQUEST,
+            FileStoreError::Blob(_) | FileStoreError::Spool { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            FileStoreError::Config(_)
+            | FileStoreError::ObjectMissing { .. }
+            | FileStoreError::IngestTask(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<OldServerError> for ApiError {
+    fn from(e: OldServerError) -> Self {
+        match e {
+            OldServerError::Store(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "live migration failed");
+                ApiError::new(StatusCode::BAD_GATEWAY, other.to_string())
+            }
+        }
+    }
+}
+
+pub(super) type ApiResult = Result<Response, ApiError>;
+
+pub(super) fn not_found(path: &FilePath) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("file {path} not found"))
+}

@@ -1,0 +1,82 @@
+//! GET and HEAD of a file: the stored gzip as it is, or the content inflated for a client that
+//! refuses gzip.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use s3dedup_common::inflating;
+use s3dedup_common::protocol::FilePath;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::AppState;
+use super::error::{ApiResult, not_found};
+use super::fallback::import_miss;
+use super::headers::{accepts_gzip, file_headers};
+
+pub(super) async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {
+    let mut entry = state.files.stat(path.as_str()).await?;
+    if entry.is_none() && import_miss(state, path).await? {
+        entry = state.files.stat(path.as_str()).await?;
+    }
+    let entry = entry.ok_or_else(|| not_found(path))?;
+    let gzip = accepts_gzip(headers);
+    let mut r = (file_headers(&entry, gzip), Body::empty()).into_response();
+    if gzip {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(r)
+}
+
+pub(super) async fn get_file(
+    state: &Arc<AppState>,
+    path: &FilePath,
+    headers: &HeaderMap,
+    permit: OwnedSemaphorePermit,
+) -> ApiResult {
+    let mut opened = state.files.open(path.as_str()).await?;
+    if opened.is_none() && import_miss(state, path).await? {
+        opened = state.files.open(path.as_str()).await?;
+    }
+    let opened = opened.ok_or_else(|| not_found(path))?;
+    let gzip = accepts_gzip(headers);
+    let headers = file_headers(&opened.entry, gzip);
+    let stream: Body = if gzip {
+        Body::from_stream(counted(opened.body, state.clone(), permit))
+    } else {
+        Body::from_stream(counted(
+            inflating::content_of(opened.body, opened.entry.blob.digest),
+            state.clone(),
+            permit,
+        ))
+    };
+    let mut r = (headers, stream).into_response();
+    if gzip {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(r)
+}
+
+/// Counts bytes sent and keeps the request's concurrency slot until the body is done.
+pub(super) fn counted<S>(
+    s: S,
+    state: Arc<AppState>,
+    permit: OwnedSemaphorePermit,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    s.map(move |chunk| {
+        let _slot = &permit;
+        if let Ok(b) = &chunk {
+            state.metrics.bytes_out.fetch_add(b.len() as u64, Relaxed);
+        }
+        chunk
+    })
+}

@@ -1,0 +1,84 @@
+//! A directory's listing, streamed a page of paths at a time.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::header;
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use s3dedup_common::filestore::FileStoreError;
+use s3dedup_common::protocol::{self, FilePath};
+use s3dedup_common::unix_now;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::AppState;
+use super::error::ApiResult;
+use super::get::counted;
+
+/// Paths listed per database round trip while streaming a listing.
+const LIST_PAGE: usize = 2000;
+
+pub(super) async fn list(
+    state: &Arc<AppState>,
+    dir: Option<FilePath>,
+    query: Option<&str>,
+    head: bool,
+    permit: OwnedSemaphorePermit,
+) -> ApiResult {
+    let cutoff = match protocol::query_param(query, protocol::PARAM_LAST_MODIFIED)? {
+        Some(v) => protocol::parse_version(&v)?,
+        None => unix_now(),
+    };
+    let prefix = dir.map_or_else(|| "/".to_owned(), |d| d.dir_prefix());
+    // The first page is fetched before answering, so a database outage is a 503, not an
+    // empty listing.
+    let files = state.files.clone();
+    let first = files
+        .list(&prefix, cutoff, None, LIST_PAGE)
+        .await
+        .map_err(FileStoreError::from)?;
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if head {
+        return Ok((headers, Body::empty()).into_response());
+    }
+    let render = {
+        let prefix = prefix.clone();
+        move |paths: &[String]| {
+            let mut out = String::with_capacity(paths.len() * 32);
+            for p in paths {
+                out.push_str(&p[prefix.len()..]);
+                out.push('\n');
+            }
+            Bytes::from(out)
+        }
+    };
+    let stream = futures::stream::unfold(Some(first), move |page| {
+        let files = files.clone();
+        let prefix = prefix.clone();
+        let render = render.clone();
+        async move {
+            let page = page?;
+            if page.is_empty() {
+                return None;
+            }
+            let chunk = render(&page);
+            let next = if page.len() < LIST_PAGE {
+                Some(Vec::new())
+            } else {
+                match files
+                    .list(&prefix, cutoff, page.last().map(String::as_str), LIST_PAGE)
+                    .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, "listing failed midway");
+                        return Some((Err(std::io::Error::other(e.to_string())), None));
+                    }
+                }
+            };
+            Some((Ok::<_, std::io::Error>(chunk), next))
+        }
+    });
+    let body = Body::from_stream(counted(stream, state.clone(), permit));
+    Ok((headers, body).into_response())
+}

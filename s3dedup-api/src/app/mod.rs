@@ -1,0 +1,237 @@
+//! HTTP handling: maps Filetracker requests onto the file store, and its errors onto statuses.
+//! This module routes and bounds requests; each kind of request has a module of its own.
+
+mod delete;
+mod error;
+mod fallback;
+mod get;
+mod headers;
+mod list;
+mod put;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use s3dedup_common::blob::IngestOptions;
+use s3dedup_common::config::ApiConfig;
+use s3dedup_common::filestore::FileStore;
+use s3dedup_common::old_server::{OldServer, OldServerError};
+use s3dedup_common::protocol::Route;
+use s3dedup_common::store::ReadCache;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+use error::ApiError;
+
+/// Everything a request needs.
+pub struct AppState {
+    pub files: Arc<FileStore>,
+    pub metrics: Metrics,
+    pub cfg: ApiConfig,
+    slots: Arc<Semaphore>,
+    /// Slots handed out so far: whether anything happened between two looks.
+    slots_granted: AtomicU64,
+    /// Live migration: the old server that misses are imported from.
+    fallback: Option<OldServer>,
+    /// The local read cache in front of S3, if any (for `/metrics`).
+    pub cache: Option<Arc<ReadCache>>,
+}
+
+impl AppState {
+    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, OldServerError> {
+        let timeout = Duration::from_secs(cfg.fallback_timeout_secs);
+        let fallback = match &cfg.fallback_url {
+            None => None,
+            Some(url) => Some(OldServer::new(url.as_str(), timeout)?),
+        };
+        Ok(AppState {
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            slots_granted: AtomicU64::new(0),
+            files,
+            metrics: Metrics::default(),
+            cfg,
+            fallback,
+            cache: None,
+        })
+    }
+
+    /// How many file and list requests have started, if none is running now (a GET's body
+    /// holds its slot until it is sent); `None` while one is.
+    pub fn idle_after(&self) -> Option<u64> {
+        let granted = self.slots_granted.load(Relaxed);
+        (self.slots.available_permits() == self.cfg.max_concurrent_requests).then_some(granted)
+    }
+}
+
+fn ingest_options(cfg: &ApiConfig) -> IngestOptions {
+    IngestOptions {
+        level: cfg.compression_level,
+        max_logical_size: cfg.max_file_size,
+        max_gzip_ratio: cfg.max_gzip_ratio,
+    }
+}
+
+fn route_label(route: &Route) -> &'static str {
+    match route {
+        Route::Version => "version",
+        Route::Status => "status",
+        Route::Health => "health",
+        Route::Metrics => "metrics",
+        Route::File(_) => "files",
+        Route::List(_) => "list",
+    }
+}
+
+/// The single entry point: method check, routing, concurrency bound, metrics.
+pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let (label, response) = match route(&state, req).await {
+        Ok((label, r)) => (label, r),
+        Err((label, e)) => (label, e.into_response()),
+    };
+    state.metrics.record(
+        label,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// Counts a file request in flight until dropped, however the request ends (a client that
+/// hangs up drops it halfway).
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight.fetch_add(1, Relaxed);
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    req: Request,
+) -> Result<(&'static str, Response), (&'static str, ApiError)> {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    if ![Method::GET, Method::HEAD, Method::PUT, Method::DELETE].contains(&method) {
+        let e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed"),
+        );
+        return Err(("other", e));
+    }
+    let r = Route::parse(parts.uri.path(), state.cfg.max_path_length)
+        .map_err(|e| ("other", ApiError::from(e)))?;
+    let label = route_label(&r);
+    let read_only = method == Method::GET || method == Method::HEAD;
+    let not_allowed = || {
+        (
+            label,
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} not allowed here"),
+            ),
+        )
+    };
+    let result = match r {
+        Route::Version if read_only => Ok(version()),
+        Route::Status if read_only => Ok((StatusCode::OK, "OK\n").into_response()),
+        Route::Health if read_only => Ok(health(state).await),
+        Route::Metrics if read_only => Ok(metrics(state).await),
+        Route::File(path) => {
+            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            let _in_flight = InFlight::new(&state.metrics);
+            match method {
+                Method::GET => get::get_file(state, &path, &parts.headers, permit).await,
+                Method::HEAD => get::head_file(state, &path, &parts.headers).await,
+                Method::PUT => put::put_file(state, path, &parts, body).await,
+                _ => delete::delete_file(state, &path, &parts).await,
+            }
+        }
+        Route::List(dir) if read_only => {
+            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            list::list(
+                state,
+                dir,
+                parts.uri.query(),
+                method == Method::HEAD,
+                permit,
+            )
+            .await
+        }
+        _ => return Err(not_allowed()),
+    };
+    result.map(|r| (label, r)).map_err(|e| (label, e))
+}
+
+async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    let wait = Duration::from_secs(state.cfg.queue_timeout_secs);
+    match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => {
+            state.slots_granted.fetch_add(1, Relaxed);
+            Ok(p)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "server busy: {} requests in progress, waited {}s for a slot",
+                state.cfg.max_concurrent_requests, state.cfg.queue_timeout_secs
+            ),
+        )),
+    }
+}
+
+fn version() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"protocol_versions\": [2]}",
+    )
+        .into_response()
+}
+
+async fn health(state: &AppState) -> Response {
+    let (meta, store) = state.files.check().await;
+    let ok = meta.is_ok() && store.is_ok();
+    let show = |r: Result<(), String>| match r {
+        Ok(()) => serde_json::Value::from("ok"),
+        Err(e) => serde_json::Value::from(e),
+    };
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "metadata": show(meta.map_err(|e| e.to_string())),
+        "store": show(store.map_err(|e| e.to_string())),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(state: &AppState) -> Response {
+    let stats = state.files.stats().await.ok();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(
+            stats.as_ref(),
+            state.cache.as_ref().map(|c| c.stats()),
+            state.files.lock_incidents(),
+        ),
+    )
+        .into_response()
+}
