@@ -1,5 +1,9 @@
-//! What every s3dedup program does before its own work, and the exit codes they share.
-//! The programs read their environment and print; this module does neither.
+//! The three programs' entry point, and the exit codes they share: the one module of this
+//! library that reads the process environment and prints (a fatal error, once). The programs
+//! parse their flags and do their own work in `run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use crate::config::{self, Config, ConfigArgs, Override, ProcessEnv};
 
@@ -8,29 +12,67 @@ pub const EXIT_FAILURE: u8 = 1;
 /// The configuration is unusable.
 pub const EXIT_CONFIG: u8 = 2;
 
-/// Why a program could not start: its exit code and the one line to print.
-#[derive(Debug)]
-pub struct StartError {
-    pub code: u8,
-    pub message: String,
+/// What a program's own work starts from.
+pub struct Started {
+    pub cfg: Config,
+    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`), where secret files are read.
+    pub credentials: Option<PathBuf>,
+    /// Started by systemd with the journal as its output (`$JOURNAL_STREAM`).
+    pub under_systemd: bool,
 }
 
-/// Loads the configuration (exit code 2 on error) and builds the multi-threaded runtime.
-pub fn start(
-    args: &ConfigArgs,
-    flags: Vec<Override>,
-    env: ProcessEnv,
-) -> Result<(Config, tokio::runtime::Runtime), StartError> {
-    let cfg = config::load_for_program(args, flags, env).map_err(|e| StartError {
-        code: EXIT_CONFIG,
-        message: e.to_string(),
-    })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Sets up logging (the journal under systemd, else stderr), loads the configuration from the
+/// flags, the environment and the file (exit 2 when it is unusable), builds the runtime and
+/// runs `run`, whose number is the exit code. An error is reported once, as one line naming
+/// `name`: at error level in the journal under systemd, on stderr otherwise (exit 2 for a
+/// [`config::ConfigError`], else 1).
+pub fn main<F, Fut>(name: &str, args: &ConfigArgs, flags: Vec<Override>, run: F) -> ExitCode
+where
+    F: FnOnce(Started) -> Fut,
+    Fut: Future<Output = anyhow::Result<u8>>,
+{
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    crate::systemd::init_logging(under_systemd, &filter);
+    let fail = |code: u8, message: &str| {
+        if under_systemd {
+            tracing::error!("{message}");
+        } else {
+            eprintln!("{name}: {message}");
+        }
+        ExitCode::from(code)
+    };
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let env = ProcessEnv {
+        vars: std::env::vars().collect(),
+        state_directory: var("STATE_DIRECTORY"),
+        cache_directory: var("CACHE_DIRECTORY"),
+    };
+    let cfg = match config::load_for_program(args, flags, env) {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| StartError {
-            code: EXIT_FAILURE,
-            message: format!("cannot start the async runtime: {e}"),
-        })?;
-    Ok((cfg, runtime))
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fail(
+                EXIT_FAILURE,
+                &format!("cannot start the async runtime: {e}"),
+            );
+        }
+    };
+    let started = Started {
+        cfg,
+        credentials: var("CREDENTIALS_DIRECTORY"),
+        under_systemd,
+    };
+    match runtime.block_on(run(started)) {
+        Ok(code) => ExitCode::from(code),
+        // A setting the program found unusable (a secret file it cannot read, say).
+        Err(e) if e.is::<config::ConfigError>() => fail(EXIT_CONFIG, &format!("{e:#}")),
+        Err(e) => fail(EXIT_FAILURE, &format!("{e:#}")),
+    }
 }

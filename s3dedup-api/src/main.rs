@@ -5,16 +5,14 @@ mod metrics;
 mod server;
 mod stall;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use s3dedup_common::config::{self, ConfigArgs, Override, ProcessEnv};
+use s3dedup_common::config::{ConfigArgs, Override};
 use s3dedup_common::filestore::FileStore;
-use s3dedup_common::program;
-use s3dedup_common::systemd;
+use s3dedup_common::program::{self, Started};
 
 /// Serves the Filetracker protocol v2, storing each distinct content once.
 ///
@@ -33,39 +31,18 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    systemd::init_logging(
-        std::env::var_os("JOURNAL_STREAM").is_some(),
-        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    );
     let listen = cli.listen.iter().map(|l| Override {
         key: "api.listen".into(),
         value: l.clone(),
         origin: "--listen".into(),
     });
-    let env = ProcessEnv {
-        vars: std::env::vars().collect(),
-        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
-        cache_directory: std::env::var_os("CACHE_DIRECTORY").map(PathBuf::from),
-    };
-    let (cfg, runtime) = match program::start(&cli.cfg, listen.collect(), env) {
-        Ok(started) => started,
-        Err(e) => {
-            eprintln!("s3dedup-api: {}", e.message);
-            return ExitCode::from(e.code);
-        }
-    };
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    match runtime.block_on(run(cfg, credentials)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("s3dedup-api: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    program::main("s3dedup-api", &cli.cfg, listen.collect(), run)
 }
 
-async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(started: Started) -> anyhow::Result<u8> {
+    let Started {
+        cfg, credentials, ..
+    } = started;
     let files = FileStore::from_config(&cfg, credentials.as_deref())
         .await
         .context("opening the store")?;
@@ -87,5 +64,6 @@ async fn run(cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Resul
     let mut state = app::AppState::new(files, cfg.api.clone())?;
     state.cache = cache;
     let state = Arc::new(state);
-    server::run(state).await
+    server::run(state).await?;
+    Ok(0)
 }

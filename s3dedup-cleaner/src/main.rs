@@ -1,16 +1,15 @@
 //! `s3dedup-cleaner`: one garbage-collection run (or a verification, or a report), then exit.
 //! Started by `s3dedup-cleaner.timer`; safe beside any number of running API instances.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
+use s3dedup_common::config::ConfigArgs;
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, VerifyReport};
-use s3dedup_common::program;
+use s3dedup_common::program::{self, Started};
 use s3dedup_common::{systemd, unix_now};
 
 /// Deletes contents no file references any more (after a grace period), and objects that have
@@ -52,34 +51,15 @@ const EXIT_VERIFY: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    systemd::init_logging(
-        std::env::var_os("JOURNAL_STREAM").is_some(),
-        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    );
-    let env = ProcessEnv {
-        vars: std::env::vars().collect(),
-        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
-        ..ProcessEnv::default()
-    };
-    let (cfg, runtime) = match program::start(&cli.cfg, Vec::new(), env) {
-        Ok(started) => started,
-        Err(e) => {
-            eprintln!("s3dedup-cleaner: {}", e.message);
-            return ExitCode::from(e.code);
-        }
-    };
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    match runtime.block_on(run(&cli, cfg, credentials)) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("s3dedup-cleaner: {e:#}");
-            ExitCode::from(EXIT_FAILED)
-        }
-    }
+    program::main("s3dedup-cleaner", &cli.cfg, Vec::new(), |started| {
+        run(&cli, started)
+    })
 }
 
-async fn run(cli: &Cli, cfg: config::Config, credentials: Option<PathBuf>) -> anyhow::Result<u8> {
+async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
+    let Started {
+        cfg, credentials, ..
+    } = started;
     let fs = FileStore::from_config(&cfg, credentials.as_deref())
         .await
         .context("opening the store")?;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use s3dedup_common::config::{self, ConfigArgs, ProcessEnv};
+use s3dedup_common::config::{self, ConfigArgs};
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::migrate::{self, MigrateReport, RunOptions};
-use s3dedup_common::program;
+use s3dedup_common::program::{self, Started};
 use s3dedup_common::source::Source;
 use s3dedup_common::{systemd, unix_now};
 
@@ -46,31 +46,28 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    systemd::init_logging(
+    program::main("s3dedup-migrator", &cli.cfg, Vec::new(), |started| {
+        start(&cli, started)
+    })
+}
+
+/// The source and options from the flags and the configuration, then the run.
+async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
+    let Started {
+        cfg,
+        credentials,
         under_systemd,
-        &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    );
-    let env = ProcessEnv {
-        vars: std::env::vars().collect(),
-        state_directory: std::env::var_os("STATE_DIRECTORY").map(PathBuf::from),
-        ..ProcessEnv::default()
-    };
-    let (cfg, runtime) = match program::start(&cli.cfg, Vec::new(), env) {
-        Ok(started) => started,
-        Err(e) => {
-            eprintln!("s3dedup-migrator: {}", e.message);
-            return ExitCode::from(e.code);
-        }
-    };
+    } = started;
     let Some(source) = cli.source.clone().or_else(|| cfg.migrator.source.clone()) else {
-        eprintln!(
-            "s3dedup-migrator: no source: pass --source or set migrator.source (v1:DIR, v2:DIR, \
-             http://HOST:PORT, upstream:BUCKET:…)"
-        );
-        return ExitCode::from(program::EXIT_CONFIG);
+        return Err(config::ConfigError::Key {
+            key: "migrator.source".into(),
+            origin: "neither --source nor the configuration".into(),
+            message: "no source: pass --source or set migrator.source (v1:DIR, v2:DIR, \
+                      http://HOST:PORT, upstream:BUCKET:…)"
+                .into(),
+        }
+        .into());
     };
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     let opts = RunOptions {
         jobs: cli.jobs.unwrap_or(cfg.migrator.jobs),
         dry_run: cli.dry_run,
@@ -81,15 +78,12 @@ fn main() -> ExitCode {
         now: unix_now(),
     };
     let bar = !under_systemd && std::io::stderr().is_terminal();
-    match runtime.block_on(run(cfg, credentials, source, opts, bar)) {
-        Ok(report) if report.failed.is_empty() => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::FAILURE,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("s3dedup-migrator: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let report = run(cfg, credentials, source, opts, bar).await?;
+    Ok(if report.failed.is_empty() {
+        0
+    } else {
+        program::EXIT_FAILURE
+    })
 }
 
 /// Progress on a terminal (a bar with rate and ETA) or for systemd (`STATUS=`).
