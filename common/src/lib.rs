@@ -1,8 +1,6 @@
-//! `s3dedup-common`: everything the s3dedup programs share. One module per decision:
-//! configuration, the Filetracker protocol, the blob codec, the metadata store, advisory locks,
-//! the object store, the upload spool, the file store that orders them, the allocator's free
-//! memory, and systemd integration.
-//! Nothing here reads configuration from the environment or prints.
+//! `s3dedup-common`: everything the s3dedup programs share, one module per decision
+//! (docs/design.md lists them, with what each hides and uses). Only `program`, their common
+//! entry point, reads the process environment or prints.
 
 pub mod blob;
 pub mod config;

@@ -10,7 +10,7 @@ use futures::StreamExt;
 
 use crate::blob::{Encoding, Hints, IngestOptions};
 use crate::filestore::{FileStore, FileStoreError};
-use crate::meta::PutOutcome;
+use crate::meta::{PutKind, PutOutcome};
 use crate::protocol::{self, FilePath, Version};
 
 use crate::throttle::Throttle;
@@ -198,7 +198,7 @@ impl OldServer {
         let bytes = spooled.info.logical_size;
         Ok(
             match fs
-                .import(path.as_str(), version, spooled, now)
+                .commit(path.as_str(), version, spooled, now, PutKind::Import)
                 .await?
                 .outcome
             {

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use crate::config::{self, Config, ConfigArgs, Override, ProcessEnv};
+use crate::filestore::FileStore;
 
 /// Something failed (the store is unreachable, some deletions or imports failed).
 pub const EXIT_FAILURE: u8 = 1;
@@ -19,6 +22,15 @@ pub struct Started {
     pub credentials: Option<PathBuf>,
     /// Started by systemd with the journal as its output (`$JOURNAL_STREAM`).
     pub under_systemd: bool,
+}
+
+impl Started {
+    /// The file store the configuration names, its secrets read from the credentials.
+    pub async fn file_store(&self) -> anyhow::Result<FileStore> {
+        FileStore::from_config(&self.cfg, self.credentials.as_deref())
+            .await
+            .context("opening the store")
+    }
 }
 
 /// Sets up logging (the journal under systemd, else stderr), loads the configuration from the

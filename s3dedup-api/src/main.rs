@@ -11,7 +11,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::config::{ConfigArgs, Override};
-use s3dedup_common::filestore::FileStore;
 use s3dedup_common::program::{self, Started};
 
 /// Serves the Filetracker protocol v2, storing each distinct content once.
@@ -40,12 +39,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(started: Started) -> anyhow::Result<u8> {
-    let Started {
-        cfg, credentials, ..
-    } = started;
-    let files = FileStore::from_config(&cfg, credentials.as_deref())
-        .await
-        .context("opening the store")?;
+    let files = started.file_store().await?;
+    let cfg = started.cfg;
     let (files, cache) = files
         .with_read_cache(&cfg)
         .context("opening the read cache")?;

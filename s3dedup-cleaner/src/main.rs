@@ -57,12 +57,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
-    let Started {
-        cfg, credentials, ..
-    } = started;
-    let fs = FileStore::from_config(&cfg, credentials.as_deref())
-        .await
-        .context("opening the store")?;
+    let fs = started.file_store().await?;
+    let cfg = started.cfg;
     let started = Instant::now();
     if cli.stats {
         print_stats(&fs).await?;

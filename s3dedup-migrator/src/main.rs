@@ -3,7 +3,6 @@
 //! from its checkpoint.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use s3dedup_common::config::{self, ConfigArgs};
-use s3dedup_common::filestore::FileStore;
 use s3dedup_common::migrate::{self, MigrateReport, RunOptions};
 use s3dedup_common::program::{self, Started};
 use s3dedup_common::source::Source;
@@ -53,11 +51,7 @@ fn main() -> ExitCode {
 
 /// The source and options from the flags and the configuration, then the run.
 async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
-    let Started {
-        cfg,
-        credentials,
-        under_systemd,
-    } = started;
+    let cfg = &started.cfg;
     let Some(source) = cli.source.clone().or_else(|| cfg.migrator.source.clone()) else {
         return Err(config::ConfigError::Key {
             key: "migrator.source".into(),
@@ -77,8 +71,8 @@ async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         http_timeout: Duration::from_secs(cfg.api.fallback_timeout_secs),
         now: unix_now(),
     };
-    let bar = !under_systemd && std::io::stderr().is_terminal();
-    let report = run(cfg, credentials, source, opts, bar).await?;
+    let bar = !started.under_systemd && std::io::stderr().is_terminal();
+    let report = run(&started, source, opts, bar).await?;
     Ok(if report.failed.is_empty() {
         0
     } else {
@@ -154,8 +148,7 @@ fn clock(secs: f64) -> String {
 }
 
 async fn run(
-    cfg: config::Config,
-    credentials: Option<PathBuf>,
+    started: &Started,
     source: Source,
     opts: RunOptions,
     bar: bool,
@@ -163,11 +156,7 @@ async fn run(
     if let Some(root) = source.walk_root().filter(|r| !r.is_dir()) {
         bail!("source {source}: {} is not a directory", root.display());
     }
-    let fs = Arc::new(
-        FileStore::from_config(&cfg, credentials.as_deref())
-            .await
-            .context("opening the store")?,
-    );
+    let fs = Arc::new(started.file_store().await?);
     let progress = Progress {
         source: source.to_string(),
         started: Instant::now(),

@@ -90,34 +90,12 @@ pub struct Committed {
 }
 
 impl FileStore {
-    /// Makes `path` hold the spooled content at `version` (unless a newer version is stored).
+    /// Makes `path` hold the spooled content at `version`, unless a newer version is stored (or,
+    /// for [`PutKind::Import`], the path was deleted here at or after `version`:
+    /// [`PutOutcome::Deleted`]). Works under the blob's lock; when the blob turns out to have
+    /// changed under it (a lost lock let the cleaner in), looks again and stores the content
+    /// again if need be.
     pub async fn commit(
-        &self,
-        path: &str,
-        version: Version,
-        spooled: Spooled,
-        now: i64,
-    ) -> Result<Committed, FileStoreError> {
-        self.commit_as(path, version, spooled, now, PutKind::Client)
-            .await
-    }
-
-    /// Like [`FileStore::commit`], for a file imported from an old Filetracker: a path deleted
-    /// here at or after `version` stays deleted ([`PutOutcome::Deleted`]).
-    pub async fn import(
-        &self,
-        path: &str,
-        version: Version,
-        spooled: Spooled,
-        now: i64,
-    ) -> Result<Committed, FileStoreError> {
-        self.commit_as(path, version, spooled, now, PutKind::Import)
-            .await
-    }
-
-    /// Commits under the blob's lock; when the blob turns out to have changed under it (a lost
-    /// lock let the cleaner in), looks again and stores the content again if need be.
-    async fn commit_as(
         &self,
         path: &str,
         version: Version,

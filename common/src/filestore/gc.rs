@@ -602,7 +602,7 @@ mod tests {
     use super::*;
     use crate::blob::{Encoding, Hints, IngestOptions};
     use crate::locks::FileLocks;
-    use crate::meta::SqliteMeta;
+    use crate::meta::{PutKind, SqliteMeta};
     use crate::spool::SpoolBody;
     use crate::store::FsStore;
     use std::path::Path;
@@ -633,7 +633,7 @@ mod tests {
             .spool_blocking(content, Encoding::Identity, &Hints::default(), &OPTS)
             .unwrap();
         let d = s.info.digest;
-        fs.commit(path, 1, s, now).await.unwrap();
+        fs.commit(path, 1, s, now, PutKind::Client).await.unwrap();
         d
     }
 

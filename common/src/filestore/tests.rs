@@ -46,7 +46,10 @@ async fn same_content_is_stored_once_and_read_back() {
         let s = fs
             .spool_blocking(&b"same"[..], Encoding::Identity, &Hints::default(), &OPTS)
             .unwrap();
-        let c = fs.commit(&format!("/f{i}"), 5, s, 0).await.unwrap();
+        let c = fs
+            .commit(&format!("/f{i}"), 5, s, 0, PutKind::Client)
+            .await
+            .unwrap();
         assert_eq!(c.outcome, PutOutcome::Stored { version: 5 });
         deduped.push(c.deduplicated);
     }
@@ -98,7 +101,7 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
     let fs = fixture(dir.path()).await;
     let s = spool(&fs, b"deleted, then wanted again");
     let digest = s.info.digest;
-    fs.commit("/a", 1, s, 0).await.unwrap();
+    fs.commit("/a", 1, s, 0, PutKind::Client).await.unwrap();
     fs.delete("/a", 1, 0).await.unwrap();
     // A delete request of this deletion may land for another 1.5 s: an object stored
     // before then could be deleted under a live row.
@@ -106,7 +109,13 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
     let deletion = cleaner_deletes(&fs, &digest, 10, settle).await;
     let started = std::time::Instant::now();
     let c = fs
-        .commit("/b", 1, spool(&fs, b"deleted, then wanted again"), 20)
+        .commit(
+            "/b",
+            1,
+            spool(&fs, b"deleted, then wanted again"),
+            20,
+            PutKind::Client,
+        )
         .await
         .unwrap();
     assert!(
@@ -128,9 +137,15 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
             .unwrap()
     );
     let started = std::time::Instant::now();
-    fs.commit("/c", 1, spool(&fs, b"deleted, then wanted again"), 50)
-        .await
-        .unwrap();
+    fs.commit(
+        "/c",
+        1,
+        spool(&fs, b"deleted, then wanted again"),
+        50,
+        PutKind::Client,
+    )
+    .await
+    .unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -304,7 +319,7 @@ async fn an_upload_deleted_before_its_commit_is_stored_again_not_acknowledged_lo
         .collect();
     let put = {
         let (fs, s) = (fs.clone(), spool(&fs, &content));
-        tokio::spawn(async move { fs.commit("/x", 1, s, 0).await })
+        tokio::spawn(async move { fs.commit("/x", 1, s, 0, PutKind::Client).await })
     };
     let digest = stored.await.unwrap();
     // The orphan sweep, let in by a lost lock: the object has no row yet.
@@ -344,7 +359,9 @@ async fn a_read_that_finds_its_content_stored_again_as_other_bytes_reads_the_new
     let mut fs = fixture(dir.path()).await;
     // Stored as the server's level-1 gzip; the same content as a client's level-9 gzip
     // with a header of its own is other bytes of another length.
-    fs.commit("/b", 1, spool(&fs, b"same"), 0).await.unwrap();
+    fs.commit("/b", 1, spool(&fs, b"same"), 0, PutKind::Client)
+        .await
+        .unwrap();
     let mut gz = flate2::GzBuilder::new()
         .filename("another header")
         .write(Vec::new(), flate2::Compression::new(9));
@@ -401,7 +418,7 @@ async fn a_row_without_its_object_is_an_error_not_absence() {
         .spool_blocking(&b"x"[..], Encoding::Identity, &Hints::default(), &OPTS)
         .unwrap();
     let digest = s.info.digest;
-    fs.commit("/x", 1, s, 0).await.unwrap();
+    fs.commit("/x", 1, s, 0, PutKind::Client).await.unwrap();
     let soon = tokio::time::Instant::now() + Duration::from_secs(30);
     fs.store.delete(&digest, soon).await.unwrap();
     let e = fs.open("/x").await.err().unwrap();

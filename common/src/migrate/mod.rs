@@ -16,7 +16,7 @@ use futures::StreamExt;
 use crate::blob::{Encoding, Hints, IngestOptions};
 use crate::filestore::FileStore;
 use crate::filestore::FileStoreError;
-use crate::meta::{MetaError, PutOutcome};
+use crate::meta::{MetaError, PutKind, PutOutcome};
 use crate::old_server::{Imported, OldServer, OldServerError};
 use crate::protocol::{self, FilePath, Version};
 use crate::source::{Source, UpstreamDb};
@@ -297,7 +297,9 @@ async fn import(
     .await
     .map_err(|e| MigrateError::Task(e.to_string()))??;
     let bytes = spooled.info.logical_size;
-    let committed = fs.import(path, *version, spooled, opts.now).await?;
+    let committed = fs
+        .commit(path, *version, spooled, opts.now, PutKind::Import)
+        .await?;
     Ok(Done::of(committed.outcome, bytes))
 }
 

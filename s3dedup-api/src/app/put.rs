@@ -14,7 +14,7 @@ use futures::StreamExt;
 use s3dedup_common::blob::{BlobError, Chunk, Encoding, Hints};
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::{FileStoreError, Spooled};
-use s3dedup_common::meta::PutOutcome;
+use s3dedup_common::meta::{PutKind, PutOutcome};
 use s3dedup_common::protocol::{self, FilePath};
 use s3dedup_common::unix_now;
 
@@ -275,15 +275,18 @@ pub(super) async fn put_body(
     // Commit in a task of its own: a client hanging up now must not cancel it halfway.
     let files = state.files.clone();
     let p = path.as_str().to_owned();
-    let committed =
-        tokio::spawn(async move { files.commit(&p, version, spooled, unix_now()).await })
+    let committed = tokio::spawn(async move {
+        files
+            .commit(&p, version, spooled, unix_now(), PutKind::Client)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("commit task failed: {e}"),
-                )
-            })??;
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("commit task failed: {e}"),
+        )
+    })??;
     let counter = if committed.deduplicated {
         &state.metrics.dedup_hits
     } else {
