@@ -34,12 +34,6 @@ pub enum ConfigError {
         origin: String,
         message: String,
     },
-    #[error("cannot read secret for `{key}` from {path}: {source}")]
-    Secret {
-        key: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// A string that is never printed: `Debug` shows `***`.
@@ -284,7 +278,7 @@ pub struct PostgresConfig {
     pub url: String,
     /// Overrides any password in `url`.
     pub password: Secret,
-    /// Read the password from this file (relative: `$CREDENTIALS_DIRECTORY`).
+    /// Read the password from this file (relative: see `secrets`).
     pub password_file: Option<PathBuf>,
     /// Schema holding the tables (created if missing); one per bucket on a shared server.
     pub schema: String,
@@ -318,19 +312,6 @@ impl PostgresConfig {
         (self.statement_timeout_secs > 0).then(|| {
             Duration::from_secs(self.statement_timeout_secs + self.connect_timeout_secs.max(1))
         })
-    }
-
-    /// The password: inline, from `password_file`, or `None` (from `url`, `.pgpass` or none).
-    pub fn resolve_password(
-        &self,
-        credentials_dir: Option<&Path>,
-    ) -> Result<Option<String>, ConfigError> {
-        resolve_secret(
-            &self.password,
-            self.password_file.as_deref(),
-            "metadata.postgres.password_file",
-            credentials_dir,
-        )
     }
 }
 
@@ -451,7 +432,7 @@ pub struct S3Config {
     pub path_style: bool,
     pub access_key_id: String,
     pub secret_access_key: Secret,
-    /// Read the secret from this file instead; relative to `$CREDENTIALS_DIRECTORY` under systemd.
+    /// Read the secret from this file instead (relative: see `secrets`).
     pub secret_access_key_file: Option<PathBuf>,
     /// Objects at least this large are uploaded in parts.
     pub multipart_threshold: u64,
@@ -560,6 +541,12 @@ impl Config {
         })
     }
 
+    /// PostgreSQL holds the metadata or the locks.
+    pub fn uses_postgres(&self) -> bool {
+        self.metadata.backend == MetadataBackend::Postgres
+            || self.locks.backend == LocksBackend::Postgres
+    }
+
     /// Checks what serde cannot: ranges and keys required by the chosen backends.
     fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
@@ -582,9 +569,7 @@ impl Config {
             return bad("metadata.sqlite.readers", "must be at least 1");
         }
         let pg = &self.metadata.postgres;
-        let needs_pg = self.metadata.backend == MetadataBackend::Postgres
-            || self.locks.backend == LocksBackend::Postgres;
-        if needs_pg {
+        if self.uses_postgres() {
             if pg.url.is_empty() {
                 return bad("metadata.postgres.url", "required when PostgreSQL is used");
             }
@@ -631,53 +616,59 @@ impl Config {
     }
 }
 
-impl S3Config {
-    /// The secret key: inline, from `secret_access_key_file`, or `None` (use the AWS default chain).
-    pub fn resolve_secret(
-        &self,
-        credentials_dir: Option<&Path>,
-    ) -> Result<Option<String>, ConfigError> {
-        resolve_secret(
-            &self.secret_access_key,
-            self.secret_access_key_file.as_deref(),
-            "store.s3.secret_access_key_file",
-            credentials_dir,
-        )
-    }
-}
-
-/// A secret given inline or as a file (relative paths resolve in `credentials_dir`).
-fn resolve_secret(
-    inline: &Secret,
-    file: Option<&Path>,
-    key: &str,
-    credentials_dir: Option<&Path>,
-) -> Result<Option<String>, ConfigError> {
-    if !inline.0.is_empty() {
-        return Ok(Some(inline.0.clone()));
-    }
-    let Some(file) = file else { return Ok(None) };
-    let path = match credentials_dir {
-        Some(dir) if file.is_relative() => dir.join(file),
-        _ => file.to_owned(),
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Secret {
-        key: key.into(),
-        path: path.clone(),
-        source,
-    })?;
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
-}
+/// Where a program looks for its configuration when given no `--config`: the file the
+/// packages install, so that a program run by hand uses the store the services use.
+pub const SYSTEM_CONFIG: &str = "/etc/s3dedup/s3dedup.toml";
 
 /// Command-line flags every program takes to find its configuration.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
-    /// TOML configuration file (every key also settable as S3DEDUP_<SECTION>__<KEY>).
+    /// TOML configuration file [default: /etc/s3dedup/s3dedup.toml when it exists, else the
+    /// built-in defaults; `--config /dev/null` for the built-in defaults]. Every key can also be
+    /// set as S3DEDUP_<SECTION>__<KEY>.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory for SQLite, local objects and the upload spool (data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Check the configuration and the secrets it names, print what it sets up, and exit: 0 when
+    /// usable, 2 when not. Connects to nothing.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Which configuration file a program read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigFile {
+    /// Named by `--config`.
+    Given(PathBuf),
+    /// No `--config`: the system's file, which exists.
+    System(PathBuf),
+    /// No `--config` and no system file: the built-in defaults.
+    BuiltIn { looked_for: Option<PathBuf> },
+}
+
+impl ConfigFile {
+    /// The file read, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigFile::Given(p) | ConfigFile::System(p) => Some(p),
+            ConfigFile::BuiltIn { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for ConfigFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigFile::Given(p) => write!(f, "{}", p.display()),
+            ConfigFile::System(p) => write!(f, "{} (the default)", p.display()),
+            ConfigFile::BuiltIn {
+                looked_for: Some(p),
+            } => write!(f, "built-in defaults (no {})", p.display()),
+            ConfigFile::BuiltIn { looked_for: None } => f.write_str("built-in defaults"),
+        }
+    }
 }
 
 /// What a program found in its process environment, passed in so this module reads none.
@@ -689,25 +680,34 @@ pub struct ProcessEnv {
     pub state_directory: Option<PathBuf>,
     /// systemd's `$CACHE_DIRECTORY`: the read cache's directory unless one is configured.
     pub cache_directory: Option<PathBuf>,
+    /// The file read when there is no `--config` and it exists ([`SYSTEM_CONFIG`]).
+    pub system_config: Option<PathBuf>,
 }
 
 /// Loads a program's configuration: defaults, file, `S3DEDUP_*` variables, then flags
-/// (`args` and `extra`, e.g. `--listen`).
+/// (`args` and `extra`, e.g. `--listen`). Says which file it read.
 pub fn load_for_program(
     args: &ConfigArgs,
     extra: Vec<Override>,
     env: ProcessEnv,
-) -> Result<Config, ConfigError> {
+) -> Result<(Config, ConfigFile), ConfigError> {
     let mut overrides = env_overrides(env.vars);
     if let Some(d) = &args.data_dir {
-        overrides.push(Override {
-            key: "data_dir".into(),
-            value: d.display().to_string(),
-            origin: "--data-dir".into(),
-        });
+        overrides.push(Override::new(
+            "data_dir",
+            d.display().to_string(),
+            "--data-dir",
+        ));
     }
     overrides.extend(extra);
-    let mut cfg = load(args.config.as_deref(), &overrides)?;
+    let file = match (&args.config, env.system_config) {
+        (Some(given), _) => ConfigFile::Given(given.clone()),
+        // A file that cannot even be looked at (a directory we may not search) is still read,
+        // so that the error names it rather than the defaults taking over quietly.
+        (None, Some(system)) if system.try_exists().unwrap_or(true) => ConfigFile::System(system),
+        (None, looked_for) => ConfigFile::BuiltIn { looked_for },
+    };
+    let mut cfg = load(file.path(), &overrides)?;
     if let Some(dir) = env.state_directory
         && cfg.data_dir == Config::default().data_dir
     {
@@ -716,7 +716,7 @@ pub fn load_for_program(
     if cfg.store.cache.path.is_none() {
         cfg.store.cache.path = env.cache_directory;
     }
-    Ok(cfg)
+    Ok((cfg, file))
 }
 
 /// One override of a configuration key, e.g. from an environment variable or a flag.
@@ -727,6 +727,17 @@ pub struct Override {
     pub value: String,
     /// Where it came from, for error messages (`environment variable S3DEDUP_API__LISTEN`).
     pub origin: String,
+}
+
+impl Override {
+    /// `key` set to `value`; `origin` says where it came from (`--listen`).
+    pub fn new(key: &str, value: impl Into<String>, origin: impl Into<String>) -> Self {
+        Override {
+            key: key.into(),
+            value: value.into(),
+            origin: origin.into(),
+        }
+    }
 }
 
 /// Turns `S3DEDUP_*` environment variables into overrides (`S3DEDUP_STORE__S3__BUCKET` →
@@ -878,16 +889,12 @@ fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(),
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
-    fn ov(key: &str, value: &str) -> Override {
-        Override {
-            key: key.into(),
-            value: value.into(),
-            origin: format!("test {key}"),
-        }
+    pub(crate) fn ov(key: &str, value: &str) -> Override {
+        Override::new(key, value, format!("test {key}"))
     }
 
     #[test]
@@ -936,10 +943,7 @@ mod tests {
             !format!("{c:?}").contains("hunter2"),
             "secrets are not printed"
         );
-        assert_eq!(
-            c.store.s3.resolve_secret(None).unwrap().as_deref(),
-            Some("hunter2")
-        );
+        assert_eq!(c.store.s3.secret_access_key.0, "hunter2");
     }
 
     #[test]
@@ -1016,19 +1020,50 @@ mod tests {
     }
 
     #[test]
-    fn secret_from_file_relative_to_credentials_dir() {
+    fn the_system_file_is_the_default_when_it_exists() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("s3-secret"), "s3cr3t\n").unwrap();
-        let c = load(None, &[ov("store.s3.secret_access_key_file", "s3-secret")]).unwrap();
+        let system = dir.path().join("s3dedup.toml");
+        let env = |p: &Path| ProcessEnv {
+            system_config: Some(p.to_owned()),
+            ..ProcessEnv::default()
+        };
+        let (cfg, file) = load_for_program(&ConfigArgs::default(), vec![], env(&system)).unwrap();
         assert_eq!(
-            c.store
-                .s3
-                .resolve_secret(Some(dir.path()))
-                .unwrap()
-                .as_deref(),
-            Some("s3cr3t")
+            file,
+            ConfigFile::BuiltIn {
+                looked_for: Some(system.clone())
+            }
         );
-        let e = c.store.s3.resolve_secret(None).unwrap_err();
-        assert!(e.to_string().contains("secret_access_key_file"), "{e}");
+        assert_eq!(cfg.data_dir, PathBuf::from("s3dedup-data"));
+        assert!(file.to_string().contains("no "), "{file}");
+
+        std::fs::write(&system, "data_dir = \"/var/lib/x\"\n").unwrap();
+        let (cfg, file) = load_for_program(&ConfigArgs::default(), vec![], env(&system)).unwrap();
+        assert_eq!(file, ConfigFile::System(system.clone()));
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/x"));
+        assert!(file.to_string().contains("(the default)"), "{file}");
+
+        // --config wins; /dev/null is the built-in defaults.
+        let args = ConfigArgs {
+            config: Some(PathBuf::from("/dev/null")),
+            ..ConfigArgs::default()
+        };
+        let (cfg, file) = load_for_program(&args, vec![], env(&system)).unwrap();
+        assert_eq!(file, ConfigFile::Given(PathBuf::from("/dev/null")));
+        assert_eq!(cfg.data_dir, PathBuf::from("s3dedup-data"));
+    }
+
+    #[test]
+    fn an_unreadable_system_file_is_an_error_not_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading it fails, as EACCES would.
+        let system = dir.path().join("s3dedup.toml");
+        std::fs::create_dir(&system).unwrap();
+        let env = ProcessEnv {
+            system_config: Some(system.clone()),
+            ..ProcessEnv::default()
+        };
+        let e = load_for_program(&ConfigArgs::default(), vec![], env).unwrap_err();
+        assert!(e.to_string().contains(&*system.to_string_lossy()), "{e}");
     }
 }

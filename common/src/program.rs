@@ -7,42 +7,100 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::config::{self, Config, ConfigArgs, Override, ProcessEnv};
+use crate::config::{
+    self, Config, ConfigArgs, ConfigFile, MetadataBackend, Override, ProcessEnv, StoreBackend,
+};
 use crate::filestore::FileStore;
+use crate::privileges::{self, Identity};
+use crate::secrets::{SecretError, SecretFiles, Secrets};
 
 /// Something failed (the store is unreachable, some deletions or imports failed).
 pub const EXIT_FAILURE: u8 = 1;
-/// The configuration is unusable.
+/// The configuration is unusable. The API's unit does not restart on it
+/// (`RestartPreventExitStatus=2`): only an operator can fix it.
 pub const EXIT_CONFIG: u8 = 2;
+
+/// What a program may do to a store that is not there yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opens {
+    /// Create it: the API's first start sets the store up, and the migrator fills a new one.
+    CreatingIfMissing,
+    /// Only an existing store (the cleaner: a new empty store has nothing to clean or report,
+    /// and reporting on one would hide that the configuration names the wrong place).
+    Existing,
+}
+
+/// The configuration names no store where a program needs one; nothing was created.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no s3dedup store at {path} (data_dir {data_dir}, configuration: {file}); {program} does not \
+     create one: give --config or --data-dir naming the store"
+)]
+pub struct NoStore {
+    pub program: String,
+    pub path: PathBuf,
+    pub data_dir: PathBuf,
+    pub file: ConfigFile,
+}
+
+/// Flags every program takes: its configuration, and (hidden from `--help`) what the
+/// packages' build generates from the command line itself.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print this program's manual page (roff) and exit.
+    #[arg(long, hide = true)]
+    pub man_page: bool,
+    /// Print the manual page of the configuration file, s3dedup.toml(5), and exit.
+    #[arg(long, hide = true)]
+    pub config_man_page: bool,
+    /// Print shell completions for this program and exit.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+}
 
 /// What a program's own work starts from.
 pub struct Started {
     pub cfg: Config,
-    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`), where secret files are read.
-    pub credentials: Option<PathBuf>,
+    /// The secrets the configuration names, read before root was given up.
+    pub secrets: Secrets,
     /// Started by systemd with the journal as its output (`$JOURNAL_STREAM`).
     pub under_systemd: bool,
 }
 
 impl Started {
-    /// The file store the configuration names, its secrets read from the credentials.
+    /// The file store the configuration names.
     pub async fn file_store(&self) -> anyhow::Result<FileStore> {
-        FileStore::from_config(&self.cfg, self.credentials.as_deref())
+        FileStore::from_config(&self.cfg, &self.secrets)
             .await
             .context("opening the store")
     }
 }
 
 /// Sets up logging (the journal under systemd, else stderr), loads the configuration from the
-/// flags, the environment and the file (exit 2 when it is unusable), builds the runtime and
-/// runs `run`, whose number is the exit code. An error is reported once, as one line naming
-/// `name`: at error level in the journal under systemd, on stderr otherwise (exit 2 for a
-/// [`config::ConfigError`], else 1).
-pub fn main<F, Fut>(name: &str, args: &ConfigArgs, flags: Vec<Override>, run: F) -> ExitCode
+/// flags, the environment and the file (exit 2 when it is unusable), reads its secrets, checks
+/// that the store is there if `opens` says it must be, gives root up to the data directory's
+/// owner, builds the runtime and runs `run`, whose number is the exit code. With
+/// `--check-config` it prints what the configuration sets up instead of running. An error is
+/// reported once, as one line naming `name`: at error level in the journal under systemd, on
+/// stderr otherwise (exit 2 for the configuration, else 1).
+pub fn main<C, F, Fut>(
+    name: &str,
+    opens: Opens,
+    common: &CommonArgs,
+    flags: Vec<Override>,
+    run: F,
+) -> ExitCode
 where
+    C: clap::CommandFactory,
     F: FnOnce(Started) -> Fut,
     Fut: Future<Output = anyhow::Result<u8>>,
 {
+    if let Some(code) = generate::<C>(common) {
+        return code;
+    }
+    let args = &common.config;
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     crate::systemd::init_logging(under_systemd, &filter);
@@ -59,11 +117,45 @@ where
         vars: std::env::vars().collect(),
         state_directory: var("STATE_DIRECTORY"),
         cache_directory: var("CACHE_DIRECTORY"),
+        system_config: Some(PathBuf::from(config::SYSTEM_CONFIG)),
     };
-    let cfg = match config::load_for_program(args, flags, env) {
-        Ok(cfg) => cfg,
+    let (cfg, file) = match config::load_for_program(args, flags, env) {
+        Ok(loaded) => loaded,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    let files = SecretFiles::new(var("CREDENTIALS_DIRECTORY"), file.path());
+    let secrets = match Secrets::read(&cfg, &files) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    if let Err(e) = check_store(name, opens, &cfg, &file) {
+        // Under its timer on a fresh install, before the API's first start made the store.
+        if opens == Opens::Existing && under_systemd && !args.check_config {
+            tracing::info!(
+                path = %e.path.display(),
+                "no store yet, nothing to do (s3dedup-api creates it when it first starts)"
+            );
+            return ExitCode::SUCCESS;
+        }
+        return fail(EXIT_CONFIG, &e.to_string());
+    }
+    if args.check_config {
+        print!("{}", summary(&cfg, &file, &secrets));
+        println!("{name}: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    tracing::info!(config = %file, data_dir = %cfg.data_dir.display(), "configuration loaded");
+    match privileges::become_owner_of(&cfg.data_dir) {
+        Ok(Identity::Unchanged) => {}
+        Ok(Identity::Became { user, uid, .. }) => tracing::info!(
+            user,
+            uid,
+            data_dir = %cfg.data_dir.display(),
+            "started as root: running as the data directory's owner, so that the daemon can \
+             read what this run writes"
+        ),
+        Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,13 +170,96 @@ where
     };
     let started = Started {
         cfg,
-        credentials: var("CREDENTIALS_DIRECTORY"),
+        secrets,
         under_systemd,
     };
     match runtime.block_on(run(started)) {
         Ok(code) => ExitCode::from(code),
-        // A setting the program found unusable (a secret file it cannot read, say).
-        Err(e) if e.is::<config::ConfigError>() => fail(EXIT_CONFIG, &format!("{e:#}")),
+        // A setting the program found unusable.
+        Err(e) if e.is::<config::ConfigError>() || e.is::<SecretError>() => {
+            fail(EXIT_CONFIG, &format!("{e:#}"))
+        }
         Err(e) => fail(EXIT_FAILURE, &format!("{e:#}")),
     }
+}
+
+/// What the hidden flags of [`CommonArgs`] ask for, printed to stdout; `None` when none is set.
+fn generate<C: clap::CommandFactory>(common: &CommonArgs) -> Option<ExitCode> {
+    use std::io::Write;
+    let out = if common.man_page {
+        crate::manual::program_page(C::command())
+    } else if common.config_man_page {
+        Ok(crate::manual::config_page(env!("CARGO_PKG_VERSION")).into_bytes())
+    } else if let Some(shell) = common.completions {
+        Ok(crate::manual::completions(shell, C::command()))
+    } else {
+        return None;
+    };
+    let written = out.and_then(|bytes| std::io::stdout().write_all(&bytes));
+    Some(match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the generated text: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    })
+}
+
+/// Refuses to go on where `opens` says the store (or its directory) must exist and does not.
+fn check_store(name: &str, opens: Opens, cfg: &Config, file: &ConfigFile) -> Result<(), NoStore> {
+    let mut must_exist = Vec::new();
+    match opens {
+        Opens::CreatingIfMissing => {}
+        Opens::Existing => {
+            if cfg.metadata.backend == MetadataBackend::Sqlite {
+                must_exist.push(cfg.sqlite_path());
+            }
+            if cfg.store.backend == StoreBackend::Local {
+                must_exist.push(cfg.local_store_path());
+            }
+        }
+    }
+    match must_exist
+        .into_iter()
+        .find(|p| !p.try_exists().unwrap_or(true))
+    {
+        None => Ok(()),
+        Some(path) => Err(NoStore {
+            program: name.to_owned(),
+            path,
+            data_dir: cfg.data_dir.clone(),
+            file: file.clone(),
+        }),
+    }
+}
+
+/// What `--check-config` prints: where each part of the store is, and what was read.
+fn summary(cfg: &Config, file: &ConfigFile, secrets: &Secrets) -> String {
+    let metadata = match cfg.metadata.backend {
+        MetadataBackend::Sqlite => format!("sqlite {}", cfg.sqlite_path().display()),
+        MetadataBackend::Postgres => {
+            format!("postgres (schema {})", cfg.metadata.postgres.schema)
+        }
+    };
+    let store = match cfg.store.backend {
+        StoreBackend::Local => format!("local {}", cfg.local_store_path().display()),
+        StoreBackend::S3 => {
+            let s3 = &cfg.store.s3;
+            let at = if s3.endpoint.is_empty() {
+                "AWS"
+            } else {
+                &s3.endpoint
+            };
+            format!("s3 bucket {} at {at}", s3.bucket)
+        }
+    };
+    let read = |s: &Option<config::Secret>| if s.is_some() { "read" } else { "none" };
+    format!(
+        "configuration: {file}\ndata_dir: {}\nmetadata: {metadata}\nstore: {store}\n\
+         listen: {} (when systemd passes no socket)\nsecrets: s3 {}, postgres {}\n",
+        cfg.data_dir.display(),
+        cfg.api.listen,
+        read(&secrets.s3_secret_access_key),
+        read(&secrets.postgres_password),
+    )
 }

@@ -2,7 +2,7 @@
 //! Outside systemd every call is a harmless no-op. These read only systemd's own protocol
 //! variables (`NOTIFY_SOCKET`, `LISTEN_FDS`, `WATCHDOG_USEC`), never configuration.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -33,15 +33,55 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Listening sockets passed by systemd socket activation (first is fd 3): TCP or Unix.
-pub fn listen_sockets() -> std::io::Result<Vec<OwnedFd>> {
-    let fds: Vec<RawFd> = sd_notify::listen_fds()?.collect();
-    Ok(fds
+/// A socket systemd passed that the API cannot serve, or passed sockets it cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum PassedSocketError {
+    #[error("cannot read the sockets systemd passed (LISTEN_FDS): {0}")]
+    Environment(std::io::Error),
+    #[error(
+        "systemd passed fd {fd}, {what}: only listening stream sockets (ListenStream=, \
+         Accept=no) can be served; remove it from the socket unit"
+    )]
+    Unservable { fd: RawFd, what: String },
+}
+
+/// Listening sockets passed by systemd socket activation (the first is fd 3), every one of
+/// them: TCP or Unix stream sockets. A descriptor that is not a listening stream socket is an
+/// error naming it, rather than one address that is accepted and never answered.
+pub fn listen_sockets() -> Result<Vec<OwnedFd>, PassedSocketError> {
+    let fds: Vec<RawFd> = sd_notify::listen_fds()
+        .map_err(PassedSocketError::Environment)?
+        .collect();
+    let owned: Vec<OwnedFd> = fds
         .into_iter()
         // SAFETY: systemd passed these descriptors to this process for it to own; each is
         // taken exactly once here (sd_notify only reads the variables).
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect())
+        .collect();
+    for fd in &owned {
+        if let Some(what) = unservable(fd) {
+            return Err(PassedSocketError::Unservable {
+                fd: fd.as_raw_fd(),
+                what,
+            });
+        }
+    }
+    Ok(owned)
+}
+
+/// Why `fd` cannot be served, or `None` when it is a listening stream socket.
+fn unservable(fd: &OwnedFd) -> Option<String> {
+    use nix::sys::socket::{SockType, SockaddrStorage, getsockname, getsockopt, sockopt};
+    let at = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .map_or_else(|_| String::new(), |a| format!(" on {a}"));
+    match getsockopt(fd, sockopt::SockType) {
+        Err(_) => Some("which is not a socket".into()),
+        Ok(SockType::Stream) => match getsockopt(fd, sockopt::AcceptConn) {
+            Ok(true) => None,
+            _ => Some(format!("a stream socket{at} that is not listening")),
+        },
+        Ok(other) => Some(format!("a {other:?} socket{at}")),
+    }
 }
 
 /// Sends logs to journald with structured fields when `to_journal` (the program saw

@@ -10,19 +10,22 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use s3dedup_common::config::{ConfigArgs, Override};
-use s3dedup_common::program::{self, Started};
+use s3dedup_common::config::Override;
+use s3dedup_common::program::{self, CommonArgs, Opens, Started};
 
 /// Serves the Filetracker protocol v2, storing each distinct content once.
 ///
-/// With no arguments and no configuration file it serves 127.0.0.1:9999 with SQLite metadata and
-/// objects under ./s3dedup-data. Every configuration key can also be set from the environment
-/// as S3DEDUP_<SECTION>__<KEY> (e.g. S3DEDUP_API__LISTEN).
+/// Started by systemd (s3dedup-api.socket), it serves every socket the unit passes. Without a
+/// configuration file (none given, and no /etc/s3dedup/s3dedup.toml) it serves 127.0.0.1:9999
+/// with SQLite metadata and objects under ./s3dedup-data. Every configuration key can also be
+/// set from the environment as S3DEDUP_<SECTION>__<KEY> (e.g. S3DEDUP_API__LISTEN). Exit
+/// codes: 0 stopped, 1 failed (the store did not answer, say), 2 bad configuration (the unit
+/// does not restart on it).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
     #[command(flatten)]
-    cfg: ConfigArgs,
+    common: CommonArgs,
     /// Address to listen on when systemd passes no socket (api.listen).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -30,12 +33,14 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let listen = cli.listen.iter().map(|l| Override {
-        key: "api.listen".into(),
-        value: l.clone(),
-        origin: "--listen".into(),
-    });
-    program::main("s3dedup-api", &cli.cfg, listen.collect(), run)
+    let listen = (cli.listen.iter()).map(|l| Override::new("api.listen", l.clone(), "--listen"));
+    program::main::<Cli, _, _>(
+        "s3dedup-api",
+        Opens::CreatingIfMissing,
+        &cli.common,
+        listen.collect(),
+        run,
+    )
 }
 
 async fn run(started: Started) -> anyhow::Result<u8> {

@@ -1,4 +1,4 @@
-//! The listening socket and the daemon's lifecycle: socket activation or bind (TCP or Unix),
+//! The listening sockets and the daemon's lifecycle: socket activation or bind (TCP or Unix),
 //! TCP_NODELAY, per-connection timeouts, readiness and watchdog notifications, and a bounded
 //! drain on SIGTERM that still answers requests already on their way.
 
@@ -37,7 +37,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// its request on the wire; closing at once would drop it unanswered.
 const IDLE_GRACE: Duration = Duration::from_millis(500);
 
-/// The listening socket: inherited from systemd or bound from `api.listen`.
+/// A listening socket: one systemd passed, or the one bound from `api.listen`.
 enum Listener {
     Tcp(TcpListener),
     /// The path is removed on exit when we created it (systemd owns the ones it passes).
@@ -98,19 +98,20 @@ fn bind_unix(path: &Path) -> anyhow::Result<Listener> {
     Ok(Listener::Unix(l, Some(path.to_owned())))
 }
 
-async fn listener(state: &AppState) -> anyhow::Result<Listener> {
-    let inherited = systemd::listen_sockets().context("reading sockets passed by systemd")?;
-    if let Some(fd) = inherited.into_iter().next() {
-        return adopt(fd);
+/// Every socket systemd passed, or the one `api.listen` names.
+async fn listeners(state: &AppState) -> anyhow::Result<Vec<Listener>> {
+    let inherited = systemd::listen_sockets()?;
+    if !inherited.is_empty() {
+        return inherited.into_iter().map(adopt).collect();
     }
-    match &state.cfg.listen {
-        ListenAddr::Tcp(addr) => {
-            Ok(Listener::Tcp(TcpListener::bind(addr).await.with_context(
-                || format!("cannot listen on {addr} (api.listen)"),
-            )?))
-        }
-        ListenAddr::Unix(path) => bind_unix(path),
-    }
+    Ok(vec![match &state.cfg.listen {
+        ListenAddr::Tcp(addr) => Listener::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (api.listen)"))?,
+        ),
+        ListenAddr::Unix(path) => bind_unix(path)?,
+    }])
 }
 
 /// The most hyper reads from a connection at once. Each chunk of a request body shares the
@@ -203,6 +204,33 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
     })
 }
 
+/// Accepts and serves connections on one listener until `stop` turns true, then closes it.
+async fn accept_until_stopped(
+    listener: Listener,
+    app: Router,
+    state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Conn::Tcp(tcp)) => {
+                // Without it every small response waits ~40 ms for the peer's delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                serve(tcp, &app, &state, &stop);
+            }
+            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &stop),
+            Err(e) => {
+                warn!(error = %e, listener = %listener.describe(), "accepting a connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 fn status_line(state: &AppState) -> String {
     let m = &state.metrics;
     format!(
@@ -253,8 +281,12 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     meta_ok.with_context(|| format!("metadata store {metadata} is not usable"))?;
     store_ok.with_context(|| format!("object store {store} is not usable"))?;
 
-    let listener = listener(&state).await?;
-    let addr = listener.describe();
+    let listeners = listeners(&state).await?;
+    let addr = listeners
+        .iter()
+        .map(Listener::describe)
+        .collect::<Vec<_>>()
+        .join(", ");
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .fallback(dispatch)
@@ -292,30 +324,18 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut stop = std::pin::pin!(wait_for_signal());
-    let which = loop {
-        let accepted = tokio::select! {
-            which = &mut stop => break which.unwrap_or("signal handler failure"),
-            accepted = accept(&listener) => accepted,
-        };
-        match accepted {
-            Ok(Conn::Tcp(tcp)) => {
-                // Without it every small response waits ~40 ms for the peer's delayed ACK.
-                let _ = tcp.set_nodelay(true);
-                serve(tcp, &app, &state, &stop_rx);
-            }
-            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &stop_rx),
-            Err(e) => {
-                warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    };
+    let mut accepting = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let (app, state, stop) = (app.clone(), state.clone(), stop_rx.clone());
+        accepting.spawn(accept_until_stopped(listener, app, state, stop));
+    }
+    let which = wait_for_signal().await.unwrap_or("signal handler failure");
     info!(signal = which, "shutting down, draining in-flight requests");
     systemd::notify_stopping("draining in-flight requests");
-    drop(listener);
     stopping.store(true, Relaxed);
     stop_tx.send_replace(true);
+    // Each accept loop closes its listener as it ends.
+    accepting.join_all().await;
     drop(stop_rx);
     let drain_limit = Duration::from_secs(state.cfg.shutdown_timeout_secs);
     if tokio::time::timeout(drain_limit, stop_tx.closed())

@@ -6,20 +6,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use s3dedup_common::config::ConfigArgs;
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, VerifyReport};
-use s3dedup_common::program::{self, Started};
+use s3dedup_common::program::{self, CommonArgs, Opens, Started};
 use s3dedup_common::{systemd, unix_now};
 
-/// Deletes contents no file references any more (after a grace period), and objects that have
-/// no metadata row. Exit codes: 0 ok, 1 some deletions failed (or the store is unreachable),
-/// 2 bad configuration, 3 --verify found problems.
+/// Deletes contents no file references any more, and objects without metadata.
+///
+/// One garbage-collection run: contents unreferenced for the grace period, and objects that have
+/// no metadata row, are deleted; or, with --verify or --stats, a check or a report. It never
+/// creates a store. Exit codes: 0 ok, 1 some deletions failed (or the store is unreachable),
+/// 2 bad configuration (or no store where it names one), 3 --verify found problems.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
     #[command(flatten)]
-    cfg: ConfigArgs,
+    common: CommonArgs,
     /// Report what would be deleted; delete nothing.
     #[arg(long)]
     dry_run: bool,
@@ -51,9 +53,13 @@ const EXIT_VERIFY: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    program::main("s3dedup-cleaner", &cli.cfg, Vec::new(), |started| {
-        run(&cli, started)
-    })
+    program::main::<Cli, _, _>(
+        "s3dedup-cleaner",
+        Opens::Existing,
+        &cli.common,
+        Vec::new(),
+        |started| run(&cli, started),
+    )
 }
 
 async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use s3dedup_common::config::{self, ConfigArgs};
+use s3dedup_common::config;
 use s3dedup_common::migrate::{self, MigrateReport, RunOptions};
-use s3dedup_common::program::{self, Started};
+use s3dedup_common::program::{self, CommonArgs, Opens, Started};
 use s3dedup_common::source::Source;
 use s3dedup_common::{systemd, unix_now};
 
+/// Imports an existing Filetracker into the store, verifying every content.
+///
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
 /// (`v2:DIR`, as given to `filetracker-server -d`) or a running v2 server (`http://HOST:PORT`,
 /// its root URL), or adopts an upstream s3dedup bucket in place (`upstream:BUCKET:sqlite:PATH`,
@@ -25,7 +27,7 @@ use s3dedup_common::{systemd, unix_now};
 #[command(version)]
 struct Cli {
     #[command(flatten)]
-    cfg: ConfigArgs,
+    common: CommonArgs,
     /// What to import (overrides migrator.source): v1:DIR, v2:DIR, http://HOST:PORT or
     /// upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://USER@HOST/DB.
     #[arg(long, value_name = "SOURCE")]
@@ -44,9 +46,13 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    program::main("s3dedup-migrator", &cli.cfg, Vec::new(), |started| {
-        start(&cli, started)
-    })
+    program::main::<Cli, _, _>(
+        "s3dedup-migrator",
+        Opens::CreatingIfMissing,
+        &cli.common,
+        Vec::new(),
+        |started| start(&cli, started),
+    )
 }
 
 /// The source and options from the flags and the configuration, then the run.

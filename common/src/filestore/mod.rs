@@ -23,6 +23,7 @@ use crate::meta::{
     postgres_connection_config,
 };
 use crate::protocol::Version;
+use crate::secrets::Secrets;
 use crate::store::{CachedStore, FsStore, ObjectStore, ReadCache, S3Store, StoreError};
 
 pub use commit::{Committed, STATE_TRUSTED_FOR, TOMBSTONE_KEEP};
@@ -120,25 +121,23 @@ impl FileStore {
         })
     }
 
-    /// Opens the metadata store, object store and locks the configuration names. Secrets given
-    /// as files are read relative to `credentials_dir` (systemd's `$CREDENTIALS_DIRECTORY`).
-    pub async fn from_config(
-        cfg: &Config,
-        credentials_dir: Option<&Path>,
-    ) -> Result<Self, FileStoreError> {
+    /// Opens the metadata store, object store and locks the configuration names, with the
+    /// secrets read for it.
+    pub async fn from_config(cfg: &Config, secrets: &Secrets) -> Result<Self, FileStoreError> {
+        let password = || secrets.postgres_password.clone().map(|s| s.0);
         let meta: Arc<dyn MetaStore> = match cfg.metadata.backend {
             MetadataBackend::Sqlite => {
                 Arc::new(SqliteMeta::open(&cfg.sqlite_path(), (&cfg.metadata.sqlite).into()).await?)
             }
             MetadataBackend::Postgres => {
                 let pg = &cfg.metadata.postgres;
-                Arc::new(PostgresMeta::connect(pg, pg.resolve_password(credentials_dir)?).await?)
+                Arc::new(PostgresMeta::connect(pg, password()).await?)
             }
         };
         let store: Arc<dyn ObjectStore> = match cfg.store.backend {
             StoreBackend::Local => Arc::new(FsStore::open(cfg.local_store_path())?),
             StoreBackend::S3 => {
-                let secret = cfg.store.s3.resolve_secret(credentials_dir)?;
+                let secret = secrets.s3_secret_access_key.clone().map(|s| s.0);
                 Arc::new(S3Store::connect(&cfg.store.s3, secret).await?)
             }
         };
@@ -146,7 +145,7 @@ impl FileStore {
             LocksBackend::File => Arc::new(FileLocks::open(&cfg.lock_file_path())?),
             LocksBackend::Postgres => {
                 let pg = &cfg.metadata.postgres;
-                let conn = postgres_connection_config(pg, pg.resolve_password(credentials_dir)?)?;
+                let conn = postgres_connection_config(pg, password())?;
                 Arc::new(
                     PgLocks::new(conn, cfg.locks.postgres_connections)
                         .in_schema(&pg.schema)

@@ -387,7 +387,7 @@ mod tests {
 
     fn locks(connections: usize) -> PgLocks {
         let cfg = crate::meta::postgres_test_config();
-        let pw = cfg.resolve_password(None).unwrap();
+        let pw = crate::secrets::tests::password(&cfg);
         PgLocks::new(
             crate::meta::postgres_connection_config(&cfg, pw).unwrap(),
             connections,
@@ -441,7 +441,7 @@ mod tests {
         // What a failover or an administrator does to the session.
         let cfg = crate::meta::postgres_test_config();
         let conn =
-            crate::meta::postgres_connection_config(&cfg, cfg.resolve_password(None).unwrap())
+            crate::meta::postgres_connection_config(&cfg, crate::secrets::tests::password(&cfg))
                 .unwrap();
         let (admin, connection) = conn.connect(NoTls).await.unwrap();
         tokio::spawn(connection);

@@ -1045,7 +1045,7 @@ pub(crate) mod tests {
         super::super::conformance::run_all(async || -> Box<dyn MetaStore> {
             let cfg = test_config();
             Box::new(
-                PostgresMeta::connect(&cfg, cfg.resolve_password(None).unwrap())
+                PostgresMeta::connect(&cfg, crate::secrets::tests::password(&cfg))
                     .await
                     .unwrap(),
             ) as Box<dyn MetaStore>
@@ -1057,7 +1057,7 @@ pub(crate) mod tests {
     #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
     async fn concurrent_starts_migrate_once_and_concurrent_writers_agree() {
         let cfg = test_config();
-        let pw = cfg.resolve_password(None).unwrap();
+        let pw = crate::secrets::tests::password(&cfg);
         let (a, b) = tokio::join!(
             PostgresMeta::connect(&cfg, pw.clone()),
             PostgresMeta::connect(&cfg, pw.clone())
@@ -1119,7 +1119,7 @@ pub(crate) mod tests {
             pool_size: 1,
             ..test_config()
         };
-        let meta = PostgresMeta::connect(&cfg, cfg.resolve_password(None).unwrap())
+        let meta = PostgresMeta::connect(&cfg, crate::secrets::tests::password(&cfg))
             .await
             .unwrap();
         let blob = |n| BlobInfo {
