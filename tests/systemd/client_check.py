@@ -3,9 +3,13 @@
     client_check.py basic       put, get, list and delete a file
     client_check.py stream N    N seconds of put/get, each on a new connection; exit 1 on any failure
     client_check.py migrated    the files the migrator imported, with their versions
+    client_check.py probe N     N seconds of connection attempts every 20 ms; exit 1 if any was
+                                refused or unanswered
+    client_check.py has PATH    the file at PATH exists (exit 1 if not)
 """
 
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -68,6 +72,40 @@ def migrated():
     print("migrated ok")
 
 
+def probe(seconds):
+    """Whether the port stays open: a refused connection is what a closed socket gives."""
+    deadline = time.time() + seconds
+    ok = refused = other = 0
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", 9999), timeout=5) as s:
+                s.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                s.settimeout(60)
+                if s.recv(12).startswith(b"HTTP/1.1 200"):
+                    ok += 1
+                else:
+                    other += 1
+        except ConnectionRefusedError:
+            refused += 1
+        except OSError as e:
+            other += 1
+            print(f"failed: {e!r}", flush=True)
+        time.sleep(0.02)
+    print(f"{ok} answered, {refused} refused, {other} failed otherwise")
+    return 1 if refused or other or not ok else 0
+
+
+def has(path):
+    c = client()
+    try:
+        c.file_size(path)
+    except Exception as e:  # noqa: BLE001 - any failure means it is not there
+        print(f"{path}: {e!r}")
+        return 1
+    print(f"{path} ok")
+    return 0
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "basic":
@@ -76,5 +114,9 @@ if __name__ == "__main__":
         sys.exit(stream(int(sys.argv[2])))
     elif mode == "migrated":
         migrated()
+    elif mode == "probe":
+        sys.exit(probe(int(sys.argv[2])))
+    elif mode == "has":
+        sys.exit(has(sys.argv[2]))
     else:
         sys.exit(f"unknown mode {mode}")
