@@ -83,15 +83,9 @@ impl Started {
 /// that the store is there if `opens` says it must be, gives root up to the data directory's
 /// owner, builds the runtime and runs `run`, whose number is the exit code. With
 /// `--check-config` it prints what the configuration sets up instead of running. An error is
-/// reported once, as one line naming `name`: at error level in the journal under systemd, on
+/// reported once, as one line naming the program: at error level in the journal under systemd, on
 /// stderr otherwise (exit 2 for the configuration, else 1).
-pub fn main<C, F, Fut>(
-    name: &str,
-    opens: Opens,
-    common: &CommonArgs,
-    flags: Vec<Override>,
-    run: F,
-) -> ExitCode
+pub fn main<C, F, Fut>(opens: Opens, common: &CommonArgs, flags: Vec<Override>, run: F) -> ExitCode
 where
     C: clap::CommandFactory,
     F: FnOnce(Started) -> Fut,
@@ -100,6 +94,8 @@ where
     if let Some(code) = generate::<C>(common) {
         return code;
     }
+    let command = C::command();
+    let name = command.get_name();
     let args = &common.config;
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());

@@ -34,13 +34,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let listen = (cli.listen.iter()).map(|l| Override::new("api.listen", l.clone(), "--listen"));
-    program::main::<Cli, _, _>(
-        "s3dedup-api",
-        Opens::CreatingIfMissing,
-        &cli.common,
-        listen.collect(),
-        run,
-    )
+    program::main::<Cli, _, _>(Opens::CreatingIfMissing, &cli.common, listen.collect(), run)
 }
 
 async fn run(started: Started) -> anyhow::Result<u8> {

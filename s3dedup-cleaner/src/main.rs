@@ -53,13 +53,9 @@ const EXIT_VERIFY: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    program::main::<Cli, _, _>(
-        "s3dedup-cleaner",
-        Opens::Existing,
-        &cli.common,
-        Vec::new(),
-        |started| run(&cli, started),
-    )
+    program::main::<Cli, _, _>(Opens::Existing, &cli.common, Vec::new(), |started| {
+        run(&cli, started)
+    })
 }
 
 async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {

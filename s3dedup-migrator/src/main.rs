@@ -47,7 +47,6 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     program::main::<Cli, _, _>(
-        "s3dedup-migrator",
         Opens::CreatingIfMissing,
         &cli.common,
         Vec::new(),

@@ -605,7 +605,6 @@ mod tests {
     use crate::meta::{PutKind, SqliteMeta};
     use crate::spool::SpoolBody;
     use crate::store::FsStore;
-    use std::path::Path;
     use std::sync::Arc;
 
     const OPTS: IngestOptions = IngestOptions {
@@ -614,18 +613,26 @@ mod tests {
         max_gzip_ratio: 0,
     };
 
-    async fn fixture(dir: &Path) -> FileStore {
-        let meta = SqliteMeta::open(&dir.join("m.sqlite3"), crate::meta::sqlite_test_options())
-            .await
-            .unwrap();
-        FileStore::new(
+    /// A file store on SQLite and a local directory, in a directory that lives as long as the
+    /// returned guard.
+    async fn fixture() -> (tempfile::TempDir, FileStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path();
+        let meta = SqliteMeta::open(
+            &dir_path.join("m.sqlite3"),
+            crate::meta::sqlite_test_options(),
+        )
+        .await
+        .unwrap();
+        let fs = FileStore::new(
             Arc::new(meta),
-            Arc::new(FsStore::open(dir.join("objects")).unwrap()),
-            Arc::new(FileLocks::open(&dir.join("locks")).unwrap()),
-            &dir.join("spool"),
+            Arc::new(FsStore::open(dir_path.join("objects")).unwrap()),
+            Arc::new(FileLocks::open(&dir_path.join("locks")).unwrap()),
+            &dir_path.join("spool"),
             Duration::from_secs(5),
         )
-        .unwrap()
+        .unwrap();
+        (dir, fs)
     }
 
     async fn put(fs: &FileStore, path: &str, content: &[u8], now: i64) -> Digest {
@@ -669,8 +676,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_unreferenced_blobs_past_grace_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = fixture(dir.path()).await;
+        let (_dir, fs) = fixture().await;
         let kept = put(&fs, "/kept", b"kept", 1000).await;
         let old = put(&fs, "/old", b"old garbage", 1000).await;
         let young = put(&fs, "/young", b"young garbage", 1000).await;
@@ -712,8 +718,7 @@ mod tests {
 
     #[tokio::test]
     async fn orphans_older_than_grace_go_younger_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = fixture(dir.path()).await;
+        let (dir, fs) = fixture().await;
         let live = put(&fs, "/live", b"live", 0).await;
         let mut orphan_digests = vec![];
         for (i, age) in [(1u8, 10_000u64), (2, 10)] {
@@ -750,8 +755,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_crash_after_the_tombstone_is_finished_by_the_next_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = fixture(dir.path()).await;
+        let (_dir, fs) = fixture().await;
         let d = put(&fs, "/x", b"doomed", 0).await;
         fs.delete("/x", 1, 0).await.unwrap();
         // A run that died right after marking the row.
@@ -778,8 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_deletes_and_the_cleaner_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = fixture(dir.path()).await;
+        let (_dir, fs) = fixture().await;
         for i in 0..5 {
             let p = format!("/g{i}");
             put(&fs, &p, p.as_bytes(), 0).await;
@@ -809,8 +812,7 @@ mod tests {
 
     #[tokio::test]
     async fn deep_verify_finds_missing_and_corrupt_objects() {
-        let dir = tempfile::tempdir().unwrap();
-        let fs = fixture(dir.path()).await;
+        let (_dir, fs) = fixture().await;
         let a = put(&fs, "/a", b"content a", 0).await;
         let b = put(&fs, "/b", b"content b", 0).await;
         let c = put(&fs, "/c", b"content c", 0).await;

@@ -19,8 +19,8 @@ use crate::blob::{BlobError, Digest};
 use crate::config::{Config, LocksBackend, MetadataBackend, StoreBackend};
 use crate::locks::{FileLocks, LockError, LockManager, PgLocks};
 use crate::meta::{
-    BlobState, DeleteOutcome, FileEntry, MetaError, MetaStore, PostgresMeta, SqliteMeta, Stats,
-    postgres_connection_config,
+    BlobState, DeleteOutcome, FileEntry, ListPage, MetaError, MetaStore, PostgresMeta, SqliteMeta,
+    Stats, postgres_connection_config,
 };
 use crate::protocol::Version;
 use crate::secrets::Secrets;
@@ -255,15 +255,9 @@ impl FileStore {
         self.meta.stats().await
     }
 
-    /// Paths under `prefix` at or before `cutoff`, sorted, after `after`, at most `limit`.
-    pub async fn list(
-        &self,
-        prefix: &str,
-        cutoff: Version,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, MetaError> {
-        self.meta.list_files(prefix, cutoff, after, limit).await
+    /// One page of a directory listing.
+    pub async fn list(&self, page: &ListPage<'_>) -> Result<Vec<String>, MetaError> {
+        self.meta.list_files(page).await
     }
 
     /// The version at which `path` was last deleted, if its deletion is remembered.

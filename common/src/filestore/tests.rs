@@ -67,6 +67,13 @@ async fn same_content_is_stored_once_and_read_back() {
     );
 }
 
+/// A client's PUT of `content` at `path`, version 1, at time `now`.
+async fn commit_new(fs: &FileStore, path: &str, content: &[u8], now: i64) -> Committed {
+    fs.commit(path, 1, spool(fs, content), now, PutKind::Client)
+        .await
+        .unwrap()
+}
+
 fn spool(fs: &FileStore, content: &[u8]) -> Spooled {
     fs.spool_blocking(content, Encoding::Identity, &Hints::default(), &OPTS)
         .unwrap()
@@ -108,16 +115,7 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
     let settle = Duration::from_millis(1500);
     let deletion = cleaner_deletes(&fs, &digest, 10, settle).await;
     let started = std::time::Instant::now();
-    let c = fs
-        .commit(
-            "/b",
-            1,
-            spool(&fs, b"deleted, then wanted again"),
-            20,
-            PutKind::Client,
-        )
-        .await
-        .unwrap();
+    let c = commit_new(&fs, "/b", b"deleted, then wanted again", 20).await;
     assert!(
         started.elapsed() >= Duration::from_millis(1300),
         "{:?}",
@@ -137,15 +135,7 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
             .unwrap()
     );
     let started = std::time::Instant::now();
-    fs.commit(
-        "/c",
-        1,
-        spool(&fs, b"deleted, then wanted again"),
-        50,
-        PutKind::Client,
-    )
-    .await
-    .unwrap();
+    commit_new(&fs, "/c", b"deleted, then wanted again", 50).await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -295,15 +295,8 @@ pub trait MetaStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<DeleteOutcome, MetaError>;
 
-    /// Paths starting with `prefix` (all when empty) with version ≤ `cutoff`, sorted, strictly
-    /// after `after`, at most `limit`.
-    async fn list_files(
-        &self,
-        prefix: &str,
-        cutoff: Version,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, MetaError>;
+    /// One page of a listing: see [`ListPage`].
+    async fn list_files(&self, page: &ListPage<'_>) -> Result<Vec<String>, MetaError>;
 
     /// Blob rows in digest order, strictly after `after`, at most `limit` (for verification and
     /// reports; memory stays bounded by the page size).
@@ -463,6 +456,41 @@ impl DeletePlan {
     }
 }
 
+/// One page of a directory listing: paths starting with `prefix` (all when empty) with version
+/// ≤ `cutoff`, sorted, strictly after `after`, at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct ListPage<'a> {
+    pub prefix: &'a str,
+    pub cutoff: Version,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+}
+
+impl<'a> ListPage<'a> {
+    pub fn first(prefix: &'a str, cutoff: Version, limit: usize) -> Self {
+        ListPage {
+            prefix,
+            cutoff,
+            after: None,
+            limit,
+        }
+    }
+
+    /// The page that follows one ending at `last`.
+    pub fn after(self, last: &'a str) -> Self {
+        ListPage {
+            after: Some(last),
+            ..self
+        }
+    }
+
+    /// The scan's range: paths strictly greater than the first, and less than the second when
+    /// there is one.
+    fn range(&self) -> (&'a str, Option<String>) {
+        (self.after.unwrap_or(self.prefix), prefix_end(self.prefix))
+    }
+}
+
 /// The smallest string greater than every string starting with `prefix` (for range scans).
 /// Listing prefixes end in `/`, so the last byte is always ASCII.
 fn prefix_end(prefix: &str) -> Option<String> {
@@ -483,37 +511,11 @@ pub(crate) mod conformance {
     use super::*;
 
     const SETTLE: Duration = Duration::from_secs(60);
+    /// The kind of most writes here.
+    const CLIENT: PutKind = PutKind::Client;
 
     /// A write as the file store makes it: `uploaded`, the caller stored the object over the
-    /// state it finds; otherwise it references a live blob.
-    async fn put_as(
-        m: &dyn MetaStore,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
-        kind: PutKind,
-    ) -> Result<PutResult, MetaError> {
-        let lock = BlobLock::<Exclusive>::assumed(&blob.digest);
-        let stored = if uploaded {
-            let over = m.blob_state(lock.held()).await?;
-            Stored::Object { lock: &lock, over }
-        } else {
-            Stored::Existing(lock.held())
-        };
-        m.store_file(path, version, blob, stored, now, kind).await
-    }
-
-    fn done(r: PutResult) -> Result<PutOutcome, MetaError> {
-        match r {
-            PutResult::Done(o) => Ok(o),
-            PutResult::Conflict(found) => {
-                Err(MetaError::Inconsistent(format!("conflict: {found:?}")))
-            }
-        }
-    }
-
+    /// state it finds; otherwise it references a live blob. A conflict is an error here.
     pub(crate) async fn put(
         m: &dyn MetaStore,
         path: &str,
@@ -521,8 +523,21 @@ pub(crate) mod conformance {
         blob: &BlobInfo,
         uploaded: bool,
         now: i64,
+        kind: PutKind,
     ) -> Result<PutOutcome, MetaError> {
-        done(put_as(m, path, version, blob, uploaded, now, PutKind::Client).await?)
+        let lock = BlobLock::<Exclusive>::assumed(&blob.digest);
+        let stored = if uploaded {
+            let over = m.blob_state(lock.held()).await?;
+            Stored::Object { lock: &lock, over }
+        } else {
+            Stored::Existing(lock.held())
+        };
+        match m.store_file(path, version, blob, stored, now, kind).await? {
+            PutResult::Done(o) => Ok(o),
+            PutResult::Conflict(found) => {
+                Err(MetaError::Inconsistent(format!("conflict: {found:?}")))
+            }
+        }
     }
 
     async fn tombstone(m: &dyn MetaStore, digest: &Digest, cutoff: i64) -> Option<i64> {
@@ -549,19 +564,19 @@ pub(crate) mod conformance {
         assert_eq!(m.get_file("/x").await.unwrap(), None);
         assert!(!m.blob_is_live(&a.digest).await.unwrap());
         assert_eq!(
-            put(m, "/x", 10, &a, true, 1).await.unwrap(),
+            put(m, "/x", 10, &a, true, 1, CLIENT).await.unwrap(),
             PutOutcome::Stored { version: 10 }
         );
         assert!(m.blob_is_live(&a.digest).await.unwrap());
         // Older: ignored, reported.
         assert_eq!(
-            put(m, "/x", 9, &b, true, 1).await.unwrap(),
+            put(m, "/x", 9, &b, true, 1, CLIENT).await.unwrap(),
             PutOutcome::Newer { version: 10 }
         );
         assert_eq!(m.get_file("/x").await.unwrap().unwrap().blob, a);
         // Equal: overwrites.
         assert_eq!(
-            put(m, "/x", 10, &b, false, 1).await.unwrap(),
+            put(m, "/x", 10, &b, false, 1, CLIENT).await.unwrap(),
             PutOutcome::Stored { version: 10 }
         );
         let f = m.get_file("/x").await.unwrap().unwrap();
@@ -586,18 +601,18 @@ pub(crate) mod conformance {
         let b = blob(4, 10);
         for i in 0..5 {
             let uploaded = i == 0;
-            put(m, &format!("/d/{i}"), 1, &a, uploaded, 1)
+            put(m, &format!("/d/{i}"), 1, &a, uploaded, 1, CLIENT)
                 .await
                 .unwrap();
         }
-        put(m, "/d/b", 1, &b, true, 1).await.unwrap();
+        put(m, "/d/b", 1, &b, true, 1, CLIENT).await.unwrap();
         let s = m.stats().await.unwrap();
         assert_eq!((s.files, s.blobs), (6, 2));
         assert_eq!(s.logical_bytes, 1010);
         assert_eq!(s.referenced_bytes, 5 * 1000 + 10);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
         // Overwrite one reference of `a` with `b`, delete the others.
-        put(m, "/d/0", 2, &b, false, 1).await.unwrap();
+        put(m, "/d/0", 2, &b, false, 1, CLIENT).await.unwrap();
         for i in 1..5 {
             m.delete_file(&format!("/d/{i}"), 5, 3).await.unwrap();
         }
@@ -607,7 +622,7 @@ pub(crate) mod conformance {
         // `a` is unreferenced but its row lives on until the cleaner removes it.
         assert!(m.blob_is_live(&a.digest).await.unwrap());
         // Re-referencing an unreferenced blob needs no upload.
-        put(m, "/d/again", 1, &a, false, 4).await.unwrap();
+        put(m, "/d/again", 1, &a, false, 4, CLIENT).await.unwrap();
         assert_eq!(m.stats().await.unwrap().referenced_bytes, 1020);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
@@ -615,10 +630,10 @@ pub(crate) mod conformance {
     pub async fn newer_put_of_a_new_blob_keeps_its_row(m: &dyn MetaStore) {
         let a = blob(5, 1);
         let b = blob(6, 2);
-        put(m, "/n", 100, &a, true, 1).await.unwrap();
+        put(m, "/n", 100, &a, true, 1, CLIENT).await.unwrap();
         // An object was uploaded for `b`, but the path is newer: the row must still record it
         // so the cleaner can reclaim the object.
-        put(m, "/n", 50, &b, true, 1).await.unwrap();
+        put(m, "/n", 50, &b, true, 1, CLIENT).await.unwrap();
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         assert_eq!(m.stats().await.unwrap().blobs, 2);
         let rows = m.list_blobs(None, 10).await.unwrap();
@@ -634,18 +649,29 @@ pub(crate) mod conformance {
         let a = blob(7, 1);
         let paths = ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/la", "/m", "/l/ż"];
         for (i, p) in paths.iter().enumerate() {
-            put(m, p, 10 + i as i64, &a, i == 0, 1).await.unwrap();
+            put(m, p, 10 + i as i64, &a, i == 0, 1, CLIENT)
+                .await
+                .unwrap();
         }
-        let all = m.list_files("/l/", i64::MAX, None, 100).await.unwrap();
+        let all = m
+            .list_files(&ListPage::first("/l/", i64::MAX, 100))
+            .await
+            .unwrap();
         assert_eq!(all, ["/l/a", "/l/b/c", "/l/b/d", "/l/z", "/l/ż"]);
-        let cut = m.list_files("/l/", 12, None, 100).await.unwrap();
+        let cut = m
+            .list_files(&ListPage::first("/l/", 12, 100))
+            .await
+            .unwrap();
         assert_eq!(cut, ["/l/a", "/l/b/c", "/l/b/d"], "cutoff is inclusive");
         let page = m
-            .list_files("/l/", i64::MAX, Some("/l/b/c"), 2)
+            .list_files(&ListPage::first("/l/", i64::MAX, 2).after("/l/b/c"))
             .await
             .unwrap();
         assert_eq!(page, ["/l/b/d", "/l/z"]);
-        let everything = m.list_files("", i64::MAX, None, 100).await.unwrap();
+        let everything = m
+            .list_files(&ListPage::first("", i64::MAX, 100))
+            .await
+            .unwrap();
         assert_eq!(everything.len(), paths.len());
     }
 
@@ -653,9 +679,9 @@ pub(crate) mod conformance {
         let a = blob(8, 10);
         let b = blob(9, 20);
         let c = blob(10, 30);
-        put(m, "/ga", 1, &a, true, 100).await.unwrap();
-        put(m, "/gb", 1, &b, true, 100).await.unwrap();
-        put(m, "/gc", 1, &c, true, 100).await.unwrap();
+        put(m, "/ga", 1, &a, true, 100, CLIENT).await.unwrap();
+        put(m, "/gb", 1, &b, true, 100, CLIENT).await.unwrap();
+        put(m, "/gc", 1, &c, true, 100, CLIENT).await.unwrap();
         m.delete_file("/ga", 1, 200).await.unwrap(); // a: unreferenced since 200
         m.delete_file("/gb", 1, 300).await.unwrap(); // b: unreferenced since 300
         let digests = |v: Vec<BlobInfo>| v.into_iter().map(|b| b.digest).collect::<Vec<_>>();
@@ -686,7 +712,7 @@ pub(crate) mod conformance {
             "inside the grace period"
         );
         assert_eq!(tombstone(m, &c.digest, 1000).await, None, "referenced");
-        put(m, "/gb2", 1, &b, false, 400).await.unwrap();
+        put(m, "/gb2", 1, &b, false, 400, CLIENT).await.unwrap();
         assert_eq!(tombstone(m, &b.digest, 1000).await, None, "re-referenced");
         // A tombstone names its deletion and how long its delete requests may still land.
         let first = tombstone(m, &a.digest, 250).await.expect("tombstoned");
@@ -748,11 +774,11 @@ pub(crate) mod conformance {
         assert_eq!(state(m, &a.digest).await, BlobState::Absent);
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         // A PUT revives a tombstoned row with a fresh upload.
-        put(m, "/gc2", 1, &c, false, 1).await.unwrap();
+        put(m, "/gc2", 1, &c, false, 1, CLIENT).await.unwrap();
         m.delete_file("/gc", 1, 500).await.unwrap();
         m.delete_file("/gc2", 1, 500).await.unwrap();
         assert!(tombstone(m, &c.digest, 500).await.is_some());
-        put(m, "/gc3", 1, &c, true, 600).await.unwrap();
+        put(m, "/gc3", 1, &c, true, 600, CLIENT).await.unwrap();
         assert!(m.blob_is_live(&c.digest).await.unwrap());
         assert_eq!(state(m, &c.digest).await, BlobState::Live);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
@@ -857,7 +883,7 @@ pub(crate) mod conformance {
         let a = blob(11, 5);
         let b = blob(12, 6);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
-        put(m, "/t", 10, &a, true, 1).await.unwrap();
+        put(m, "/t", 10, &a, true, 1, CLIENT).await.unwrap();
         assert_eq!(
             m.delete_file("/t", 20, 2).await.unwrap(),
             DeleteOutcome::Deleted
@@ -866,10 +892,7 @@ pub(crate) mod conformance {
         // An import of the old store's copy (version 10, or even 20) does not resurrect it.
         for v in [10, 20] {
             assert_eq!(
-                put_as(m, "/t", v, &b, true, 3, PutKind::Import)
-                    .await
-                    .and_then(done)
-                    .unwrap(),
+                put(m, "/t", v, &b, true, 3, PutKind::Import).await.unwrap(),
                 PutOutcome::Deleted { version: 20 }
             );
         }
@@ -878,16 +901,15 @@ pub(crate) mod conformance {
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         // A newer version in the old store is a newer file: imported.
         assert_eq!(
-            put_as(m, "/t", 21, &b, false, 3, PutKind::Import)
+            put(m, "/t", 21, &b, false, 3, PutKind::Import)
                 .await
-                .and_then(done)
                 .unwrap(),
             PutOutcome::Stored { version: 21 }
         );
         // Clients may write a deleted path again at any version.
         m.delete_file("/t", 30, 4).await.unwrap();
         assert_eq!(
-            put(m, "/t", 5, &a, false, 5).await.unwrap(),
+            put(m, "/t", 5, &a, false, 5, CLIENT).await.unwrap(),
             PutOutcome::Stored { version: 5 }
         );
         // A second delete at a lower version keeps the higher one remembered.
@@ -923,9 +945,27 @@ pub(crate) mod conformance {
         let writes = (0..60u8).map(|i| async move {
             if i % 10 == 5 {
                 // Claims a live blob that was never stored: must fail, alone.
-                put(m, &format!("/bad/{i}"), 1, &missing, false, 1).await
+                put(
+                    m,
+                    &format!("/bad/{i}"),
+                    1,
+                    &missing,
+                    false,
+                    1,
+                    PutKind::Client,
+                )
+                .await
             } else {
-                put(m, &format!("/ok/{i:02}"), 1, &stored, true, 1).await
+                put(
+                    m,
+                    &format!("/ok/{i:02}"),
+                    1,
+                    &stored,
+                    true,
+                    1,
+                    PutKind::Client,
+                )
+                .await
             }
         });
         let results = futures::future::join_all(writes).await;
@@ -940,7 +980,10 @@ pub(crate) mod conformance {
                 );
             }
         }
-        let listed = m.list_files("/", Version::MAX, None, 100).await.unwrap();
+        let listed = m
+            .list_files(&ListPage::first("/", Version::MAX, 100))
+            .await
+            .unwrap();
         assert_eq!(listed.len(), 54);
         assert!(listed.iter().all(|p| p.starts_with("/ok/")), "{listed:?}");
         assert!(!m.blob_is_live(&missing.digest).await.unwrap());

@@ -14,9 +14,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore,
-    PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete, plan_put,
-    prefix_end, state_of,
+    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, ListPage, MetaError,
+    MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete,
+    plan_put, state_of,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::PostgresConfig;
@@ -723,16 +723,10 @@ impl MetaStore for PostgresMeta {
         })
     }
 
-    async fn list_files(
-        &self,
-        prefix: &str,
-        cutoff: Version,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, MetaError> {
-        let start = after.unwrap_or(prefix);
-        let limit = limit as i64;
-        let rows = match prefix_end(prefix) {
+    async fn list_files(&self, page: &ListPage<'_>) -> Result<Vec<String>, MetaError> {
+        let (start, end) = page.range();
+        let (cutoff, limit) = (page.cutoff, page.limit as i64);
+        let rows = match end {
             Some(end) => {
                 self.read(
                     "SELECT path FROM files WHERE path > $1 AND path < $2 AND version <= $3
@@ -1074,10 +1068,10 @@ pub(crate) mod tests {
             logical_size: 2,
             stored_size: 22,
         };
-        super::super::conformance::put(&a, "/seed-x", 1, &x, true, 0)
+        super::super::conformance::put(&a, "/seed-x", 1, &x, true, 0, PutKind::Client)
             .await
             .unwrap();
-        super::super::conformance::put(&a, "/seed-y", 1, &y, true, 0)
+        super::super::conformance::put(&a, "/seed-y", 1, &y, true, 0, PutKind::Client)
             .await
             .unwrap();
         let mut tasks = Vec::new();
@@ -1089,9 +1083,17 @@ pub(crate) mod tests {
                 if i % 5 == 4 {
                     m.delete_file(&path, i, 0).await.map(|_| ())
                 } else {
-                    super::super::conformance::put(m, &path, i / 2, &blob, false, 0)
-                        .await
-                        .map(|_| ())
+                    super::super::conformance::put(
+                        m,
+                        &path,
+                        i / 2,
+                        &blob,
+                        false,
+                        0,
+                        PutKind::Client,
+                    )
+                    .await
+                    .map(|_| ())
                 }
             });
         }
@@ -1128,12 +1130,28 @@ pub(crate) mod tests {
             stored_size: 21,
         };
         for round in 1..=3 {
-            super::super::conformance::put(&meta, "/a", round, &blob(round as u8), true, 0)
-                .await
-                .unwrap();
-            super::super::conformance::put(&meta, "/b", round, &blob(9), round == 1, 0)
-                .await
-                .unwrap();
+            super::super::conformance::put(
+                &meta,
+                "/a",
+                round,
+                &blob(round as u8),
+                true,
+                0,
+                PutKind::Client,
+            )
+            .await
+            .unwrap();
+            super::super::conformance::put(
+                &meta,
+                "/b",
+                round,
+                &blob(9),
+                round == 1,
+                0,
+                PutKind::Client,
+            )
+            .await
+            .unwrap();
             meta.delete_file("/b", round, 0).await.unwrap();
         }
         // The only connection: the one that ran them all.

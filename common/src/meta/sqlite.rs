@@ -14,9 +14,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, MetaError, MetaStore,
-    PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete, plan_put,
-    prefix_end, state_of, unix_now_ms,
+    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, ListPage, MetaError,
+    MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete,
+    plan_put, state_of, unix_now_ms,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
@@ -580,16 +580,9 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
-    async fn list_files(
-        &self,
-        prefix: &str,
-        cutoff: Version,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, MetaError> {
-        let start = after.unwrap_or(prefix).to_owned();
-        let end = prefix_end(prefix);
-        let limit = limit as i64;
+    async fn list_files(&self, page: &ListPage<'_>) -> Result<Vec<String>, MetaError> {
+        let (start, end) = page.range();
+        let (start, cutoff, limit) = (start.to_owned(), page.cutoff, page.limit as i64);
         self.read(move |c| {
             let mut out = Vec::new();
             let mut push = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
@@ -934,7 +927,7 @@ pub(crate) mod tests {
         };
         {
             let m = SqliteMeta::open(&p, test_options()).await.unwrap();
-            super::super::conformance::put(&m, "/a", 1, &b, true, 0)
+            super::super::conformance::put(&m, "/a", 1, &b, true, 0, PutKind::Client)
                 .await
                 .unwrap();
         }
@@ -963,7 +956,7 @@ pub(crate) mod tests {
             logical_size: 3,
             stored_size: 23,
         };
-        super::super::conformance::put(&m, "/a", 1, &b, true, 0)
+        super::super::conformance::put(&m, "/a", 1, &b, true, 0, PutKind::Client)
             .await
             .unwrap();
         let reprepared = m

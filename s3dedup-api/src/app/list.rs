@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use s3dedup_common::filestore::FileStoreError;
+use s3dedup_common::meta::ListPage;
 use s3dedup_common::protocol::{self, FilePath};
 use s3dedup_common::unix_now;
 use tokio::sync::OwnedSemaphorePermit;
@@ -34,7 +35,7 @@ pub(super) async fn list(
     // empty listing.
     let files = state.files.clone();
     let first = files
-        .list(&prefix, cutoff, None, LIST_PAGE)
+        .list(&ListPage::first(&prefix, cutoff, LIST_PAGE))
         .await
         .map_err(FileStoreError::from)?;
     let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
@@ -62,11 +63,9 @@ pub(super) async fn list(
                 return None;
             }
             let chunk = render(&page);
-            let next = if page.len() < LIST_PAGE {
-                Some(Vec::new())
-            } else {
+            let next = if let (LIST_PAGE, Some(last)) = (page.len(), page.last()) {
                 match files
-                    .list(&prefix, cutoff, page.last().map(String::as_str), LIST_PAGE)
+                    .list(&ListPage::first(&prefix, cutoff, LIST_PAGE).after(last))
                     .await
                 {
                     Ok(p) => Some(p),
@@ -75,6 +74,8 @@ pub(super) async fn list(
                         return Some((Err(std::io::Error::other(e.to_string())), None));
                     }
                 }
+            } else {
+                Some(Vec::new())
             };
             Some((Ok::<_, std::io::Error>(chunk), next))
         }
