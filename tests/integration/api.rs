@@ -5,14 +5,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use s3dedup_tests::*;
 
 /// One API instance and, for the S3 flavour, its S3 server.
 struct Setup {
     api: Api,
     s3: Option<S3Server>,
-    http: reqwest::Client,
+    ft: Ft,
 }
 
 impl Setup {
@@ -21,10 +21,11 @@ impl Setup {
     }
 
     fn local_with(env: &[(&str, &str)]) -> Self {
+        let api = Api::start_with(Backend::Local, env).expect("api starts");
         Setup {
-            api: Api::start_with(Backend::Local, env).expect("api starts"),
+            ft: api.ft(),
+            api,
             s3: None,
-            http: reqwest::Client::new(),
         }
     }
 
@@ -36,9 +37,9 @@ impl Setup {
         let s3 = S3Server::start().expect("s3 server starts");
         let api = Api::start_with(Backend::S3(&s3), env).expect("api starts");
         Setup {
+            ft: api.ft(),
             api,
             s3: Some(s3),
-            http: reqwest::Client::new(),
         }
     }
 
@@ -53,86 +54,6 @@ impl Setup {
                 .map(|p| p.display().to_string())
                 .collect(),
         }
-    }
-
-    async fn put(&self, path: &str, version: i64, body: Vec<u8>) -> reqwest::Response {
-        self.http
-            .put(
-                self.api
-                    .url(&format!("/files{path}?last_modified={}", lm(version))),
-            )
-            .body(body)
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    async fn put_gzip(&self, path: &str, version: i64, content: &[u8]) -> reqwest::Response {
-        self.http
-            .put(
-                self.api
-                    .url(&format!("/files{path}?last_modified={}", lm(version))),
-            )
-            .header("Content-Encoding", "gzip")
-            .header("SHA256-Checksum", sha256_hex(content))
-            .header("Logical-Size", content.len().to_string())
-            .body(gzip(content))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(self.api.url(&format!("/files{path}")))
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    /// GET with the client's `Accept-Encoding`.
-    async fn get_accepting(&self, path: &str, accept: &str) -> reqwest::Response {
-        self.http
-            .get(self.api.url(&format!("/files{path}")))
-            .header("Accept-Encoding", accept)
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    /// GET and inflate: the content a client sees.
-    async fn content(&self, path: &str) -> Option<Vec<u8>> {
-        let r = self.get(path).await;
-        if r.status() == StatusCode::NOT_FOUND {
-            return None;
-        }
-        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
-        assert_eq!(r.headers()["content-encoding"], "gzip");
-        Some(gunzip(&r.bytes().await.expect("body")))
-    }
-
-    async fn delete(&self, path: &str, version: i64) -> reqwest::Response {
-        self.http
-            .delete(
-                self.api
-                    .url(&format!("/files{path}?last_modified={}", lm(version))),
-            )
-            .send()
-            .await
-            .expect("request sent")
-    }
-
-    async fn list(&self, dir: &str, cutoff: Option<i64>) -> (StatusCode, String) {
-        let q = cutoff
-            .map(|c| format!("?last_modified={}", lm(c)))
-            .unwrap_or_default();
-        let r = self
-            .http
-            .get(self.api.url(&format!("/list{dir}{q}")))
-            .send()
-            .await
-            .expect("request sent");
-        (r.status(), r.text().await.expect("body"))
     }
 }
 
@@ -181,44 +102,43 @@ async fn protocol_endpoints(s: &Setup) {
         "/ft/version",
         "/ft//version/",
     ] {
-        let r = s.http.get(s.api.url(path)).send().await.unwrap();
+        let r = s.ft.request(Method::GET, path).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         assert_eq!(header(&r, "content-type"), "application/json");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["protocol_versions"], serde_json::json!([2]), "{path}");
     }
-    let r = s.http.get(s.api.url("/status")).send().await.unwrap();
+    let r = s.ft.request(Method::GET, "/status").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     for path in ["/", "/listC", "/filesx/a", "/version/extra"] {
-        let r = s.http.get(s.api.url(path)).send().await.unwrap();
+        let r = s.ft.request(Method::GET, path).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
         assert!(
             !header(&r, "x-exception").is_empty(),
             "{path} explains itself"
         );
     }
-    let r = s.http.post(s.api.url("/files/a")).send().await.unwrap();
+    let r = s.ft.request(Method::POST, "/files/a").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-    let r = s.http.put(s.api.url("/version")).send().await.unwrap();
+    let r = s.ft.request(Method::PUT, "/version").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
 
 async fn put_get_head_list_delete_round_trip(s: &Setup) {
     let content = unique_content("roundtrip", 100_000);
-    let r = s
-        .put("/dir/sub/a.txt", 1_700_000_000, content.clone())
-        .await;
+    let r =
+        s.ft.put("/dir/sub/a.txt", 1_700_000_000, content.clone())
+            .await;
     assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
     assert_eq!(header(&r, "last-modified"), "Tue, 14 Nov 2023 22:13:20 GMT");
 
     // Under /ft and with a double slash, the same file.
     for prefix in ["", "/ft", "/ft/", "/"] {
-        let r = s
-            .http
-            .get(s.api.url(&format!("{prefix}/files/dir/sub/a.txt")))
-            .send()
-            .await
-            .unwrap();
+        let r =
+            s.ft.request(Method::GET, &format!("{prefix}/files/dir/sub/a.txt"))
+                .send()
+                .await
+                .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "prefix {prefix:?}");
         assert_eq!(header(&r, "content-type"), "application/octet-stream");
         assert_eq!(header(&r, "content-encoding"), "gzip");
@@ -229,13 +149,8 @@ async fn put_get_head_list_delete_round_trip(s: &Setup) {
         assert_eq!(body.len(), length);
         assert_eq!(gunzip(&body), content);
     }
-    let head = s
-        .http
-        .head(s.api.url("/files/dir/sub/a.txt"))
-        .send()
-        .await
-        .unwrap();
-    let get = s.get("/dir/sub/a.txt").await;
+    let head = s.ft.head_request("/dir/sub/a.txt").send().await.unwrap();
+    let get = s.ft.get("/dir/sub/a.txt").await;
     for h in [
         "content-length",
         "content-encoding",
@@ -250,42 +165,42 @@ async fn put_get_head_list_delete_round_trip(s: &Setup) {
         );
     }
 
-    s.put("/dir/b.txt", 1_700_000_100, b"b".to_vec()).await;
-    s.put("/other/c.txt", 1_700_000_000, b"c".to_vec()).await;
+    s.ft.put("/dir/b.txt", 1_700_000_100, b"b".to_vec()).await;
+    s.ft.put("/other/c.txt", 1_700_000_000, b"c".to_vec()).await;
     assert_eq!(
-        s.list("/dir", None).await,
+        s.ft.list("/dir", None).await,
         (StatusCode::OK, "b.txt\nsub/a.txt\n".into())
     );
-    assert_eq!(s.list("/dir/", None).await.1, "b.txt\nsub/a.txt\n");
+    assert_eq!(s.ft.list("/dir/", None).await.1, "b.txt\nsub/a.txt\n");
     assert_eq!(
-        s.list("/dir", Some(1_700_000_099)).await.1,
+        s.ft.list("/dir", Some(1_700_000_099)).await.1,
         "sub/a.txt\n",
         "cutoff excludes newer files"
     );
     assert_eq!(
-        s.list("/dir", Some(1_700_000_100)).await.1,
+        s.ft.list("/dir", Some(1_700_000_100)).await.1,
         "b.txt\nsub/a.txt\n",
         "inclusive"
     );
     assert_eq!(
-        s.list("/", None).await.1,
+        s.ft.list("/", None).await.1,
         "dir/b.txt\ndir/sub/a.txt\nother/c.txt\n"
     );
     assert_eq!(
-        s.list("", None).await.1,
+        s.ft.list("", None).await.1,
         "dir/b.txt\ndir/sub/a.txt\nother/c.txt\n"
     );
     assert_eq!(
-        s.list("/nothing", None).await,
+        s.ft.list("/nothing", None).await,
         (StatusCode::OK, String::new())
     );
 
     assert_eq!(
-        s.delete("/dir/b.txt", 1_700_000_100).await.status(),
+        s.ft.delete("/dir/b.txt", 1_700_000_100).await.status(),
         StatusCode::OK
     );
-    assert_eq!(s.get("/dir/b.txt").await.status(), StatusCode::NOT_FOUND);
-    let r = s.delete("/dir/b.txt", 1_700_000_100).await;
+    assert_eq!(s.ft.get("/dir/b.txt").await.status(), StatusCode::NOT_FOUND);
+    let r = s.ft.delete("/dir/b.txt", 1_700_000_100).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(header(&r, "x-exception").contains("not found"));
 }
@@ -293,34 +208,36 @@ async fn put_get_head_list_delete_round_trip(s: &Setup) {
 async fn versions_follow_filetracker(s: &Setup) {
     let v1 = unique_content("v1", 1000);
     let v2 = unique_content("v2", 1000);
-    assert_eq!(s.put("/v", 2000, v1.clone()).await.status(), StatusCode::OK);
+    assert_eq!(
+        s.ft.put("/v", 2000, v1.clone()).await.status(),
+        StatusCode::OK
+    );
     // Older PUT: 200 with the stored version, content unchanged.
-    let r = s.put("/v", 1000, v2.clone()).await;
+    let r = s.ft.put("/v", 1000, v2.clone()).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "last-modified"), "Thu, 01 Jan 1970 00:33:20 GMT");
-    assert_eq!(s.content("/v").await.unwrap(), v1);
+    assert_eq!(s.ft.content("/v").await.unwrap(), v1);
     // Equal version overwrites.
-    let r = s.put("/v", 2000, v2.clone()).await;
+    let r = s.ft.put("/v", 2000, v2.clone()).await;
     assert_eq!(header(&r, "last-modified"), "Thu, 01 Jan 1970 00:33:20 GMT");
-    assert_eq!(s.content("/v").await.unwrap(), v2);
+    assert_eq!(s.ft.content("/v").await.unwrap(), v2);
     // Newer overwrites.
-    s.put("/v", 3000, v1.clone()).await;
-    assert_eq!(s.content("/v").await.unwrap(), v1);
+    s.ft.put("/v", 3000, v1.clone()).await;
+    assert_eq!(s.ft.content("/v").await.unwrap(), v1);
     // Older DELETE is a no-op answered 200.
-    assert_eq!(s.delete("/v", 2999).await.status(), StatusCode::OK);
-    assert_eq!(s.content("/v").await.unwrap(), v1);
+    assert_eq!(s.ft.delete("/v", 2999).await.status(), StatusCode::OK);
+    assert_eq!(s.ft.content("/v").await.unwrap(), v1);
     // DELETE at the exact version returned by PUT deletes.
-    assert_eq!(s.delete("/v", 3000).await.status(), StatusCode::OK);
-    assert_eq!(s.content("/v").await, None);
+    assert_eq!(s.ft.delete("/v", 3000).await.status(), StatusCode::OK);
+    assert_eq!(s.ft.content("/v").await, None);
     // The v1 way: version in a Last-Modified request header.
-    let r = s
-        .http
-        .put(s.api.url("/files/v1style"))
-        .header("Last-Modified", "Tue, 14 Nov 2023 22:13:20 GMT")
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r =
+        s.ft.request(Method::PUT, "/files/v1style")
+            .header("Last-Modified", "Tue, 14 Nov 2023 22:13:20 GMT")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
     assert_eq!(header(&r, "last-modified"), "Tue, 14 Nov 2023 22:13:20 GMT");
 }
 
@@ -328,15 +245,15 @@ async fn fifty_paths_one_object(s: &Setup) {
     let before = s.objects().await.len();
     let content = unique_content("fifty", 50_000);
     for i in 0..50 {
-        let r = s
-            .put(&format!("/same/{i}"), 1000 + i, content.clone())
-            .await;
+        let r =
+            s.ft.put(&format!("/same/{i}"), 1000 + i, content.clone())
+                .await;
         assert_eq!(r.status(), StatusCode::OK);
     }
     assert_eq!(s.objects().await.len(), before + 1, "50 paths, one object");
     for i in 0..49 {
         assert_eq!(
-            s.delete(&format!("/same/{i}"), 5000).await.status(),
+            s.ft.delete(&format!("/same/{i}"), 5000).await.status(),
             StatusCode::OK
         );
     }
@@ -345,16 +262,8 @@ async fn fifty_paths_one_object(s: &Setup) {
         before + 1,
         "the last reference keeps the object"
     );
-    assert_eq!(s.content("/same/49").await.unwrap(), content);
-    let m = s
-        .http
-        .get(s.api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(s.ft.content("/same/49").await.unwrap(), content);
+    let m = s.ft.metrics().await;
     assert!(m.contains("s3dedup_dedup_hits_total 49"), "{m}");
 }
 
@@ -362,11 +271,11 @@ async fn gzip_and_raw_uploads_are_the_same_content(s: &Setup) {
     let before = s.objects().await.len();
     let content = unique_content("gz-vs-raw", 30_000);
     assert_eq!(
-        s.put_gzip("/gz", 1, &content).await.status(),
+        s.ft.put_gzip("/gz", 1, &content).await.status(),
         StatusCode::OK
     );
     assert_eq!(
-        s.put("/raw", 1, content.clone()).await.status(),
+        s.ft.put("/raw", 1, content.clone()).await.status(),
         StatusCode::OK
     );
     assert_eq!(
@@ -374,8 +283,8 @@ async fn gzip_and_raw_uploads_are_the_same_content(s: &Setup) {
         before + 1,
         "equal by SHA-256 of the uncompressed bytes"
     );
-    assert_eq!(s.content("/gz").await.unwrap(), content);
-    assert_eq!(s.content("/raw").await.unwrap(), content);
+    assert_eq!(s.ft.content("/gz").await.unwrap(), content);
+    assert_eq!(s.ft.content("/raw").await.unwrap(), content);
     let keys = s.objects().await;
     assert!(
         keys.iter().any(|k| k.ends_with(&sha256_hex(&content))),
@@ -386,7 +295,6 @@ async fn gzip_and_raw_uploads_are_the_same_content(s: &Setup) {
 async fn wrong_hints_store_nothing(s: &Setup) {
     let before = s.objects().await.len();
     let content = unique_content("hints", 10_000);
-    let url = s.api.url(&format!("/files/bad?last_modified={}", lm(5)));
     let cases: Vec<(&str, String, String)> = vec![
         (
             "checksum",
@@ -401,11 +309,10 @@ async fn wrong_hints_store_nothing(s: &Setup) {
     ];
     for (what, sum, size) in cases {
         for gz in [true, false] {
-            let mut req = s
-                .http
-                .put(&url)
-                .header("SHA256-Checksum", &sum)
-                .header("Logical-Size", &size);
+            let mut req =
+                s.ft.put_request("/bad", 5)
+                    .header("SHA256-Checksum", &sum)
+                    .header("Logical-Size", &size);
             req = if gz {
                 req.header("Content-Encoding", "gzip").body(gzip(&content))
             } else {
@@ -425,7 +332,7 @@ async fn wrong_hints_store_nothing(s: &Setup) {
             );
         }
     }
-    assert_eq!(s.get("/bad").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.ft.get("/bad").await.status(), StatusCode::NOT_FOUND);
     assert_eq!(s.objects().await.len(), before, "no object added");
     assert!(
         s.api.spool_files().is_empty(),
@@ -443,14 +350,13 @@ async fn broken_gzip_is_refused(s: &Setup) {
         ("garbage", b"definitely not gzip".to_vec()),
         ("truncated", truncated),
     ] {
-        let r = s
-            .http
-            .put(s.api.url(&format!("/files/broken?last_modified={}", lm(5))))
-            .header("Content-Encoding", "gzip")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r =
+            s.ft.put_request("/broken", 5)
+                .header("Content-Encoding", "gzip")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
         assert!(
             header(&r, "x-exception").contains("gzip"),
@@ -458,7 +364,7 @@ async fn broken_gzip_is_refused(s: &Setup) {
             header(&r, "x-exception")
         );
     }
-    assert_eq!(s.get("/broken").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.ft.get("/broken").await.status(), StatusCode::NOT_FOUND);
     assert_eq!(s.objects().await.len(), before);
 }
 
@@ -502,7 +408,7 @@ async fn bad_requests_are_400(s: &Setup) {
         "bad cutoff"
     );
     assert!(req("GET /nope").contains("400"), "unknown endpoint");
-    assert_eq!(s.list("", None).await.1, "", "nothing was stored");
+    assert_eq!(s.ft.list("", None).await.1, "", "nothing was stored");
 }
 
 async fn disconnect_mid_upload_leaves_nothing(s: &Setup) {
@@ -538,9 +444,9 @@ async fn disconnect_mid_upload_leaves_nothing(s: &Setup) {
         spool = s.api.spool_files();
     }
     assert!(spool.is_empty(), "spool files left: {spool:?}");
-    assert_eq!(s.get("/cut").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.ft.get("/cut").await.status(), StatusCode::NOT_FOUND);
     assert_eq!(s.objects().await.len(), before);
-    assert_eq!(s.list("", None).await.1, "");
+    assert_eq!(s.ft.list("", None).await.1, "");
 }
 
 async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
@@ -548,18 +454,14 @@ async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
     let content = unique_content("chunked", 300_000);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         content.chunks(7777).map(|c| Ok(c.to_vec())).collect();
-    let r = s
-        .http
-        .put(
-            s.api
-                .url(&format!("/files/chunked?last_modified={}", lm(9))),
-        )
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        s.ft.put_request("/chunked", 9)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
-    assert_eq!(s.content("/chunked").await.unwrap(), content);
+    assert_eq!(s.ft.content("/chunked").await.unwrap(), content);
 
     // Expect: 100-continue, as curl sends: the body goes only after the interim answer.
     let body = unique_content("expect", 5000);
@@ -581,7 +483,7 @@ async fn chunked_and_expect_continue_uploads_work(s: &Setup) {
     let mut rest = String::new();
     sock.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("HTTP/1.1 200"), "{rest}");
-    assert_eq!(s.content("/expect").await.unwrap(), body);
+    assert_eq!(s.ft.content("/expect").await.unwrap(), body);
 }
 
 /// Reads one answer on a kept-alive connection: the head, then as many body bytes as it
@@ -610,7 +512,7 @@ fn read_answer(sock: &mut TcpStream) -> String {
 /// PUTs answered without storing (a newer version exists; a bad hint) still read the body, so
 /// the client gets the answer and can reuse the connection: no broken pipe, no reset.
 async fn answers_without_storing_keep_the_connection(s: &Setup) {
-    s.put("/kept-newer", 5000, b"newer".to_vec()).await;
+    s.ft.put("/kept-newer", 5000, b"newer".to_vec()).await;
     let mut sock = TcpStream::connect(s.api.addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -640,37 +542,29 @@ async fn answers_without_storing_keep_the_connection(s: &Setup) {
     write!(sock, "GET /files/kept-newer HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let head = read_answer(&mut sock);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(s.content("/kept-newer").await.unwrap(), b"newer");
+    assert_eq!(s.ft.content("/kept-newer").await.unwrap(), b"newer");
 }
 
 async fn identity_for_clients_refusing_gzip(s: &Setup) {
     let content = unique_content("identity", 200_000);
-    s.put_gzip("/id", 3, &content).await;
-    let r = s.get_accepting("/id", "identity").await;
+    s.ft.put_gzip("/id", 3, &content).await;
+    let r = s.ft.get_accepting("/id", "identity").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-encoding"), "");
     assert_eq!(header(&r, "content-length"), "200000");
     assert_eq!(r.bytes().await.unwrap().to_vec(), content);
-    let r = s.get_accepting("/id", "gzip;q=0, identity").await;
+    let r = s.ft.get_accepting("/id", "gzip;q=0, identity").await;
     assert_eq!(header(&r, "content-encoding"), "");
 }
 
 async fn health_and_metrics(s: &Setup) {
-    let r = s.http.get(s.api.url("/health")).send().await.unwrap();
+    let r = s.ft.request(Method::GET, "/health").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["status"], "ok");
-    s.put("/m", 1, b"metrics".to_vec()).await;
-    s.get("/m").await;
-    let m = s
-        .http
-        .get(s.api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    s.ft.put("/m", 1, b"metrics".to_vec()).await;
+    s.ft.get("/m").await;
+    let m = s.ft.metrics().await;
     for needle in [
         "s3dedup_requests_total{route=\"files\",method=\"PUT\",status=\"200\"} 1",
         "s3dedup_request_duration_seconds_bucket{route=\"files\"",
@@ -693,7 +587,7 @@ async fn damaged_content_is_never_served_whole() {
     let s = Setup::local();
     let content = unique_content("damaged", 200_000);
     assert_eq!(
-        s.put_gzip("/dmg", 1, &content).await.status(),
+        s.ft.put_gzip("/dmg", 1, &content).await.status(),
         StatusCode::OK
     );
     let objects = s.api.local_objects();
@@ -709,7 +603,7 @@ async fn damaged_content_is_never_served_whole() {
         .expect("a one-bit change that compresses to the same length");
     std::fs::write(&objects[0], damaged).unwrap();
 
-    let r = s.get_accepting("/dmg", "identity").await;
+    let r = s.ft.get_accepting("/dmg", "identity").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-length"), "200000");
     match r.bytes().await {
@@ -717,7 +611,7 @@ async fn damaged_content_is_never_served_whole() {
         Err(e) => assert!(e.is_body() || e.is_decode(), "{e}"),
     }
     // The daemon goes on serving.
-    assert_eq!(s.get("/dmg").await.status(), StatusCode::OK);
+    assert_eq!(s.ft.get("/dmg").await.status(), StatusCode::OK);
 }
 
 /// S3 stopped: reads and writes fail with 503 and a message, never a 404; metadata-only HEAD
@@ -728,41 +622,41 @@ async fn s3_outage_is_503_never_404() {
     // Too large for the read cache to keep at upload, so its read needs S3.
     let content = unique_content("outage", 300_000);
     assert_eq!(
-        s.put("/kept", 1, content.clone()).await.status(),
+        s.ft.put("/kept", 1, content.clone()).await.status(),
         StatusCode::OK
     );
     s.s3.as_mut().unwrap().stop();
 
-    let r = s.get("/kept").await;
+    let r = s.ft.get("/kept").await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         header(&r, "x-exception").contains("object store unavailable"),
         "{}",
         header(&r, "x-exception")
     );
-    let r = s.put("/new", 1, unique_content("during", 100)).await;
+    let r = s.ft.put("/new", 1, unique_content("during", 100)).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let r = s.http.get(s.api.url("/health")).send().await.unwrap();
+    let r = s.ft.request(Method::GET, "/health").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
-        s.get("/missing").await.status(),
+        s.ft.get("/missing").await.status(),
         StatusCode::NOT_FOUND,
         "absence is still known"
     );
     assert!(s.api.spool_files().is_empty());
 
     s.s3.as_mut().unwrap().restart().unwrap();
-    assert_eq!(s.content("/kept").await.unwrap(), content);
+    assert_eq!(s.ft.content("/kept").await.unwrap(), content);
     assert_eq!(
-        s.get("/new").await.status(),
+        s.ft.get("/new").await.status(),
         StatusCode::NOT_FOUND,
         "the failed PUT left nothing"
     );
     assert_eq!(
-        s.put("/new", 1, b"after".to_vec()).await.status(),
+        s.ft.put("/new", 1, b"after".to_vec()).await.status(),
         StatusCode::OK
     );
-    assert_eq!(s.content("/new").await.unwrap(), b"after");
+    assert_eq!(s.ft.content("/new").await.unwrap(), b"after");
 }
 
 /// The metadata database locked by another process: 503 with a message, nothing half-written.
@@ -770,7 +664,7 @@ async fn s3_outage_is_503_never_404() {
 async fn database_locked_is_503() {
     let s = Setup::local_with(&[("S3DEDUP_METADATA__SQLITE__BUSY_TIMEOUT_MS", "300")]);
     assert_eq!(
-        s.put("/before", 1, b"x".to_vec()).await.status(),
+        s.ft.put("/before", 1, b"x".to_vec()).await.status(),
         StatusCode::OK
     );
     let db = s.api.data_dir.join("metadata.sqlite3");
@@ -784,21 +678,21 @@ async fn database_locked_is_503() {
         conn.execute_batch("ROLLBACK").unwrap();
     });
     locked_rx.recv().unwrap();
-    let r = s.put("/during", 1, unique_content("locked", 100)).await;
+    let r = s.ft.put("/during", 1, unique_content("locked", 100)).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         header(&r, "x-exception").contains("metadata database unavailable"),
         "{}",
         header(&r, "x-exception")
     );
-    let r = s.delete("/before", 5).await;
+    let r = s.ft.delete("/before", 5).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     release_tx.send(()).unwrap();
     holder.join().unwrap();
-    assert_eq!(s.get("/during").await.status(), StatusCode::NOT_FOUND);
-    assert_eq!(s.content("/before").await.unwrap(), b"x");
+    assert_eq!(s.ft.get("/during").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.ft.content("/before").await.unwrap(), b"x");
     assert_eq!(
-        s.put("/during", 1, b"y".to_vec()).await.status(),
+        s.ft.put("/during", 1, b"y".to_vec()).await.status(),
         StatusCode::OK
     );
 }
@@ -812,9 +706,9 @@ async fn multipart_upload_to_s3() {
     ]);
     // Random-looking hex does not compress below 5 MiB parts: several parts.
     let content = unique_content("multipart", 24 << 20);
-    let r = s.put("/big", 1, content.clone()).await;
+    let r = s.ft.put("/big", 1, content.clone()).await;
     assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
-    assert_eq!(s.content("/big").await.unwrap(), content);
+    assert_eq!(s.ft.content("/big").await.unwrap(), content);
     assert_eq!(s.objects().await.len(), 1);
 }
 
@@ -888,7 +782,7 @@ async fn sent_while_arriving(env: &[(&str, &str)]) {
     assert!(s.objects().await.is_empty(), "no object before the commit");
     let status = finish_put(sock, &gz[gz.len() - held_back..]);
     assert!(status.contains(" 200 "), "{status}");
-    assert_eq!(s.content("/early").await.unwrap(), content);
+    assert_eq!(s.ft.content("/early").await.unwrap(), content);
     assert_eq!(s.objects().await.len(), 1);
     eventually("the write completed", || s3.unfinished_writes().is_empty()).await;
 
@@ -901,7 +795,7 @@ async fn sent_while_arriving(env: &[(&str, &str)]) {
     assert!(status.contains(" 400 "), "{status}");
     eventually("the lie discarded", || s3.unfinished_writes().is_empty()).await;
     assert_eq!(s.objects().await.len(), 1, "nothing stored for the lie");
-    assert_eq!(s.get("/lie").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.ft.get("/lie").await.status(), StatusCode::NOT_FOUND);
 
     // Known content sends nothing early: no write while its body is held back.
     let gz = gzip(&content);
@@ -914,7 +808,7 @@ async fn sent_while_arriving(env: &[(&str, &str)]) {
     );
     let status = finish_put(sock, &gz[gz.len() - held_back..]);
     assert!(status.contains(" 200 "), "{status}");
-    assert_eq!(s.content("/again").await.unwrap(), content);
+    assert_eq!(s.ft.content("/again").await.unwrap(), content);
     assert_eq!(s.objects().await.len(), 1);
 }
 
@@ -1018,7 +912,7 @@ async fn sigterm_drains_in_flight_requests() {
     assert!(status.success(), "clean exit after drain: {status}");
     // A new instance on the same data serves the file.
     s.api.restart().unwrap();
-    assert_eq!(s.content("/drained").await.unwrap(), content);
+    assert_eq!(s.ft.content("/drained").await.unwrap(), content);
 }
 
 /// A request already on its way when SIGTERM comes is answered, not cut off: a client that
@@ -1029,7 +923,7 @@ async fn sigterm_drains_in_flight_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_requests_already_on_their_way() {
     let mut s = Setup::local();
-    s.put("/on-its-way", 1, b"still served".to_vec()).await;
+    s.ft.put("/on-its-way", 1, b"still served".to_vec()).await;
     let connect = || {
         let sock = TcpStream::connect(s.api.addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(10)))
@@ -1096,17 +990,16 @@ async fn round_trip_streaming(s: &Setup, size: u64) -> u64 {
     }
     let expected = hex::encode(expected.finalize());
     let body = futures::stream::iter((0..chunks).map(move |i| Ok::<_, std::io::Error>(make(i))));
-    let r = s
-        .http
-        .put(s.api.url(&format!("/files/huge?last_modified={}", lm(1))))
-        .header("SHA256-Checksum", &expected)
-        .body(reqwest::Body::wrap_stream(body))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        s.ft.put_request("/huge", 1)
+            .header("SHA256-Checksum", &expected)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
 
-    let mut r = s.get("/huge").await;
+    let mut r = s.ft.get("/huge").await;
     assert_eq!(header(&r, "logical-size"), size.to_string());
     struct HashSink(sha2::Sha256, u64);
     impl Write for HashSink {
@@ -1182,20 +1075,16 @@ async fn sixteen_uploads_in_parts_at_once_keep_rss_bounded() {
             let head = bytes::Bytes::from(gzip(tag.as_bytes()));
             let len = head.len() + common_gz.len();
             let body = futures::stream::iter([head, common_gz].map(Ok::<_, std::io::Error>));
-            let r = s
-                .http
-                .put(
-                    s.api
-                        .url(&format!("/files/parts/{i}?last_modified={}", lm(1))),
-                )
-                .header("Content-Encoding", "gzip")
-                .header("Content-Length", len.to_string())
-                .header("SHA256-Checksum", hex::encode(hash.finalize()))
-                .header("Logical-Size", (tag.len() + common.len()).to_string())
-                .body(reqwest::Body::wrap_stream(body))
-                .send()
-                .await
-                .unwrap();
+            let r =
+                s.ft.put_request(&format!("/parts/{i}"), 1)
+                    .header("Content-Encoding", "gzip")
+                    .header("Content-Length", len.to_string())
+                    .header("SHA256-Checksum", hex::encode(hash.finalize()))
+                    .header("Logical-Size", (tag.len() + common.len()).to_string())
+                    .body(reqwest::Body::wrap_stream(body))
+                    .send()
+                    .await
+                    .unwrap();
             assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
         }
     });
@@ -1226,9 +1115,9 @@ async fn an_idle_api_gives_back_the_memory_a_burst_left() {
     let burst = contents.iter().enumerate().map(|(i, c)| {
         let s = &s;
         async move {
-            let r = s.put(&format!("/burst/{i}"), 1, c.clone()).await;
+            let r = s.ft.put(&format!("/burst/{i}"), 1, c.clone()).await;
             assert_eq!(r.status(), StatusCode::OK, "{}", header(&r, "x-exception"));
-            let r = s.get_accepting(&format!("/burst/{i}"), "identity").await;
+            let r = s.ft.get_accepting(&format!("/burst/{i}"), "identity").await;
             assert_eq!(r.status(), StatusCode::OK);
             assert!(r.bytes().await.unwrap() == c[..], "content {i} intact");
         }

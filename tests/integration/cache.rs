@@ -22,35 +22,21 @@ async fn wait_entries(api: &Api, n: u64) {
     }
 }
 
-/// The content a client sees, or `None` on 404.
-async fn content(http: &reqwest::Client, api: &Api, path: &str) -> Option<Vec<u8>> {
-    let r = http
-        .get(api.url(&format!("/files{path}")))
-        .send()
-        .await
-        .expect("GET");
-    if r.status() == StatusCode::NOT_FOUND {
-        return None;
-    }
-    assert_eq!(r.status(), StatusCode::OK, "GET {path}");
-    Some(gunzip(&r.bytes().await.expect("body")))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_skip_s3_and_survive_a_restart() {
     let mut s3 = S3Server::start().unwrap();
     let mut api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let body = unique_content("cached", 300_000);
-    api.put_ok("/t/in", 1, body.to_vec()).await;
-    assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+    api.ft().put_ok("/t/in", 1, body.to_vec()).await;
+    assert_eq!(ft.content("/t/in").await.unwrap(), body);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, 1);
     wait_entries(&api, 1).await;
 
     // Served from the cache: S3 is not needed any more.
     s3.stop();
     for _ in 0..3 {
-        assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+        assert_eq!(ft.content("/t/in").await.unwrap(), body);
     }
     assert_eq!(api.metric("s3dedup_cache_hits_total").await, 3);
 
@@ -58,18 +44,14 @@ async fn hits_skip_s3_and_survive_a_restart() {
     s3.restart().unwrap();
     api.restart().unwrap();
     assert_eq!(api.metric("s3dedup_cache_entries").await, 1);
-    assert_eq!(content(&http, &api, "/t/in").await.unwrap(), body);
+    assert_eq!(ft.content("/t/in").await.unwrap(), body);
     assert_eq!(api.metric("s3dedup_cache_hits_total").await, 1);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, 0);
 
     // A deleted path is gone although its content is still cached.
-    let r = http
-        .delete(api.url(&format!("/files/t/in?last_modified={}", lm(2))))
-        .send()
-        .await
-        .unwrap();
+    let r = ft.delete_request("/t/in", 2).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(content(&http, &api, "/t/in").await, None);
+    assert_eq!(ft.content("/t/in").await, None);
 }
 
 /// The check that decides whether a copy is kept (inflating the whole object) runs on a thread
@@ -79,10 +61,10 @@ async fn hits_skip_s3_and_survive_a_restart() {
 async fn copies_are_checked_at_the_lowest_priority() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let body = unique_content("checked-idle", 3 << 20);
-    api.put_ok("/idle/in", 1, body.to_vec()).await;
-    assert_eq!(content(&http, &api, "/idle/in").await.unwrap(), body);
+    api.ft().put_ok("/idle/in", 1, body.to_vec()).await;
+    assert_eq!(ft.content("/idle/in").await.unwrap(), body);
     wait_entries(&api, 1).await;
     let tasks = std::fs::read_dir(format!("/proc/{}/task", api.proc.pid())).unwrap();
     let nice_of_checker = tasks
@@ -102,13 +84,13 @@ async fn copies_are_checked_at_the_lowest_priority() {
 async fn small_uploads_are_kept_as_they_are_stored() {
     let mut s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let raw = unique_content("submission", 20_000);
-    api.put_ok("/k/raw", 1, raw.to_vec()).await;
+    api.ft().put_ok("/k/raw", 1, raw.to_vec()).await;
     // The way the Filetracker client uploads: pre-gzipped, with its digest and size.
     let pre = unique_content("input", 30_000);
-    let r = http
-        .put(api.url(&format!("/files/k/gz?last_modified={}", lm(1))))
+    let r = ft
+        .put_request("/k/gz", 1)
         .header("Content-Encoding", "gzip")
         .header("SHA256-Checksum", sha256_hex(&pre))
         .header("Logical-Size", pre.len().to_string())
@@ -119,15 +101,15 @@ async fn small_uploads_are_kept_as_they_are_stored() {
     assert_eq!(r.status(), StatusCode::OK);
     // A large upload is not (its first read fills the cache).
     let large = unique_content("large", 300_000);
-    api.put_ok("/k/large", 1, large.to_vec()).await;
+    api.ft().put_ok("/k/large", 1, large.to_vec()).await;
     wait_entries(&api, 2).await;
 
     s3.stop();
-    assert_eq!(content(&http, &api, "/k/raw").await.unwrap(), raw);
-    assert_eq!(content(&http, &api, "/k/gz").await.unwrap(), pre);
+    assert_eq!(ft.content("/k/raw").await.unwrap(), raw);
+    assert_eq!(ft.content("/k/gz").await.unwrap(), pre);
     assert_eq!(api.metric("s3dedup_cache_hits_total").await, 2);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, 0);
-    let r = http.get(api.url("/files/k/large")).send().await.unwrap();
+    let r = ft.get_request("/k/large").send().await.unwrap();
     assert!(
         r.status().is_server_error(),
         "a large upload's first read needs S3: {}",
@@ -142,15 +124,15 @@ async fn small_uploads_are_kept_as_they_are_stored() {
 async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
     let mut s3 = S3Server::start().unwrap();
     let mut api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     // Kept as uploaded (small ones), or filled by a read (a large one).
     let zeroed = unique_content("zeroed", 20_000);
     let intact = unique_content("intact", 20_000);
     let flipped = unique_content("flipped", 300_000);
-    api.put_ok("/c/zeroed", 1, zeroed.to_vec()).await;
-    api.put_ok("/c/intact", 1, intact.to_vec()).await;
-    api.put_ok("/c/flipped", 1, flipped.to_vec()).await;
-    assert_eq!(content(&http, &api, "/c/flipped").await.unwrap(), flipped);
+    api.ft().put_ok("/c/zeroed", 1, zeroed.to_vec()).await;
+    api.ft().put_ok("/c/intact", 1, intact.to_vec()).await;
+    api.ft().put_ok("/c/flipped", 1, flipped.to_vec()).await;
+    assert_eq!(ft.content("/c/flipped").await.unwrap(), flipped);
     wait_entries(&api, 3).await;
 
     api.proc.kill();
@@ -171,7 +153,7 @@ async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
         ("/c/intact", &intact),
         ("/c/flipped", &flipped),
     ] {
-        assert_eq!(&content(&http, &api, path).await.unwrap(), body, "{path}");
+        assert_eq!(&ft.content(path).await.unwrap(), body, "{path}");
     }
     assert_eq!(api.metric("s3dedup_cache_hits_total").await, 1);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, 2);
@@ -185,7 +167,7 @@ async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
     wait_entries(&api, 3).await;
     s3.stop();
     for (path, body) in [("/c/zeroed", &zeroed), ("/c/flipped", &flipped)] {
-        assert_eq!(&content(&http, &api, path).await.unwrap(), body, "{path}");
+        assert_eq!(&ft.content(path).await.unwrap(), body, "{path}");
     }
     assert_eq!(api.metric("s3dedup_cache_hits_total").await, 3);
 }
@@ -194,10 +176,10 @@ async fn entries_an_earlier_run_left_are_checked_before_they_are_served() {
 async fn only_verified_content_is_kept() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     // Stored larger than the spool keeps in memory, so the PUT does not fill the cache itself.
     let good = unique_content("good", 200_000);
-    api.put_ok("/v/good", 1, good.to_vec()).await;
+    api.ft().put_ok("/v/good", 1, good.to_vec()).await;
     let key = sharded_key(&sha256_hex(&good));
     let stored = s3
         .client()
@@ -217,7 +199,7 @@ async fn only_verified_content_is_kept() {
     let other = unique_content("other", 200_000);
     s3.put_raw(&key, gzip(&other)).await;
     // The sizes differ: an error that says so, never a 200 with other bytes.
-    let r = http.get(api.url("/files/v/good")).send().await.unwrap();
+    let r = ft.get_request("/v/good").send().await.unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
     let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
     assert!(why.contains("where its metadata says"), "{why}");
@@ -226,10 +208,10 @@ async fn only_verified_content_is_kept() {
 
     // Cached content is the content of its digest, whatever happens in the bucket later.
     s3.put_raw(&key, stored).await;
-    assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
+    assert_eq!(ft.content("/v/good").await.unwrap(), good);
     wait_entries(&api, 1).await;
     s3.put_raw(&key, gzip(&other)).await;
-    assert_eq!(content(&http, &api, "/v/good").await.unwrap(), good);
+    assert_eq!(ft.content("/v/good").await.unwrap(), good);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +222,7 @@ async fn size_bound_evicts_least_recently_used() {
         &[("S3DEDUP_STORE__CACHE__MAX_SIZE_MB", "1")],
     )
     .unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     // Random content does not compress: each object is ~101 KB, so ten fit in the bound.
     let bodies: Vec<Vec<u8>> = (0..14)
         .map(|i| {
@@ -250,20 +232,17 @@ async fn size_bound_evicts_least_recently_used() {
         })
         .collect();
     for (i, b) in bodies.iter().enumerate() {
-        api.put_ok(&format!("/l/{i}"), 1, b.to_vec()).await;
+        api.ft().put_ok(&format!("/l/{i}"), 1, b.to_vec()).await;
     }
     // Read 0 and 1 first, then the rest, touching 0 again halfway.
     for i in 0..14 {
         assert_eq!(
-            content(&http, &api, &format!("/l/{i}")).await.as_ref(),
+            ft.content(&format!("/l/{i}")).await.as_ref(),
             Some(&bodies[i])
         );
         wait_cached(&api, &bodies[i]).await;
         if i == 7 {
-            assert_eq!(
-                content(&http, &api, "/l/0").await.as_ref(),
-                Some(&bodies[0])
-            );
+            assert_eq!(ft.content("/l/0").await.as_ref(), Some(&bodies[0]));
         }
     }
     let bytes = api.metric("s3dedup_cache_bytes").await;
@@ -276,10 +255,10 @@ async fn size_bound_evicts_least_recently_used() {
     // Ten fit. 1 was used longest ago and is gone; 0 (used again halfway) and 13 are kept.
     assert_eq!(api.metric("s3dedup_cache_entries").await, 10);
     let misses = api.metric("s3dedup_cache_misses_total").await;
-    content(&http, &api, "/l/13").await.unwrap();
-    content(&http, &api, "/l/0").await.unwrap();
+    ft.content("/l/13").await.unwrap();
+    ft.content("/l/0").await.unwrap();
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses);
-    content(&http, &api, "/l/1").await.unwrap();
+    ft.content("/l/1").await.unwrap();
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses + 1);
 }
 
@@ -314,17 +293,13 @@ fn rand_fill(b: &mut [u8], seed: usize) {
 async fn a_new_encoding_of_cached_content_is_read_through() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let body = unique_content("encodings", 200_000);
-    api.put_ok("/e/raw", 1, body.to_vec()).await;
-    assert_eq!(content(&http, &api, "/e/raw").await.unwrap(), body);
+    api.ft().put_ok("/e/raw", 1, body.to_vec()).await;
+    assert_eq!(ft.content("/e/raw").await.unwrap(), body);
     wait_cached(&api, &body).await;
 
-    let r = http
-        .delete(api.url(&format!("/files/e/raw?last_modified={}", lm(2))))
-        .send()
-        .await
-        .unwrap();
+    let r = ft.delete_request("/e/raw", 2).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let mut cleaner = api.sibling("s3dedup-cleaner");
     cleaner.args(["--grace-secs", "0"]);
@@ -338,8 +313,8 @@ async fn a_new_encoding_of_cached_content_is_read_through() {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     std::io::Write::write_all(&mut e, &body).unwrap();
     let theirs = e.finish().unwrap();
-    let r = http
-        .put(api.url(&format!("/files/e/gz?last_modified={}", lm(3))))
+    let r = ft
+        .put_request("/e/gz", 3)
         .header("Content-Encoding", "gzip")
         .header("SHA256-Checksum", sha256_hex(&body))
         .header("Logical-Size", body.len().to_string())
@@ -349,6 +324,6 @@ async fn a_new_encoding_of_cached_content_is_read_through() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let misses = api.metric("s3dedup_cache_misses_total").await;
-    assert_eq!(content(&http, &api, "/e/gz").await.unwrap(), body);
+    assert_eq!(ft.content("/e/gz").await.unwrap(), body);
     assert_eq!(api.metric("s3dedup_cache_misses_total").await, misses + 1);
 }

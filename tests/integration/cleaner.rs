@@ -29,7 +29,7 @@ fn clean(api: &Api, args: &[&str]) -> Output {
 
 /// Reads `path` back uncompressed and checks it is `content`.
 async fn assert_reads_back(api: &Api, path: &str, content: &[u8]) {
-    let (status, body) = api.get_identity(path).await;
+    let (status, body) = api.ft().get_identity(path).await;
     assert_eq!(status, StatusCode::OK, "{path}");
     assert!(body == content, "{path} reads back");
 }
@@ -130,15 +130,13 @@ async fn torture_postgres_two_instances() {
 
 /// Uploads `n` contents and deletes their paths: garbage for the cleaner.
 async fn make_garbage(api: &Api, n: usize, tag: &str) {
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     for i in 0..n {
         let path = format!("/garbage/{tag}/{i}");
-        api.put_ok(&path, 1, unique_content(tag, 100 + i)).await;
-        let r = http
-            .delete(api.url(&format!("/files{path}?last_modified={}", lm(1))))
-            .send()
-            .await
-            .unwrap();
+        api.ft()
+            .put_ok(&path, 1, unique_content(tag, 100 + i))
+            .await;
+        let r = ft.delete_request(&path, 1).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
 }
@@ -218,10 +216,10 @@ async fn only_one_cleaner_works_at_a_time() {
 async fn killed_cleaner_leaves_a_consistent_store() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let live: Vec<Vec<u8>> = (0..20).map(|i| unique_content("live", 500 + i)).collect();
     for (i, c) in live.iter().enumerate() {
-        api.put_ok(&format!("/live/{i}"), 1, c.clone()).await;
+        api.ft().put_ok(&format!("/live/{i}"), 1, c.clone()).await;
     }
     make_garbage(&api, 300, "killed").await;
     let mut rng = rand::rng();
@@ -242,11 +240,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
     clean(&api, &["--grace-secs", "0"]);
     api.verify_deep();
     for (i, c) in live.iter().enumerate() {
-        let r = http
-            .get(api.url(&format!("/files/live/{i}")))
-            .send()
-            .await
-            .unwrap();
+        let r = ft.get_request(&format!("/live/{i}")).send().await.unwrap();
         assert_eq!(
             gunzip(&r.bytes().await.unwrap()),
             *c,
@@ -273,7 +267,7 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let live = unique_content("live-orphan-test", 5000);
-    api.put_ok("/live", 1, live.clone()).await;
+    api.ft().put_ok("/live", 1, live.clone()).await;
     for i in 0..150 {
         let c = unique_content(&format!("orphan{i}"), 100);
         let hex = sha256_hex(&c);
@@ -316,7 +310,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
     let env = moto.env("ft");
     let api = Api::start_with(Backend::Local, &env).unwrap();
     let live = unique_content("live-beside-uploads", 5000);
-    api.put_ok("/live", 1, live.clone()).await;
+    api.ft().put_ok("/live", 1, live.clone()).await;
 
     let s3 = moto.client();
     let start_upload = async |key: String| {
@@ -398,7 +392,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
 async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
     let api = Api::start(Backend::Local).unwrap();
     let live = unique_content("live-beside-temporaries", 5000);
-    api.put_ok("/live", 1, live.clone()).await;
+    api.ft().put_ok("/live", 1, live.clone()).await;
     let [object] = &api.local_objects()[..] else {
         panic!("one object: {:?}", api.local_objects());
     };
@@ -438,7 +432,7 @@ async fn verify_reports_unreadable_objects_and_goes_on() {
         .map(|i| unique_content("unreadable", 3000 + i))
         .collect();
     for (i, c) in contents.iter().enumerate() {
-        api.put_ok(&format!("/u/{i}"), 1, c.clone()).await;
+        api.ft().put_ok(&format!("/u/{i}"), 1, c.clone()).await;
     }
     let refused = sha256_hex(&contents[1]);
     proxy.set_refuse(Some(Refuse {
@@ -463,7 +457,7 @@ async fn verify_reports_unreadable_objects_and_goes_on() {
 
     let local = Api::start(Backend::Local).unwrap();
     for (i, c) in contents.iter().enumerate() {
-        local.put_ok(&format!("/u/{i}"), 1, c.clone()).await;
+        local.ft().put_ok(&format!("/u/{i}"), 1, c.clone()).await;
     }
     let object = local.data_dir.join("objects").join(sharded_key(&refused));
     std::fs::remove_file(&object).unwrap();

@@ -87,14 +87,14 @@ async fn s3_errors_slowness_and_cut_bodies_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_dropping_a_read_after_its_headers_is_a_503() {
     let (_s3, proxy, api) = behind_fault_proxy().await;
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let content = unique_content("cut-after-headers", 100_000);
-    api.put_ok("/cah/f", 1, content.clone()).await;
+    api.ft().put_ok("/cah/f", 1, content.clone()).await;
 
     proxy.set_only(Some(Fault::CutAfterHeaders));
     proxy.set_rate(1000);
     for _ in 0..3 {
-        let r = http.get(api.url("/files/cah/f")).send().await.unwrap();
+        let r = ft.get_request("/cah/f").send().await.unwrap();
         let said = r
             .headers()
             .get("x-exception")
@@ -107,7 +107,7 @@ async fn s3_dropping_a_read_after_its_headers_is_a_503() {
         );
     }
     proxy.set_rate(0);
-    let r = http.get(api.url("/files/cah/f")).send().await.unwrap();
+    let r = ft.get_request("/cah/f").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(gunzip(&r.bytes().await.unwrap()), content);
     assert!(!api.log().contains("panicked"), "{}", api.log());
@@ -120,7 +120,7 @@ async fn s3_dropping_a_read_after_its_headers_is_a_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_reads_in_ranges_are_whole_or_fail() {
     let (_s3, proxy, api) = behind_fault_proxy().await;
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     // Random bytes are stored as they are: past two 8 MiB ranges, the last one partial.
     let random = |n: usize| {
         let mut v = vec![0u8; n];
@@ -129,12 +129,16 @@ async fn large_reads_in_ranges_are_whole_or_fail() {
     };
     let contents = [random((16 << 20) + 4321), random(29 << 20)];
     for (i, c) in contents.iter().enumerate() {
-        api.put_ok(&format!("/ranged/{i}"), 1, c.clone()).await;
+        api.ft().put_ok(&format!("/ranged/{i}"), 1, c.clone()).await;
     }
     let get = |i: usize| {
-        let (http, url) = (&http, api.url(&format!("/files/ranged/{i}")));
+        let (ft, path) = (&ft, format!("/ranged/{i}"));
         async move {
-            let r = http.get(url).send().await.map_err(|e| e.to_string())?;
+            let r = ft
+                .get_request(&path)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             if r.status() != StatusCode::OK {
                 return Err(format!("{}", r.status()));
             }
@@ -184,9 +188,9 @@ async fn large_reads_in_ranges_are_whole_or_fail() {
     env.push(("S3DEDUP_STORE__S3__ENDPOINT", &endpoint));
     env.push(("S3DEDUP_STORE__S3__DOWNLOAD_CONCURRENCY", "1"));
     let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
-    api.put_ok("/ranged/one", 1, contents[1].clone()).await;
+    api.ft().put_ok("/ranged/one", 1, contents[1].clone()).await;
     let before = proxy.requests();
-    let r = http.get(api.url("/files/ranged/one")).send().await.unwrap();
+    let r = api.ft().get("/ranged/one").await;
     assert!(body_of(r).await.unwrap() == contents[1], "content intact");
     assert_eq!(proxy.requests() - before, 1, "one GET");
 }
@@ -271,12 +275,8 @@ async fn full_spool_filesystem_gives_507_and_recovers() {
     let api = Api::start_with(Backend::S3(&s3), &S3_ENV).unwrap();
     let spool = api.data_dir.join("spool");
     let _tmpfs = Tmpfs::mount(&spool, "8m");
-    let http = reqwest::Client::new();
-    let put = |path: &str, body: Vec<u8>| {
-        http.put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
-            .body(body)
-            .send()
-    };
+    let ft = api.ft();
+    let put = |path: &str, body: Vec<u8>| ft.put_request(path, 1).body(body).send();
     let before = unique_content("before-full", 100_000);
     assert_eq!(
         put("/full/before", before.clone()).await.unwrap().status(),
@@ -297,11 +297,7 @@ async fn full_spool_filesystem_gives_507_and_recovers() {
         refused += 1;
     }
     // Reads and small writes go on.
-    let r = http
-        .get(api.url("/files/full/before"))
-        .send()
-        .await
-        .unwrap();
+    let r = ft.get_request("/full/before").send().await.unwrap();
     assert!(body_of(r).await.unwrap() == before);
     assert_eq!(
         put("/full/small", b"tiny".to_vec()).await.unwrap().status(),
@@ -318,18 +314,14 @@ async fn full_spool_filesystem_gives_507_and_recovers() {
     let r = put("/full/big-after", big.clone()).await.unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-exception"));
     for i in 0..5 {
-        let r = http
-            .get(api.url(&format!("/files/full/big{i}")))
+        let r = ft
+            .get_request(&format!("/full/big{i}"))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 404, "a refused upload was not stored");
     }
-    let r = http
-        .get(api.url("/files/full/big-after"))
-        .send()
-        .await
-        .unwrap();
+    let r = ft.get_request("/full/big-after").send().await.unwrap();
     assert!(body_of(r).await.unwrap() == big);
     api.collect_and_verify();
     report(&format!(
@@ -360,13 +352,9 @@ async fn full_local_store_gives_507_and_recovers() {
     let _tmpfs = Tmpfs::mount(objects.path(), "4m");
     let path = objects.path().to_str().unwrap();
     let api = Api::start_with(Backend::Local, &[("S3DEDUP_STORE__LOCAL__PATH", path)]).unwrap();
-    let http = reqwest::Client::new();
-    let put = |path: &str, body: Vec<u8>| {
-        http.put(api.url(&format!("/files{path}?last_modified={}", lm(1))))
-            .body(body)
-            .send()
-    };
-    let get = |path: &str| http.get(api.url(&format!("/files{path}"))).send();
+    let ft = api.ft();
+    let put = |path: &str, body: Vec<u8>| ft.put_request(path, 1).body(body).send();
+    let get = |path: &str| ft.get_request(path).send();
     let before = unique_content("before-full", 100_000);
     assert_eq!(
         put("/lf/before", before.clone()).await.unwrap().status(),

@@ -31,12 +31,7 @@ fn still_serves(api: &Api) {
 }
 
 async fn stored_paths(api: &Api) -> String {
-    reqwest::get(api.url("/list/"))
-        .await
-        .expect("list")
-        .text()
-        .await
-        .expect("list body")
+    api.ft().list("/", None).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,10 +150,10 @@ async fn gzip_bombs_are_refused_early() {
         ],
     )
     .unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let put = |path: &str, body: Vec<u8>, logical: Option<u64>| {
-        let mut r = http
-            .put(api.url(&format!("/files/{path}?last_modified={}", lm(5))))
+        let mut r = ft
+            .put_request(&format!("/{path}"), 5)
             .header("Content-Encoding", "gzip")
             .body(body);
         if let Some(n) = logical {
@@ -202,8 +197,9 @@ async fn gzip_bombs_are_refused_early() {
     for _ in 0..4 {
         enc.write_all(&zeros).unwrap();
     }
-    let r = http
-        .put(api2.url(&format!("/files/bomb?last_modified={}", lm(5))))
+    let r = api2
+        .ft()
+        .put_request("/bomb", 5)
         .header("Content-Encoding", "gzip")
         .body(enc.finish().unwrap())
         .send()
@@ -272,20 +268,15 @@ async fn slow_and_stalled_clients_are_cut_off() {
 
     // A download nobody reads holds the only slot until the server gives up on it.
     let content = unique_content("unread", 48 << 20);
-    let r = reqwest::Client::new()
-        .put(api.url(&format!("/files/unread?last_modified={date}")))
-        .body(content)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    api.ft().put_ok("/unread", 1_700_000_000, content).await;
     let mut unread = TcpStream::connect(api.addr).unwrap();
     // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
     unread
         .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let head = || reqwest::Client::new().head(api.url("/files/unread")).send();
+    let ft = api.ft();
+    let head = || ft.head_request("/unread").send();
     assert_eq!(
         head().await.unwrap().status(),
         503,

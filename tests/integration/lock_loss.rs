@@ -48,11 +48,7 @@ enum Loss {
 }
 
 async fn delete_path(api: &Api, path: &str, version: i64) {
-    let r = reqwest::Client::new()
-        .delete(api.url(&format!("/files{path}?last_modified={}", lm(version))))
-        .send()
-        .await
-        .unwrap();
+    let r = api.ft().delete(path, version).await;
     assert_eq!(r.status(), StatusCode::OK, "DELETE {path}");
 }
 
@@ -91,7 +87,7 @@ async fn deletion_in_flight_when_the_lock_goes(env: Vec<(String, String)>, loss:
     let proxy = FaultProxy::start(s3.addr, 7).await.unwrap();
     let api = Api::start_with(Backend::S3(&s3), &with(env, &[])).unwrap();
     let content = unique_content(tag, 5000);
-    api.put_ok("/first", 1, content.clone()).await;
+    api.ft().put_ok("/first", 1, content.clone()).await;
     delete_path(&api, "/first", 1).await;
 
     proxy.set_hold(Some(Hold::Deletes(HOLD)));
@@ -119,7 +115,7 @@ async fn deletion_in_flight_when_the_lock_goes(env: Vec<(String, String)>, loss:
         Loss::LockFileReplaced => unreachable!("the API would not find the blob's lock either"),
     }
 
-    api.put_ok("/again", 2, content.clone()).await;
+    api.ft().put_ok("/again", 2, content.clone()).await;
     let acknowledged = sent.elapsed();
     let end = Instant::now() + Duration::from_secs(30);
     while proxy.held_forwarded() < 1 && Instant::now() < end {
@@ -128,7 +124,7 @@ async fn deletion_in_flight_when_the_lock_goes(env: Vec<(String, String)>, loss:
     assert_eq!(proxy.held_forwarded(), 1, "the held DELETE was delivered");
     let (stdout, stderr) = finish(child);
 
-    let (status, body) = api.get_identity("/again").await;
+    let (status, body) = api.ft().get_identity("/again").await;
     assert_eq!(status, StatusCode::OK, "the acknowledged file reads back");
     assert!(body == content, "with its content");
     api.verify_deep();
@@ -184,11 +180,8 @@ async fn upload_swept_before_its_commit(env: Vec<(String, String)>, loss: Loss, 
         delay: Duration::from_secs(6),
     }));
     let put = {
-        let (url, body) = (
-            api.url(&format!("/files/x?last_modified={}", lm(1))),
-            content.clone(),
-        );
-        tokio::spawn(async move { reqwest::Client::new().put(url).body(body).send().await })
+        let (ft, body) = (api.ft(), content.clone());
+        tokio::spawn(async move { ft.put_request("/x", 1).body(body).send().await })
     };
     assert!(
         proxy.wait_held(1, Duration::from_secs(30)).await,
@@ -216,7 +209,7 @@ async fn upload_swept_before_its_commit(env: Vec<(String, String)>, loss: Loss, 
     proxy.set_hold(None);
     let answer = put.await.unwrap().unwrap();
     assert_eq!(answer.status(), StatusCode::OK, "{}", api.log());
-    let (status, body) = api.get_identity("/x").await;
+    let (status, body) = api.ft().get_identity("/x").await;
     assert_eq!(status, StatusCode::OK, "the acknowledged file reads back");
     assert!(body == content, "with its content");
     assert!(
@@ -424,16 +417,7 @@ async fn torture(apis: &[&Api], sessions_of: Option<String>, tag: &str) {
     );
     workload.check_final(&outcome, &urls).await;
     // A last run with nothing in the way collects what is left; the store must stay complete.
-    let last = apis[0]
-        .sibling("s3dedup-cleaner")
-        .args(["--grace-secs", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        last.status.success(),
-        "{}",
-        String::from_utf8_lossy(&last.stdout)
-    );
+    apis[0].run_cleaner(&["--grace-secs", "0"]);
     workload.check_final(&outcome, &urls).await;
     apis[0].verify_deep();
     assert!(

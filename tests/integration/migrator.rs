@@ -33,8 +33,7 @@ fn migrate(api: &Api, source: &str) -> (bool, String) {
 }
 
 async fn assert_file(api: &Api, path: &str, content: &[u8], version: i64) {
-    let url = api.url(&format!("/files{}", path.replace(' ', "%20")));
-    let r = reqwest::get(&url).await.unwrap();
+    let r = api.ft().get(&path.replace(' ', "%20")).await;
     assert_eq!(r.status(), StatusCode::OK, "{path}");
     let lm = r.headers()["last-modified"].to_str().unwrap().to_owned();
     let got = chrono::DateTime::parse_from_rfc2822(&lm)
@@ -77,12 +76,7 @@ async fn v1_directory_is_imported_with_versions_and_idempotently() {
         "{out}"
     );
     // A path stored in s3dedup at a newer version is left alone.
-    reqwest::Client::new()
-        .put(api.url(&format!("/files/a.txt?last_modified={}", lm(1_700_000_000))))
-        .body("newer")
-        .send()
-        .await
-        .unwrap();
+    api.ft().put_ok("/a.txt", 1_700_000_000, "newer").await;
     set_mtime(&src.path().join("files/a.txt"), 1_650_000_000, false);
     let (ok, out) = migrate(&api, &source);
     assert!(ok && out.contains("0 files migrated"), "{out}");
@@ -139,7 +133,7 @@ async fn v2_directory_is_imported_verified_and_decoded() {
         1_600_000_010,
     )
     .await;
-    let r = reqwest::get(api.url("/files/bad.txt")).await.unwrap();
+    let r = api.ft().get("/bad.txt").await;
     assert_eq!(
         r.status(),
         StatusCode::NOT_FOUND,
@@ -162,8 +156,7 @@ fn count_in(out: &str, what: &str) -> u64 {
 }
 
 async fn listed(api: &Api) -> usize {
-    let r = reqwest::get(api.url("/list/")).await.unwrap();
-    r.text().await.unwrap().lines().count()
+    api.ft().list("/", None).await.1.lines().count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,17 +258,13 @@ async fn a_path_deleted_here_is_not_brought_back() {
     let source = format!("v1:{}", src.path().display());
     let (ok, out) = migrate(&api, &source);
     assert!(ok && out.contains("2 files migrated"), "{out}");
-    let r = reqwest::Client::new()
-        .delete(api.url(&format!("/files/gone?last_modified={}", lm(1_600_000_100))))
-        .send()
-        .await
-        .unwrap();
+    let r = api.ft().delete("/gone", 1_600_000_100).await;
     assert_eq!(r.status(), StatusCode::OK);
     let (ok, out) = migrate(&api, &source);
     assert!(ok, "{out}");
     assert_eq!(count_in(&out, "files migrated"), 0, "{out}");
     assert_eq!(count_in(&out, "deleted here"), 1, "{out}");
-    let r = reqwest::get(api.url("/files/gone")).await.unwrap();
+    let r = api.ft().get("/gone").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND, "stays deleted");
     // A version written to the old store after the deletion is a new file: it comes over.
     set_mtime(&src.path().join("files/gone"), 1_600_000_200, false);
@@ -416,9 +405,7 @@ async fn adopt_upstream(db_kind: UpstreamDb) {
     )
     .await;
     for absent in ["/gone.txt", "/lie.txt", "/missing.txt", "/elsewhere.txt"] {
-        let r = reqwest::get(api.url(&format!("/files{absent}")))
-            .await
-            .unwrap();
+        let r = api.ft().get(absent).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{absent}");
     }
     assert_eq!(
@@ -430,14 +417,5 @@ async fn adopt_upstream(db_kind: UpstreamDb) {
     assert_eq!(count_in(&out, "files migrated"), 0, "{out}");
     assert_eq!(count_in(&out, "already present"), 3, "{out}");
     // The adopted store is consistent: refcounts, sizes and every object's digest.
-    let verify = api
-        .sibling("s3dedup-cleaner")
-        .args(["--verify", "--deep"])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    api.verify_deep();
 }

@@ -87,23 +87,22 @@ async fn two_instances_many_clients_lose_nothing() {
 #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
 async fn sigkill_of_one_instance_mid_upload() {
     let mut cluster = Cluster::start(2);
-    let http = reqwest::Client::new();
-    let victim = cluster.apis[0].addr;
+    let victim = cluster.apis[0].ft();
     // Slow uploads of new contents to the victim, cut off by the kill.
     let big: Vec<Vec<u8>> = (0..6)
         .map(|i| unique_content(&format!("killed{i}"), 3 << 20))
         .collect();
     let mut uploads = Vec::new();
     for (i, content) in big.iter().cloned().enumerate() {
-        let http = http.clone();
+        let victim = victim.clone();
         uploads.push(tokio::spawn(async move {
             let chunks: Vec<Vec<u8>> = content.chunks(64 << 10).map(<[u8]>::to_vec).collect();
             let slow = futures::StreamExt::then(futures::stream::iter(chunks), |c| async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 Ok::<_, std::io::Error>(c)
             });
-            let url = format!("http://{victim}/files/killed/{i}?last_modified={}", lm(1));
-            http.put(url)
+            victim
+                .put_request(&format!("/killed/{i}"), 1)
                 .body(reqwest::Body::wrap_stream(slow))
                 .send()
                 .await
@@ -112,7 +111,7 @@ async fn sigkill_of_one_instance_mid_upload() {
     }
     // Small uploads that complete on the victim before the kill (so it held locks and rows).
     for i in 0..20 {
-        cluster.apis[0]
+        victim
             .put_ok(&format!("/small/{i}"), 1, unique_content("small", 1000 + i))
             .await;
     }
@@ -123,24 +122,14 @@ async fn sigkill_of_one_instance_mid_upload() {
         let _ = u.await.unwrap(); // errors are expected: the server died
     }
     // The survivor serves reads and writes, including the contents the victim was uploading.
-    let survivor = &cluster.apis[1];
+    let survivor = cluster.apis[1].ft();
     for (i, content) in big.iter().enumerate() {
-        survivor
-            .put_ok(&format!("/after/{i}"), 2, content.clone())
-            .await;
-        let r = http
-            .get(survivor.url(&format!("/files/after/{i}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(gunzip(&r.bytes().await.unwrap()), *content);
+        let path = format!("/after/{i}");
+        survivor.put_ok(&path, 2, content.clone()).await;
+        assert_eq!(survivor.content(&path).await.as_ref(), Some(content));
     }
     for i in 0..20 {
-        let r = http
-            .get(survivor.url(&format!("/files/small/{i}")))
-            .send()
-            .await
-            .unwrap();
+        let r = survivor.get(&format!("/small/{i}")).await;
         assert_eq!(
             r.status(),
             StatusCode::OK,

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use s3dedup_tests::stall_proxy::StallProxy;
 use s3dedup_tests::*;
 
@@ -40,14 +40,9 @@ async fn postgres_restart_gives_503_then_recovers() {
     let schema = unique_schema("outage");
     let env = pg_env(&schema);
     let mut api = Api::start_with(Backend::Local, &env).unwrap();
-    let http = reqwest::Client::new();
+    let ft = api.ft();
     let content = unique_content("outage", 20_000);
-    let base = api.url("");
-    let put = |path: &str, v: i64, body: Vec<u8>| {
-        http.put(format!("{base}/files{path}?last_modified={}", lm(v)))
-            .body(body)
-            .send()
-    };
+    let put = |path: &str, v: i64, body: Vec<u8>| ft.put_request(path, v).body(body).send();
     assert_eq!(
         put("/kept", 1, content.clone()).await.unwrap().status(),
         StatusCode::OK
@@ -61,15 +56,11 @@ async fn postgres_restart_gives_503_then_recovers() {
     );
 
     pg_ctl("start");
-    let r = first_answer_not_503(&http, &api.url("/files/kept")).await;
+    let r = first_answer_not_503(&ft, "/kept").await;
     assert_eq!(r.status(), StatusCode::OK, "recovered by itself");
     assert_eq!(gunzip(&r.bytes().await.unwrap()), content, "nothing lost");
     assert_eq!(
-        http.get(api.url("/files/new"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        ft.get_request("/new").send().await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
     assert_eq!(
@@ -95,11 +86,11 @@ const STALL_ENV: [(&str, &str); 3] = [
     ("RUST_LOG", "debug"),
 ];
 
-/// GETs `url` until the answer is not 503 (the daemon recovered by itself), for up to 30 s.
-async fn first_answer_not_503(http: &reqwest::Client, url: &str) -> reqwest::Response {
+/// GETs `path` until the answer is not 503 (the daemon recovered by itself), for up to 30 s.
+async fn first_answer_not_503(ft: &Ft, path: &str) -> reqwest::Response {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = http.get(url).send().await.unwrap();
+        let r = ft.get(path).await;
         if r.status() != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
             return r;
         }
@@ -114,26 +105,20 @@ async fn all_503_naming(api: &Api, put_body: Vec<u8>, needle: &str) -> (usize, D
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
+    let ft = Ft::with_http(http, api.url(""));
     let timed = |what: &'static str, req: reqwest::RequestBuilder| async move {
         let t = Instant::now();
         let r = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
         (what, r, t.elapsed())
     };
     let answers = futures::future::join_all([
-        timed("GET", http.get(api.url("/files/kept"))),
-        timed("HEAD", http.head(api.url("/files/kept"))),
-        timed("GET missing", http.get(api.url("/files/never"))),
-        timed(
-            "PUT",
-            http.put(api.url(&format!("/files/new?last_modified={}", lm(1))))
-                .body(put_body),
-        ),
-        timed(
-            "DELETE",
-            http.delete(api.url(&format!("/files/kept?last_modified={}", lm(5)))),
-        ),
-        timed("LIST", http.get(api.url("/list/"))),
-        timed("health", http.get(api.url("/health"))),
+        timed("GET", ft.get_request("/kept")),
+        timed("HEAD", ft.head_request("/kept")),
+        timed("GET missing", ft.get_request("/never")),
+        timed("PUT", ft.put_request("/new", 1).body(put_body)),
+        timed("DELETE", ft.delete_request("/kept", 5)),
+        timed("LIST", ft.list_request("/", None)),
+        timed("health", ft.request(Method::GET, "/health")),
     ])
     .await;
     let mut slowest = Duration::ZERO;
@@ -217,13 +202,8 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let mut api = Api::start_with(Backend::Local, &env).unwrap();
-    let http = reqwest::Client::new();
-    let base = api.url("");
-    let put = |path: &str, v: i64, body: Vec<u8>| {
-        http.put(format!("{base}/files{path}?last_modified={}", lm(v)))
-            .body(body)
-            .send()
-    };
+    let ft = api.ft();
+    let put = |path: &str, v: i64, body: Vec<u8>| ft.put_request(path, v).body(body).send();
     let kept = unique_content("stall-kept", 30_000);
     assert_eq!(
         put("/kept", 1, kept.clone()).await.unwrap().status(),
@@ -239,7 +219,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         "the daemon keeps running"
     );
     proxy.set_stalled(false);
-    let r = first_answer_not_503(&http, &api.url("/files/kept")).await;
+    let r = first_answer_not_503(&ft, "/kept").await;
     assert_eq!(r.status(), StatusCode::OK, "recovered by itself");
     assert_eq!(gunzip(&r.bytes().await.unwrap()), kept, "nothing lost");
     let connections = proxy.connections();
@@ -247,7 +227,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
     // Cut: the server side of every pooled connection is gone, and the API learns it only by
     // using them. Reads and writes go through on fresh connections; nothing fails.
     proxy.cut_upstream().await;
-    let r = http.get(api.url("/files/kept")).send().await.unwrap();
+    let r = ft.get_request("/kept").send().await.unwrap();
     assert_eq!(
         r.status(),
         StatusCode::OK,
@@ -265,15 +245,11 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         r.headers()
     );
     proxy.cut_upstream().await;
-    let r = http.get(api.url("/list/")).send().await.unwrap();
+    let r = ft.list_request("/", None).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "LIST after the cut");
     assert!(r.text().await.unwrap().contains("after-cut"));
     proxy.cut_upstream().await;
-    let r = http
-        .delete(api.url(&format!("/files/after-cut?last_modified={}", lm(2))))
-        .send()
-        .await
-        .unwrap();
+    let r = ft.delete_request("/after-cut", 2).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "DELETE after the cut");
 
     // Blocked: another session holds the row; the server cancels the write at 2 s.
@@ -287,7 +263,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         let msg = r.headers()["x-exception"].to_str().unwrap().to_owned();
         assert!(msg.contains("statement timeout"), "{msg}");
         assert!(took < Duration::from_secs(10), "blocked PUT took {took:?}");
-        let r = http.get(api.url("/files/kept")).send().await.unwrap();
+        let r = ft.get_request("/kept").send().await.unwrap();
         assert_eq!(
             gunzip(&r.bytes().await.unwrap()),
             kept,
@@ -300,7 +276,7 @@ async fn postgres_stalled_or_blocked_gives_503_in_bounded_time_then_recovers() {
         StatusCode::OK,
         "once the lock is gone"
     );
-    let r = http.get(api.url("/files/kept")).send().await.unwrap();
+    let r = ft.get_request("/kept").send().await.unwrap();
     assert_eq!(gunzip(&r.bytes().await.unwrap()), newer);
     let log = api.log();
     assert!(!log.contains("panicked"), "{log}");

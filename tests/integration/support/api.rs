@@ -147,32 +147,14 @@ impl Api {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// PUTs `body` as is at `path` (`/…`) with version `version`; panics unless it gets a 200.
-    pub async fn put_ok(&self, path: &str, version: i64, body: Vec<u8>) {
-        let r = reqwest::Client::new()
-            .put(self.url(&format!("/files{path}?last_modified={}", lm(version))))
-            .body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
-        assert_eq!(r.status(), reqwest::StatusCode::OK, "PUT {path}");
-    }
-
-    /// GETs `path` uncompressed (`Accept-Encoding: identity`): the status and the body.
-    pub async fn get_identity(&self, path: &str) -> (reqwest::StatusCode, Vec<u8>) {
-        let r = reqwest::Client::new()
-            .get(self.url(&format!("/files{path}")))
-            .header("Accept-Encoding", "identity")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        let status = r.status();
-        (status, r.bytes().await.expect("body").to_vec())
+    /// A Filetracker client for this instance.
+    pub fn ft(&self) -> Ft {
+        Ft::new(format!("http://{}", self.addr))
     }
 
     /// Runs `s3dedup-cleaner ARGS` on this instance's store; panics unless it exits 0. Returns
     /// what it printed.
-    fn run_cleaner(&self, args: &[&str]) -> String {
+    pub fn run_cleaner(&self, args: &[&str]) -> String {
         let out = self
             .sibling("s3dedup-cleaner")
             .args(args)
@@ -204,12 +186,7 @@ impl Api {
 
     /// One unlabelled value from `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(self.url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body");
+        let text = self.ft().metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))

@@ -7,12 +7,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 
-use crate::{gzip, lm, sha256_hex};
+use crate::{Ft, sha256_hex};
 
 #[derive(Clone)]
 enum State {
@@ -213,16 +213,7 @@ impl Ledger {
         until: Until,
         seed: u64,
     ) {
-        let http = reqwest::Client::builder()
-            // Longer than any server-side bound (queue, lock and database waits), so a slow
-            // server's error answer arrives instead of the client giving up first.
-            .timeout(Duration::from_secs(300))
-            // Well under the server's idle keep-alive limit (api.header_timeout_secs, 60 s):
-            // reusing a connection the server is closing at that moment breaks the request
-            // mid-body (the soak saw "Broken pipe" 0.0 s into a PUT), and no answer can come.
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .expect("http client");
+        let servers = Ft::for_load(&urls);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ id as u64);
         let mut mine: Vec<String> = Vec::new();
         for n in 0.. {
@@ -232,7 +223,7 @@ impl Ledger {
                 _ => {}
             }
             self.tally.ops.fetch_add(1, Relaxed);
-            let base = &urls[rng.random_range(0..urls.len())];
+            let ft = &servers[rng.random_range(0..servers.len())];
             let kind = rng.random_range(0..100);
             if kind < 40 || mine.is_empty() {
                 let path = format!("/{tag}/{id}/{n}");
@@ -246,15 +237,10 @@ impl Ledger {
                     }
                 }
                 let want = Want::of(&content);
-                let url = format!("{base}/files{path}?last_modified={}", lm(1));
                 let req = if rng.random_bool(0.5) {
-                    http.put(&url)
-                        .header("Content-Encoding", "gzip")
-                        .header("SHA256-Checksum", &want.sha256)
-                        .header("Logical-Size", content.len())
-                        .body(gzip(&content))
+                    ft.put_gzip_request(&path, 1, &content)
                 } else {
-                    http.put(&url).body(content)
+                    ft.put_request(&path, 1).body(content)
                 };
                 let started = Instant::now();
                 let r = req.send().await;
@@ -274,7 +260,7 @@ impl Ledger {
             } else if kind < 80 {
                 let path = &mine[rng.random_range(0..mine.len())];
                 let state = self.get(path).expect("own path");
-                let mut req = http.get(format!("{base}/files{path}"));
+                let mut req = ft.get_request(path);
                 if rng.random_bool(0.5) {
                     req = req.header("Accept-Encoding", "identity");
                 }
@@ -288,9 +274,8 @@ impl Ledger {
                     Some(State::Either(c)) => (c, false),
                     _ => continue,
                 };
-                let url = format!("{base}/files{path}?last_modified={}", lm(2));
                 let started = Instant::now();
-                let r = http.delete(&url).send().await;
+                let r = ft.delete_request(&path, 2).send().await;
                 let what = format!("DELETE {path} ({:.1} s)", started.elapsed().as_secs_f64());
                 match r {
                     // After a failed PUT the path may never have existed.
@@ -311,7 +296,7 @@ impl Ledger {
             } else {
                 let dir = format!("/{tag}/{id}");
                 let what = format!("LIST {dir}");
-                match http.get(format!("{base}/list{dir}")).send().await {
+                match ft.list_request(&dir, None).send().await {
                     Ok(r) if r.status() == StatusCode::OK => {
                         let Ok(text) = r.text().await else {
                             self.tally.dropped.fetch_add(1, Relaxed);
@@ -376,7 +361,7 @@ impl Ledger {
     /// Reads every path once more through `url` with nothing failing; returns (files checked,
     /// files lost). A lost file is a stored one that is missing or wrong.
     pub async fn check_all(&self, url: &str) -> (usize, Vec<String>) {
-        let http = reqwest::Client::new();
+        let ft = Ft::new(url);
         let files: Vec<(String, State)> = self
             .files
             .lock()
@@ -386,8 +371,8 @@ impl Ledger {
             .collect();
         let mut lost = Vec::new();
         for (path, state) in &files {
-            let r = http
-                .get(format!("{url}/files{path}"))
+            let r = ft
+                .get_request(path)
                 .send()
                 .await
                 .expect("the server answers once the faults stop");

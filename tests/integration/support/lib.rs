@@ -4,6 +4,7 @@
 //! its handle drops.
 
 mod api;
+mod client;
 mod content;
 pub mod fault_proxy;
 pub mod ledger;
@@ -15,6 +16,7 @@ pub mod stall_proxy;
 mod workload;
 
 pub use api::*;
+pub use client::*;
 pub use content::*;
 pub use postgres::*;
 pub use process::*;

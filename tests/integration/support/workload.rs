@@ -1,8 +1,6 @@
 //! A concurrent mixed workload over a few paths and contents, and the check that nothing it
 //! saw acknowledged was lost.
 
-use std::time::Duration;
-
 use crate::*;
 
 /// A concurrent mixed workload (PUT raw and gzip, GET, DELETE) over a few paths and contents,
@@ -29,19 +27,7 @@ pub struct Outcome {
 
 /// An answer's status and error message (`X-Exception`, empty if none).
 fn answer(r: &reqwest::Response) -> (reqwest::StatusCode, String) {
-    let why = r
-        .headers()
-        .get("x-exception")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    (r.status(), why.to_owned())
-}
-
-fn version_of(r: &reqwest::Response) -> Option<i64> {
-    let h = r.headers().get("last-modified")?.to_str().ok()?;
-    chrono::DateTime::parse_from_rfc2822(h)
-        .ok()
-        .map(|d| d.timestamp())
+    (r.status(), why(r))
 }
 
 impl Workload {
@@ -80,40 +66,31 @@ impl Workload {
         let record = std::sync::Arc::new(std::sync::Mutex::new(Outcome::default()));
         let contents = std::sync::Arc::new(self.contents.clone());
         let digests = std::sync::Arc::new(self.digests());
-        // A connection left idle past the server's header timeout (60 s) is closed by the
-        // server, and one reused just as that happens fails: keep idle ones for less.
-        let http = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(20))
-            .build()
-            .expect("HTTP client");
+        let servers = Ft::for_load(urls);
         let mut tasks = Vec::new();
         for client in 0..self.clients {
-            let (contents, digests, record, http) = (
+            let (contents, digests, record, servers) = (
                 contents.clone(),
                 digests.clone(),
                 record.clone(),
-                http.clone(),
+                servers.clone(),
             );
-            let (urls, ops, paths, prefix) =
-                (urls.to_vec(), self.ops, self.paths, self.prefix.clone());
+            let (ops, paths, prefix) = (self.ops, self.paths, self.prefix.clone());
             tasks.push(tokio::spawn(async move {
                 let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
                 for op in 0..ops {
-                    let base = &urls[(client + op) % urls.len()];
+                    let ft = &servers[(client + op) % servers.len()];
                     let p = rng.random_range(0..paths);
                     // Versions climb as the run goes on; neighbours collide (equal) or lag.
                     let v = op as i64 / 3 + rng.random_range(0..3);
                     let kind = rng.random_range(0..100);
-                    let url = format!("{base}/files{prefix}/{p}?last_modified={}", lm(v));
+                    let path = format!("{prefix}/{p}");
                     let result = if kind < 60 {
                         let c = rng.random_range(0..contents.len());
-                        let req = http.put(&url);
                         let req = if rng.random_bool(0.5) {
-                            req.header("Content-Encoding", "gzip")
-                                .header("SHA256-Checksum", sha256_hex(&contents[c]))
-                                .body(gzip(&contents[c]))
+                            ft.put_gzip_request(&path, v, &contents[c])
                         } else {
-                            req.body(contents[c].clone())
+                            ft.put_request(&path, v).body(contents[c].clone())
                         };
                         req.send().await.map(|r| {
                             if r.status() == reqwest::StatusCode::OK && version_of(&r) == Some(v) {
@@ -128,8 +105,7 @@ impl Workload {
                             answer(&r)
                         })
                     } else if kind < 85 {
-                        let get = format!("{base}/files{prefix}/{p}");
-                        let result = match http.get(&get).send().await {
+                        let result = match ft.get_request(&path).send().await {
                             Ok(r) if r.status() == reqwest::StatusCode::OK => {
                                 let body = gunzip(&r.bytes().await.unwrap());
                                 assert!(
@@ -142,7 +118,7 @@ impl Workload {
                         };
                         result.map(|(s, why)| (s, format!("GET: {why}")))
                     } else {
-                        http.delete(&url).send().await.map(|r| {
+                        ft.delete_request(&path, v).send().await.map(|r| {
                             if r.status() == reqwest::StatusCode::OK && version_of(&r).is_none() {
                                 record.lock().unwrap().deleted.entry(p).or_default().push(v);
                             }
@@ -153,10 +129,10 @@ impl Workload {
                     rec.ops += 1;
                     match result {
                         Ok((s, why)) if s.is_server_error() => {
-                            rec.server_errors.push(format!("{url}: {s}: {why}"))
+                            rec.server_errors.push(format!("{path} v{v}: {s}: {why}"))
                         }
                         Ok(_) => {}
-                        Err(e) => rec.server_errors.push(format!("{url}: {e:?}")),
+                        Err(e) => rec.server_errors.push(format!("{path} v{v}: {e:?}")),
                     }
                 }
             }));
@@ -186,7 +162,7 @@ impl Workload {
         );
         assert_eq!(outcome.ops, self.clients * self.ops);
         let digests = self.digests();
-        let http = reqwest::Client::new();
+        let servers: Vec<Ft> = urls.iter().map(Ft::new).collect();
         for p in 0..self.paths {
             let stored = outcome.stored.get(&p).cloned().unwrap_or_default();
             let max_put = stored.iter().map(|(v, _)| *v).max();
@@ -195,22 +171,18 @@ impl Workload {
                 .get(&p)
                 .and_then(|d| d.iter().copied().max());
             let deleted_above_max = matches!((max_put, max_del), (Some(m), Some(d)) if d >= m);
-            for base in urls {
-                let r = http
-                    .get(format!("{base}/files{}/{p}", self.prefix))
-                    .send()
-                    .await
-                    .unwrap();
-                if r.status() == reqwest::StatusCode::NOT_FOUND {
+            for ft in &servers {
+                let got = ft.fetch(&format!("{}/{p}", self.prefix)).await;
+                if got.status == reqwest::StatusCode::NOT_FOUND {
                     assert!(
                         max_put.is_none() || deleted_above_max,
                         "path {p} lost version {max_put:?}"
                     );
                     continue;
                 }
-                assert_eq!(r.status(), reqwest::StatusCode::OK, "path {p}");
-                let v = version_of(&r).expect("Last-Modified");
-                let c = digests[&sha256_hex(&gunzip(&r.bytes().await.unwrap()))];
+                assert_eq!(got.status, reqwest::StatusCode::OK, "path {p}");
+                let v = got.version.expect("Last-Modified");
+                let c = digests[&sha256_hex(&got.content)];
                 assert!(
                     stored.contains(&(v, c)),
                     "path {p}: ({v}, content {c}) was never acknowledged"
