@@ -1,7 +1,7 @@
 //! `s3dedup-migrator` importing Filetracker v1 and v2 directories beside a running API.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use reqwest::StatusCode;
 use s3dedup_tests::*;
@@ -242,6 +242,53 @@ async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
     api.verify_deep();
     report(&format!(
         "FAULTS migrator-sigkill: killed after {done} of {n} files, resumed; {n} files checked, 0 lost"
+    ));
+}
+
+/// A file that fails early, then a kill after a few checkpoints: the resumed run must not end
+/// "0 failed" with exit 0 while that file is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_still_fails_for_a_file_that_failed_before_the_kill() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let (n, size) = (600usize, 2048usize);
+    for i in 0..n {
+        let f = src.path().join(format!("files/d{:02}/f{i:05}", i % 5));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, unique_content(&format!("failed-{i}"), size)).unwrap();
+        set_mtime(&f, 1_600_000_000 + i as i64, false);
+    }
+    // First in the walk's order, and unreadable: a link to nothing.
+    std::os::unix::fs::symlink("/nonexistent/target", src.path().join("files/d00/a-broken"))
+        .unwrap();
+    let source = format!("v1:{}", src.path().display());
+    let mut first = Proc {
+        child: api
+            .sibling("s3dedup-migrator")
+            .args(["--source", &source, "--max-bytes-per-sec", "100000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "first migrator".into(),
+    };
+    // Past two checkpoints (one every 2 s) and well before the end (about 12 s of reading).
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    first.kill();
+    let done = listed(&api).await;
+    assert!(done > 50 && done < n, "{done} of {n} before the kill");
+
+    let (ok, out) = migrate(&api, &source);
+    assert!(
+        !ok,
+        "a resumed run that did not import every file exits non-zero: {out}"
+    );
+    assert!(out.contains("a-broken"), "the failure is named: {out}");
+    assert_eq!(count_in(&out, "failed"), 1, "{out}");
+    assert_eq!(listed(&api).await, n, "everything else came over");
+    report(&format!(
+        "FAULTS migrator-resume-failure: killed after {done} of {n} files with 1 failed; \
+         the resumed run reported it and exited non-zero"
     ));
 }
 

@@ -574,7 +574,11 @@ pub async fn run(
         .buffered(opts.jobs.max(1));
     let mut results = std::pin::pin!(results);
     let mut saved = Instant::now();
+    // The checkpoint never passes a file that failed: a run resumed after a kill starts at
+    // this run's first failure and tries it again, so it cannot end "0 failed" while a file
+    // it skipped is missing.
     let mut position = None;
+    let mut failed_before = false;
     while let Some((result, file, pos)) = results.next().await {
         match result {
             Ok(Done::Migrated(bytes)) => {
@@ -586,9 +590,12 @@ pub async fn run(
             Err(why) => {
                 tracing::warn!(file, error = %why, "not migrated");
                 report.failed.push((file, why.to_string()));
+                failed_before = true;
             }
         }
-        position = pos.or(position);
+        if !failed_before {
+            position = pos.or(position);
+        }
         if checkpoints && saved.elapsed() >= CHECKPOINT_EVERY {
             saved = Instant::now();
             if let Some(p) = &position
