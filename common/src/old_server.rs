@@ -118,6 +118,15 @@ impl OldServer {
         }
     }
 
+    /// The version the old server holds of `path`, asked with HEAD; `None` if it has none.
+    pub async fn version(&self, path: &FilePath) -> Result<Option<Version>, OldServerError> {
+        let url = self.file_url(path);
+        match self.send("HEAD", &url, self.http.head(&url)).await? {
+            Some(head) => version_of(&url, &head).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Brings `path` over unless ours (`stored`) is at least as new or it was deleted here
     /// since. Asks with HEAD first when there is something to compare with, so a skip costs
     /// no download.

@@ -214,3 +214,33 @@ def test_live_migration_forwards_writes_to_the_old_server(old_server, tmp_path):
     finally:
         api.kill()
         api.wait()
+
+
+def test_live_migration_an_older_put_loses_to_the_old_servers_version(old_server, tmp_path):
+    """A PUT of a path s3dedup has not imported yet, older than the old server's copy: the old
+    server would ignore it, so s3dedup answers with the newer version and stores that one."""
+    _, _, old_url = old_server
+    api, url = start_api(tmp_path, fallback_url=old_url, fallback_forward_writes="true")
+    try:
+        c = Client(remote_url=url, local_store=None)
+        old = Client(remote_url=old_url, local_store=None)
+        # A path of its own, so the other tests' expectations of the old server stay true.
+        path, version, body = "/older-put/x.txt", 1_800_000, b"the old server's copy\n"
+        src = tmp_path / "older.txt"
+        src.write_bytes(body)
+        assert old.put_file(f"{path}@{version}", str(src)) == f"{path}@{version}"
+        src.write_bytes(b"an older version than the old server holds\n")
+        assert c.put_file(f"{path}@{version - 1}", str(src)) == f"{path}@{version}"
+        # Both stores hold the old server's version and content.
+        for client in (c, old):
+            assert client.file_version(path) == version
+            stream, name = client.get_stream(path)
+            assert name == f"{path}@{version}" and stream.read() == body
+        # A newer PUT of a path still wins, and is forwarded.
+        src.write_bytes(b"newer than the old server's\n")
+        assert c.put_file(f"{path}@{version + 1}", str(src)) == f"{path}@{version + 1}"
+        assert old.file_version(path) == version + 1
+        assert c.get_stream(path)[0].read() == src.read_bytes()
+    finally:
+        api.kill()
+        api.wait()

@@ -2,8 +2,9 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use s3dedup_common::filestore::FileStoreError;
 use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
-use s3dedup_common::protocol::FilePath;
+use s3dedup_common::protocol::{FilePath, Version};
 use s3dedup_common::unix_now;
 
 use super::error::ApiError;
@@ -33,6 +34,33 @@ pub(super) async fn import_miss(state: &AppState, path: &FilePath) -> Result<boo
         imported,
         Imported::Stored { .. } | Imported::Present
     ))
+}
+
+/// Live migration: the version the old server holds of a path s3dedup knows nothing of (no
+/// file, no remembered deletion), when it is newer than `version`. The old server would
+/// ignore such a PUT, so s3dedup must too; the newer file is imported so both agree.
+pub(super) async fn newer_on_old_server(
+    state: &AppState,
+    path: &FilePath,
+    version: Version,
+) -> Result<Option<Version>, ApiError> {
+    let Some(old) = &state.fallback else {
+        return Ok(None);
+    };
+    if state.files.stat(path.as_str()).await?.is_some()
+        || (state.files.deleted_version(path.as_str()).await)
+            .map_err(FileStoreError::from)?
+            .is_some()
+    {
+        return Ok(None); // known here: the usual version rules decide
+    }
+    let Some(theirs) = old.version(path).await?.filter(|v| *v > version) else {
+        return Ok(None);
+    };
+    tracing::info!(%path, version, old_version = theirs, old_server = old.base(),
+        "PUT older than the old server's file: importing that one instead");
+    import_miss(state, path).await?;
+    Ok(Some(theirs))
 }
 
 /// The old server, when writes are to be forwarded to it (live migration with rollback).

@@ -19,7 +19,7 @@ use s3dedup_common::protocol::{self, FilePath};
 use s3dedup_common::unix_now;
 
 use super::error::{ApiError, ApiResult};
-use super::fallback::{forward_writes, stored_but_not_forwarded};
+use super::fallback::{forward_writes, newer_on_old_server, stored_but_not_forwarded};
 use super::headers::{header_str, last_modified, parse_encoding, parse_hints, request_version};
 use super::{AppState, ingest_options};
 
@@ -124,6 +124,9 @@ pub(super) async fn put_checks(
     req: &Parts,
 ) -> Result<PutStart, ApiError> {
     let version = request_version(req.uri.query(), &req.headers)?;
+    if let Some(newer) = newer_on_old_server(state, path, version).await? {
+        return Ok(PutStart::Newer(newer));
+    }
     let encoding = parse_encoding(&req.headers)?;
     let hints = parse_hints(&req.headers)?;
     let max = state.cfg.max_file_size;
