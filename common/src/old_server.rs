@@ -267,7 +267,14 @@ impl OldServer {
     /// like its links, which this decodes), sent one by one as they arrive, so memory stays
     /// flat; a failed or cut-off listing is sent as its error, last.
     pub async fn list(&self, tx: tokio::sync::mpsc::Sender<Result<String, OldServerError>>) {
-        let url = format!("{}/list/", self.base);
+        // Without a cutoff the listing stops at the server's "now", and a file versioned ahead
+        // of its clock would never be imported: ask for everything up to the last version.
+        let cutoff = protocol::format_version(protocol::MAX_VERSION);
+        let url = format!(
+            "{}/list/?last_modified={}",
+            self.base,
+            percent_encoding::utf8_percent_encode(&cutoff, percent_encoding::NON_ALPHANUMERIC)
+        );
         let protocol_error = |why: String| OldServerError::Protocol {
             url: url.clone(),
             why,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,8 @@ def content(i, size):
     return (seed * (size // 32 + 1))[:size]
 
 
-@pytest.fixture(scope="module")
-def old_server():
-    """The old server on a fresh data dir, filled through the real client; yields
-    (data dir, {path: (version, bytes)})."""
-    tmp = Path(tempfile.mkdtemp(prefix="s3dedup-old-"))
+def start_old_server(tmp):
+    """A real filetracker-server on an empty data dir under `tmp`: (process, data dir, url)."""
     data = tmp / "data"
     port = free_port()
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
@@ -38,6 +36,15 @@ def old_server():
          "-L", tmp / "old.log"], env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/version/", proc, "filetracker-server")
+    return proc, data, url
+
+
+@pytest.fixture(scope="module")
+def old_server():
+    """The old server on a fresh data dir, filled through the real client; yields
+    (data dir, {path: (version, bytes)})."""
+    tmp = Path(tempfile.mkdtemp(prefix="s3dedup-old-"))
+    proc, data, url = start_old_server(tmp)
     c = Client(remote_url=url, local_store=None)
     rng = random.Random(7)
     expected = {}
@@ -241,6 +248,34 @@ def test_live_migration_an_older_put_loses_to_the_old_servers_version(old_server
         assert c.put_file(f"{path}@{version + 1}", str(src)) == f"{path}@{version + 1}"
         assert old.file_version(path) == version + 1
         assert c.get_stream(path)[0].read() == src.read_bytes()
+    finally:
+        api.kill()
+        api.wait()
+
+
+def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_path):
+    """The old server's listing stops at its own "now" unless asked otherwise; a file whose
+    version is ahead of that clock must still come over (v2:DIR always brought it)."""
+    (tmp_path / "old").mkdir()
+    proc, _, old_url = start_old_server(tmp_path / "old")
+    try:
+        old = Client(remote_url=old_url, local_store=None)
+        future = int(time.time()) + 10 * 86400
+        src = tmp_path / "f.txt"
+        for path, version in [("/past.txt", 1_600_000_000), ("/future.txt", future)]:
+            src.write_bytes(path.encode())
+            assert old.put_file(f"{path}@{version}", str(src)) == f"{path}@{version}"
+        first, _ = migrate_and_serve(old_url, tmp_path)
+        assert "2 files migrated" in first, first
+    finally:
+        proc.terminate()
+        proc.wait()
+    api, url = start_api(tmp_path)
+    try:
+        c = Client(remote_url=url, local_store=None)
+        assert c.file_version("/past.txt") == 1_600_000_000
+        assert c.file_version("/future.txt") == future
+        assert c.get_stream("/future.txt")[0].read() == b"/future.txt"
     finally:
         api.kill()
         api.wait()
