@@ -162,6 +162,11 @@ async fn run(
         bail!("source {source}: {} is not a directory", root.display());
     }
     let fs = Arc::new(started.file_store().await?);
+    // Before the source is read: a wrong bucket or a store that is down is one line and exit 1,
+    // not one failure per file.
+    let (meta, store) = fs.check().await;
+    meta.context("the destination's metadata database does not answer")?;
+    store.context("the destination's object store does not answer")?;
     let progress = Progress {
         source: source.to_string(),
         started: Instant::now(),

@@ -245,6 +245,26 @@ async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
     ));
 }
 
+/// An object store that does not answer is one clear line and exit 1 before the source is
+/// read, not a failure line per file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_does_not_answer_stops_the_run_before_it_starts() {
+    let mut s3 = S3Server::start().unwrap();
+    let api = Api::start(Backend::S3(&s3)).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        let f = src.path().join(format!("files/f{i:02}"));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, format!("file {i}")).unwrap();
+    }
+    s3.stop();
+    let (ok, out) = migrate(&api, &format!("v1:{}", src.path().display()));
+    assert!(!ok, "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
+    assert!(out.contains("object store does not answer"), "{out}");
+    assert!(!out.contains("f00"), "no file was tried: {out}");
+}
+
 /// A file that fails early, then a kill after a few checkpoints: the resumed run must not end
 /// "0 failed" with exit 0 while that file is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
