@@ -158,8 +158,21 @@ async fn run(
     opts: RunOptions,
     bar: bool,
 ) -> anyhow::Result<MigrateReport> {
-    if let Some(root) = source.walk_root().filter(|r| !r.is_dir()) {
-        bail!("source {source}: {} is not a directory", root.display());
+    if let Some(root) = source.walk_root()
+        && let Err(e) = std::fs::read_dir(&root)
+    {
+        let why = match e.kind() {
+            // filetracker-server keeps its data directory 0700 for its own user.
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied reading {} as uid {}: give this user read access to the \
+                 source (docs/operations.md, \"Import an existing Filetracker\")",
+                root.display(),
+                nix::unistd::geteuid()
+            ),
+            std::io::ErrorKind::NotFound => format!("{} does not exist", root.display()),
+            _ => format!("{} is not a readable directory: {e}", root.display()),
+        };
+        bail!("source {source}: {why}");
     }
     let fs = Arc::new(started.file_store().await?);
     // Before the source is read: a wrong bucket or a store that is down is one line and exit 1,

@@ -256,6 +256,35 @@ fn as_root_the_tools_work_as_the_data_directory_owner() {
     );
 }
 
+#[test]
+fn a_source_its_user_cannot_read_is_named_as_such() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    // As filetracker-server leaves its data directory: 0700 for its own user (root here).
+    let old = dir.path().join("filetracker");
+    std::fs::create_dir_all(old.join("links")).unwrap();
+    set_mode(&old, 0o700);
+
+    let out = run_on(
+        "s3dedup-migrator",
+        ("--data-dir", &data),
+        &["--source", &format!("v2:{}", old.display())],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("permission denied reading") && text(&out).contains("uid 65534"),
+        "{}",
+        text(&out)
+    );
+}
+
 fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
