@@ -279,3 +279,38 @@ def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_pat
     finally:
         api.kill()
         api.wait()
+
+
+def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
+    """Six clients ask for the same large file s3dedup has not imported yet: one download
+    from the old server and one import, and all six get the whole file."""
+    from concurrent.futures import ThreadPoolExecutor
+    (tmp_path / "old").mkdir()
+    proc, _, old_url = start_old_server(tmp_path / "old")
+    api = None
+    try:
+        body = os.urandom(24 << 20)
+        src = tmp_path / "big.bin"
+        src.write_bytes(body)
+        old = Client(remote_url=old_url, local_store=None)
+        assert old.put_file("/big.bin@1700000000", str(src)) == "/big.bin@1700000000"
+        api, url = start_api(tmp_path, fallback_url=old_url)
+
+        def fetch(_):
+            c = Client(remote_url=url, local_store=None)
+            stream, name = c.get_stream("/big.bin")
+            return name, hashlib.sha256(stream.read()).hexdigest()
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(fetch, range(6)))
+        want = ("/big.bin@1700000000", hashlib.sha256(body).hexdigest())
+        assert got == [want] * 6
+        assert metric(url, "s3dedup_fallback_imports_total") == 1
+        downloads = (tmp_path / "old" / "old.log").read_text().count("GET /files/big.bin")
+        assert downloads == 1, f"{downloads} downloads from the old server"
+    finally:
+        if api:
+            api.kill()
+            api.wait()
+        proc.terminate()
+        proc.wait()

@@ -1,6 +1,8 @@
 //! Live migration: misses imported from the old server, and writes forwarded to it.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use s3dedup_common::filestore::FileStoreError;
 use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
@@ -10,8 +12,58 @@ use s3dedup_common::unix_now;
 use super::error::ApiError;
 use super::{AppState, ingest_options};
 
+/// Imports under way, one entry per path: concurrent misses of one path take turns, and all but
+/// the first find it stored instead of each downloading it. Entries live only while a request
+/// for their path does, so the map is bounded by the request slots.
+#[derive(Default)]
+pub(super) struct ImportsInFlight(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl ImportsInFlight {
+    fn turn<'a>(&'a self, path: &FilePath) -> Turn<'a> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = path.as_str().to_owned();
+        let lock = map.entry(path.clone()).or_default().clone();
+        Turn {
+            imports: self,
+            path,
+            lock,
+        }
+    }
+}
+
+/// A request's place in its path's queue; leaving it (also by a cancelled request) removes
+/// the path's entry when nobody else is in it.
+struct Turn<'a> {
+    imports: &'a ImportsInFlight,
+    path: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut map = (self.imports.0.lock()).unwrap_or_else(PoisonError::into_inner);
+        // Counted under the map's lock, where every holder took its clone: the map's
+        // reference and this one mean nobody else waits.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.path);
+        }
+    }
+}
+
 /// Live migration: on a miss, imports `path` from the old server. True when it is stored now.
 pub(super) async fn import_miss(state: &AppState, path: &FilePath) -> Result<bool, ApiError> {
+    if state.fallback.is_none() {
+        return Ok(false);
+    }
+    let turn = state.imports.turn(path);
+    let _mine = turn.lock.lock().await;
+    if state.files.stat(path.as_str()).await?.is_some() {
+        return Ok(true); // the request before this one imported it
+    }
+    import_now(state, path).await
+}
+
+async fn import_now(state: &AppState, path: &FilePath) -> Result<bool, ApiError> {
     let Some(old) = &state.fallback else {
         return Ok(false);
     };
@@ -77,4 +129,32 @@ pub(super) fn stored_but_not_forwarded(e: OldServerError) -> ApiError {
         e.status,
         format!("done here, but not on the old server: {}", e.message),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn misses_of_one_path_take_turns_and_leave_nothing_behind() {
+        let imports = ImportsInFlight::default();
+        let a = FilePath::parse("/a", 100).unwrap();
+        let first = imports.turn(&a);
+        let held = first.lock.clone().lock_owned().await;
+        let second = imports.turn(&a);
+        assert!(
+            second.lock.try_lock().is_err(),
+            "the second waits for the first"
+        );
+        drop(held);
+        drop(first);
+        assert!(second.lock.try_lock().is_ok());
+        assert_eq!(
+            imports.0.lock().unwrap().len(),
+            1,
+            "the second is still in line"
+        );
+        drop(second);
+        assert!(imports.0.lock().unwrap().is_empty());
+    }
 }

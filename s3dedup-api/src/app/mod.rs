@@ -38,6 +38,8 @@ pub struct AppState {
     slots_granted: AtomicU64,
     /// Live migration: the old server that misses are imported from.
     fallback: Option<OldServer>,
+    /// Live migration: imports under way, so one path is downloaded once.
+    imports: fallback::ImportsInFlight,
     /// The local read cache in front of S3, if any (for `/metrics`).
     pub cache: Option<Arc<ReadCache>>,
 }
@@ -56,6 +58,7 @@ impl AppState {
             metrics: Metrics::default(),
             cfg,
             fallback,
+            imports: Default::default(),
             cache: None,
         })
     }
