@@ -51,6 +51,16 @@ pub enum Imported {
     Deleted,
 }
 
+/// What the old server's HEAD of a file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OldHead {
+    pub version: Version,
+    /// `Logical-Size`: the content's length.
+    pub logical_size: Option<u64>,
+    /// `Content-Length` of the gzip it would send.
+    pub stored_size: Option<u64>,
+}
+
 /// The old server's root URL and an HTTP client for it.
 #[derive(Debug, Clone)]
 pub struct OldServer {
@@ -118,13 +128,21 @@ impl OldServer {
         }
     }
 
-    /// The version the old server holds of `path`, asked with HEAD; `None` if it has none.
-    pub async fn version(&self, path: &FilePath) -> Result<Option<Version>, OldServerError> {
+    /// The old server's HEAD of `path`, without downloading it; `None` if it has no such file.
+    pub async fn head(&self, path: &FilePath) -> Result<Option<OldHead>, OldServerError> {
         let url = self.file_url(path);
-        match self.send("HEAD", &url, self.http.head(&url)).await? {
-            Some(head) => version_of(&url, &head).map(Some),
-            None => Ok(None),
-        }
+        let Some(r) = self.send("HEAD", &url, self.http.head(&url)).await? else {
+            return Ok(None);
+        };
+        let number = |name: &str| {
+            let v = r.headers().get(name)?.to_str().ok()?;
+            v.trim().parse().ok()
+        };
+        Ok(Some(OldHead {
+            version: version_of(&url, &r)?,
+            logical_size: number(protocol::HEADER_LOGICAL_SIZE),
+            stored_size: number(reqwest::header::CONTENT_LENGTH.as_str()),
+        }))
     }
 
     /// Brings `path` over unless ours (`stored`) is at least as new or it was deleted here

@@ -283,7 +283,8 @@ def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_pat
 
 def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
     """Six clients ask for the same large file s3dedup has not imported yet: one download
-    from the old server and one import, and all six get the whole file."""
+    from the old server and one import, and all six get the whole file. A HEAD downloads
+    nothing."""
     from concurrent.futures import ThreadPoolExecutor
     (tmp_path / "old").mkdir()
     proc, _, old_url = start_old_server(tmp_path / "old")
@@ -308,6 +309,19 @@ def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
         assert metric(url, "s3dedup_fallback_imports_total") == 1
         downloads = (tmp_path / "old" / "old.log").read_text().count("GET /files/big.bin")
         assert downloads == 1, f"{downloads} downloads from the old server"
+
+        # A HEAD (the client's file_version and file_size) of another unimported file is
+        # answered from the old server's HEAD: nothing downloaded, nothing imported.
+        assert old.put_file("/other.bin@1700000001", str(src)) == "/other.bin@1700000001"
+        c = Client(remote_url=url, local_store=None)
+        assert c.file_version("/other.bin") == 1700000001
+        assert c.file_size("/other.bin") == len(body)
+        assert metric(url, "s3dedup_fallback_imports_total") == 1
+        # gunicorn logs a HEAD as a GET that sent 0 bytes.
+        sent = [int(line.split('" 200 ')[1].split()[0])
+                for line in (tmp_path / "old" / "old.log").read_text().splitlines()
+                if "GET /files/other.bin" in line]
+        assert sent and not any(sent), f"bytes sent by the old server: {sent}"
     finally:
         if api:
             api.kill()

@@ -106,13 +106,44 @@ pub(super) async fn newer_on_old_server(
     {
         return Ok(None); // known here: the usual version rules decide
     }
-    let Some(theirs) = old.version(path).await?.filter(|v| *v > version) else {
+    let theirs = old.head(path).await?.map(|h| h.version);
+    let Some(theirs) = theirs.filter(|v| *v > version) else {
         return Ok(None);
     };
     tracing::info!(%path, version, old_version = theirs, old_server = old.base(),
         "PUT older than the old server's file: importing that one instead");
     import_miss(state, path).await?;
     Ok(Some(theirs))
+}
+
+/// How a HEAD of a path s3dedup does not have is answered during live migration.
+pub(super) enum OldHeadAnswer {
+    /// From the old server's HEAD, without downloading the file: version, content length
+    /// and gzip length.
+    Headers(Version, u64, u64),
+    /// 404: no fallback, the old server has no such file, or it was deleted here since.
+    NotFound,
+    /// The old server did not say the sizes: the file must be imported to answer.
+    Import,
+}
+
+pub(super) async fn head_on_old_server(
+    state: &AppState,
+    path: &FilePath,
+) -> Result<OldHeadAnswer, ApiError> {
+    let Some(old) = &state.fallback else {
+        return Ok(OldHeadAnswer::NotFound);
+    };
+    let Some(head) = old.head(path).await? else {
+        return Ok(OldHeadAnswer::NotFound);
+    };
+    let deleted =
+        (state.files.deleted_version(path.as_str()).await).map_err(FileStoreError::from)?;
+    Ok(match (head.logical_size, head.stored_size) {
+        _ if deleted.is_some_and(|d| d >= head.version) => OldHeadAnswer::NotFound,
+        (Some(logical), Some(stored)) => OldHeadAnswer::Headers(head.version, logical, stored),
+        _ => OldHeadAnswer::Import,
+    })
 }
 
 /// The old server, when writes are to be forwarded to it (live migration with rollback).

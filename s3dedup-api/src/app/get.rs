@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use s3dedup_common::inflating;
@@ -15,22 +15,38 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use super::error::{ApiResult, not_found};
-use super::fallback::import_miss;
-use super::headers::{accepts_gzip, file_headers};
+use super::fallback::{OldHeadAnswer, head_on_old_server, import_miss};
+use super::headers::{accepts_gzip, file_headers, headers_of};
 
 pub(super) async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {
+    let gzip = accepts_gzip(headers);
     let mut entry = state.files.stat(path.as_str()).await?;
-    if entry.is_none() && import_miss(state, path).await? {
-        entry = state.files.stat(path.as_str()).await?;
+    if entry.is_none() {
+        match head_on_old_server(state, path).await? {
+            OldHeadAnswer::Headers(version, logical, stored) => {
+                let found = headers_of(version, logical, stored, gzip);
+                return Ok(with_encoding((found, Body::empty()).into_response(), gzip));
+            }
+            OldHeadAnswer::NotFound => {}
+            OldHeadAnswer::Import => {
+                if import_miss(state, path).await? {
+                    entry = state.files.stat(path.as_str()).await?;
+                }
+            }
+        }
     }
     let entry = entry.ok_or_else(|| not_found(path))?;
-    let gzip = accepts_gzip(headers);
-    let mut r = (file_headers(&entry, gzip), Body::empty()).into_response();
+    let r = (file_headers(&entry, gzip), Body::empty()).into_response();
+    Ok(with_encoding(r, gzip))
+}
+
+/// Marks a response's body as gzip when it is the stored gzip.
+fn with_encoding(mut r: Response, gzip: bool) -> Response {
     if gzip {
         r.headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
-    Ok(r)
+    r
 }
 
 pub(super) async fn get_file(
@@ -55,12 +71,7 @@ pub(super) async fn get_file(
             permit,
         ))
     };
-    let mut r = (headers, stream).into_response();
-    if gzip {
-        r.headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    Ok(r)
+    Ok(with_encoding((headers, stream).into_response(), gzip))
 }
 
 /// Counts bytes sent and keeps the request's concurrency slot until the body is done.

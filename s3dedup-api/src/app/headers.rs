@@ -58,18 +58,24 @@ pub(super) fn file_headers(
     entry: &FileEntry,
     gzip: bool,
 ) -> [(header::HeaderName, HeaderValue); 4] {
-    let logical = entry.blob.logical_size;
-    let length = if gzip {
-        entry.blob.stored_size
-    } else {
-        logical
-    };
+    let blob = &entry.blob;
+    headers_of(entry.version, blob.logical_size, blob.stored_size, gzip)
+}
+
+/// The headers of a file of `version` whose content is `logical` bytes and its gzip `stored`.
+pub(super) fn headers_of(
+    version: protocol::Version,
+    logical: u64,
+    stored: u64,
+    gzip: bool,
+) -> [(header::HeaderName, HeaderValue); 4] {
+    let length = if gzip { stored } else { logical };
     [
         (
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         ),
-        last_modified(entry.version),
+        last_modified(version),
         (
             header::HeaderName::from_static(protocol::HEADER_LOGICAL_SIZE),
             HeaderValue::from(logical),
