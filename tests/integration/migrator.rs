@@ -114,6 +114,24 @@ async fn v2_directory_is_imported_verified_and_decoded() {
     add("/p/dup.txt", &big, 1_600_000_005, false);
     add("/żółw/ąę ść.txt", b"polish", 1_600_000_010, false);
     add("/bad.txt", b"this blob is corrupt", 1_600_000_020, true);
+    // A dry run predicts the failure, and stores nothing.
+    let dry = api
+        .sibling("s3dedup-migrator")
+        .args(["--source", &format!("v2:{}", root.display()), "--dry-run"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(!dry.status.success(), "{said}");
+    assert!(
+        said.contains("failed: /bad.txt (") && said.contains("3 files migrated"),
+        "{said}"
+    );
+    assert_eq!(
+        api.ft().list("/", None).await.1,
+        "",
+        "a dry run stores nothing"
+    );
+    assert!(api.local_objects().is_empty() && api.spool_files().is_empty());
     let (ok, out) = migrate(&api, &format!("v2:{}", root.display()));
     assert!(!ok, "a corrupt blob makes the run exit 1: {out}");
     assert!(

@@ -270,9 +270,8 @@ async fn import(
     if let Some(done) = settled(fs, path, *version).await? {
         return Ok(done);
     }
-    if opts.dry_run {
-        return Ok(Done::Migrated(0));
-    }
+    // A dry run reads and verifies the file too (it is spooled, then dropped), so it
+    // predicts the failures of the real run.
     let f = std::fs::File::open(file).map_err(|source| MigrateError::Read {
         path: file.clone(),
         source,
@@ -297,6 +296,9 @@ async fn import(
     .await
     .map_err(|e| MigrateError::Task(e.to_string()))??;
     let bytes = spooled.info.logical_size;
+    if opts.dry_run {
+        return Ok(Done::Migrated(bytes));
+    }
     let committed = fs
         .commit(path, *version, spooled, opts.now, PutKind::Import)
         .await?;
