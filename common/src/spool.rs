@@ -199,9 +199,27 @@ impl Write for SpoolWriter {
     }
 }
 
-/// A fresh, empty `upload-*` spool file in `dir`, deleted when dropped unless persisted.
+/// A fresh, empty `upload-<pid>-*` spool file in `dir`, deleted when dropped unless persisted.
+/// The process id in the name lets the next program that starts remove what a killed one left.
 pub fn new_spool_file(dir: &Path) -> io::Result<NamedTempFile> {
-    tempfile::Builder::new().prefix("upload-").tempfile_in(dir)
+    let prefix = format!("upload-{}-", std::process::id());
+    tempfile::Builder::new().prefix(&prefix).tempfile_in(dir)
+}
+
+/// Whether a spool file of this name is a leftover of a process that is gone: its name carries
+/// a process id (files of older versions do not) and no process has that id now. A process of
+/// another user counts as alive.
+pub fn left_by_dead_process(name: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix("upload-")
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(pid, _)| pid.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        == Err(nix::errno::Errno::ESRCH);
+    pid as u32 != std::process::id() && gone
 }
 
 /// True when an I/O error means a disk or quota is full.
@@ -218,6 +236,21 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_are_known_by_a_process_that_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        assert!(left_by_dead_process(&format!("upload-{dead}-x1y2")));
+        let me = std::process::id();
+        assert!(!left_by_dead_process(&format!("upload-{me}-x1y2")));
+        assert!(!left_by_dead_process("upload-1-x1y2"), "init is alive");
+        assert!(
+            !left_by_dead_process("upload-x1y2"),
+            "no process id: by age only"
+        );
+    }
 
     fn files_in(dir: &Path) -> usize {
         std::fs::read_dir(dir).unwrap().count()

@@ -45,16 +45,7 @@ async fn run(started: Started) -> anyhow::Result<u8> {
         .context("opening the read cache")?;
     let files = Arc::new(files);
     let max_age = std::time::Duration::from_secs(cfg.store.spool_max_age_secs);
-    let f = files.clone();
-    let spool = cfg.spool_dir();
-    match tokio::task::spawn_blocking(move || f.remove_stale_spool(max_age)).await? {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!(removed = n, spool = %spool.display(), "removed leftover spool files")
-        }
-        // Not fatal: leftovers only cost disk space.
-        Err(e) => tracing::warn!(error = %e, spool = %spool.display(), "cannot clean the spool"),
-    }
+    files.clean_spool_at_start(max_age).await;
     let mut state = app::AppState::new(files, cfg.api.clone())?;
     state.cache = cache;
     let state = Arc::new(state);

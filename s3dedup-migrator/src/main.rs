@@ -180,6 +180,9 @@ async fn run(
     let (meta, store) = fs.check().await;
     meta.context("the destination's metadata database does not answer")?;
     store.context("the destination's object store does not answer")?;
+    // What an earlier run killed mid-file left in the spool.
+    let max_age = Duration::from_secs(started.cfg.store.spool_max_age_secs);
+    fs.clean_spool_at_start(max_age).await;
     let progress = Progress {
         source: source.to_string(),
         started: Instant::now(),

@@ -263,6 +263,41 @@ async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
     ));
 }
 
+/// A run killed while it spools a large file leaves that file; the next run removes it, not
+/// the API an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_run_removes_what_a_killed_run_left_in_the_spool() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("files/large.bin");
+    std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+    std::fs::write(&f, unique_content("spooled", 8 << 20)).unwrap();
+    let source = format!("v1:{}", src.path().display());
+    let mut first = Proc {
+        child: api
+            .sibling("s3dedup-migrator")
+            .args(["--source", &source, "--max-bytes-per-sec", "1000000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "first migrator".into(),
+    };
+    let started = std::time::Instant::now();
+    while api.spool_files().is_empty() {
+        assert!(started.elapsed().as_secs() < 20, "no spool file appeared");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    first.kill();
+    assert!(
+        !api.spool_files().is_empty(),
+        "the killed run left its spool file"
+    );
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok && out.contains("1 files migrated"), "{out}");
+    assert_eq!(api.spool_files(), Vec::<std::path::PathBuf>::new());
+}
+
 /// An object store that does not answer is one clear line and exit 1 before the source is
 /// read, not a failure line per file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,18 +200,19 @@ impl FileStore {
         self.spool_memory
     }
 
-    /// Removes spool files (`upload-*`) not modified for `max_age`: what a killed process left.
-    /// Blocking; returns how many were removed.
+    /// Removes what killed processes left in the spool: files (`upload-*`) of a process that is
+    /// gone, and any not modified for `max_age`. Blocking; returns how many were removed.
     pub fn remove_stale_spool(&self, max_age: std::time::Duration) -> io::Result<usize> {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.spool_dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            if !name.to_string_lossy().starts_with("upload-") {
+            let name = name.to_string_lossy();
+            if !name.starts_with("upload-") {
                 continue;
             }
             let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
-            if age >= max_age {
+            if age >= max_age || crate::spool::left_by_dead_process(&name) {
                 // Gone already: another process cleaned it, which is as good.
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,
@@ -221,6 +222,19 @@ impl FileStore {
             }
         }
         Ok(removed)
+    }
+
+    /// [`FileStore::remove_stale_spool`] off the runtime, as a program does when it starts; what
+    /// it removed, or why it could not, is logged (leftovers only cost disk space).
+    pub async fn clean_spool_at_start(self: &Arc<Self>, max_age: std::time::Duration) {
+        let f = self.clone();
+        let spool = self.spool_dir.display().to_string();
+        match tokio::task::spawn_blocking(move || f.remove_stale_spool(max_age)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, spool, "removed leftover spool files"),
+            Ok(Err(e)) => tracing::warn!(error = %e, spool, "cannot clean the spool"),
+            Err(e) => tracing::warn!(error = %e, spool, "cleaning the spool failed"),
+        }
     }
 
     /// The file's metadata, without touching the object store.
