@@ -169,7 +169,11 @@ where
         secrets,
         under_systemd,
     };
-    match runtime.block_on(run(started)) {
+    let outcome = runtime.block_on(run(started));
+    // Work still in flight (a blocking read of a file the migrator abandoned when stopped) is
+    // not waited for past this; the next run cleans up what it leaves.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match outcome {
         Ok(code) => ExitCode::from(code),
         // A setting the program found unusable.
         Err(e) if e.is::<config::ConfigError>() || e.is::<SecretError>() => {

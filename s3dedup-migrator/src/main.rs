@@ -78,10 +78,24 @@ async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
     };
     let bar = !started.under_systemd && std::io::stderr().is_terminal();
     let report = run(&started, source, opts, bar).await?;
-    Ok(if report.failed.is_empty() {
+    Ok(if report.failed.is_empty() && !report.stopped {
         0
     } else {
         program::EXIT_FAILURE
+    })
+}
+
+/// Completes at the first SIGTERM (systemctl stop) or SIGINT (Ctrl-C).
+fn stop_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("stopping: the files in flight are abandoned, the checkpoint is kept");
     })
 }
 
@@ -199,9 +213,25 @@ async fn run(
         });
     }
     tracing::info!(%source, jobs = opts.jobs, dry_run = opts.dry_run, "migrating");
-    let report = migrate::run(fs, &source, opts, &|r| progress.show(r, false))
-        .await
-        .with_context(|| format!("migrating {source}"))?;
+    let stop = stop_signal()?;
+    let report = migrate::run(
+        fs.clone(),
+        &source,
+        opts,
+        &|r| progress.show(r, false),
+        stop,
+    )
+    .await
+    .with_context(|| format!("migrating {source}"))?;
+    if report.stopped {
+        // The reads abandoned in flight may still hold their spool files open: unlinked here,
+        // they go when the process does.
+        let f = fs.clone();
+        match tokio::task::spawn_blocking(move || f.remove_own_spool()).await? {
+            Ok(n) => tracing::info!(removed = n, "removed the stopped run's spool files"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove the stopped run's spool files"),
+        }
+    }
     progress.show(&report, true);
     let resumed = match &report.resumed_after {
         Some(pos) => format!(" (resumed after {pos})"),

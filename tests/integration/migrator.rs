@@ -263,6 +263,46 @@ async fn a_killed_run_resumes_from_its_checkpoint_within_its_bandwidth() {
     ));
 }
 
+/// SIGTERM (systemctl stop): the run abandons the files in flight, keeps its checkpoint, prints
+/// its summary saying it stopped, exits non-zero and leaves no spool file; the next run goes
+/// on from the checkpoint and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_run_cleanly() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let n = 120;
+    for i in 0..n {
+        let f = src.path().join(format!("files/d{}/f{i:03}", i % 3));
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, unique_content(&format!("term-{i}"), 60_000)).unwrap();
+    }
+    let source = format!("v1:{}", src.path().display());
+    let out_file = src.path().join("first.out");
+    let mut first = Proc {
+        child: api
+            .sibling("s3dedup-migrator")
+            .args(["--source", &source, "--max-bytes-per-sec", "1000000"])
+            .stdout(std::fs::File::create(&out_file).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "stopped migrator".into(),
+    };
+    // Past two checkpoints (every 2 s), well before the end (about 7 s of reading).
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    let status = first.signal_and_wait("TERM");
+    let said = std::fs::read_to_string(&out_file).unwrap();
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("stopped before the end"), "{said}");
+    assert_eq!(api.spool_files(), Vec::<std::path::PathBuf>::new());
+    let done = listed(&api).await;
+    assert!(done > 0 && done < n, "{done} of {n}");
+
+    let (ok, out) = migrate(&api, &source);
+    assert!(ok && out.contains("resumed after"), "{out}");
+    assert_eq!(listed(&api).await, n);
+}
+
 /// A run killed while it spools a large file leaves that file; the next run removes it, not
 /// the API an hour later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,6 +224,23 @@ impl FileStore {
         Ok(removed)
     }
 
+    /// Removes this process's own spool files: what a stopped run abandoned. Blocking.
+    pub fn remove_own_spool(&self) -> io::Result<usize> {
+        let mine = format!("upload-{}-", std::process::id());
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.spool_dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(&mine) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// [`FileStore::remove_stale_spool`] off the runtime, as a program does when it starts; what
     /// it removed, or why it could not, is logged (leftovers only cost disk space).
     pub async fn clean_spool_at_start(self: &Arc<Self>, max_age: std::time::Duration) {

@@ -94,13 +94,21 @@ pub struct MigrateReport {
     pub resumed_after: Option<String>,
     /// `(source file, why)`: reported, skipped, the run goes on.
     pub failed: Vec<(String, String)>,
+    /// Asked to stop (SIGTERM, SIGINT) before the end: the files in flight were abandoned and
+    /// the checkpoint kept, so the next run goes on from there.
+    pub stopped: bool,
 }
 
 impl MigrateReport {
     /// One line for logs and systemd's `STATUS=`.
     pub fn summary(&self) -> String {
+        let stopped = if self.stopped {
+            "; stopped before the end, run again to finish"
+        } else {
+            ""
+        };
         format!(
-            "{} files migrated ({} bytes), {} already present, {} deleted here, {} failed",
+            "{} files migrated ({} bytes), {} already present, {} deleted here, {} failed{stopped}",
             self.migrated,
             self.bytes,
             self.skipped,
@@ -520,12 +528,15 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Imports everything from `source`, `jobs` files at a time. Failures of single files are
 /// collected, not fatal; `progress` sees the report after every file. Only a metadata store that
-/// cannot say where an interrupted run stopped ends the run.
+/// cannot say where an interrupted run stopped ends the run. When `stop` completes, the files in
+/// flight are abandoned (their spool files go with them), the checkpoint is kept where the run
+/// got to, and the report says it stopped.
 pub async fn run(
     fs: Arc<FileStore>,
     source: &Source,
     opts: RunOptions,
     progress: &(dyn Fn(&MigrateReport) + Sync),
+    stop: impl Future<Output = ()>,
 ) -> Result<MigrateReport, MigrateError> {
     let old = match source {
         Source::Http(u) => Some(OldServer::new(u, opts.http_timeout)?),
@@ -581,7 +592,18 @@ pub async fn run(
     // it skipped is missing.
     let mut position = None;
     let mut failed_before = false;
-    while let Some((result, file, pos)) = results.next().await {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            next = results.next() => next,
+            () = &mut stop => {
+                report.stopped = true;
+                break;
+            }
+        };
+        let Some((result, file, pos)) = next else {
+            break;
+        };
         match result {
             Ok(Done::Migrated(bytes)) => {
                 report.migrated += 1;
@@ -609,8 +631,13 @@ pub async fn run(
         progress(&report);
     }
     if checkpoints {
-        // Finished: the next run walks everything again (and copies only what is new).
-        fs.set_checkpoint(&key, None, opts.now).await?;
+        match (report.stopped, &position) {
+            // Stopped: the next run goes on from here (or from where this one started).
+            (true, Some(p)) => fs.set_checkpoint(&key, Some(p), opts.now).await?,
+            (true, None) => {}
+            // Finished: the next run walks everything again (and copies only what is new).
+            (false, _) => fs.set_checkpoint(&key, None, opts.now).await?,
+        }
     }
     Ok(report)
 }
