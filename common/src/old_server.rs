@@ -145,6 +145,41 @@ impl OldServer {
         }))
     }
 
+    /// The old server's listing of the directory `prefix` (`/a/b/`) up to `cutoff`: names
+    /// relative to it, decoded. A directory it does not have lists nothing.
+    pub async fn list_dir(
+        &self,
+        prefix: &str,
+        cutoff: Version,
+    ) -> Result<Vec<String>, OldServerError> {
+        let cutoff = protocol::format_version(cutoff);
+        let url = format!(
+            "{}/list{}?last_modified={}",
+            self.base,
+            percent_encoding::utf8_percent_encode(prefix, SAFE),
+            percent_encoding::utf8_percent_encode(&cutoff, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let r = match self.send("GET", &url, self.http.get(&url)).await {
+            Ok(Some(r)) => r,
+            // filetracker-server answers 400 for a directory it does not have.
+            Ok(None)
+            | Err(OldServerError::Status {
+                status: reqwest::StatusCode::BAD_REQUEST,
+                ..
+            }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let body = r.bytes().await.map_err(|e| OldServerError::Protocol {
+            url: url.clone(),
+            why: format!("listing cut off: {e}"),
+        })?;
+        Ok(body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| protocol::decode_v2_name(&String::from_utf8_lossy(l)))
+            .collect())
+    }
+
     /// Brings `path` over unless ours (`stored`) is at least as new or it was deleted here
     /// since. Asks with HEAD first when there is something to compare with, so a skip costs
     /// no download.

@@ -328,3 +328,31 @@ def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
             api.wait()
         proc.terminate()
         proc.wait()
+
+
+def test_live_migration_lists_both_stores(old_server, tmp_path):
+    """Before anything is imported, a listing through s3dedup shows the old server's files;
+    one deleted here is gone from it, one written here is in it."""
+    _, expected, old_url = old_server
+    api, url = start_api(tmp_path, fallback_url=old_url)
+    try:
+        c = Client(remote_url=url, local_store=None)
+        # Other tests add (ASCII-named) files to the shared old server; its own listing shows
+        # non-ASCII names double-encoded, which s3dedup decodes.
+        names = {p[1:] for p in expected}
+        old_names = Client(remote_url=old_url, local_store=None).list_remote_files(None, "/", False)
+        old_listing = names | {n for n in old_names if n.isascii()}
+        assert sorted(c.list_remote_files(None, "/", False)) == sorted(old_listing)
+        gone = sorted(expected)[3]
+        c.delete_file(f"{gone}@{expected[gone][0]}")
+        src = tmp_path / "new.txt"
+        src.write_bytes(b"only in s3dedup")
+        c.put_file("/dir1/new.txt@1700000000", str(src))
+        want = (set(old_listing) - {gone[1:]}) | {"dir1/new.txt"}
+        assert sorted(c.list_remote_files(None, "/", False)) == sorted(want)
+        sub = sorted(p[len("dir1/"):] for p in want if p.startswith("dir1/"))
+        assert sorted(c.list_remote_files(None, "/dir1", False)) == sub
+        assert c.list_remote_files(None, "/nowhere", False) == []
+    finally:
+        api.kill()
+        api.wait()

@@ -1,6 +1,6 @@
 //! Live migration: misses imported from the old server, and writes forwarded to it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -144,6 +144,31 @@ pub(super) async fn head_on_old_server(
         (Some(logical), Some(stored)) => OldHeadAnswer::Headers(head.version, logical, stored),
         _ => OldHeadAnswer::Import,
     })
+}
+
+/// Live migration: adds to `listed` (names relative to `prefix`, from s3dedup's own listing) the
+/// ones only the old server lists, except paths deleted here. What s3dedup has wins; a client
+/// sees every file of both.
+pub(super) async fn add_old_server_listing(
+    state: &AppState,
+    prefix: &str,
+    cutoff: Version,
+    listed: &mut BTreeSet<String>,
+) -> Result<(), ApiError> {
+    let Some(old) = &state.fallback else {
+        return Ok(());
+    };
+    for name in old.list_dir(prefix, cutoff).await? {
+        if listed.contains(&name) {
+            continue;
+        }
+        let path = format!("{prefix}{name}");
+        let deleted = (state.files.deleted_version(&path).await).map_err(FileStoreError::from)?;
+        if deleted.is_none() {
+            listed.insert(name);
+        }
+    }
+    Ok(())
 }
 
 /// The old server, when writes are to be forwarded to it (live migration with rollback).

@@ -1,5 +1,6 @@
 //! A directory's listing, streamed a page of paths at a time.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -13,11 +14,43 @@ use s3dedup_common::unix_now;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
-use super::error::ApiResult;
+use super::error::{ApiError, ApiResult};
+use super::fallback::add_old_server_listing;
 use super::get::counted;
 
 /// Paths listed per database round trip while streaming a listing.
 const LIST_PAGE: usize = 2000;
+
+/// Live migration: s3dedup's listing and the old server's, as one (in memory: the listing of
+/// one directory, only while the migration lasts).
+async fn union_with_old_server(
+    state: &AppState,
+    prefix: &str,
+    cutoff: protocol::Version,
+    first: Vec<String>,
+) -> Result<Bytes, ApiError> {
+    let mut listed = BTreeSet::new();
+    let mut page = first;
+    loop {
+        let full = page.len() == LIST_PAGE;
+        let last = page.last().cloned();
+        listed.extend(page.into_iter().map(|p| p[prefix.len()..].to_owned()));
+        match last.filter(|_| full) {
+            Some(last) => {
+                let next = ListPage::first(prefix, cutoff, LIST_PAGE).after(&last);
+                page = (state.files.list(&next).await).map_err(FileStoreError::from)?;
+            }
+            None => break,
+        }
+    }
+    add_old_server_listing(state, prefix, cutoff, &mut listed).await?;
+    let mut out = String::with_capacity(listed.len() * 32);
+    for name in &listed {
+        out.push_str(name);
+        out.push('\n');
+    }
+    Ok(Bytes::from(out))
+}
 
 pub(super) async fn list(
     state: &Arc<AppState>,
@@ -41,6 +74,15 @@ pub(super) async fn list(
     let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if head {
         return Ok((headers, Body::empty()).into_response());
+    }
+    if state.has_fallback() {
+        let listed = union_with_old_server(state, &prefix, cutoff, first).await?;
+        let body = Body::from_stream(counted(
+            futures::stream::once(async move { Ok(listed) }),
+            state.clone(),
+            permit,
+        ));
+        return Ok((headers, body).into_response());
     }
     let render = {
         let prefix = prefix.clone();

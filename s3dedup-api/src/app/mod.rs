@@ -45,6 +45,11 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whether a live migration's old server stands behind this one.
+    pub(super) fn has_fallback(&self) -> bool {
+        self.fallback.is_some()
+    }
+
     pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, OldServerError> {
         let timeout = Duration::from_secs(cfg.fallback_timeout_secs);
         let fallback = match &cfg.fallback_url {
