@@ -35,6 +35,10 @@ struct Cli {
     /// multipart uploads, a local store's temporary files).
     #[arg(long)]
     no_orphans: bool,
+    /// Sweep orphans even when the metadata database has no blobs (otherwise refused: a new or
+    /// wrong database would make every object an orphan).
+    #[arg(long)]
+    allow_empty_metadata: bool,
     /// Check that every live blob's object exists with its recorded size, and every reference
     /// count; delete nothing.
     #[arg(long)]
@@ -89,6 +93,7 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         lock_timeout: Duration::from_secs(cfg.cleaner.lock_timeout_secs),
         page_size: cfg.cleaner.page_size,
         orphans: !cli.no_orphans,
+        empty_metadata_ok: cli.allow_empty_metadata,
         remember_deletions: match cfg.cleaner.remember_deletions_days {
             0 => None,
             days => Some(Duration::from_secs(days * 86400)),

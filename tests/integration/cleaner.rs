@@ -300,6 +300,51 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     assert!(text.contains("wrong size: blob"), "{text}");
 }
 
+/// The trap of a configuration switched to a new, empty metadata database over a store that
+/// holds objects: every object looks like an orphan. The cleaner refuses to sweep them unless
+/// told that this is intended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_metadata_database_does_not_sweep_a_full_store() {
+    let api = Api::start(Backend::Local).unwrap();
+    for i in 0..5 {
+        let body = unique_content(&format!("kept-{i}"), 1000);
+        api.ft().put_ok(&format!("/kept/{i}"), 1, body).await;
+    }
+    let objects = api.data_dir.join("objects");
+    // Written two hours ago, as a store in use for a while is.
+    for f in walk(&objects) {
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        let file = std::fs::File::options().write(true).open(&f).unwrap();
+        file.set_modified(two_hours_ago).unwrap();
+    }
+    // A second instance on the same objects with a database of its own, as after a switch
+    // of metadata.backend that forgot the migration.
+    let objects_path = objects.to_str().unwrap();
+    let fresh = Api::start_with(
+        Backend::Local,
+        &[("S3DEDUP_STORE__LOCAL__PATH", objects_path)],
+    )
+    .unwrap();
+    let mut c = fresh.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "0"]);
+    let out = run(c);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned() + &stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("metadata database has no blobs"), "{said}");
+    assert_eq!(api.local_objects().len(), 5, "nothing was deleted");
+    for i in 0..5 {
+        assert!(api.ft().content(&format!("/kept/{i}")).await.is_some());
+    }
+    // Told so, it empties the store.
+    let out = clean(&fresh, &["--grace-secs", "0", "--allow-empty-metadata"]);
+    assert!(
+        stdout(&out).contains("5 orphaned objects"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(api.local_objects().len(), 0);
+}
+
 /// Multipart uploads that never completed (an API killed mid-upload, a lost connection) are
 /// aborted once older than the grace period, on an S3 server that lists them (moto); uploads
 /// of keys not of our layout stay, a dry run only counts, and live content is untouched.

@@ -36,6 +36,10 @@ pub struct GcOptions {
     pub page_size: usize,
     /// Also sweep the object store for objects that have no row.
     pub orphans: bool,
+    /// Sweep orphans even when the metadata database has no blob at all. Without it such a
+    /// sweep stops with [`FileStoreError::EmptyMetadata`]: that is a wrong configuration far
+    /// more often than an intended emptying of the store.
+    pub empty_metadata_ok: bool,
     /// Forget remembered deletions of paths older than this; `None`: keep them forever.
     pub remember_deletions: Option<Duration>,
     /// Every request of one deletion is sent within this time of its tombstone; past it the
@@ -320,6 +324,10 @@ async fn abort_stale_uploads(fs: &FileStore, cutoff: i64, opts: &GcOptions, repo
     }
 }
 
+/// How old objects must be for a sweep to take a metadata database without a blob as the wrong
+/// one (see [`GcOptions::empty_metadata_ok`]); younger ones may be uploads not committed yet.
+const EMPTY_METADATA_AGE: Duration = Duration::from_secs(3600);
+
 /// Orphans deleted per batch: one `DeleteObjects` request, with each digest's lock held (and
 /// as many lock files open, which is why it is well below S3's limit of 1000).
 const ORPHAN_BATCH: usize = 100;
@@ -338,6 +346,16 @@ async fn sweep_orphans(
         let Some(last) = page.last() else {
             return Ok(());
         };
+        // Objects this old are no upload in flight; with not one blob row (not even a
+        // tombstone, kept an hour) the database is not the one that wrote them.
+        let settled = now - EMPTY_METADATA_AGE.as_secs() as i64;
+        if after.is_none()
+            && !opts.empty_metadata_ok
+            && page.iter().any(|o| o.modified <= settled)
+            && fs.meta.list_blobs(None, 1).await?.is_empty()
+        {
+            return Err(FileStoreError::EmptyMetadata);
+        }
         after = Some(last.digest);
         let old: Vec<&ObjectEntry> = page.iter().filter(|o| o.modified <= cutoff).collect();
         let digests: Vec<Digest> = old.iter().map(|o| o.digest).collect();
@@ -652,6 +670,7 @@ mod tests {
             lock_timeout: Duration::from_millis(200),
             page_size: 2,
             orphans: true,
+            empty_metadata_ok: false,
             remember_deletions: Some(Duration::from_secs(100)),
             delete_timeout: Duration::from_secs(10),
             delete_settle: Duration::from_secs(5),

@@ -58,6 +58,14 @@ pub enum FileStoreError {
         digest: Digest,
         found: BlobState,
     },
+    #[error(
+        "the metadata database has no blobs but the object store holds objects older than an \
+         hour: a new or wrong \
+         database (metadata.backend, metadata.sqlite.path, metadata.postgres.url)? Every object \
+         would be swept as an orphan, so none is; if the store really is to be emptied, run \
+         s3dedup-cleaner --allow-empty-metadata"
+    )]
+    EmptyMetadata,
 }
 
 impl FileStoreError {

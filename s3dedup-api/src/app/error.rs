@@ -82,7 +82,8 @@ impl From<FileStoreError> for ApiError {
             }
             FileStoreError::Config(_)
             | FileStoreError::ObjectMissing { .. }
-            | FileStoreError::IngestTask(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | FileStoreError::IngestTask(_)
+            | FileStoreError::EmptyMetadata => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
