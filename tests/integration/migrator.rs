@@ -32,6 +32,22 @@ fn migrate(api: &Api, source: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Starts `s3dedup-migrator` on `source` in the background, reading at most `rate` bytes/s,
+/// its standard output to `out`.
+fn spawn_migrator(api: &Api, source: &str, rate: u64, out: Stdio) -> Proc {
+    let child = api
+        .sibling("s3dedup-migrator")
+        .args(["--source", source, "--max-bytes-per-sec", &rate.to_string()])
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        name: "background migrator".into(),
+    }
+}
+
 async fn assert_file(api: &Api, path: &str, content: &[u8], version: i64) {
     let r = api.ft().get(&path.replace(' ', "%20")).await;
     assert_eq!(r.status(), StatusCode::OK, "{path}");
@@ -278,16 +294,8 @@ async fn sigterm_stops_a_run_cleanly() {
     }
     let source = format!("v1:{}", src.path().display());
     let out_file = src.path().join("first.out");
-    let mut first = Proc {
-        child: api
-            .sibling("s3dedup-migrator")
-            .args(["--source", &source, "--max-bytes-per-sec", "1000000"])
-            .stdout(std::fs::File::create(&out_file).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        name: "stopped migrator".into(),
-    };
+    let out = std::fs::File::create(&out_file).unwrap().into();
+    let mut first = spawn_migrator(&api, &source, 1_000_000, out);
     // Past two checkpoints (every 2 s), well before the end (about 7 s of reading).
     tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
     let status = first.signal_and_wait("TERM");
@@ -313,16 +321,7 @@ async fn the_next_run_removes_what_a_killed_run_left_in_the_spool() {
     std::fs::create_dir_all(f.parent().unwrap()).unwrap();
     std::fs::write(&f, unique_content("spooled", 8 << 20)).unwrap();
     let source = format!("v1:{}", src.path().display());
-    let mut first = Proc {
-        child: api
-            .sibling("s3dedup-migrator")
-            .args(["--source", &source, "--max-bytes-per-sec", "1000000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        name: "first migrator".into(),
-    };
+    let mut first = spawn_migrator(&api, &source, 1_000_000, Stdio::null());
     let started = std::time::Instant::now();
     while api.spool_files().is_empty() {
         assert!(started.elapsed().as_secs() < 20, "no spool file appeared");
@@ -375,16 +374,7 @@ async fn a_resumed_run_still_fails_for_a_file_that_failed_before_the_kill() {
     std::os::unix::fs::symlink("/nonexistent/target", src.path().join("files/d00/a-broken"))
         .unwrap();
     let source = format!("v1:{}", src.path().display());
-    let mut first = Proc {
-        child: api
-            .sibling("s3dedup-migrator")
-            .args(["--source", &source, "--max-bytes-per-sec", "100000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        name: "first migrator".into(),
-    };
+    let mut first = spawn_migrator(&api, &source, 100_000, Stdio::null());
     // Past two checkpoints (one every 2 s) and well before the end (about 12 s of reading).
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     first.kill();

@@ -203,17 +203,9 @@ fn secrets_named_for_the_units_are_found_by_hand() {
 
 #[test]
 fn as_root_the_tools_work_as_the_data_directory_owner() {
-    if !nix_is_root() {
-        eprintln!("skipped: needs root (CI runs as root)");
+    let Some((dir, data)) = store_owned_by_nobody() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    // nobody:nogroup owns the store, as s3dedup owns /var/lib/s3dedup.
-    let (uid, gid) = (65534, 65534);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
-    set_mode(dir.path(), 0o755);
+    };
     let v1 = v1_dir(dir.path());
     for p in walk(&v1) {
         set_mode(&p, 0o644);
@@ -239,7 +231,7 @@ fn as_root_the_tools_work_as_the_data_directory_owner() {
     let mut stack = vec![data.clone()];
     while let Some(p) = stack.pop() {
         let meta = std::fs::symlink_metadata(&p).unwrap();
-        if meta.uid() != uid {
+        if meta.uid() != NOBODY {
             owned_by_root.push(p.clone());
         }
         if meta.is_dir() {
@@ -258,15 +250,9 @@ fn as_root_the_tools_work_as_the_data_directory_owner() {
 
 #[test]
 fn a_source_its_user_cannot_read_is_named_as_such() {
-    if !nix_is_root() {
-        eprintln!("skipped: needs root (CI runs as root)");
+    let Some((dir, data)) = store_owned_by_nobody() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    set_mode(dir.path(), 0o755);
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    };
     // As filetracker-server leaves its data directory: 0700 for its own user (root here).
     let old = dir.path().join("filetracker");
     std::fs::create_dir_all(old.join("links")).unwrap();
@@ -283,6 +269,24 @@ fn a_source_its_user_cannot_read_is_named_as_such() {
         "{}",
         text(&out)
     );
+}
+
+/// nobody:nogroup, who owns the test stores as s3dedup owns /var/lib/s3dedup.
+const NOBODY: u32 = 65534;
+
+/// A directory anyone may enter, with a `data` store directory owned by nobody; `None` (the
+/// test skipped) unless this runs as root, as CI does.
+fn store_owned_by_nobody() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root (CI runs as root)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+    Some((dir, data))
 }
 
 fn nix_is_root() -> bool {
