@@ -299,6 +299,17 @@ impl FileStore {
         self.meta.list_files(page).await
     }
 
+    /// Remembers the deletion of a path no file is stored at: see
+    /// [`MetaStore::remember_deletion`].
+    pub async fn remember_deletion(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<bool, MetaError> {
+        self.meta.remember_deletion(path, version, now).await
+    }
+
     /// The version at which `path` was last deleted, if its deletion is remembered.
     pub async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
         self.meta.deleted_version(path).await

@@ -367,6 +367,16 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The version at which `path` was last deleted, if its deletion is remembered.
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError>;
 
+    /// One statement: remembers that `path` was deleted at `version` when no file is stored at
+    /// it (a path only an old server has, during live migration), so no import brings it back.
+    /// False, and nothing done, when a file is stored: it is deleted the usual way.
+    async fn remember_deletion(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<bool, MetaError>;
+
     /// Forgets deletions recorded before `before` (Unix seconds); returns how many.
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError>;
 
@@ -924,6 +934,23 @@ pub(crate) mod conformance {
         assert_eq!(m.purge_deletions(6).await.unwrap(), 0, "recorded at 6");
         assert_eq!(m.purge_deletions(7).await.unwrap(), 1);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
+        // A deletion of a path never stored here is remembered the same way; one of a stored
+        // path is refused (it goes through delete_file).
+        assert!(m.remember_deletion("/never", 15, 3).await.unwrap());
+        assert_eq!(m.deleted_version("/never").await.unwrap(), Some(15));
+        assert_eq!(
+            put(m, "/never", 15, &b, false, 3, PutKind::Import)
+                .await
+                .unwrap(),
+            PutOutcome::Deleted { version: 15 }
+        );
+        put(m, "/stored", 5, &b, false, 3, CLIENT).await.unwrap();
+        assert!(!m.remember_deletion("/stored", 99, 3).await.unwrap());
+        assert_eq!(
+            m.get_file("/stored").await.unwrap().map(|f| f.version),
+            Some(5)
+        );
+        assert_eq!(m.deleted_version("/stored").await.unwrap(), None);
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
 

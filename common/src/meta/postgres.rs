@@ -953,6 +953,21 @@ impl MetaStore for PostgresMeta {
         Ok(row.map(|r| r.get(0)))
     }
 
+    async fn remember_deletion(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<bool, MetaError> {
+        // Run twice, the second run finds its own row and sets the same values.
+        let sql = "INSERT INTO deleted_paths (path, version, deleted_at)
+                   SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM files WHERE path = $1)
+                   ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
+                      version = GREATEST(deleted_paths.version, EXCLUDED.version)
+                   RETURNING 1";
+        Ok(self.write_idempotent(sql, &[&path, &version, &now]).await? == 1)
+    }
+
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         let sql = "DELETE FROM deleted_paths WHERE deleted_at < $1 RETURNING 1";
         self.write_idempotent(sql, &[&before]).await

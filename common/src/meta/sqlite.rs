@@ -833,6 +833,28 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn remember_deletion(
+        &self,
+        path: &str,
+        version: Version,
+        now: i64,
+    ) -> Result<bool, MetaError> {
+        let path = path.to_owned();
+        self.write(move |c| {
+            exec(
+                c,
+                "INSERT INTO deleted_paths (path, version, deleted_at)
+                 SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM files WHERE path = ?1)
+                 ON CONFLICT (path) DO UPDATE SET deleted_at = excluded.deleted_at,
+                    version = MAX(deleted_paths.version, excluded.version)",
+                params![path, version, now],
+            )
+            .map(|n| n == 1)
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         self.write(move |c| {
             exec(

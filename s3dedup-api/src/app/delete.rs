@@ -1,5 +1,5 @@
-//! DELETE of a file (imported from the old server first during a live migration, so that its
-//! deletion is remembered).
+//! DELETE of a file (during a live migration also of one only the old server has: its deletion
+//! is remembered without downloading it).
 
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -10,21 +10,23 @@ use s3dedup_common::unix_now;
 
 use super::AppState;
 use super::error::{ApiResult, not_found};
-use super::fallback::{forward_writes, import_miss, stored_but_not_forwarded};
+use super::fallback::{delete_unimported, forward_writes, stored_but_not_forwarded};
 use super::headers::{last_modified, request_version};
 
 pub(super) async fn delete_file(state: &AppState, path: &FilePath, req: &Parts) -> ApiResult {
     let version = request_version(req.uri.query(), &req.headers)?;
-    // Live migration: a file only the old server holds is imported first, so deleting it here
-    // is remembered and neither the fallback nor the migrator brings it back.
-    if state.fallback.is_some() && state.files.stat(path.as_str()).await?.is_none() {
-        import_miss(state, path).await?;
-    }
-    match state
-        .files
-        .delete(path.as_str(), version, unix_now())
-        .await?
-    {
+    // Live migration: a file only the old server holds is not downloaded to be deleted; its
+    // deletion is remembered, so neither the fallback nor the migrator brings it back.
+    let outcome = match delete_unimported(state, path, version).await? {
+        Some(outcome) => outcome,
+        None => {
+            state
+                .files
+                .delete(path.as_str(), version, unix_now())
+                .await?
+        }
+    };
+    match outcome {
         DeleteOutcome::Deleted => {
             if let Some(old) = forward_writes(state) {
                 old.forward_delete(path, version)

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use s3dedup_common::filestore::FileStoreError;
+use s3dedup_common::meta::DeleteOutcome;
 use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{FilePath, Version};
 use s3dedup_common::unix_now;
@@ -169,6 +170,40 @@ pub(super) async fn add_old_server_listing(
         }
     }
     Ok(())
+}
+
+/// Live migration: a DELETE of a path s3dedup has no file at, decided from the old server's
+/// HEAD without downloading the file. `None`: not such a case (no fallback, or a file is stored
+/// here by now), the usual delete decides.
+pub(super) async fn delete_unimported(
+    state: &AppState,
+    path: &FilePath,
+    version: Version,
+) -> Result<Option<DeleteOutcome>, ApiError> {
+    let Some(old) = &state.fallback else {
+        return Ok(None);
+    };
+    // In turn with imports of the path, so one cannot store it between the two steps here.
+    let turn = state.imports.turn(path);
+    let _mine = turn.lock.lock().await;
+    if state.files.stat(path.as_str()).await?.is_some() {
+        return Ok(None);
+    }
+    let Some(head) = old.head(path).await? else {
+        return Ok(Some(DeleteOutcome::NotFound));
+    };
+    if head.version > version {
+        // The old server keeps a newer file over an older delete; so does s3dedup.
+        return Ok(Some(DeleteOutcome::Newer {
+            version: head.version,
+        }));
+    }
+    let remembered = (state
+        .files
+        .remember_deletion(path.as_str(), version, unix_now())
+        .await)
+        .map_err(FileStoreError::from)?;
+    Ok(remembered.then_some(DeleteOutcome::Deleted))
 }
 
 /// The old server, when writes are to be forwarded to it (live migration with rollback).
