@@ -202,24 +202,32 @@ impl Write for SpoolWriter {
 /// A fresh, empty `upload-<pid>-*` spool file in `dir`, deleted when dropped unless persisted.
 /// The process id in the name lets the next program that starts remove what a killed one left.
 pub fn new_spool_file(dir: &Path) -> io::Result<NamedTempFile> {
-    let prefix = format!("upload-{}-", std::process::id());
+    let prefix = format!("{SPOOL_PREFIX}{}-", std::process::id());
     tempfile::Builder::new().prefix(&prefix).tempfile_in(dir)
 }
 
+/// How every spool file's name starts.
+pub const SPOOL_PREFIX: &str = "upload-";
+
+/// The process id a spool file's name carries (files of older versions carry none).
+fn owner_of(name: &str) -> Option<u32> {
+    let (pid, _) = name.strip_prefix(SPOOL_PREFIX)?.split_once('-')?;
+    pid.parse().ok()
+}
+
+/// Whether a spool file of this name is this process's.
+pub fn made_by_this_process(name: &str) -> bool {
+    owner_of(name) == Some(std::process::id())
+}
+
 /// Whether a spool file of this name is a leftover of a process that is gone: its name carries
-/// a process id (files of older versions do not) and no process has that id now. A process of
-/// another user counts as alive.
+/// a process id and no process has that id now. A process of another user counts as alive.
 pub fn left_by_dead_process(name: &str) -> bool {
-    let Some(pid) = name
-        .strip_prefix("upload-")
-        .and_then(|rest| rest.split_once('-'))
-        .and_then(|(pid, _)| pid.parse::<i32>().ok())
-    else {
+    let Some(pid) = owner_of(name).filter(|pid| *pid != std::process::id()) else {
         return false;
     };
-    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        == Err(nix::errno::Errno::ESRCH);
-    pid as u32 != std::process::id() && gone
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH)
 }
 
 /// True when an I/O error means a disk or quota is full.

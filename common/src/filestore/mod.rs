@@ -211,39 +211,35 @@ impl FileStore {
     /// Removes what killed processes left in the spool: files (`upload-*`) of a process that is
     /// gone, and any not modified for `max_age`. Blocking; returns how many were removed.
     pub fn remove_stale_spool(&self, max_age: std::time::Duration) -> io::Result<usize> {
+        self.remove_spool_files(|name, entry| {
+            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            Ok(age >= max_age || crate::spool::left_by_dead_process(name))
+        })
+    }
+
+    /// Removes this process's own spool files: what a stopped run abandoned. Blocking.
+    pub fn remove_own_spool(&self) -> io::Result<usize> {
+        self.remove_spool_files(|name, _| Ok(crate::spool::made_by_this_process(name)))
+    }
+
+    /// Removes the spool files `doomed` picks (by name and entry); returns how many.
+    fn remove_spool_files(
+        &self,
+        doomed: impl Fn(&str, &std::fs::DirEntry) -> io::Result<bool>,
+    ) -> io::Result<usize> {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.spool_dir)? {
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if !name.starts_with("upload-") {
+            if !name.starts_with(crate::spool::SPOOL_PREFIX) || !doomed(&name, &entry)? {
                 continue;
             }
-            let age = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
-            if age >= max_age || crate::spool::left_by_dead_process(&name) {
-                // Gone already: another process cleaned it, which is as good.
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Removes this process's own spool files: what a stopped run abandoned. Blocking.
-    pub fn remove_own_spool(&self) -> io::Result<usize> {
-        let mine = format!("upload-{}-", std::process::id());
-        let mut removed = 0;
-        for entry in std::fs::read_dir(&self.spool_dir)? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(&mine) {
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+            // Gone already: another process cleaned it, which is as good.
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(removed)
