@@ -196,10 +196,7 @@ impl OldServer {
         let stored = fs.stat(path.as_str()).await?.map(|e| e.version);
         let deleted = match stored {
             Some(_) => None,
-            None => fs
-                .deleted_version(path.as_str())
-                .await
-                .map_err(FileStoreError::from)?,
+            None => fs.deleted_version(path.as_str()).await?,
         };
         let newest_here = stored.max(deleted);
         if newest_here.is_some() || dry_run {

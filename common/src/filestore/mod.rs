@@ -302,13 +302,13 @@ impl FileStore {
         path: &str,
         version: Version,
         now: i64,
-    ) -> Result<bool, MetaError> {
-        self.meta.remember_deletion(path, version, now).await
+    ) -> Result<bool, FileStoreError> {
+        Ok(self.meta.remember_deletion(path, version, now).await?)
     }
 
     /// The version at which `path` was last deleted, if its deletion is remembered.
-    pub async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError> {
-        self.meta.deleted_version(path).await
+    pub async fn deleted_version(&self, path: &str) -> Result<Option<Version>, FileStoreError> {
+        Ok(self.meta.deleted_version(path).await?)
     }
 
     /// Where an interrupted import of `source` stopped, if one did.

@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use s3dedup_common::filestore::FileStoreError;
 use s3dedup_common::meta::DeleteOutcome;
 use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{FilePath, Version};
@@ -101,9 +100,7 @@ pub(super) async fn newer_on_old_server(
         return Ok(None);
     };
     if state.files.stat(path.as_str()).await?.is_some()
-        || (state.files.deleted_version(path.as_str()).await)
-            .map_err(FileStoreError::from)?
-            .is_some()
+        || state.files.deleted_version(path.as_str()).await?.is_some()
     {
         return Ok(None); // known here: the usual version rules decide
     }
@@ -138,8 +135,7 @@ pub(super) async fn head_on_old_server(
     let Some(head) = old.head(path).await? else {
         return Ok(OldHeadAnswer::NotFound);
     };
-    let deleted =
-        (state.files.deleted_version(path.as_str()).await).map_err(FileStoreError::from)?;
+    let deleted = state.files.deleted_version(path.as_str()).await?;
     Ok(match (head.logical_size, head.stored_size) {
         _ if deleted.is_some_and(|d| d >= head.version) => OldHeadAnswer::NotFound,
         (Some(logical), Some(stored)) => OldHeadAnswer::Headers(head.version, logical, stored),
@@ -164,7 +160,7 @@ pub(super) async fn add_old_server_listing(
             continue;
         }
         let path = format!("{prefix}{name}");
-        let deleted = (state.files.deleted_version(&path).await).map_err(FileStoreError::from)?;
+        let deleted = state.files.deleted_version(&path).await?;
         if deleted.is_none() {
             listed.insert(name);
         }
@@ -198,11 +194,9 @@ pub(super) async fn delete_unimported(
             version: head.version,
         }));
     }
-    let remembered = (state
-        .files
+    let remembered = (state.files)
         .remember_deletion(path.as_str(), version, unix_now())
-        .await)
-        .map_err(FileStoreError::from)?;
+        .await?;
     Ok(remembered.then_some(DeleteOutcome::Deleted))
 }
 
