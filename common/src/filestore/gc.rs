@@ -637,7 +637,7 @@ mod tests {
     use super::*;
     use crate::blob::{Encoding, Hints, IngestOptions};
     use crate::locks::FileLocks;
-    use crate::meta::{PutKind, SqliteMeta};
+    use crate::meta::{DeleteKind, PutKind, SqliteMeta};
     use crate::spool::SpoolBody;
     use crate::store::FsStore;
     use std::sync::Arc;
@@ -679,6 +679,16 @@ mod tests {
         d
     }
 
+    /// Files at version 1, each holding "content of " and its path, all written at `now`:
+    /// their digests, in order.
+    async fn put_all<const N: usize>(fs: &FileStore, paths: [&str; N], now: i64) -> [Digest; N] {
+        let mut digests = [Digest([0; 32]); N];
+        for (d, path) in digests.iter_mut().zip(paths) {
+            *d = put(fs, path, format!("content of {path}").as_bytes(), now).await;
+        }
+        digests
+    }
+
     fn opts(grace_secs: u64) -> GcOptions {
         GcOptions {
             grace: Duration::from_secs(grace_secs),
@@ -713,11 +723,13 @@ mod tests {
     #[tokio::test]
     async fn only_unreferenced_blobs_past_grace_go() {
         let (_dir, fs) = fixture().await;
-        let kept = put(&fs, "/kept", b"kept", 1000).await;
-        let old = put(&fs, "/old", b"old garbage", 1000).await;
-        let young = put(&fs, "/young", b"young garbage", 1000).await;
-        fs.delete("/old", 1, 1000).await.unwrap();
-        fs.delete("/young", 1, 1900).await.unwrap();
+        let [kept, old, young] = put_all(&fs, ["/kept", "/old", "/young"], 1000).await;
+        fs.delete("/old", 1, 1000, DeleteKind::Client)
+            .await
+            .unwrap();
+        fs.delete("/young", 1, 1900, DeleteKind::Client)
+            .await
+            .unwrap();
         let dry = GcOptions {
             dry_run: true,
             ..opts(500)
@@ -793,7 +805,7 @@ mod tests {
     async fn a_crash_after_the_tombstone_is_finished_by_the_next_run() {
         let (_dir, fs) = fixture().await;
         let d = put(&fs, "/x", b"doomed", 0).await;
-        fs.delete("/x", 1, 0).await.unwrap();
+        fs.delete("/x", 1, 0, DeleteKind::Client).await.unwrap();
         // A run that died right after marking the row.
         let tombstone = async |d: &Digest| {
             let lock = BlobLock::<Exclusive>::assumed(d);
@@ -808,7 +820,7 @@ mod tests {
         assert!(deleted(&fs, &d).await);
         // And one that died after deleting the object but before recording it.
         let d = put(&fs, "/y", b"doomed too", 0).await;
-        fs.delete("/y", 1, 0).await.unwrap();
+        fs.delete("/y", 1, 0, DeleteKind::Client).await.unwrap();
         tombstone(&d).await;
         fs.store.delete(&d, soon()).await.unwrap();
         let r = collect(&fs, &opts(0), 10, &no_progress).await.unwrap();
@@ -822,7 +834,7 @@ mod tests {
         for i in 0..5 {
             let p = format!("/g{i}");
             put(&fs, &p, p.as_bytes(), 0).await;
-            fs.delete(&p, 1, 0).await.unwrap();
+            fs.delete(&p, 1, 0, DeleteKind::Client).await.unwrap();
         }
         let limited = GcOptions {
             max_deletes: Some(3),
@@ -900,13 +912,11 @@ mod tests {
     #[tokio::test]
     async fn deep_verify_finds_missing_and_corrupt_objects() {
         let (_dir, fs) = fixture().await;
-        let a = put(&fs, "/a", b"content a", 0).await;
-        let b = put(&fs, "/b", b"content b", 0).await;
-        let c = put(&fs, "/c", b"content c", 0).await;
+        let [a, b, c] = put_all(&fs, ["/a", "/b", "/c"], 0).await;
         fs.store.delete(&a, soon()).await.unwrap();
         // Replace b's object with the gzip of other content of the same size.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
-        std::io::Write::write_all(&mut gz, b"content B").unwrap();
+        std::io::Write::write_all(&mut gz, b"content of /B").unwrap();
         let gz = gz.finish().unwrap();
         let size = gz.len() as u64;
         fs.store

@@ -19,8 +19,8 @@ use crate::blob::{BlobError, Digest};
 use crate::config::{Config, LocksBackend, MetadataBackend, StoreBackend};
 use crate::locks::{FileLocks, LockError, LockManager, PgLocks};
 use crate::meta::{
-    BlobState, DeleteOutcome, FileEntry, ListPage, MetaError, MetaStore, PostgresMeta, SqliteMeta,
-    Stats, postgres_connection_config,
+    BlobState, DeleteKind, DeleteOutcome, FileEntry, ListPage, MetaError, MetaStore, PostgresMeta,
+    SqliteMeta, Stats, postgres_connection_config,
 };
 use crate::protocol::Version;
 use crate::secrets::Secrets;
@@ -262,14 +262,16 @@ impl FileStore {
     pub async fn stat(&self, path: &str) -> Result<Option<FileEntry>, FileStoreError> {
         Ok(self.meta.get_file(path).await?)
     }
-    /// Deletes `path` unless a newer version is stored. The object stays for the cleaner.
+    /// Deletes `path` unless a newer version is stored (see [`DeleteKind`] for a path only an
+    /// old server has). The object stays for the cleaner.
     pub async fn delete(
         &self,
         path: &str,
         version: Version,
         now: i64,
+        kind: DeleteKind,
     ) -> Result<DeleteOutcome, FileStoreError> {
-        Ok(self.meta.delete_file(path, version, now).await?)
+        Ok(self.meta.delete_file(path, version, now, kind).await?)
     }
 }
 
@@ -293,17 +295,6 @@ impl FileStore {
     /// One page of a directory listing.
     pub async fn list(&self, page: &ListPage<'_>) -> Result<Vec<String>, MetaError> {
         self.meta.list_files(page).await
-    }
-
-    /// Remembers the deletion of a path no file is stored at: see
-    /// [`MetaStore::remember_deletion`].
-    pub async fn remember_deletion(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-    ) -> Result<bool, FileStoreError> {
-        Ok(self.meta.remember_deletion(path, version, now).await?)
     }
 
     /// The version at which `path` was last deleted, if its deletion is remembered.

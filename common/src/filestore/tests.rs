@@ -4,7 +4,7 @@
 use super::*;
 use crate::blob::{BlobInfo, Digest, Encoding, Hints, IngestOptions};
 use crate::locks::{BlobLock, Exclusive, FileLocks};
-use crate::meta::{MetaStore, PutKind, PutOutcome, PutResult, SqliteMeta, Stored};
+use crate::meta::{DeleteKind, MetaStore, PutKind, PutOutcome, PutResult, SqliteMeta, Stored};
 use crate::spool::SpoolBody;
 use crate::store::ObjectStream;
 use crate::store::{FsStore, ObjectStore, StoreError};
@@ -109,7 +109,7 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
     let s = spool(&fs, b"deleted, then wanted again");
     let digest = s.info.digest;
     fs.commit("/a", 1, s, 0, PutKind::Client).await.unwrap();
-    fs.delete("/a", 1, 0).await.unwrap();
+    fs.delete("/a", 1, 0, DeleteKind::Client).await.unwrap();
     // A delete request of this deletion may land for another 1.5 s: an object stored
     // before then could be deleted under a live row.
     let settle = Duration::from_millis(1500);
@@ -125,7 +125,7 @@ async fn storing_content_again_waits_until_its_deletion_settles() {
     assert_eq!(read_back(&fs, "/b").await, b"deleted, then wanted again");
 
     // A deletion that saw its object go with no request unanswered has settled: no wait.
-    fs.delete("/b", 1, 30).await.unwrap();
+    fs.delete("/b", 1, 30, DeleteKind::Client).await.unwrap();
     let deletion2 = cleaner_deletes(&fs, &digest, 40, Duration::from_secs(60)).await;
     assert_ne!(deletion, deletion2);
     assert!(
@@ -180,7 +180,9 @@ impl Meddling {
     }
 
     async fn store_again_at_b(&self, meta: &dyn MetaStore, digest: &Digest, gz: Vec<u8>) {
-        meta.delete_file("/b", 1, 0).await.unwrap();
+        meta.delete_file("/b", 1, 0, DeleteKind::Client)
+            .await
+            .unwrap();
         let lock = BlobLock::<Exclusive>::assumed(digest);
         let deletion = meta
             .tombstone_blob(&lock, i64::MAX, Duration::ZERO)

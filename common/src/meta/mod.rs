@@ -131,6 +131,17 @@ pub enum PutKind {
     Import,
 }
 
+/// Who is deleting a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteKind {
+    /// A client's DELETE.
+    Client,
+    /// Live migration: a DELETE of a path that may exist only on the old server. When no file
+    /// is stored here the deletion is remembered all the same (so no import brings it back)
+    /// and the outcome is [`DeleteOutcome::Deleted`].
+    Unimported,
+}
+
 /// What [`MetaStore::store_file`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutResult {
@@ -287,12 +298,14 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<PutResult, MetaError>;
 
     /// One transaction: remove `path` unless a strictly newer version is stored, and remember
-    /// the deletion (path and version) so imports do not resurrect it.
+    /// the deletion (path and version) so imports do not resurrect it; see [`DeleteKind`] for
+    /// a path no file is stored at.
     async fn delete_file(
         &self,
         path: &str,
         version: Version,
         now: i64,
+        kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError>;
 
     /// One page of a listing: see [`ListPage`].
@@ -367,16 +380,6 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The version at which `path` was last deleted, if its deletion is remembered.
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError>;
 
-    /// One statement: remembers that `path` was deleted at `version` when no file is stored at
-    /// it (a path only an old server has, during live migration), so no import brings it back.
-    /// False, and nothing done, when a file is stored: it is deleted the usual way.
-    async fn remember_deletion(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-    ) -> Result<bool, MetaError>;
-
     /// Forgets deletions recorded before `before` (Unix seconds); returns how many.
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError>;
 
@@ -434,12 +437,23 @@ pub(crate) fn plan_put(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DeletePlan {
     Missing,
-    Keep { stored: Version },
-    Remove { digest: String },
+    Keep {
+        stored: Version,
+    },
+    Remove {
+        digest: String,
+    },
+    /// No file here, but one may be on the old server: only remember the deletion.
+    Remember,
 }
 
-pub(crate) fn plan_delete(current: Option<(Version, String)>, version: Version) -> DeletePlan {
+pub(crate) fn plan_delete(
+    current: Option<(Version, String)>,
+    version: Version,
+    kind: DeleteKind,
+) -> DeletePlan {
     match current {
+        None if kind == DeleteKind::Unimported => DeletePlan::Remember,
         None => DeletePlan::Missing,
         Some((stored, _)) if stored > version => DeletePlan::Keep { stored },
         Some((_, digest)) => DeletePlan::Remove { digest },
@@ -461,8 +475,13 @@ impl DeletePlan {
         match self {
             DeletePlan::Missing => DeleteOutcome::NotFound,
             DeletePlan::Keep { stored } => DeleteOutcome::Newer { version: *stored },
-            DeletePlan::Remove { .. } => DeleteOutcome::Deleted,
+            DeletePlan::Remove { .. } | DeletePlan::Remember => DeleteOutcome::Deleted,
         }
+    }
+
+    /// Whether the path's deletion is to be remembered.
+    pub(crate) fn remembers(&self) -> bool {
+        matches!(self, DeletePlan::Remove { .. } | DeletePlan::Remember)
     }
 }
 
@@ -550,6 +569,12 @@ pub(crate) mod conformance {
         }
     }
 
+    /// A client's DELETE.
+    async fn delete(m: &dyn MetaStore, path: &str, version: Version, now: i64) -> DeleteOutcome {
+        let kind = DeleteKind::Client;
+        m.delete_file(path, version, now, kind).await.unwrap()
+    }
+
     async fn tombstone(m: &dyn MetaStore, digest: &Digest, cutoff: i64) -> Option<i64> {
         let lock = BlobLock::<Exclusive>::assumed(digest);
         m.tombstone_blob(&lock, cutoff, SETTLE).await.unwrap()
@@ -592,17 +617,11 @@ pub(crate) mod conformance {
         let f = m.get_file("/x").await.unwrap().unwrap();
         assert_eq!((f.version, f.blob), (10, b));
         assert_eq!(
-            m.delete_file("/x", 9, 2).await.unwrap(),
+            delete(m, "/x", 9, 2).await,
             DeleteOutcome::Newer { version: 10 }
         );
-        assert_eq!(
-            m.delete_file("/x", 10, 2).await.unwrap(),
-            DeleteOutcome::Deleted
-        );
-        assert_eq!(
-            m.delete_file("/x", 10, 2).await.unwrap(),
-            DeleteOutcome::NotFound
-        );
+        assert_eq!(delete(m, "/x", 10, 2).await, DeleteOutcome::Deleted);
+        assert_eq!(delete(m, "/x", 10, 2).await, DeleteOutcome::NotFound);
         assert_eq!(m.get_file("/x").await.unwrap(), None);
     }
 
@@ -624,7 +643,7 @@ pub(crate) mod conformance {
         // Overwrite one reference of `a` with `b`, delete the others.
         put(m, "/d/0", 2, &b, false, 1, CLIENT).await.unwrap();
         for i in 1..5 {
-            m.delete_file(&format!("/d/{i}"), 5, 3).await.unwrap();
+            delete(m, &format!("/d/{i}"), 5, 3).await;
         }
         let s = m.stats().await.unwrap();
         assert_eq!(s.files, 2);
@@ -692,8 +711,8 @@ pub(crate) mod conformance {
         put(m, "/ga", 1, &a, true, 100, CLIENT).await.unwrap();
         put(m, "/gb", 1, &b, true, 100, CLIENT).await.unwrap();
         put(m, "/gc", 1, &c, true, 100, CLIENT).await.unwrap();
-        m.delete_file("/ga", 1, 200).await.unwrap(); // a: unreferenced since 200
-        m.delete_file("/gb", 1, 300).await.unwrap(); // b: unreferenced since 300
+        delete(m, "/ga", 1, 200).await; // a: unreferenced since 200
+        delete(m, "/gb", 1, 300).await; // b: unreferenced since 300
         let digests = |v: Vec<BlobInfo>| v.into_iter().map(|b| b.digest).collect::<Vec<_>>();
         assert_eq!(
             digests(m.unreferenced_blobs(199, None, 10).await.unwrap()),
@@ -785,8 +804,8 @@ pub(crate) mod conformance {
         assert!(m.blob_is_live(&b.digest).await.unwrap());
         // A PUT revives a tombstoned row with a fresh upload.
         put(m, "/gc2", 1, &c, false, 1, CLIENT).await.unwrap();
-        m.delete_file("/gc", 1, 500).await.unwrap();
-        m.delete_file("/gc2", 1, 500).await.unwrap();
+        delete(m, "/gc", 1, 500).await;
+        delete(m, "/gc2", 1, 500).await;
         assert!(tombstone(m, &c.digest, 500).await.is_some());
         put(m, "/gc3", 1, &c, true, 600, CLIENT).await.unwrap();
         assert!(m.blob_is_live(&c.digest).await.unwrap());
@@ -894,10 +913,7 @@ pub(crate) mod conformance {
         let b = blob(12, 6);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
         put(m, "/t", 10, &a, true, 1, CLIENT).await.unwrap();
-        assert_eq!(
-            m.delete_file("/t", 20, 2).await.unwrap(),
-            DeleteOutcome::Deleted
-        );
+        assert_eq!(delete(m, "/t", 20, 2).await, DeleteOutcome::Deleted);
         assert_eq!(m.deleted_version("/t").await.unwrap(), Some(20));
         // An import of the old store's copy (version 10, or even 20) does not resurrect it.
         for v in [10, 20] {
@@ -917,26 +933,27 @@ pub(crate) mod conformance {
             PutOutcome::Stored { version: 21 }
         );
         // Clients may write a deleted path again at any version.
-        m.delete_file("/t", 30, 4).await.unwrap();
+        delete(m, "/t", 30, 4).await;
         assert_eq!(
             put(m, "/t", 5, &a, false, 5, CLIENT).await.unwrap(),
             PutOutcome::Stored { version: 5 }
         );
         // A second delete at a lower version keeps the higher one remembered.
-        m.delete_file("/t", 5, 6).await.unwrap();
+        delete(m, "/t", 5, 6).await;
         assert_eq!(m.deleted_version("/t").await.unwrap(), Some(30));
         // Nothing is remembered for a delete of a missing path.
-        assert_eq!(
-            m.delete_file("/u", 5, 6).await.unwrap(),
-            DeleteOutcome::NotFound
-        );
+        assert_eq!(delete(m, "/u", 5, 6).await, DeleteOutcome::NotFound);
         assert_eq!(m.deleted_version("/u").await.unwrap(), None);
         assert_eq!(m.purge_deletions(6).await.unwrap(), 0, "recorded at 6");
         assert_eq!(m.purge_deletions(7).await.unwrap(), 1);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);
-        // A deletion of a path never stored here is remembered the same way; one of a stored
-        // path is refused (it goes through delete_file).
-        assert!(m.remember_deletion("/never", 15, 3).await.unwrap());
+        // A deletion of a path never stored here (only an old server has it) is remembered
+        // the same way; one of a stored path deletes it as a client's would.
+        let unimported = DeleteKind::Unimported;
+        assert_eq!(
+            m.delete_file("/never", 15, 3, unimported).await.unwrap(),
+            DeleteOutcome::Deleted
+        );
         assert_eq!(m.deleted_version("/never").await.unwrap(), Some(15));
         assert_eq!(
             put(m, "/never", 15, &b, false, 3, PutKind::Import)
@@ -945,12 +962,17 @@ pub(crate) mod conformance {
             PutOutcome::Deleted { version: 15 }
         );
         put(m, "/stored", 5, &b, false, 3, CLIENT).await.unwrap();
-        assert!(!m.remember_deletion("/stored", 99, 3).await.unwrap());
         assert_eq!(
-            m.get_file("/stored").await.unwrap().map(|f| f.version),
-            Some(5)
+            m.delete_file("/stored", 4, 3, unimported).await.unwrap(),
+            DeleteOutcome::Newer { version: 5 }
         );
         assert_eq!(m.deleted_version("/stored").await.unwrap(), None);
+        assert_eq!(
+            m.delete_file("/stored", 99, 3, unimported).await.unwrap(),
+            DeleteOutcome::Deleted
+        );
+        assert_eq!(m.get_file("/stored").await.unwrap(), None);
+        assert_eq!(m.deleted_version("/stored").await.unwrap(), Some(99));
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
 

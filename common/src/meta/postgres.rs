@@ -14,9 +14,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, ListPage, MetaError,
-    MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete,
-    plan_put, state_of,
+    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, FileEntry, ListPage,
+    MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob,
+    plan_delete, plan_put, state_of,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::PostgresConfig;
@@ -690,6 +690,7 @@ impl MetaStore for PostgresMeta {
         path: &str,
         version: Version,
         now: i64,
+        kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError> {
         let (outcome, replayed) = self
             .in_transaction(|tx| {
@@ -697,19 +698,18 @@ impl MetaStore for PostgresMeta {
                 Box::pin(async move {
                     let path = path.as_str();
                     let current = current_row(tx, path).await?;
-                    let plan = plan_delete(current, version);
+                    let plan = plan_delete(current, version, kind);
                     if let DeletePlan::Remove { digest } = &plan {
                         lock_blobs(tx, &[digest]).await?;
                         exec(tx, "DELETE FROM files WHERE path = $1", &[&path]).await?;
                         unreference(tx, digest, now).await?;
-                        exec(
-                        tx,
-                        "INSERT INTO deleted_paths (path, version, deleted_at) VALUES ($1, $2, $3)
-                         ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
-                            version = GREATEST(deleted_paths.version, EXCLUDED.version)",
-                        &[&path, &version, &now],
-                    )
-                    .await?;
+                    }
+                    if plan.remembers() {
+                        let sql = "INSERT INTO deleted_paths (path, version, deleted_at)
+                            VALUES ($1, $2, $3)
+                            ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
+                               version = GREATEST(deleted_paths.version, EXCLUDED.version)";
+                        exec(tx, sql, &[&path, &version, &now]).await?;
                     }
                     Ok(plan.outcome())
                 })
@@ -953,21 +953,6 @@ impl MetaStore for PostgresMeta {
         Ok(row.map(|r| r.get(0)))
     }
 
-    async fn remember_deletion(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-    ) -> Result<bool, MetaError> {
-        // Run twice, the second run finds its own row and sets the same values.
-        let sql = "INSERT INTO deleted_paths (path, version, deleted_at)
-                   SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM files WHERE path = $1)
-                   ON CONFLICT (path) DO UPDATE SET deleted_at = EXCLUDED.deleted_at,
-                      version = GREATEST(deleted_paths.version, EXCLUDED.version)
-                   RETURNING 1";
-        Ok(self.write_idempotent(sql, &[&path, &version, &now]).await? == 1)
-    }
-
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         let sql = "DELETE FROM deleted_paths WHERE deleted_at < $1 RETURNING 1";
         self.write_idempotent(sql, &[&before]).await
@@ -1096,7 +1081,9 @@ pub(crate) mod tests {
             let path = format!("/p{}", i % 7);
             tasks.push(async move {
                 if i % 5 == 4 {
-                    m.delete_file(&path, i, 0).await.map(|_| ())
+                    m.delete_file(&path, i, 0, DeleteKind::Client)
+                        .await
+                        .map(|_| ())
                 } else {
                     super::super::conformance::put(
                         m,
@@ -1167,7 +1154,9 @@ pub(crate) mod tests {
             )
             .await
             .unwrap();
-            meta.delete_file("/b", round, 0).await.unwrap();
+            meta.delete_file("/b", round, 0, DeleteKind::Client)
+                .await
+                .unwrap();
         }
         // The only connection: the one that ran them all.
         let kept: Vec<String> = meta

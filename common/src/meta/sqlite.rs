@@ -14,9 +14,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteOutcome, DeletePlan, FileEntry, ListPage, MetaError,
-    MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob, plan_delete,
-    plan_put, state_of, unix_now_ms,
+    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, FileEntry, ListPage,
+    MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob,
+    plan_delete, plan_put, state_of, unix_now_ms,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
@@ -552,6 +552,7 @@ impl MetaStore for SqliteMeta {
         path: &str,
         version: Version,
         now: i64,
+        kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError> {
         let path = path.to_owned();
         self.write(move |tx| {
@@ -562,10 +563,12 @@ impl MetaStore for SqliteMeta {
                         .optional()
                 })
                 .map_err(db_error)?;
-            let plan = plan_delete(current, version);
+            let plan = plan_delete(current, version, kind);
             if let DeletePlan::Remove { digest } = &plan {
                 exec(tx, "DELETE FROM files WHERE path = ?1", [&path]).map_err(db_error)?;
                 unreference(tx, digest, now).map_err(db_error)?;
+            }
+            if plan.remembers() {
                 exec(
                     tx,
                     "INSERT INTO deleted_paths (path, version, deleted_at) VALUES (?1, ?2, ?3)
@@ -829,28 +832,6 @@ impl MetaStore for SqliteMeta {
             c.prepare_cached("SELECT version FROM deleted_paths WHERE path = ?1")?
                 .query_row([&path], |r| r.get(0))
                 .optional()
-        })
-        .await
-    }
-
-    async fn remember_deletion(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-    ) -> Result<bool, MetaError> {
-        let path = path.to_owned();
-        self.write(move |c| {
-            exec(
-                c,
-                "INSERT INTO deleted_paths (path, version, deleted_at)
-                 SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM files WHERE path = ?1)
-                 ON CONFLICT (path) DO UPDATE SET deleted_at = excluded.deleted_at,
-                    version = MAX(deleted_paths.version, excluded.version)",
-                params![path, version, now],
-            )
-            .map(|n| n == 1)
-            .map_err(db_error)
         })
         .await
     }

@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::IntoResponse;
-use s3dedup_common::meta::DeleteOutcome;
+use s3dedup_common::meta::{DeleteKind, DeleteOutcome};
 use s3dedup_common::protocol::FilePath;
 use s3dedup_common::unix_now;
 
@@ -15,14 +15,13 @@ use super::headers::{last_modified, request_version};
 
 pub(super) async fn delete_file(state: &AppState, path: &FilePath, req: &Parts) -> ApiResult {
     let version = request_version(req.uri.query(), &req.headers)?;
-    // Live migration: a file only the old server holds is not downloaded to be deleted; its
-    // deletion is remembered, so neither the fallback nor the migrator brings it back.
-    let outcome = match delete_unimported(state, path, version).await? {
-        Some(outcome) => outcome,
+    let outcome = match &state.fallback {
+        Some(old) => delete_unimported(state, old, path, version).await?,
         None => {
+            let (path, now) = (path.as_str(), unix_now());
             state
                 .files
-                .delete(path.as_str(), version, unix_now())
+                .delete(path, version, now, DeleteKind::Client)
                 .await?
         }
     };

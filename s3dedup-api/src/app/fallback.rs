@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use s3dedup_common::meta::DeleteOutcome;
+use s3dedup_common::meta::{DeleteKind, DeleteOutcome};
 use s3dedup_common::old_server::{Imported, OldServer, OldServerError};
 use s3dedup_common::protocol::{FilePath, Version};
 use s3dedup_common::unix_now;
@@ -168,36 +168,35 @@ pub(super) async fn add_old_server_listing(
     Ok(())
 }
 
-/// Live migration: a DELETE of a path s3dedup has no file at, decided from the old server's
-/// HEAD without downloading the file. `None`: not such a case (no fallback, or a file is stored
-/// here by now), the usual delete decides.
+/// Live migration: a DELETE, decided for a path s3dedup has no file at from the old server's
+/// HEAD without downloading the file; its deletion is remembered, so neither the fallback nor
+/// the migrator brings it back.
 pub(super) async fn delete_unimported(
     state: &AppState,
+    old: &OldServer,
     path: &FilePath,
     version: Version,
-) -> Result<Option<DeleteOutcome>, ApiError> {
-    let Some(old) = &state.fallback else {
-        return Ok(None);
-    };
+) -> Result<DeleteOutcome, ApiError> {
     // In turn with imports of the path, so one cannot store it between the two steps here.
     let turn = state.imports.turn(path);
     let _mine = turn.lock.lock().await;
-    if state.files.stat(path.as_str()).await?.is_some() {
-        return Ok(None);
+    if state.files.stat(path.as_str()).await?.is_none() {
+        match old.head(path).await? {
+            None => return Ok(DeleteOutcome::NotFound),
+            // The old server keeps a newer file over an older delete; so does s3dedup.
+            Some(head) if head.version > version => {
+                return Ok(DeleteOutcome::Newer {
+                    version: head.version,
+                });
+            }
+            Some(_) => {}
+        }
     }
-    let Some(head) = old.head(path).await? else {
-        return Ok(Some(DeleteOutcome::NotFound));
-    };
-    if head.version > version {
-        // The old server keeps a newer file over an older delete; so does s3dedup.
-        return Ok(Some(DeleteOutcome::Newer {
-            version: head.version,
-        }));
-    }
-    let remembered = (state.files)
-        .remember_deletion(path.as_str(), version, unix_now())
-        .await?;
-    Ok(remembered.then_some(DeleteOutcome::Deleted))
+    // Stored here (by now) or only on the old server: one transaction decides either way.
+    let kind = DeleteKind::Unimported;
+    Ok((state.files)
+        .delete(path.as_str(), version, unix_now(), kind)
+        .await?)
 }
 
 /// The old server, when writes are to be forwarded to it (live migration with rollback).
