@@ -24,6 +24,7 @@ use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::ranged::{RangeBody, RangeSource, RangedReads};
 use super::{
@@ -451,7 +452,7 @@ struct StreamedPut {
     key: String,
     tx: Option<mpsc::Sender<Bytes>>,
     tail: oneshot::Receiver<Bytes>,
-    request: tokio::task::JoinHandle<Result<(), StoreError>>,
+    request: AbortOnDropHandle<Result<(), StoreError>>,
 }
 
 impl StreamedPut {
@@ -475,12 +476,6 @@ impl StreamedPut {
                 false
             }
         }
-    }
-}
-
-impl Drop for StreamedPut {
-    fn drop(&mut self) {
-        self.request.abort();
     }
 }
 
@@ -530,13 +525,7 @@ impl SpoolFeed for ProgressFeed {
 struct PartsPending {
     store: S3Store,
     key: String,
-    sending: tokio::task::JoinHandle<Result<Option<Multipart>, StoreError>>,
-}
-
-impl Drop for PartsPending {
-    fn drop(&mut self) {
-        self.sending.abort();
-    }
+    sending: AbortOnDropHandle<Result<Option<Multipart>, StoreError>>,
 }
 
 #[async_trait]
@@ -575,7 +564,7 @@ impl S3Store {
         let store = self.clone();
         let request = {
             let key = key.clone();
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 store
                     .client
                     .put_object()
@@ -587,7 +576,7 @@ impl S3Store {
                     .await
                     .map_err(|e| unavailable("storing", &key, e))?;
                 Ok(())
-            })
+            }))
         };
         let copy = CopyToPut {
             tx: Some(tx.clone()),
@@ -744,7 +733,9 @@ impl ObjectStore for S3Store {
         let store = self.clone();
         let sending = {
             let key = key.clone();
-            tokio::spawn(async move { store.send_parts(&key, rx).await })
+            AbortOnDropHandle::new(tokio::spawn(
+                async move { store.send_parts(&key, rx).await },
+            ))
         };
         Some(EarlyUpload {
             feed: Box::new(ProgressFeed {
@@ -916,8 +907,9 @@ impl ObjectStore for S3Store {
         digests: &[Digest],
         deadline: Instant,
     ) -> Result<DeletedMany, StoreError> {
+        let chunks = digests.chunks(MAX_KEYS_PER_DELETE);
         let mut done = DeletedMany::default();
-        for chunk in digests.chunks(1000) {
+        for chunk in chunks {
             let objects = chunk
                 .iter()
                 .map(|d| ObjectIdentifier::builder().key(self.key(d)).build())
@@ -964,6 +956,9 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 }
+
+/// The most keys one DeleteObjects request may name.
+const MAX_KEYS_PER_DELETE: usize = 1000;
 
 /// What the configuration likely gets wrong when the bucket check is refused (empty if unsure).
 fn bucket_check_hint<E>(err: &SdkError<E, HttpResponse>) -> String {
