@@ -20,15 +20,23 @@ use s3dedup_tests::*;
 const HOLD: Duration = Duration::from_secs(4);
 
 /// Short deletion bounds, and no read cache: a cached copy would hide a lost object.
-fn settings() -> Vec<(String, String)> {
+fn deletion_bounds(settle_secs: u32) -> Vec<(String, String)> {
     [
-        ("S3DEDUP_CLEANER__DELETE_TIMEOUT_SECS", "2"),
-        ("S3DEDUP_CLEANER__DELETE_SETTLE_SECS", "6"),
-        ("S3DEDUP_STORE__CACHE__ENABLED", "false"),
+        ("S3DEDUP_CLEANER__DELETE_TIMEOUT_SECS", "2".to_owned()),
+        (
+            "S3DEDUP_CLEANER__DELETE_SETTLE_SECS",
+            settle_secs.to_string(),
+        ),
+        ("S3DEDUP_STORE__CACHE__ENABLED", "false".to_owned()),
     ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// The scenarios' bounds: a settle long enough to hold a delete in flight past a lost lock.
+fn settings() -> Vec<(String, String)> {
+    deletion_bounds(6)
 }
 
 fn with(mut env: Vec<(String, String)>, more: &[(&str, String)]) -> Vec<(String, String)> {
@@ -237,15 +245,15 @@ async fn upload_swept_before_its_commit(env: Vec<(String, String)>, loss: Loss, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upload_swept_after_its_lock_file_was_replaced() {
+    upload_swept_before_its_commit(settings(), Loss::LockFileReplaced, "sqlite-upload-swept").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
 async fn postgres_upload_swept_after_its_session_ended() {
     let env = [pg_env(&unique_schema("ll_sweep")), settings()].concat();
     upload_swept_before_its_commit(env, Loss::SessionEnded, "pg-upload-swept").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_upload_swept_after_its_lock_file_was_replaced() {
-    upload_swept_before_its_commit(settings(), Loss::LockFileReplaced, "sqlite-upload-swept").await;
 }
 
 /// A database of its own: ending every session in it touches no other suite.
@@ -461,15 +469,9 @@ async fn torture(apis: &[&Api], sessions_of: Option<String>, tag: &str) {
     ));
 }
 
+/// Torture: a short settle, so tombstones settle and are purged within the run.
 fn torture_settings() -> Vec<(String, String)> {
-    [
-        ("S3DEDUP_CLEANER__DELETE_TIMEOUT_SECS", "2"),
-        ("S3DEDUP_CLEANER__DELETE_SETTLE_SECS", "2"),
-        ("S3DEDUP_STORE__CACHE__ENABLED", "false"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    deletion_bounds(2)
 }
 
 /// Two instances on PostgreSQL and S3 whose sessions are ended all along.

@@ -366,6 +366,16 @@ mod tests {
         fetches: Arc<AtomicUsize>,
     }
 
+    impl Fake {
+        /// A well-behaved object of `len` bytes.
+        fn of(len: usize) -> Fake {
+            Fake {
+                data: object(len),
+                ..Fake::default()
+            }
+        }
+    }
+
     impl RangeSource for Fake {
         fn fetch(
             &self,
@@ -431,10 +441,7 @@ mod tests {
             for concurrency in [1, 2, 4] {
                 // No budget (each range in turn, streamed), room for one range, room for all.
                 for buffer in [0, 10, 1000] {
-                    let fake = Fake {
-                        data: object(len),
-                        ..Fake::default()
-                    };
+                    let fake = Fake::of(len);
                     let reads = RangedReads::new(10, concurrency, buffer);
                     let (got, err) = collect(&reads, &fake).await;
                     let case = format!("len {len}, concurrency {concurrency}, buffer {buffer}");
@@ -463,10 +470,7 @@ mod tests {
     #[tokio::test]
     async fn an_object_of_another_size_than_its_row_says_is_refused_before_any_byte() {
         let reads = RangedReads::new(10, 4, 1000);
-        let fake = Fake {
-            data: object(95),
-            ..Fake::default()
-        };
+        let fake = Fake::of(95);
         let e = reads.read(Arc::new(fake), "k", 96).await.err().unwrap();
         assert!(
             matches!(
@@ -484,10 +488,7 @@ mod tests {
     #[tokio::test]
     async fn with_many_large_reads_in_flight_the_rest_is_one_request() {
         let reads = RangedReads::new(10, 4, 1000);
-        let others = Fake {
-            data: object(95),
-            ..Fake::default()
-        };
+        let others = Fake::of(95);
         let mut open = Vec::new();
         for _ in 0..PARALLEL_READS_UP_TO {
             let size = others.data.len() as u64;
@@ -498,20 +499,14 @@ mod tests {
                     .unwrap(),
             );
         }
-        let fake = Fake {
-            data: object(95),
-            ..Fake::default()
-        };
+        let fake = Fake::of(95);
         let (got, err) = collect(&reads, &fake).await;
         assert_eq!(err, None);
         assert!(got == fake.data);
         assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
         drop(open);
         assert_eq!(reads.active.load(Ordering::Relaxed), 0);
-        let fake = Fake {
-            data: object(95),
-            ..Fake::default()
-        };
+        let fake = Fake::of(95);
         collect(&reads, &fake).await;
         assert_eq!(
             fake.fetches.load(Ordering::SeqCst),
