@@ -410,11 +410,7 @@ fn read_error(e: io::Error) -> BlobError {
 /// A gzip body is stored as received (it is verified by inflating it); an identity body is
 /// compressed at `opts.level`. Hints are checked after the last byte.
 pub fn ingest<R: Read, W: Write>(
-    body: R,
-    encoding: Encoding,
-    out: W,
-    hints: &Hints,
-    opts: &IngestOptions,
+    body: R, encoding: Encoding, out: W, hints: &Hints, opts: &IngestOptions,
 ) -> Result<BlobInfo, BlobError> {
     let mut sink = ContentSink::new(opts.max_logical_size, hints.logical_size);
     let mut buf = vec![0u8; BUF_SIZE];

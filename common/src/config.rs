@@ -687,9 +687,7 @@ pub struct ProcessEnv {
 /// Loads a program's configuration: defaults, file, `S3DEDUP_*` variables, then flags
 /// (`args` and `extra`, e.g. `--listen`). Says which file it read.
 pub fn load_for_program(
-    args: &ConfigArgs,
-    extra: Vec<Override>,
-    env: ProcessEnv,
+    args: &ConfigArgs, extra: Vec<Override>, env: ProcessEnv,
 ) -> Result<(Config, ConfigFile), ConfigError> {
     let mut overrides = env_overrides(env.vars);
     if let Some(d) = &args.data_dir {

@@ -7,10 +7,7 @@ use tokio::sync::mpsc;
 /// Starts the thread `name`; `handle` gets each group (never empty, at most `max_group` jobs).
 /// The thread ends when every returned sender is dropped.
 pub fn spawn<J, H>(
-    name: &str,
-    capacity: usize,
-    max_group: usize,
-    mut handle: H,
+    name: &str, capacity: usize, max_group: usize, mut handle: H,
 ) -> std::io::Result<mpsc::Sender<J>>
 where
     J: Send + 'static,

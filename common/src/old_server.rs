@@ -107,10 +107,7 @@ impl OldServer {
     }
 
     async fn send(
-        &self,
-        method: &'static str,
-        url: &str,
-        req: reqwest::RequestBuilder,
+        &self, method: &'static str, url: &str, req: reqwest::RequestBuilder,
     ) -> Result<Option<reqwest::Response>, OldServerError> {
         let r = req.send().await.map_err(|source| OldServerError::Request {
             method,
@@ -148,9 +145,7 @@ impl OldServer {
     /// The old server's listing of the directory `prefix` (`/a/b/`) up to `cutoff`: names
     /// relative to it, decoded. A directory it does not have lists nothing.
     pub async fn list_dir(
-        &self,
-        prefix: &str,
-        cutoff: Version,
+        &self, prefix: &str, cutoff: Version,
     ) -> Result<Vec<String>, OldServerError> {
         let cutoff = protocol::format_version(cutoff);
         let url = format!(
@@ -184,13 +179,8 @@ impl OldServer {
     /// since. Asks with HEAD first when there is something to compare with, so a skip costs
     /// no download.
     pub async fn import(
-        &self,
-        fs: &Arc<FileStore>,
-        path: &FilePath,
-        opts: IngestOptions,
-        throttle: Option<&Throttle>,
-        dry_run: bool,
-        now: i64,
+        &self, fs: &Arc<FileStore>, path: &FilePath, opts: IngestOptions,
+        throttle: Option<&Throttle>, dry_run: bool, now: i64,
     ) -> Result<Imported, OldServerError> {
         let url = self.file_url(path);
         let stored = fs.stat(path.as_str()).await?.map(|e| e.version);
@@ -301,9 +291,7 @@ impl OldServer {
 
     /// Deletes the file on the old server too; its absence there is fine.
     pub async fn forward_delete(
-        &self,
-        path: &FilePath,
-        version: Version,
+        &self, path: &FilePath, version: Version,
     ) -> Result<(), OldServerError> {
         let url = self.file_url(path);
         let req = self.http.delete(&url).query(&[(

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 /// `work`, or `None` if `deadline` passes first.
 pub(crate) async fn within<T>(
-    deadline: Option<Duration>,
-    work: impl Future<Output = T>,
+    deadline: Option<Duration>, work: impl Future<Output = T>,
 ) -> Option<T> {
     match deadline {
         Some(d) => tokio::time::timeout(d, work).await.ok(),

@@ -66,8 +66,7 @@ pub struct FilePath(String);
 impl FilePath {
     /// Builds a path from `/`-separated components, rejecting dangerous ones.
     pub fn from_components<'a>(
-        comps: impl IntoIterator<Item = &'a str>,
-        max_len: usize,
+        comps: impl IntoIterator<Item = &'a str>, max_len: usize,
     ) -> Result<Self, ProtocolError> {
         let mut s = String::new();
         for c in comps {
@@ -255,8 +254,7 @@ fn decode_form(s: &str) -> Result<String, ProtocolError> {
 
 /// The version a request carries: `?last_modified=` or, the v1 way, a `Last-Modified` header.
 pub fn request_version(
-    query: Option<&str>,
-    last_modified_header: Option<&str>,
+    query: Option<&str>, last_modified_header: Option<&str>,
 ) -> Result<Version, ProtocolError> {
     match query_param(query, PARAM_LAST_MODIFIED)? {
         Some(v) => parse_version(&v),

@@ -119,8 +119,7 @@ impl Secrets {
 
     /// The PostgreSQL password alone (also for tests that hold only `[metadata.postgres]`).
     pub fn postgres_password(
-        pg: &PostgresConfig,
-        files: &SecretFiles,
+        pg: &PostgresConfig, files: &SecretFiles,
     ) -> Result<Option<Secret>, SecretError> {
         read_one(
             &pg.password,
@@ -132,10 +131,7 @@ impl Secrets {
 }
 
 fn read_one(
-    inline: &Secret,
-    file: Option<&Path>,
-    key: &str,
-    files: &SecretFiles,
+    inline: &Secret, file: Option<&Path>, key: &str, files: &SecretFiles,
 ) -> Result<Option<Secret>, SecretError> {
     if !inline.0.is_empty() {
         return Ok(Some(inline.clone()));

@@ -27,9 +27,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 fn ingest(
-    body: &[u8],
-    encoding: Encoding,
-    hints: &Hints,
+    body: &[u8], encoding: Encoding, hints: &Hints,
 ) -> Result<(blob::BlobInfo, Vec<u8>), BlobError> {
     let mut out = Vec::new();
     let info = blob::ingest(body, encoding, &mut out, hints, &OPTS)?;

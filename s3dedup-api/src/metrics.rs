@@ -69,10 +69,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
-        &self,
-        stats: Option<&Stats>,
-        cache: Option<CacheStats>,
-        locks: LockIncidents,
+        &self, stats: Option<&Stats>, cache: Option<CacheStats>, locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");

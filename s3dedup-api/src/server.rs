@@ -173,8 +173,7 @@ where
 
 /// Once shutdown has begun, each answer closes its connection.
 async fn close_when_stopping(
-    State(stopping): State<Arc<AtomicBool>>,
-    mut res: Response,
+    State(stopping): State<Arc<AtomicBool>>, mut res: Response,
 ) -> Response {
     if stopping.load(Relaxed) {
         res.headers_mut()
@@ -206,10 +205,7 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
 
 /// Accepts and serves connections on one listener until `stop` turns true, then closes it.
 async fn accept_until_stopped(
-    listener: Listener,
-    app: Router,
-    state: Arc<AppState>,
-    mut stop: watch::Receiver<bool>,
+    listener: Listener, app: Router, state: Arc<AppState>, mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {

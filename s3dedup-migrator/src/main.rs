@@ -167,10 +167,7 @@ fn clock(secs: f64) -> String {
 }
 
 async fn run(
-    started: &Started,
-    source: Source,
-    opts: RunOptions,
-    bar: bool,
+    started: &Started, source: Source, opts: RunOptions, bar: bool,
 ) -> anyhow::Result<MigrateReport> {
     if let Some(root) = source.walk_root()
         && let Err(e) = std::fs::read_dir(&root)

@@ -63,11 +63,7 @@ impl Http {
     /// Sends one request and hands each chunk of the reply's body to `chunk`; the connection
     /// goes back to the pool only once the body has been read to its end.
     pub async fn send(
-        &self,
-        method: Method,
-        path_and_query: &str,
-        headers: &[(&str, &str)],
-        body: Bytes,
+        &self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Bytes,
         mut chunk: impl FnMut(&[u8]),
     ) -> anyhow::Result<StatusCode> {
         let request = || {
@@ -108,8 +104,7 @@ impl Http {
 }
 
 async fn send_on(
-    sender: &mut Sender,
-    req: Request<Full<Bytes>>,
+    sender: &mut Sender, req: Request<Full<Bytes>>,
 ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
     sender.ready().await?;
     sender.send_request(req).await

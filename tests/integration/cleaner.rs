@@ -36,8 +36,7 @@ async fn assert_reads_back(api: &Api, path: &str, content: &[u8]) {
 
 /// Runs the cleaner back to back (grace 0) until stopped; returns (runs, blobs freed, failures).
 fn cleaner_loop(
-    api: &Api,
-    stop: Arc<AtomicBool>,
+    api: &Api, stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(u32, u64, Vec<String>)> {
     let mk = {
         let cmd = api.sibling("s3dedup-cleaner");

@@ -299,9 +299,7 @@ fn number_before(text: &str, word: &str) -> u64 {
 
 /// Runs `args` back to back until `stop`.
 fn looping(
-    api: &Api,
-    args: Vec<Vec<&'static str>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    api: &Api, args: Vec<Vec<&'static str>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Runs> {
     let base = api.sibling("s3dedup-cleaner");
     let program = base.get_program().to_owned();
@@ -344,8 +342,7 @@ fn looping(
 /// Ends sessions of database `db` every 1 to 2.5 s until `stop`: the lock sessions, and every
 /// fourth round all of them. Returns (rounds, sessions ended).
 fn end_sessions(
-    db: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    db: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<(u64, u64)> {
     use std::sync::atomic::Ordering;
     tokio::spawn(async move {

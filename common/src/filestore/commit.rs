@@ -37,9 +37,7 @@ struct Put<'a> {
 impl Put<'_> {
     /// The metadata's one transaction for it, with the content stored as `stored` says.
     async fn record(
-        &self,
-        meta: &dyn MetaStore,
-        stored: Stored<'_>,
+        &self, meta: &dyn MetaStore, stored: Stored<'_>,
     ) -> Result<PutResult, MetaError> {
         meta.store_file(
             self.path,
@@ -96,12 +94,7 @@ impl FileStore {
     /// changed under it (a lost lock let the cleaner in), looks again and stores the content
     /// again if need be.
     pub async fn commit(
-        &self,
-        path: &str,
-        version: Version,
-        spooled: Spooled,
-        now: i64,
-        kind: PutKind,
+        &self, path: &str, version: Version, spooled: Spooled, now: i64, kind: PutKind,
     ) -> Result<Committed, FileStoreError> {
         let Spooled { body, info, early } = spooled;
         let put = Put {
@@ -138,9 +131,7 @@ impl FileStore {
     }
 
     async fn commit_once(
-        &self,
-        put: &Put<'_>,
-        upload: &mut Upload,
+        &self, put: &Put<'_>, upload: &mut Upload,
     ) -> Result<Step, FileStoreError> {
         let digest = &put.info.digest;
         // Known content (the common case for judging inputs) only needs the cleaner kept out, so
@@ -161,10 +152,7 @@ impl FileStore {
     }
 
     async fn store_under(
-        &self,
-        lock: &BlobLock<Exclusive>,
-        put: &Put<'_>,
-        upload: &mut Upload,
+        &self, lock: &BlobLock<Exclusive>, put: &Put<'_>, upload: &mut Upload,
     ) -> Result<Step, FileStoreError> {
         let (path, info) = (put.path, put.info);
         let state = self.meta.blob_state(lock.held()).await?;
@@ -221,9 +209,7 @@ impl FileStore {
     /// Stores the upload's object: what was sent early, or the body (kept aside first, in case
     /// it must be stored again).
     async fn store_object(
-        &self,
-        info: &BlobInfo,
-        upload: &mut Upload,
+        &self, info: &BlobInfo, upload: &mut Upload,
     ) -> Result<(), FileStoreError> {
         let body = match upload.body.take() {
             Some(body) => body,
@@ -262,11 +248,7 @@ impl FileStore {
     /// bucket) as `path` at `version`, as an import. Nothing is copied; the object is read once
     /// to check that it inflates to its digest, unless a live row already vouches for it.
     pub async fn adopt(
-        &self,
-        path: &str,
-        version: Version,
-        digest: &Digest,
-        now: i64,
+        &self, path: &str, version: Version, digest: &Digest, now: i64,
     ) -> Result<Committed, FileStoreError> {
         let lock = BlobLock::<Exclusive>::acquire(&*self.locks, digest, self.lock_timeout).await?;
         let result = self.adopt_under(&lock, path, version, now).await;
@@ -275,11 +257,7 @@ impl FileStore {
     }
 
     async fn adopt_under(
-        &self,
-        lock: &BlobLock<Exclusive>,
-        path: &str,
-        version: Version,
-        now: i64,
+        &self, lock: &BlobLock<Exclusive>, path: &str, version: Version, now: i64,
     ) -> Result<Committed, FileStoreError> {
         let digest = lock.digest();
         let missing = || FileStoreError::ObjectMissing {

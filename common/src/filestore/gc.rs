@@ -108,10 +108,7 @@ fn limit_reached(report: &GcReport, opts: &GcOptions) -> bool {
 
 /// Takes the bucket's cleaner lock and collects garbage. `Ok(None)`: another run holds the lock.
 pub async fn run(
-    fs: &FileStore,
-    opts: &GcOptions,
-    now: i64,
-    progress: &(dyn Fn(&GcReport) + Sync),
+    fs: &FileStore, opts: &GcOptions, now: i64, progress: &(dyn Fn(&GcReport) + Sync),
 ) -> Result<Option<GcReport>, FileStoreError> {
     let Some(guard) = fs.locks.try_lock(CLEANER_LOCK, LockMode::Exclusive).await? else {
         return Ok(None);
@@ -123,10 +120,7 @@ pub async fn run(
 
 /// Collects garbage without the cleaner lock (callers hold it).
 pub async fn collect(
-    fs: &FileStore,
-    opts: &GcOptions,
-    now: i64,
-    progress: &(dyn Fn(&GcReport) + Sync),
+    fs: &FileStore, opts: &GcOptions, now: i64, progress: &(dyn Fn(&GcReport) + Sync),
 ) -> Result<GcReport, FileStoreError> {
     let cutoff = now - opts.grace.as_secs() as i64;
     let mut report = GcReport::default();
@@ -243,10 +237,7 @@ impl GcReport {
 }
 
 async fn delete_blob<'a>(
-    fs: &FileStore,
-    blob: &'a BlobInfo,
-    cutoff: i64,
-    opts: &GcOptions,
+    fs: &FileStore, blob: &'a BlobInfo, cutoff: i64, opts: &GcOptions,
 ) -> (&'a BlobInfo, Outcome) {
     if opts.dry_run {
         return (blob, Outcome::Deleted);
@@ -270,10 +261,7 @@ async fn delete_blob<'a>(
 /// The deletion itself, under the blob's lock; false when the blob is referenced again (or
 /// still young).
 async fn delete_locked(
-    fs: &FileStore,
-    lock: &BlobLock<Exclusive>,
-    cutoff: i64,
-    opts: &GcOptions,
+    fs: &FileStore, lock: &BlobLock<Exclusive>, cutoff: i64, opts: &GcOptions,
 ) -> Result<bool, Abandoned> {
     let d = lock.digest();
     // Started before the tombstone, whose settle time starts later on the database's clock:
@@ -333,11 +321,7 @@ const EMPTY_METADATA_AGE: Duration = Duration::from_secs(3600);
 const ORPHAN_BATCH: usize = 100;
 
 async fn sweep_orphans(
-    fs: &FileStore,
-    cutoff: i64,
-    now: i64,
-    opts: &GcOptions,
-    report: &mut GcReport,
+    fs: &FileStore, cutoff: i64, now: i64, opts: &GcOptions, report: &mut GcReport,
     progress: &(dyn Fn(&GcReport) + Sync),
 ) -> Result<(), FileStoreError> {
     let mut after: Option<Digest> = None;
@@ -378,11 +362,7 @@ async fn sweep_orphans(
 }
 
 async fn delete_orphans(
-    fs: &FileStore,
-    batch: &[&ObjectEntry],
-    now: i64,
-    opts: &GcOptions,
-    report: &mut GcReport,
+    fs: &FileStore, batch: &[&ObjectEntry], now: i64, opts: &GcOptions, report: &mut GcReport,
 ) {
     if opts.dry_run {
         report.orphans_deleted += batch.len() as u64;
@@ -424,10 +404,7 @@ async fn delete_orphans(
 /// Under the locks no PUT is between its upload and its commit, unless its lock was lost: a
 /// tombstone row made now is what such a PUT's commit finds instead of the absence it saw.
 async fn delete_orphans_locked<'a>(
-    fs: &FileStore,
-    held: &[(&'a ObjectEntry, BlobLock<Exclusive>)],
-    now: i64,
-    opts: &GcOptions,
+    fs: &FileStore, held: &[(&'a ObjectEntry, BlobLock<Exclusive>)], now: i64, opts: &GcOptions,
     report: &mut GcReport,
 ) -> Result<(Vec<&'a ObjectEntry>, Vec<(Digest, String)>), FileStoreError> {
     let deadline = Instant::now() + opts.delete_timeout;
@@ -507,10 +484,7 @@ impl VerifyReport {
 /// re-hashes it) and every reference count. Deletes nothing. An object store that does not
 /// answer at all is an error; one object it will not give is a problem, and the scan goes on.
 pub async fn verify(
-    fs: &FileStore,
-    deep: bool,
-    page_size: usize,
-    lock_timeout: Duration,
+    fs: &FileStore, deep: bool, page_size: usize, lock_timeout: Duration,
     progress: &(dyn Fn(&VerifyReport) + Sync),
 ) -> Result<VerifyReport, FileStoreError> {
     fs.store.check().await?;
@@ -565,10 +539,7 @@ const RESIZE_WINDOW: Duration = Duration::from_secs(2);
 /// deletion of it in progress) against its row as it is now. `None`: the row is gone or not
 /// live any more, so nothing is wrong.
 async fn recheck(
-    fs: &FileStore,
-    digest: &Digest,
-    deep: bool,
-    lock_timeout: Duration,
+    fs: &FileStore, digest: &Digest, deep: bool, lock_timeout: Duration,
 ) -> Result<Option<(BlobInfo, Check)>, FileStoreError> {
     let lock = match BlobLock::<Shared>::acquire(&*fs.locks, digest, lock_timeout).await {
         Ok(l) => l,

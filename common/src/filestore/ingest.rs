@@ -61,22 +61,14 @@ impl FileStore {
     /// Reads a body (blocking) into memory or a new spool file, verifying it. Run off the async
     /// runtime.
     pub fn spool_blocking<R: io::Read>(
-        &self,
-        body: R,
-        encoding: Encoding,
-        hints: &Hints,
-        opts: &IngestOptions,
+        &self, body: R, encoding: Encoding, hints: &Hints, opts: &IngestOptions,
     ) -> Result<Spooled, FileStoreError> {
         self.spool_blocking_with(body, encoding, hints, opts, None)
     }
 
     /// [`FileStore::spool_blocking`], with `feed` seeing the spool as it is written.
     fn spool_blocking_with<R: io::Read>(
-        &self,
-        body: R,
-        encoding: Encoding,
-        hints: &Hints,
-        opts: &IngestOptions,
+        &self, body: R, encoding: Encoding, hints: &Hints, opts: &IngestOptions,
         feed: Option<Box<dyn SpoolFeed>>,
     ) -> Result<Spooled, FileStoreError> {
         let mut writer = SpoolWriter::new(&self.spool_dir, self.spool_memory);
@@ -98,10 +90,7 @@ impl FileStore {
     /// digest the client claimed. The object becomes visible only at commit, under the blob's
     /// lock, and only if the content matched the claim.
     async fn early_upload(
-        &self,
-        hints: &Hints,
-        encoding: Encoding,
-        body_len: Option<u64>,
+        &self, hints: &Hints, encoding: Encoding, body_len: Option<u64>,
     ) -> Option<(Digest, EarlyUpload)> {
         let digest = hints.sha256?;
         if body_len.is_some_and(|n| n < SEND_ON_MIN) {
@@ -122,12 +111,8 @@ impl FileStore {
     /// meanwhile where the store takes it. Feed the body to the sender (at most `queue` chunks
     /// ahead), drop it, then [`Ingesting::finish`].
     pub async fn start_ingest(
-        self: &Arc<Self>,
-        encoding: Encoding,
-        hints: Hints,
-        opts: IngestOptions,
-        body_len: Option<u64>,
-        queue: usize,
+        self: &Arc<Self>, encoding: Encoding, hints: Hints, opts: IngestOptions,
+        body_len: Option<u64>, queue: usize,
     ) -> (tokio::sync::mpsc::Sender<crate::blob::Chunk>, Ingesting) {
         let (tx, rx) = tokio::sync::mpsc::channel(queue);
         let (feed, early) = match self.early_upload(&hints, encoding, body_len).await {
@@ -144,11 +129,7 @@ impl FileStore {
 
     /// Spools an async byte stream (an HTTP body), verifying it, with the ingest off the runtime.
     pub async fn spool_stream<S, E>(
-        self: &Arc<Self>,
-        body: S,
-        encoding: Encoding,
-        hints: Hints,
-        opts: IngestOptions,
+        self: &Arc<Self>, body: S, encoding: Encoding, hints: Hints, opts: IngestOptions,
     ) -> Result<Spooled, FileStoreError>
     where
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,

@@ -107,11 +107,8 @@ pub struct FileStore {
 impl FileStore {
     /// Wires the parts; creates the spool directory.
     pub fn new(
-        meta: Arc<dyn MetaStore>,
-        store: Arc<dyn ObjectStore>,
-        locks: Arc<dyn LockManager>,
-        spool_dir: &Path,
-        lock_timeout: Duration,
+        meta: Arc<dyn MetaStore>, store: Arc<dyn ObjectStore>, locks: Arc<dyn LockManager>,
+        spool_dir: &Path, lock_timeout: Duration,
     ) -> Result<Self, FileStoreError> {
         std::fs::create_dir_all(spool_dir).map_err(|source| FileStoreError::Spool {
             dir: spool_dir.to_owned(),
@@ -175,8 +172,7 @@ impl FileStore {
     /// Reads objects through the configured local disk cache when the store is remote and the
     /// cache is enabled; returns the cache (for its statistics) if one is used.
     pub fn with_read_cache(
-        mut self,
-        cfg: &Config,
+        mut self, cfg: &Config,
     ) -> Result<(Self, Option<Arc<ReadCache>>), FileStoreError> {
         if cfg.store.backend == StoreBackend::Local || !cfg.store.cache.enabled {
             return Ok((self, None));
@@ -224,8 +220,7 @@ impl FileStore {
 
     /// Removes the spool files `doomed` picks (by name and entry); returns how many.
     fn remove_spool_files(
-        &self,
-        doomed: impl Fn(&str, &std::fs::DirEntry) -> io::Result<bool>,
+        &self, doomed: impl Fn(&str, &std::fs::DirEntry) -> io::Result<bool>,
     ) -> io::Result<usize> {
         let mut removed = 0;
         for entry in std::fs::read_dir(&self.spool_dir)? {
@@ -265,11 +260,7 @@ impl FileStore {
     /// Deletes `path` unless a newer version is stored (see [`DeleteKind`] for a path only an
     /// old server has). The object stays for the cleaner.
     pub async fn delete(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-        kind: DeleteKind,
+        &self, path: &str, version: Version, now: i64, kind: DeleteKind,
     ) -> Result<DeleteOutcome, FileStoreError> {
         Ok(self.meta.delete_file(path, version, now, kind).await?)
     }
@@ -309,10 +300,7 @@ impl FileStore {
 
     /// Records (`Some`) or clears (`None`) where an import of `source` got to.
     pub async fn set_checkpoint(
-        &self,
-        source: &str,
-        position: Option<&str>,
-        now: i64,
+        &self, source: &str, position: Option<&str>, now: i64,
     ) -> Result<(), MetaError> {
         self.meta.set_checkpoint(source, position, now).await
     }

@@ -69,9 +69,7 @@ impl FileStore {
     /// headers with its first body bytes: after a 200 whose body fails at once, the client
     /// would see the connection close without any answer.
     async fn first_bytes(
-        &self,
-        digest: &Digest,
-        mut body: ObjectStream,
+        &self, digest: &Digest, mut body: ObjectStream,
     ) -> Result<ObjectStream, FileStoreError> {
         use futures::StreamExt;
         match body.next().await {

@@ -270,9 +270,7 @@ impl ObjectStore for Meddling {
         self.inner().head(digest).await
     }
     async fn delete(
-        &self,
-        digest: &Digest,
-        deadline: tokio::time::Instant,
+        &self, digest: &Digest, deadline: tokio::time::Instant,
     ) -> Result<crate::store::Deleted, StoreError> {
         self.inner().delete(digest, deadline).await
     }
@@ -280,9 +278,7 @@ impl ObjectStore for Meddling {
         self.inner().check().await
     }
     async fn list(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<crate::store::ObjectEntry>, StoreError> {
         self.inner().list(after, limit).await
     }

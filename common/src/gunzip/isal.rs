@@ -15,11 +15,7 @@ unsafe extern "C" {
     fn s3dedup_isal_free(s: *mut State);
     fn s3dedup_isal_next_member(s: *mut State);
     fn s3dedup_isal_inflate(
-        s: *mut State,
-        input: *const u8,
-        in_len: *mut u32,
-        out: *mut u8,
-        out_len: *mut u32,
+        s: *mut State, input: *const u8, in_len: *mut u32, out: *mut u8, out_len: *mut u32,
         done: *mut c_int,
     ) -> c_int;
 }

@@ -117,10 +117,7 @@ impl FileLocks {
 #[async_trait]
 impl LockManager for FileLocks {
     async fn lock(
-        &self,
-        name: &str,
-        mode: LockMode,
-        timeout: Duration,
+        &self, name: &str, mode: LockMode, timeout: Duration,
     ) -> Result<LockGuard, LockError> {
         let deadline = Some(Instant::now() + timeout);
         acquire(&self.local, name, mode, deadline, || async {

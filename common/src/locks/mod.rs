@@ -130,10 +130,7 @@ impl std::fmt::Debug for LockGuard {
 pub trait LockManager: Send + Sync + 'static {
     /// Waits up to `timeout` for the lock.
     async fn lock(
-        &self,
-        name: &str,
-        mode: LockMode,
-        timeout: Duration,
+        &self, name: &str, mode: LockMode, timeout: Duration,
     ) -> Result<LockGuard, LockError>;
 
     /// Takes the lock if it is free right now.
@@ -188,9 +185,7 @@ impl HeldBlob<'_> {
 impl<M: Mode> BlobLock<M> {
     /// Waits up to `timeout` for the blob's lock.
     pub async fn acquire(
-        locks: &dyn LockManager,
-        digest: &Digest,
-        timeout: Duration,
+        locks: &dyn LockManager, digest: &Digest, timeout: Duration,
     ) -> Result<Self, LockError> {
         let guard = locks.lock(&blob_lock(digest), M::MODE, timeout).await?;
         Ok(Self::wrap(guard, digest))
@@ -198,8 +193,7 @@ impl<M: Mode> BlobLock<M> {
 
     /// Takes the blob's lock if it is free right now.
     pub async fn try_acquire(
-        locks: &dyn LockManager,
-        digest: &Digest,
+        locks: &dyn LockManager, digest: &Digest,
     ) -> Result<Option<Self>, LockError> {
         let guard = locks.try_lock(&blob_lock(digest), M::MODE).await?;
         Ok(guard.map(|g| Self::wrap(g, digest)))
@@ -298,10 +292,7 @@ impl LocalLocks {
     }
 
     async fn acquire(
-        &self,
-        key: u64,
-        mode: LockMode,
-        deadline: Option<Instant>,
+        &self, key: u64, mode: LockMode, deadline: Option<Instant>,
     ) -> Option<LocalGuard> {
         let l = self.entry(key);
         match (mode, deadline) {
@@ -324,11 +315,7 @@ const MAX_BACKOFF: Duration = Duration::from_millis(20);
 /// Takes the local layer, then polls `attempt` (one non-blocking try of the cross-process lock)
 /// with exponential backoff until it succeeds or the deadline passes (`None`: one try).
 pub(crate) async fn acquire<F, Fut>(
-    local: &LocalLocks,
-    name: &str,
-    mode: LockMode,
-    deadline: Option<Instant>,
-    mut attempt: F,
+    local: &LocalLocks, name: &str, mode: LockMode, deadline: Option<Instant>, mut attempt: F,
 ) -> Result<Option<LockGuard>, LockError>
 where
     F: FnMut() -> Fut,

@@ -290,9 +290,7 @@ impl PgLocks {
 
     /// The lock error for a failed statement or a missed deadline, else the result.
     fn settle<T>(
-        &self,
-        name: &str,
-        result: Option<Result<T, tokio_postgres::Error>>,
+        &self, name: &str, result: Option<Result<T, tokio_postgres::Error>>,
     ) -> Result<T, LockError> {
         let message = match result {
             Some(Ok(v)) => return Ok(v),
@@ -359,10 +357,7 @@ impl PgLocks {
 #[async_trait]
 impl LockManager for PgLocks {
     async fn lock(
-        &self,
-        name: &str,
-        mode: LockMode,
-        timeout: Duration,
+        &self, name: &str, mode: LockMode, timeout: Duration,
     ) -> Result<LockGuard, LockError> {
         let deadline = Some(Instant::now() + timeout);
         acquire(&self.local, name, mode, deadline, || {

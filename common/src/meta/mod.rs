@@ -169,10 +169,7 @@ pub(crate) enum BlobPlan {
 }
 
 pub(crate) fn plan_blob(
-    basis: Basis,
-    found: BlobState,
-    found_size: Option<u64>,
-    blob: &BlobInfo,
+    basis: Basis, found: BlobState, found_size: Option<u64>, blob: &BlobInfo,
 ) -> BlobPlan {
     let over = match basis {
         Basis::Existing if found == BlobState::Live => return BlobPlan::Reference,
@@ -288,12 +285,7 @@ pub trait MetaStore: Send + Sync + 'static {
     /// the object store; if the blob's row is no longer in the state that implies, nothing
     /// changes and the answer is [`PutResult::Conflict`].
     async fn store_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        stored: Stored<'_>,
-        now: i64,
+        &self, path: &str, version: Version, blob: &BlobInfo, stored: Stored<'_>, now: i64,
         kind: PutKind,
     ) -> Result<PutResult, MetaError>;
 
@@ -301,11 +293,7 @@ pub trait MetaStore: Send + Sync + 'static {
     /// the deletion (path and version) so imports do not resurrect it; see [`DeleteKind`] for
     /// a path no file is stored at.
     async fn delete_file(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-        kind: DeleteKind,
+        &self, path: &str, version: Version, now: i64, kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError>;
 
     /// One page of a listing: see [`ListPage`].
@@ -314,9 +302,7 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Blob rows in digest order, strictly after `after`, at most `limit` (for verification and
     /// reports; memory stays bounded by the page size).
     async fn list_blobs(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError>;
 
     /// The blob's row, if any.
@@ -326,10 +312,7 @@ pub trait MetaStore: Send + Sync + 'static {
     /// tombstoned by a run that did not see its object deleted. Digest order, strictly after
     /// `after`.
     async fn unreferenced_blobs(
-        &self,
-        cutoff: i64,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, cutoff: i64, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError>;
 
     /// One atomic re-check and mark: if the blob still has no references since `cutoff` (or
@@ -337,30 +320,21 @@ pub trait MetaStore: Send + Sync + 'static {
     /// deletion whose delete requests may land until `settle` from now (the database's clock);
     /// returns that deletion's id.
     async fn tombstone_blob(
-        &self,
-        lock: &BlobLock<Exclusive>,
-        cutoff: i64,
-        settle: Duration,
+        &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
     ) -> Result<Option<i64>, MetaError>;
 
     /// For objects that have no row (orphans), each under its lock with its stored size: one
     /// tombstone row each, as [`MetaStore::tombstone_blob`] makes. Returns the deletion ids of
     /// those that still had no row.
     async fn tombstone_orphans(
-        &self,
-        orphans: &[(&BlobLock<Exclusive>, u64)],
-        settle: Duration,
-        now: i64,
+        &self, orphans: &[(&BlobLock<Exclusive>, u64)], settle: Duration, now: i64,
     ) -> Result<Vec<(Digest, i64)>, MetaError>;
 
     /// Records that deletion `deletion` saw the object deleted; `settled`: and that none of
     /// its delete requests can land any more, so writers need not wait for it. False when the
     /// row is no longer that tombstone (a writer revived it; nothing changes).
     async fn finish_deletion(
-        &self,
-        digest: &Digest,
-        deletion: i64,
-        settled: bool,
+        &self, digest: &Digest, deletion: i64, settled: bool,
     ) -> Result<bool, MetaError>;
 
     /// Forgets tombstones whose object is gone and that settled more than `keep` ago (the
@@ -388,10 +362,7 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records (`Some`) or clears (`None`) the migration checkpoint of `source`.
     async fn set_checkpoint(
-        &self,
-        source: &str,
-        position: Option<&str>,
-        now: i64,
+        &self, source: &str, position: Option<&str>, now: i64,
     ) -> Result<(), MetaError>;
 
     /// Checks that the database answers.
@@ -414,10 +385,7 @@ pub(crate) enum PutPlan {
 
 /// `deleted` is the path's remembered deletion, passed for imports only.
 pub(crate) fn plan_put(
-    current: Option<(Version, &str)>,
-    deleted: Option<Version>,
-    version: Version,
-    digest: &str,
+    current: Option<(Version, &str)>, deleted: Option<Version>, version: Version, digest: &str,
 ) -> PutPlan {
     if current.is_none()
         && let Some(at) = deleted.filter(|at| *at >= version)
@@ -448,9 +416,7 @@ pub(crate) enum DeletePlan {
 }
 
 pub(crate) fn plan_delete(
-    current: Option<(Version, String)>,
-    version: Version,
-    kind: DeleteKind,
+    current: Option<(Version, String)>, version: Version, kind: DeleteKind,
 ) -> DeletePlan {
     match current {
         None if kind == DeleteKind::Unimported => DeletePlan::Remember,
@@ -546,12 +512,7 @@ pub(crate) mod conformance {
     /// A write as the file store makes it: `uploaded`, the caller stored the object over the
     /// state it finds; otherwise it references a live blob. A conflict is an error here.
     pub(crate) async fn put(
-        m: &dyn MetaStore,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        uploaded: bool,
-        now: i64,
+        m: &dyn MetaStore, path: &str, version: Version, blob: &BlobInfo, uploaded: bool, now: i64,
         kind: PutKind,
     ) -> Result<PutOutcome, MetaError> {
         let lock = BlobLock::<Exclusive>::assumed(&blob.digest);
@@ -815,10 +776,7 @@ pub(crate) mod conformance {
 
     /// A commit of `blob` at `path` (version 1) with the content stored as `stored` says.
     async fn commit(
-        m: &dyn MetaStore,
-        path: &str,
-        blob: &BlobInfo,
-        stored: Stored<'_>,
+        m: &dyn MetaStore, path: &str, blob: &BlobInfo, stored: Stored<'_>,
     ) -> PutResult {
         m.store_file(path, 1, blob, stored, 2, PutKind::Client)
             .await

@@ -80,8 +80,7 @@ pub struct PostgresMeta {
 
 /// The connection settings of `[metadata.postgres]`, with the password resolved.
 pub fn connection_config(
-    cfg: &PostgresConfig,
-    password: Option<String>,
+    cfg: &PostgresConfig, password: Option<String>,
 ) -> Result<tokio_postgres::Config, MetaError> {
     let mut c: tokio_postgres::Config = cfg
         .url
@@ -158,8 +157,7 @@ impl PostgresMeta {
     /// Connects, creates the schema if needed and applies pending migrations. Two instances
     /// starting at once serialize on an advisory lock.
     pub async fn connect(
-        cfg: &PostgresConfig,
-        password: Option<String>,
+        cfg: &PostgresConfig, password: Option<String>,
     ) -> Result<Self, MetaError> {
         let pg = connection_config(cfg, password)?;
         let describe = describe(&pg, &cfg.schema);
@@ -262,9 +260,7 @@ impl PostgresMeta {
     /// A write that may run twice, run as [`PostgresMeta::read`] runs a statement; it ends in
     /// `RETURNING 1`, so its rows are the rows it changed.
     async fn write_idempotent(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        &self, sql: &str, params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, MetaError> {
         debug_assert!(sql.trim_end().ends_with("RETURNING 1"), "{sql}");
         Ok(self.read(sql, params).await?.len() as u64)
@@ -272,9 +268,7 @@ impl PostgresMeta {
 
     /// [`PostgresMeta::read`] of at most one row.
     async fn read_opt(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        &self, sql: &str, params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, MetaError> {
         Ok(self.read(sql, params).await?.into_iter().next())
     }
@@ -394,35 +388,28 @@ impl Drop for Conn {
 /// Statements run prepared once per connection (deadpool's cache): one given as text is parsed
 /// on every run, a round trip of its own.
 async fn exec(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)],
 ) -> Result<u64, tokio_postgres::Error> {
     c.execute(&c.prepare_cached(sql).await?, params).await
 }
 
 /// [`exec`] for a statement's rows.
 async fn rows(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
     c.query(&c.prepare_cached(sql).await?, params).await
 }
 
 /// [`exec`] for a statement's row, if any.
 async fn row_opt(
-    c: &impl GenericClient,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    c: &impl GenericClient, sql: &str, params: &[&(dyn ToSql + Sync)],
 ) -> Result<Option<Row>, tokio_postgres::Error> {
     c.query_opt(&c.prepare_cached(sql).await?, params).await
 }
 
 /// Locks the blob rows about to change, in digest order (deadlock freedom).
 async fn lock_blobs(
-    tx: &impl GenericClient,
-    digests: &[&str],
+    tx: &impl GenericClient, digests: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
     let mut sorted: Vec<&str> = digests.to_vec();
     sorted.sort_unstable();
@@ -437,8 +424,7 @@ async fn lock_blobs(
 }
 
 async fn current_row(
-    tx: &impl GenericClient,
-    path: &str,
+    tx: &impl GenericClient, path: &str,
 ) -> Result<Option<(i64, String)>, tokio_postgres::Error> {
     exec(
         tx,
@@ -456,9 +442,7 @@ async fn current_row(
 }
 
 async fn unreference(
-    tx: &impl GenericClient,
-    digest: &str,
-    now: i64,
+    tx: &impl GenericClient, digest: &str, now: i64,
 ) -> Result<(), tokio_postgres::Error> {
     exec(
         tx,
@@ -491,8 +475,7 @@ fn row_state(row: Option<&Row>) -> (BlobState, Option<u64>) {
 
 /// The blob's state and stored size, as a writer must find it.
 async fn blob_row_state(
-    c: &impl GenericClient,
-    digest: &str,
+    c: &impl GenericClient, digest: &str,
 ) -> Result<(BlobState, Option<u64>), tokio_postgres::Error> {
     let row = row_opt(c, &blob_state_sql(), &[&digest]).await?;
     Ok(row_state(row.as_ref()))
@@ -562,12 +545,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn store_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        stored: Stored<'_>,
-        now: i64,
+        &self, path: &str, version: Version, blob: &BlobInfo, stored: Stored<'_>, now: i64,
         kind: PutKind,
     ) -> Result<PutResult, MetaError> {
         stored.check(blob)?;
@@ -686,11 +664,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn delete_file(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-        kind: DeleteKind,
+        &self, path: &str, version: Version, now: i64, kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError> {
         let (outcome, replayed) = self
             .in_transaction(|tx| {
@@ -748,9 +722,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn list_blobs(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError> {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let rows = self
@@ -773,10 +745,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn unreferenced_blobs(
-        &self,
-        cutoff: i64,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, cutoff: i64, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError> {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let rows = self
@@ -801,10 +770,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn tombstone_blob(
-        &self,
-        lock: &BlobLock<Exclusive>,
-        cutoff: i64,
-        settle: Duration,
+        &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
     ) -> Result<Option<i64>, MetaError> {
         let digest = lock.digest().to_hex();
         let settle = settle.as_millis() as i64;
@@ -833,10 +799,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn tombstone_orphans(
-        &self,
-        orphans: &[(&BlobLock<Exclusive>, u64)],
-        settle: Duration,
-        now: i64,
+        &self, orphans: &[(&BlobLock<Exclusive>, u64)], settle: Duration, now: i64,
     ) -> Result<Vec<(Digest, i64)>, MetaError> {
         let orphans: Vec<(Digest, i64)> = orphans
             .iter()
@@ -869,10 +832,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn finish_deletion(
-        &self,
-        digest: &Digest,
-        deletion: i64,
-        settled: bool,
+        &self, digest: &Digest, deletion: i64, settled: bool,
     ) -> Result<bool, MetaError> {
         let sql = format!(
             "UPDATE blobs SET object_deleted = true,
@@ -969,10 +929,7 @@ impl MetaStore for PostgresMeta {
     }
 
     async fn set_checkpoint(
-        &self,
-        source: &str,
-        position: Option<&str>,
-        now: i64,
+        &self, source: &str, position: Option<&str>, now: i64,
     ) -> Result<(), MetaError> {
         let position = position.map(str::to_owned);
         self.in_transaction(|tx| {

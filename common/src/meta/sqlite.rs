@@ -442,12 +442,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn store_file(
-        &self,
-        path: &str,
-        version: Version,
-        blob: &BlobInfo,
-        stored: Stored<'_>,
-        now: i64,
+        &self, path: &str, version: Version, blob: &BlobInfo, stored: Stored<'_>, now: i64,
         kind: PutKind,
     ) -> Result<PutResult, MetaError> {
         stored.check(blob)?;
@@ -548,11 +543,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn delete_file(
-        &self,
-        path: &str,
-        version: Version,
-        now: i64,
-        kind: DeleteKind,
+        &self, path: &str, version: Version, now: i64, kind: DeleteKind,
     ) -> Result<DeleteOutcome, MetaError> {
         let path = path.to_owned();
         self.write(move |tx| {
@@ -620,9 +611,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn list_blobs(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobRow>, MetaError> {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let limit = limit as i64;
@@ -637,10 +626,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn unreferenced_blobs(
-        &self,
-        cutoff: i64,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, cutoff: i64, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError> {
         let after = after.map(Digest::to_hex).unwrap_or_default();
         let limit = limit as i64;
@@ -675,10 +661,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn tombstone_blob(
-        &self,
-        lock: &BlobLock<Exclusive>,
-        cutoff: i64,
-        settle: Duration,
+        &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
     ) -> Result<Option<i64>, MetaError> {
         let digest = lock.digest().to_hex();
         let id = new_deletion_id();
@@ -700,10 +683,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn tombstone_orphans(
-        &self,
-        orphans: &[(&BlobLock<Exclusive>, u64)],
-        settle: Duration,
-        now: i64,
+        &self, orphans: &[(&BlobLock<Exclusive>, u64)], settle: Duration, now: i64,
     ) -> Result<Vec<(Digest, i64)>, MetaError> {
         let orphans: Vec<(Digest, i64, i64)> = orphans
             .iter()
@@ -732,10 +712,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn finish_deletion(
-        &self,
-        digest: &Digest,
-        deletion: i64,
-        settled: bool,
+        &self, digest: &Digest, deletion: i64, settled: bool,
     ) -> Result<bool, MetaError> {
         let digest = digest.to_hex();
         self.write(move |c| {
@@ -860,10 +837,7 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn set_checkpoint(
-        &self,
-        source: &str,
-        position: Option<&str>,
-        now: i64,
+        &self, source: &str, position: Option<&str>, now: i64,
     ) -> Result<(), MetaError> {
         let (source, position) = (source.to_owned(), position.map(str::to_owned));
         self.write(move |c| {

@@ -151,10 +151,7 @@ struct Work {
 }
 
 fn describe(
-    root: &Path,
-    p: &Path,
-    meta: &std::fs::Metadata,
-    v2: bool,
+    root: &Path, p: &Path, meta: &std::fs::Metadata, v2: bool,
 ) -> Result<Item, (String, MigrateError)> {
     let shown = p.display().to_string();
     let fail = |why: String| Err((shown.clone(), MigrateError::Source(why)));
@@ -240,10 +237,7 @@ const INGEST: IngestOptions = IngestOptions {
 };
 
 async fn import(
-    fs: &Arc<FileStore>,
-    old: Option<&OldServer>,
-    item: &Item,
-    opts: &RunOptions,
+    fs: &Arc<FileStore>, old: Option<&OldServer>, item: &Item, opts: &RunOptions,
     throttle: Option<&Arc<Throttle>>,
 ) -> Result<Done, MigrateError> {
     if let Origin::Adopt { version, digest } = &item.origin {
@@ -316,9 +310,7 @@ async fn import(
 /// What `Done` an import of `path` at `version` is, before any work: skipped when ours is at
 /// least as new or the path was deleted here since.
 async fn settled(
-    fs: &FileStore,
-    path: &str,
-    version: Version,
+    fs: &FileStore, path: &str, version: Version,
 ) -> Result<Option<Done>, MigrateError> {
     let stored = fs.stat(path).await?.map(|e| e.version);
     if stored.is_some_and(|s| s >= version) {
@@ -334,10 +326,7 @@ async fn settled(
 }
 
 async fn adopt(
-    fs: &FileStore,
-    path: &FilePath,
-    version: Version,
-    digest: &crate::blob::Digest,
+    fs: &FileStore, path: &FilePath, version: Version, digest: &crate::blob::Digest,
     opts: &RunOptions,
 ) -> Result<Done, MigrateError> {
     if let Some(done) = settled(fs, path.as_str(), version).await? {
@@ -371,9 +360,7 @@ fn canonical(dir: &Path) -> PathBuf {
 
 /// Starts the walk or listing of `source`, feeding a bounded channel (memory stays flat).
 fn produce(
-    source: &Source,
-    old: Option<OldServer>,
-    resume: Option<String>,
+    source: &Source, old: Option<OldServer>, resume: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Work> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     match (source, old) {
@@ -413,10 +400,7 @@ fn walk_dir(root: &Path, v2: bool, resume: Option<String>, tx: tokio::sync::mpsc
 
 /// An upstream deployment's metadata, its paths in order, from the one after `resume`.
 async fn read_upstream(
-    bucket: &str,
-    db: &UpstreamDb,
-    resume: Option<String>,
-    tx: tokio::sync::mpsc::Sender<Work>,
+    bucket: &str, db: &UpstreamDb, resume: Option<String>, tx: tokio::sync::mpsc::Sender<Work>,
 ) {
     let fail = |why: String| Work {
         position: None,
@@ -532,11 +516,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// flight are abandoned (their spool files go with them), the checkpoint is kept where the run
 /// got to, and the report says it stopped.
 pub async fn run(
-    fs: Arc<FileStore>,
-    source: &Source,
-    opts: RunOptions,
-    progress: &(dyn Fn(&MigrateReport) + Sync),
-    stop: impl Future<Output = ()>,
+    fs: Arc<FileStore>, source: &Source, opts: RunOptions,
+    progress: &(dyn Fn(&MigrateReport) + Sync), stop: impl Future<Output = ()>,
 ) -> Result<MigrateReport, MigrateError> {
     let old = match source {
         Source::Http(u) => Some(OldServer::new(u, opts.http_timeout)?),

@@ -52,10 +52,7 @@ impl Reader {
 
     /// Up to `limit` live paths after `after`, in path order (keyset pages: memory stays flat).
     pub(super) async fn page(
-        &self,
-        bucket: &str,
-        after: &str,
-        limit: usize,
+        &self, bucket: &str, after: &str, limit: usize,
     ) -> Result<Vec<Row>, String> {
         let limit = limit as i64;
         match self {

@@ -42,9 +42,7 @@ pub(super) fn walk(root: &Path, resume: Option<&[Vec<u8>]>, out: &mut dyn FnMut(
 }
 
 fn walk_dir(
-    dir: &Path,
-    names: &mut Vec<Vec<u8>>,
-    resume: Option<&[Vec<u8>]>,
+    dir: &Path, names: &mut Vec<Vec<u8>>, resume: Option<&[Vec<u8>]>,
     out: &mut dyn FnMut(Found) -> bool,
 ) -> bool {
     let mut entries: Vec<OsString> = match std::fs::read_dir(dir) {

@@ -267,9 +267,7 @@ impl ReadCache {
     /// of another size is another encoding of the content than the one now stored: dropped.
     /// One an earlier run left is checked first.
     async fn open_entry(
-        self: &Arc<Self>,
-        d: &Digest,
-        size: u64,
+        self: &Arc<Self>, d: &Digest, size: u64,
     ) -> Option<Result<Bytes, std::fs::File>> {
         let (current, checked, restamped) = {
             let mut lru = self.index();
@@ -369,8 +367,7 @@ impl ReadCache {
 
     /// Writes the chunks to a temporary file; returns it and its size.
     fn fill(
-        &self,
-        mut chunks: mpsc::UnboundedReceiver<Lagging>,
+        &self, mut chunks: mpsc::UnboundedReceiver<Lagging>,
     ) -> io::Result<(tempfile::NamedTempFile, u64)> {
         let mut tmp = tempfile::Builder::new()
             .prefix(FILL_PREFIX)
@@ -594,17 +591,13 @@ impl ObjectStore for CachedStore {
     }
 
     async fn delete(
-        &self,
-        digest: &Digest,
-        deadline: tokio::time::Instant,
+        &self, digest: &Digest, deadline: tokio::time::Instant,
     ) -> Result<Deleted, StoreError> {
         self.inner.delete(digest, deadline).await
     }
 
     async fn delete_many(
-        &self,
-        digests: &[Digest],
-        deadline: tokio::time::Instant,
+        &self, digests: &[Digest], deadline: tokio::time::Instant,
     ) -> Result<DeletedMany, StoreError> {
         self.inner.delete_many(digests, deadline).await
     }
@@ -614,17 +607,13 @@ impl ObjectStore for CachedStore {
     }
 
     async fn list(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError> {
         self.inner.list(after, limit).await
     }
 
     async fn abort_stale_uploads(
-        &self,
-        before: i64,
-        dry_run: bool,
+        &self, before: i64, dry_run: bool,
     ) -> Result<Option<StaleUploads>, StoreError> {
         self.inner.abort_stale_uploads(before, dry_run).await
     }

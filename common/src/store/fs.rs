@@ -76,9 +76,7 @@ impl FsStore {
     /// Returns once everything written to the store's filesystem before the call (and
     /// `place`, a small object written first) is on disk.
     async fn flush(
-        &self,
-        key: &str,
-        place: Option<(bytes::Bytes, PathBuf)>,
+        &self, key: &str, place: Option<(bytes::Bytes, PathBuf)>,
     ) -> Result<(), StoreError> {
         let stopped = || StoreError::io("syncing", key, io::Error::other("sync thread stopped"));
         let (reply, rx) = oneshot::channel();
@@ -168,9 +166,7 @@ fn place(body: SpoolBody, dest: &Path) -> io::Result<()> {
 
 /// One attempt at [`place`]; a failure gives the body back for another.
 fn place_in(
-    body: SpoolBody,
-    parent: &Path,
-    dest: &Path,
+    body: SpoolBody, parent: &Path, dest: &Path,
 ) -> Result<(), (io::Error, Option<SpoolBody>)> {
     let spool = match body {
         SpoolBody::File(f) => f,
@@ -199,9 +195,7 @@ fn place_in(
 /// `/proc`, or `dest` already there and to be replaced), a named temporary file is renamed
 /// instead; [`sweep_temporaries`] removes those a crash left.
 fn write_beside(
-    src: &mut (impl io::Read + io::Seek),
-    parent: &Path,
-    dest: &Path,
+    src: &mut (impl io::Read + io::Seek), parent: &Path, dest: &Path,
 ) -> io::Result<()> {
     if let Some(mut unnamed) = open_unnamed(parent)? {
         io::copy(src, &mut unnamed)?;
@@ -389,9 +383,7 @@ impl ObjectStore for FsStore {
     }
 
     async fn list(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError> {
         let root = self.root.clone();
         let after = after.copied();
@@ -404,9 +396,7 @@ impl ObjectStore for FsStore {
 
     /// Here the unfinished uploads are the temporary files of writes a crash interrupted.
     async fn abort_stale_uploads(
-        &self,
-        before: i64,
-        dry_run: bool,
+        &self, before: i64, dry_run: bool,
     ) -> Result<Option<StaleUploads>, StoreError> {
         let root = self.root.clone();
         let key = root.display().to_string();

@@ -286,9 +286,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Deletes several objects in as few requests as the store allows (at most 1000 a call),
     /// under the same deadline as [`ObjectStore::delete`].
     async fn delete_many(
-        &self,
-        digests: &[Digest],
-        deadline: Instant,
+        &self, digests: &[Digest], deadline: Instant,
     ) -> Result<DeletedMany, StoreError> {
         let mut done = DeletedMany::default();
         for d in digests {
@@ -309,9 +307,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Objects in digest order, strictly after `after`, at most `limit`. Only keys of our own
     /// layout are listed; anything else under the prefix is never touched.
     async fn list(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError>;
 
     /// Aborts the unfinished multipart uploads of our objects started before `before` (Unix
@@ -319,9 +315,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// (and billed) by the server. `None` when the server cannot list them; then only a bucket
     /// lifecycle rule removes them. A store without such uploads has none to abort.
     async fn abort_stale_uploads(
-        &self,
-        before: i64,
-        dry_run: bool,
+        &self, before: i64, dry_run: bool,
     ) -> Result<Option<StaleUploads>, StoreError> {
         let _ = (before, dry_run);
         Ok(Some(StaleUploads::default()))

@@ -45,10 +45,7 @@ pub struct RangeBody {
 pub trait RangeSource: Send + Sync + 'static {
     /// Bytes `start..=end` of the object; with `etag`, only if the object still has that tag.
     fn fetch(
-        &self,
-        start: u64,
-        end: u64,
-        etag: Option<String>,
+        &self, start: u64, end: u64, etag: Option<String>,
     ) -> BoxFuture<'static, Result<RangeBody, StoreError>>;
 }
 
@@ -86,10 +83,7 @@ impl RangedReads {
     /// first range is requested now, so that a missing object (or one of another size) is an
     /// error here rather than in the stream.
     pub async fn read(
-        &self,
-        src: Arc<dyn RangeSource>,
-        key: &str,
-        size: u64,
+        &self, src: Arc<dyn RangeSource>, key: &str, size: u64,
     ) -> Result<ObjectStream, StoreError> {
         let active = Active::new(&self.active);
         let first = src.fetch(0, self.range - 1, None).await?;
@@ -378,10 +372,7 @@ mod tests {
 
     impl RangeSource for Fake {
         fn fetch(
-            &self,
-            start: u64,
-            end: u64,
-            _etag: Option<String>,
+            &self, start: u64, end: u64, _etag: Option<String>,
         ) -> BoxFuture<'static, Result<RangeBody, StoreError>> {
             self.fetches.fetch_add(1, Ordering::SeqCst);
             let len = self.data.len() as u64;

@@ -198,12 +198,7 @@ impl S3Store {
 
     /// Sends part `index` (from 0) of a spool file: `len` bytes from `index * part_size`.
     async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        path: &Path,
-        index: u64,
-        len: u64,
+        &self, key: &str, upload_id: &str, path: &Path, index: u64, len: u64,
     ) -> Result<CompletedPart, StoreError> {
         // Never closed: a failure to acquire cannot happen while `self` holds the semaphore.
         let _slot = self.part_slots.acquire().await.ok();
@@ -405,8 +400,7 @@ impl http_body::Body for ChannelBody {
     type Error = std::convert::Infallible;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         self.0
             .poll_recv(cx)
@@ -599,9 +593,7 @@ impl S3Store {
     /// Sends the complete parts of a spool file as it grows (`progress`), until its writer
     /// ends; `None` when the file never reached one part.
     async fn send_parts(
-        &self,
-        key: &str,
-        mut progress: watch::Receiver<SpoolProgress>,
+        &self, key: &str, mut progress: watch::Receiver<SpoolProgress>,
     ) -> Result<Option<Multipart>, StoreError> {
         let key = key.to_owned();
         let mut upload: Option<Multipart> = None;
@@ -670,10 +662,7 @@ impl S3Store {
     /// still be carried out after a later one succeeded, and the delete is then
     /// [`Deleted::Unsettled`].
     async fn delete_attempts<O, E, F, Fut>(
-        &self,
-        key: &str,
-        deadline: Instant,
-        mut send: F,
+        &self, key: &str, deadline: Instant, mut send: F,
     ) -> Result<(Deleted, O), StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -797,9 +786,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn list(
-        &self,
-        after: Option<&Digest>,
-        limit: usize,
+        &self, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<ObjectEntry>, StoreError> {
         let prefix = self.prefix.trim_matches('/');
         let list_prefix = self.list_prefix();
@@ -837,9 +824,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn abort_stale_uploads(
-        &self,
-        before: i64,
-        dry_run: bool,
+        &self, before: i64, dry_run: bool,
     ) -> Result<Option<StaleUploads>, StoreError> {
         let list_prefix = self.list_prefix();
         let mut done = StaleUploads::default();
@@ -903,9 +888,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete_many(
-        &self,
-        digests: &[Digest],
-        deadline: Instant,
+        &self, digests: &[Digest], deadline: Instant,
     ) -> Result<DeletedMany, StoreError> {
         let chunks = digests.chunks(MAX_KEYS_PER_DELETE);
         let mut done = DeletedMany::default();
@@ -1005,10 +988,7 @@ struct ObjectRanges {
 
 impl RangeSource for ObjectRanges {
     fn fetch(
-        &self,
-        start: u64,
-        end: u64,
-        etag: Option<String>,
+        &self, start: u64, end: u64, etag: Option<String>,
     ) -> BoxFuture<'static, Result<RangeBody, StoreError>> {
         let request = self
             .client

@@ -92,9 +92,7 @@ async fn import_now(state: &AppState, path: &FilePath) -> Result<bool, ApiError>
 /// file, no remembered deletion), when it is newer than `version`. The old server would
 /// ignore such a PUT, so s3dedup must too; the newer file is imported so both agree.
 pub(super) async fn newer_on_old_server(
-    state: &AppState,
-    path: &FilePath,
-    version: Version,
+    state: &AppState, path: &FilePath, version: Version,
 ) -> Result<Option<Version>, ApiError> {
     let Some(old) = &state.fallback else {
         return Ok(None);
@@ -126,8 +124,7 @@ pub(super) enum OldHeadAnswer {
 }
 
 pub(super) async fn head_on_old_server(
-    state: &AppState,
-    path: &FilePath,
+    state: &AppState, path: &FilePath,
 ) -> Result<OldHeadAnswer, ApiError> {
     let Some(old) = &state.fallback else {
         return Ok(OldHeadAnswer::NotFound);
@@ -147,10 +144,7 @@ pub(super) async fn head_on_old_server(
 /// ones only the old server lists, except paths deleted here. What s3dedup has wins; a client
 /// sees every file of both.
 pub(super) async fn add_old_server_listing(
-    state: &AppState,
-    prefix: &str,
-    cutoff: Version,
-    listed: &mut BTreeSet<String>,
+    state: &AppState, prefix: &str, cutoff: Version, listed: &mut BTreeSet<String>,
 ) -> Result<(), ApiError> {
     let Some(old) = &state.fallback else {
         return Ok(());
@@ -172,10 +166,7 @@ pub(super) async fn add_old_server_listing(
 /// HEAD without downloading the file; its deletion is remembered, so neither the fallback nor
 /// the migrator brings it back.
 pub(super) async fn delete_unimported(
-    state: &AppState,
-    old: &OldServer,
-    path: &FilePath,
-    version: Version,
+    state: &AppState, old: &OldServer, path: &FilePath, version: Version,
 ) -> Result<DeleteOutcome, ApiError> {
     // In turn with imports of the path, so one cannot store it between the two steps here.
     let turn = state.imports.turn(path);

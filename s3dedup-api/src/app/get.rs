@@ -50,10 +50,7 @@ fn with_encoding(mut r: Response, gzip: bool) -> Response {
 }
 
 pub(super) async fn get_file(
-    state: &Arc<AppState>,
-    path: &FilePath,
-    headers: &HeaderMap,
-    permit: OwnedSemaphorePermit,
+    state: &Arc<AppState>, path: &FilePath, headers: &HeaderMap, permit: OwnedSemaphorePermit,
 ) -> ApiResult {
     let mut opened = state.files.open(path.as_str()).await?;
     if opened.is_none() && import_miss(state, path).await? {
@@ -76,9 +73,7 @@ pub(super) async fn get_file(
 
 /// Counts bytes sent and keeps the request's concurrency slot until the body is done.
 pub(super) fn counted<S>(
-    s: S,
-    state: Arc<AppState>,
-    permit: OwnedSemaphorePermit,
+    s: S, state: Arc<AppState>, permit: OwnedSemaphorePermit,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,

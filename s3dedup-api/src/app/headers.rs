@@ -8,8 +8,7 @@ use s3dedup_common::protocol;
 use super::ApiError;
 
 pub(super) fn header_str(
-    headers: &HeaderMap,
-    name: impl header::AsHeaderName,
+    headers: &HeaderMap, name: impl header::AsHeaderName,
 ) -> Result<Option<&str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
@@ -55,8 +54,7 @@ pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 pub(super) fn file_headers(
-    entry: &FileEntry,
-    gzip: bool,
+    entry: &FileEntry, gzip: bool,
 ) -> [(header::HeaderName, HeaderValue); 4] {
     let blob = &entry.blob;
     headers_of(entry.version, blob.logical_size, blob.stored_size, gzip)
@@ -64,10 +62,7 @@ pub(super) fn file_headers(
 
 /// The headers of a file of `version` whose content is `logical` bytes and its gzip `stored`.
 pub(super) fn headers_of(
-    version: protocol::Version,
-    logical: u64,
-    stored: u64,
-    gzip: bool,
+    version: protocol::Version, logical: u64, stored: u64, gzip: bool,
 ) -> [(header::HeaderName, HeaderValue); 4] {
     let length = if gzip { stored } else { logical };
     [
@@ -124,8 +119,7 @@ pub(super) fn parse_encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> 
 }
 
 pub(super) fn request_version(
-    req_query: Option<&str>,
-    headers: &HeaderMap,
+    req_query: Option<&str>, headers: &HeaderMap,
 ) -> Result<protocol::Version, ApiError> {
     let header = header_str(headers, header::LAST_MODIFIED)?;
     Ok(protocol::request_version(req_query, header)?)

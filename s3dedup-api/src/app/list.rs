@@ -24,10 +24,7 @@ const LIST_PAGE: usize = 2000;
 /// Live migration: s3dedup's listing and the old server's, as one (in memory: the listing of
 /// one directory, only while the migration lasts).
 async fn union_with_old_server(
-    state: &AppState,
-    prefix: &str,
-    cutoff: protocol::Version,
-    first: Vec<String>,
+    state: &AppState, prefix: &str, cutoff: protocol::Version, first: Vec<String>,
 ) -> Result<Bytes, ApiError> {
     let mut listed = BTreeSet::new();
     let mut page = first;
@@ -53,10 +50,7 @@ async fn union_with_old_server(
 }
 
 pub(super) async fn list(
-    state: &Arc<AppState>,
-    dir: Option<FilePath>,
-    query: Option<&str>,
-    head: bool,
+    state: &Arc<AppState>, dir: Option<FilePath>, query: Option<&str>, head: bool,
     permit: OwnedSemaphorePermit,
 ) -> ApiResult {
     let cutoff = match protocol::query_param(query, protocol::PARAM_LAST_MODIFIED)? {

@@ -130,8 +130,7 @@ impl Drop for InFlight<'_> {
 }
 
 async fn route(
-    state: &Arc<AppState>,
-    req: Request,
+    state: &Arc<AppState>, req: Request,
 ) -> Result<(&'static str, Response), (&'static str, ApiError)> {
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();

@@ -34,8 +34,7 @@ const INLINE_BODY: u64 = 16 * 1024;
 /// The next chunk of a request body; an error once the client has sent nothing for
 /// `api.body_timeout_secs` (a stalled upload must not hold its slot and spool file forever).
 pub(super) async fn next_chunk(
-    body: &mut axum::body::BodyDataStream,
-    cfg: &ApiConfig,
+    body: &mut axum::body::BodyDataStream, cfg: &ApiConfig,
 ) -> Option<Result<Bytes, String>> {
     let next = body.next();
     let r = if cfg.body_timeout_secs == 0 {
@@ -59,9 +58,7 @@ pub(super) async fn next_chunk(
 /// Answering before the body is read makes the server close the connection, which a client
 /// still sending (or reusing the connection) sees as a broken pipe instead of the answer.
 pub(super) async fn drain(
-    body: &mut axum::body::BodyDataStream,
-    cfg: &ApiConfig,
-    limit: u64,
+    body: &mut axum::body::BodyDataStream, cfg: &ApiConfig, limit: u64,
 ) -> u64 {
     let mut n = 0u64;
     while n <= limit {
@@ -77,10 +74,7 @@ pub(super) async fn drain(
 pub(super) const DRAIN_ON_ERROR: u64 = 16 << 20;
 
 pub(super) async fn put_file(
-    state: &Arc<AppState>,
-    path: FilePath,
-    req: &Parts,
-    body: Body,
+    state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body,
 ) -> ApiResult {
     let mut body = body.into_data_stream();
     match put_checks(state, &path, req).await {
@@ -119,9 +113,7 @@ pub(super) struct Ingest {
 
 /// Everything a PUT can decide from its headers and the metadata, before reading the body.
 pub(super) async fn put_checks(
-    state: &AppState,
-    path: &FilePath,
-    req: &Parts,
+    state: &AppState, path: &FilePath, req: &Parts,
 ) -> Result<PutStart, ApiError> {
     let version = request_version(req.uri.query(), &req.headers)?;
     if let Some(newer) = newer_on_old_server(state, path, version).await? {
@@ -172,10 +164,7 @@ fn too_large(max: u64, encoding: Encoding, hints: &Hints, declared: Option<u64>)
 /// a gzip body must also promise a small content (a 16 KiB gzip bomb would inflate to 16 MiB
 /// here); it then stays in memory either way, within the spool's memory bound.
 fn read_whole(
-    encoding: Encoding,
-    hints: &Hints,
-    declared: Option<u64>,
-    spool_memory: usize,
+    encoding: Encoding, hints: &Hints, declared: Option<u64>, spool_memory: usize,
 ) -> bool {
     let small = declared.is_some_and(|n| n <= INLINE_BODY);
     let bounded = match encoding {
@@ -187,9 +176,7 @@ fn read_whole(
 
 /// Reads a small body whole, then verifies it here (see [`INLINE_BODY`]).
 pub(super) async fn ingest_inline(
-    state: &Arc<AppState>,
-    mut body: axum::body::BodyDataStream,
-    start: Ingest,
+    state: &Arc<AppState>, mut body: axum::body::BodyDataStream, start: Ingest,
 ) -> Result<Spooled, ApiError> {
     let mut whole = Vec::new();
     loop {
@@ -220,9 +207,7 @@ pub(super) async fn ingest_inline(
 
 /// Streams a body to a blocking task that verifies it as it arrives.
 pub(super) async fn ingest_streamed(
-    state: &Arc<AppState>,
-    mut body: axum::body::BodyDataStream,
-    start: Ingest,
+    state: &Arc<AppState>, mut body: axum::body::BodyDataStream, start: Ingest,
 ) -> Result<Spooled, ApiError> {
     let Ingest {
         encoding,
@@ -264,10 +249,7 @@ pub(super) async fn ingest_streamed(
 }
 
 pub(super) async fn put_body(
-    state: &Arc<AppState>,
-    path: FilePath,
-    body: axum::body::BodyDataStream,
-    start: Ingest,
+    state: &Arc<AppState>, path: FilePath, body: axum::body::BodyDataStream, start: Ingest,
 ) -> ApiResult {
     let version = start.version;
     let spooled = if start.inline {

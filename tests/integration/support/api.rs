@@ -32,8 +32,7 @@ impl Api {
 
     /// Starts the API with extra `S3DEDUP_*` environment overrides (borrowed or owned strings).
     pub fn start_with(
-        backend: Backend<'_>,
-        env: &[(impl AsRef<str>, impl AsRef<str>)],
+        backend: Backend<'_>, env: &[(impl AsRef<str>, impl AsRef<str>)],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut all: Vec<(String, String)> = vec![("RUST_LOG".into(), "warn".into())];
@@ -72,10 +71,7 @@ impl Api {
     }
 
     fn spawn(
-        addr: SocketAddr,
-        data_dir: &Path,
-        log: &Path,
-        env: &[(String, String)],
+        addr: SocketAddr, data_dir: &Path, log: &Path, env: &[(String, String)],
     ) -> anyhow::Result<Proc> {
         let log = std::fs::OpenOptions::new()
             .create(true)

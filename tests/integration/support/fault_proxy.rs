@@ -288,10 +288,8 @@ fn content_length(headers: &hyper::HeaderMap) -> u64 {
 }
 
 async fn handle(
-    req: Request<Incoming>,
-    plan: Arc<Plan>,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
-    upstream: SocketAddr,
+    req: Request<Incoming>, plan: Arc<Plan>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Body>, upstream: SocketAddr,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
     let (mut parts, body) = req.into_parts();
     let refused = plan

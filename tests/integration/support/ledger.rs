@@ -206,12 +206,7 @@ impl Ledger {
 
     /// One client: PUTs new paths under `/<tag>/<client>/`, reads, deletes and lists them.
     pub async fn client(
-        self: Arc<Self>,
-        urls: Vec<String>,
-        tag: String,
-        id: usize,
-        until: Until,
-        seed: u64,
+        self: Arc<Self>, urls: Vec<String>, tag: String, id: usize, until: Until, seed: u64,
     ) {
         let servers = Ft::for_load(&urls);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ id as u64);
@@ -325,12 +320,7 @@ impl Ledger {
 
     /// Runs `clients` clients to completion.
     pub async fn run(
-        self: &Arc<Self>,
-        urls: &[String],
-        tag: &str,
-        clients: usize,
-        until: Until,
-        seed: u64,
+        self: &Arc<Self>, urls: &[String], tag: &str, clients: usize, until: Until, seed: u64,
     ) {
         let tasks: Vec<_> = (0..clients)
             .map(|id| {
@@ -347,11 +337,7 @@ impl Ledger {
 
     /// [`Ledger::run`] in a task of its own, for a test that breaks things meanwhile.
     pub fn spawn(
-        self: &Arc<Self>,
-        urls: Vec<String>,
-        tag: &'static str,
-        clients: usize,
-        until: Until,
+        self: &Arc<Self>, urls: Vec<String>, tag: &'static str, clients: usize, until: Until,
         seed: u64,
     ) -> tokio::task::JoinHandle<()> {
         let ledger = self.clone();

@@ -88,9 +88,7 @@ impl Drop for StallProxy {
 
 /// Forwards `client` to `target` until either side ends or a cut arrives.
 async fn forward(
-    mut client: TcpStream,
-    target: SocketAddr,
-    stalled: watch::Receiver<bool>,
+    mut client: TcpStream, target: SocketAddr, stalled: watch::Receiver<bool>,
     mut cuts: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     // A cut is served before any byte moves: one that raced a request would otherwise let the
@@ -121,8 +119,7 @@ async fn forward(
 /// The server side is gone: answers the cut, then closes `client` when it next sends
 /// something, as after a failover or a NAT dropping the flow.
 async fn dead_end(
-    mut client: TcpStream,
-    done: oneshot::Sender<()>,
+    mut client: TcpStream, done: oneshot::Sender<()>,
     mut cuts: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     let _ = done.send(());
@@ -139,8 +136,7 @@ async fn dead_end(
 
 /// Copies `from` to `to`, holding each chunk while the proxy is stalled.
 async fn pump(
-    from: &mut (impl AsyncReadExt + Unpin),
-    to: &mut (impl AsyncWriteExt + Unpin),
+    from: &mut (impl AsyncReadExt + Unpin), to: &mut (impl AsyncWriteExt + Unpin),
     mut stalled: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
