@@ -83,8 +83,9 @@ export TESTS_REPORT="$PWD/target/test-report.txt"
 pg_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 TESTS_VENV="$(cd "$venv" && pwd)" PGPORT="$pg_port" pg_virtualenv -t cargo test --workspace --locked -- --include-ignored
 
-step "Filetracker client suite (real client against the real binary, local store and S3)"
-TESTS_BIN_DIR="$PWD/target/debug" "$venv/bin/python" -m pytest -q tests/client
+step "Filetracker client suite (real client against the real binary: local store, S3, PostgreSQL)"
+TESTS_BIN_DIR="$PWD/target/debug" TESTS_NEED_POSTGRES=1 PGPORT="$pg_port" \
+    pg_virtualenv -t "$venv/bin/python" -m pytest -q tests/client
 
 step "Debian packages (debian/build.sh) and lintian"
 debian/build.sh

@@ -66,8 +66,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct MigratorConfig {
     /// `v1:DIR` (Filetracker v1 `files/`), `v2:DIR` (`filetracker-server -d DIR`), an old
-    /// server's `http://HOST:PORT`, or an upstream s3dedup bucket (`upstream:BUCKET:…`); empty:
-    /// none.
+    /// server's `http://HOST:PORT`, another s3dedup store (`s3dedup:CONFIG_FILE`) or an
+    /// upstream s3dedup bucket (`upstream:BUCKET:…`); empty: none.
     #[serde(deserialize_with = "crate::source::optional")]
     pub source: Option<Source>,
     /// Files imported at once.

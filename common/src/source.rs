@@ -17,6 +17,10 @@ pub enum Source {
     /// An upstream s3dedup deployment's bucket, adopted in place: `upstream:BUCKET:sqlite:PATH`
     /// or `upstream:BUCKET:postgres://…`. The store must be configured with the same bucket.
     Upstream { bucket: String, db: UpstreamDb },
+    /// Another s3dedup store, named by its configuration file (`s3dedup:PATH`): any metadata
+    /// backend, any object store. Files are copied object by object, verified, with their
+    /// versions; its remembered deletions are carried over.
+    Store(PathBuf),
 }
 
 impl std::str::FromStr for Source {
@@ -55,9 +59,10 @@ impl std::str::FromStr for Source {
         match s.split_once(':') {
             Some(("v1", dir)) if !dir.is_empty() => Ok(Source::V1Dir(dir.into())),
             Some(("v2", dir)) if !dir.is_empty() => Ok(Source::V2Dir(dir.into())),
+            Some(("s3dedup", file)) if !file.is_empty() => Ok(Source::Store(file.into())),
             _ => Err(format!(
-                "unknown source {s:?}: expected v1:DIR, v2:DIR, http://HOST:PORT or \
-                 upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://…"
+                "unknown source {s:?}: expected v1:DIR, v2:DIR, http://HOST:PORT, \
+                 s3dedup:CONFIG_FILE or upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://…"
             )),
         }
     }
@@ -70,6 +75,7 @@ impl std::fmt::Display for Source {
             Source::V2Dir(d) => write!(f, "v2:{}", d.display()),
             Source::Http(u) => f.write_str(u),
             Source::Upstream { bucket, db } => write!(f, "upstream:{bucket}:{db}"),
+            Source::Store(file) => write!(f, "s3dedup:{}", file.display()),
         }
     }
 }
@@ -80,7 +86,7 @@ impl Source {
         match self {
             Source::V1Dir(d) => Some(d.join("files")),
             Source::V2Dir(d) => Some(d.join("links")),
-            Source::Http(_) | Source::Upstream { .. } => None,
+            Source::Http(_) | Source::Upstream { .. } | Source::Store(_) => None,
         }
     }
 }
@@ -176,6 +182,10 @@ mod tests {
         assert_eq!("v2:/srv/ft".parse(), Ok(Source::V2Dir("/srv/ft".into())));
         assert!("v3:/x".parse::<Source>().is_err());
         assert!("v1:".parse::<Source>().is_err());
+        let other: Source = "s3dedup:/etc/s3dedup/old.toml".parse().unwrap();
+        assert_eq!(other, Source::Store("/etc/s3dedup/old.toml".into()));
+        assert_eq!(other.to_string(), "s3dedup:/etc/s3dedup/old.toml");
+        assert!("s3dedup:".parse::<Source>().is_err());
         assert_eq!(
             "http://127.0.0.1:9999/".parse(),
             Ok(Source::Http("http://127.0.0.1:9999".into()))

@@ -19,8 +19,10 @@ use s3dedup_common::{systemd, unix_now};
 /// Imports an existing Filetracker into the store, verifying every content.
 ///
 /// Imports a Filetracker v1 directory (`v1:DIR`, files under DIR/files), a v2 data directory
-/// (`v2:DIR`, as given to `filetracker-server -d`) or a running v2 server (`http://HOST:PORT`,
-/// its root URL), or adopts an upstream s3dedup bucket in place (`upstream:BUCKET:sqlite:PATH`,
+/// (`v2:DIR`, as given to `filetracker-server -d`), a running v2 server (`http://HOST:PORT`,
+/// its root URL) or another s3dedup store (`s3dedup:CONFIG_FILE`, e.g. moving from SQLite and a
+/// local directory to PostgreSQL and S3; run again after the switch for the final delta), or
+/// adopts an upstream s3dedup bucket in place (`upstream:BUCKET:sqlite:PATH`,
 /// `upstream:BUCKET:postgres://…`), keeping every version, verifying every content. Exit codes:
 /// 0 ok, 1 some files failed (listed at the end), 2 bad configuration.
 #[derive(Parser, Debug)]
@@ -28,8 +30,8 @@ use s3dedup_common::{systemd, unix_now};
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
-    /// What to import (overrides migrator.source): v1:DIR, v2:DIR, http://HOST:PORT or
-    /// upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://USER@HOST/DB.
+    /// What to import (overrides migrator.source): v1:DIR, v2:DIR, http://HOST:PORT,
+    /// s3dedup:CONFIG_FILE or upstream:BUCKET:sqlite:PATH / upstream:BUCKET:postgres://USER@HOST/DB.
     #[arg(long, value_name = "SOURCE")]
     source: Option<Source>,
     /// Files imported at once (overrides migrator.jobs).
@@ -62,7 +64,7 @@ async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
             key: "migrator.source".into(),
             origin: "neither --source nor the configuration".into(),
             message: "no source: pass --source or set migrator.source (v1:DIR, v2:DIR, \
-                      http://HOST:PORT, upstream:BUCKET:…)"
+                      http://HOST:PORT, s3dedup:CONFIG_FILE, upstream:BUCKET:…)"
                 .into(),
         }
         .into());
@@ -245,6 +247,7 @@ async fn run(
         migrated = report.migrated,
         skipped = report.skipped,
         kept_deleted = report.kept_deleted,
+        deletions_carried = report.deletions_carried,
         failed = report.failed.len(),
         "{line}"
     );

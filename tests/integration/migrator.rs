@@ -569,3 +569,47 @@ async fn adopt_upstream(db_kind: UpstreamDb) {
     // The adopted store is consistent: refcounts, sizes and every object's digest.
     api.verify_deep();
 }
+
+/// `--source s3dedup:CONFIG`: a store that is not there is refused (and not made); a damaged
+/// object of the source is reported (exit 1) while the other files are copied, verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_store_is_copied_verified_and_never_created() {
+    let old = Api::start(Backend::Local).unwrap();
+    let new = Api::start(Backend::Local).unwrap();
+    let good = b"a file that comes over".repeat(50);
+    let bad = b"a file whose object is damaged".repeat(50);
+    for (path, body) in [("/good", &good), ("/bad", &bad)] {
+        let r = old.ft().put(path, 1_600_000_000, body.clone()).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, data_dir: &Path| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, format!("data_dir = {:?}\n", data_dir)).unwrap();
+        format!("s3dedup:{}", file.display())
+    };
+    let nowhere = dir.path().join("nowhere");
+    let (ok, out) = migrate(&new, &config("none.toml", &nowhere));
+    assert!(
+        !ok && out.contains("does not exist: no store there"),
+        "{out}"
+    );
+    assert!(!nowhere.exists(), "nothing made where no store was");
+
+    let object = old
+        .local_objects()
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == sha256_hex(&bad))
+        .expect("the object of /bad");
+    let len = std::fs::metadata(&object).unwrap().len() as usize;
+    std::fs::write(&object, vec![0x1f; len]).unwrap();
+    let source = config("old.toml", &old.data_dir);
+    let (ok, out) = migrate(&new, &source);
+    assert!(!ok, "a damaged file fails the run: {out}");
+    assert!(
+        out.contains("failed: /bad") && out.contains("1 files migrated"),
+        "{out}"
+    );
+    assert_file(&new, "/good", &good, 1_600_000_000).await;
+    assert_eq!(new.ft().get("/bad").await.status(), StatusCode::NOT_FOUND);
+}

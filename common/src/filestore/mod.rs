@@ -288,6 +288,13 @@ impl FileStore {
         self.meta.list_files(page).await
     }
 
+    /// Remembered deletions `(path, version)` in path order after `after`, at most `limit`.
+    pub async fn deletions(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        self.meta.list_deletions(after, limit).await
+    }
+
     /// The version at which `path` was last deleted, if its deletion is remembered.
     pub async fn deleted_version(&self, path: &str) -> Result<Option<Version>, FileStoreError> {
         Ok(self.meta.deleted_version(path).await?)

@@ -354,6 +354,12 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The version at which `path` was last deleted, if its deletion is remembered.
     async fn deleted_version(&self, path: &str) -> Result<Option<Version>, MetaError>;
 
+    /// Remembered deletions as `(path, version)` in path order, strictly after `after`, at most
+    /// `limit` (for an import from another s3dedup store, which carries them over).
+    async fn list_deletions(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError>;
+
     /// Forgets deletions recorded before `before` (Unix seconds); returns how many.
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError>;
 
@@ -902,6 +908,9 @@ pub(crate) mod conformance {
         // Nothing is remembered for a delete of a missing path.
         assert_eq!(delete(m, "/u", 5, 6).await, DeleteOutcome::NotFound);
         assert_eq!(m.deleted_version("/u").await.unwrap(), None);
+        let listed = m.list_deletions("", 10).await.unwrap();
+        assert_eq!(listed, vec![("/t".to_owned(), 30)]);
+        assert_eq!(m.list_deletions("/t", 10).await.unwrap(), vec![]);
         assert_eq!(m.purge_deletions(6).await.unwrap(), 0, "recorded at 6");
         assert_eq!(m.purge_deletions(7).await.unwrap(), 1);
         assert_eq!(m.deleted_version("/t").await.unwrap(), None);

@@ -913,6 +913,14 @@ impl MetaStore for PostgresMeta {
         Ok(row.map(|r| r.get(0)))
     }
 
+    async fn list_deletions(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        let sql = "SELECT path, version FROM deleted_paths WHERE path > $1 ORDER BY path LIMIT $2";
+        let rows = self.read(sql, &[&after, &(limit as i64)]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         let sql = "DELETE FROM deleted_paths WHERE deleted_at < $1 RETURNING 1";
         self.write_idempotent(sql, &[&before]).await

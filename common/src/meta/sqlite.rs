@@ -813,6 +813,20 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn list_deletions(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        let after = after.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT path, version FROM deleted_paths WHERE path > ?1 ORDER BY path LIMIT ?2",
+            )?
+            .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+        })
+        .await
+    }
+
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {
         self.write(move |c| {
             exec(

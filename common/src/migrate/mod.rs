@@ -4,6 +4,7 @@
 //! left alone, and a path deleted here is not brought back. A directory walk has a fixed order
 //! and records how far it got in the metadata store, so a killed run resumes from there.
 
+mod store;
 mod upstream;
 mod walk;
 
@@ -40,6 +41,8 @@ enum Origin {
     },
     /// Version and content come from the old server, file by file.
     Http,
+    /// A file of another s3dedup store, read from it when imported.
+    Store,
     /// An object already in the store under `digest`, to be verified and adopted.
     Adopt {
         version: Version,
@@ -51,7 +54,7 @@ impl Item {
     fn shown(&self) -> String {
         match &self.origin {
             Origin::File { file, .. } => format!("{} ({})", self.path, file.display()),
-            Origin::Http | Origin::Adopt { .. } => self.path.to_string(),
+            Origin::Http | Origin::Store | Origin::Adopt { .. } => self.path.to_string(),
         }
     }
 }
@@ -73,6 +76,10 @@ pub enum MigrateError {
     Vanished,
     #[error("upstream metadata {db}: {why}")]
     Upstream { db: String, why: String },
+    #[error("source store {}: {why}", config.display())]
+    OtherStore { config: PathBuf, why: String },
+    #[error("reading the source store: {0}")]
+    SourceFile(FileStoreError),
     #[error(transparent)]
     Store(#[from] FileStoreError),
     #[error(transparent)]
@@ -90,6 +97,8 @@ pub struct MigrateReport {
     pub skipped: u64,
     /// Deleted here at or after the source's version, so not brought back.
     pub kept_deleted: u64,
+    /// Files deleted here because the source (another s3dedup store) deleted them.
+    pub deletions_carried: u64,
     /// The checkpoint of an interrupted run this one started after.
     pub resumed_after: Option<String>,
     /// `(source file, why)`: reported, skipped, the run goes on.
@@ -107,8 +116,13 @@ impl MigrateReport {
         } else {
             ""
         };
+        let carried = match self.deletions_carried {
+            0 => String::new(),
+            n => format!(", {n} deleted as at the source"),
+        };
         format!(
-            "{} files migrated ({} bytes), {} already present, {} deleted here, {} failed{stopped}",
+            "{} files migrated ({} bytes), {} already present, {} deleted here{carried}, {} \
+             failed{stopped}",
             self.migrated,
             self.bytes,
             self.skipped,
@@ -236,12 +250,42 @@ const INGEST: IngestOptions = IngestOptions {
     max_gzip_ratio: 0,
 };
 
+/// What a run reads from besides directories: an old server, another s3dedup store.
+#[derive(Clone, Default)]
+struct Readers {
+    old: Option<OldServer>,
+    other: Option<Arc<FileStore>>,
+}
+
+impl Readers {
+    async fn open(
+        fs: &FileStore, source: &Source, http_timeout: Duration,
+    ) -> Result<Readers, MigrateError> {
+        Ok(match source {
+            Source::Http(u) => Readers {
+                old: Some(OldServer::new(u, http_timeout)?),
+                other: None,
+            },
+            Source::Store(file) => Readers {
+                old: None,
+                other: Some(store::open(file, fs).await?),
+            },
+            _ => Readers::default(),
+        })
+    }
+}
+
 async fn import(
-    fs: &Arc<FileStore>, old: Option<&OldServer>, item: &Item, opts: &RunOptions,
+    fs: &Arc<FileStore>, readers: &Readers, item: &Item, opts: &RunOptions,
     throttle: Option<&Arc<Throttle>>,
 ) -> Result<Done, MigrateError> {
     if let Origin::Adopt { version, digest } = &item.origin {
         return adopt(fs, &item.path, *version, digest, opts).await;
+    }
+    if let Origin::Store = &item.origin {
+        let other = (readers.other.as_ref())
+            .ok_or_else(|| MigrateError::Source("no source store".into()))?;
+        return store::copy(fs, other, &item.path, opts, throttle).await;
     }
     let Origin::File {
         version,
@@ -250,7 +294,8 @@ async fn import(
         expected,
     } = &item.origin
     else {
-        let old = old.ok_or_else(|| MigrateError::Source("no old server".into()))?;
+        let old =
+            (readers.old.as_ref()).ok_or_else(|| MigrateError::Source("no old server".into()))?;
         let imported = old
             .import(
                 fs,
@@ -350,6 +395,7 @@ fn checkpoint_key(source: &Source) -> String {
     match source {
         Source::V1Dir(d) => Source::V1Dir(canonical(d)).to_string(),
         Source::V2Dir(d) => Source::V2Dir(canonical(d)).to_string(),
+        Source::Store(f) => Source::Store(canonical(f)).to_string(),
         Source::Http(_) | Source::Upstream { .. } => source.to_string(),
     }
 }
@@ -360,10 +406,10 @@ fn canonical(dir: &Path) -> PathBuf {
 
 /// Starts the walk or listing of `source`, feeding a bounded channel (memory stays flat).
 fn produce(
-    source: &Source, old: Option<OldServer>, resume: Option<String>,
+    source: &Source, readers: &Readers, resume: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Work> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    match (source, old) {
+    match (source, readers.old.clone()) {
         (Source::V1Dir(_) | Source::V2Dir(_), _) => {
             let v2 = matches!(source, Source::V2Dir(_));
             let root = source.walk_root().unwrap_or_default();
@@ -377,6 +423,11 @@ fn produce(
             tokio::spawn(async move { list_old_server(&old, tx).await });
         }
         (Source::Http(_), None) => {}
+        (Source::Store(_), _) => {
+            if let Some(other) = readers.other.clone() {
+                tokio::spawn(store::list(other, resume, tx));
+            }
+        }
     }
     rx
 }
@@ -489,9 +540,8 @@ async fn list_old_server(old: &OldServer, tx: tokio::sync::mpsc::Sender<Work>) {
 /// How many files a run of `source` will look at (for a progress bar's ETA): a walk or listing
 /// of its own, after the checkpoint if there is one.
 pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration) -> u64 {
-    let old = match source {
-        Source::Http(u) => OldServer::new(u, http_timeout).ok(),
-        _ => None,
+    let Ok(readers) = Readers::open(fs, source, http_timeout).await else {
+        return 0;
     };
     let resume = if ordered(source) {
         let key = checkpoint_key(source);
@@ -499,7 +549,7 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
     } else {
         None
     };
-    let mut rx = produce(source, old, resume);
+    let mut rx = produce(source, &readers, resume);
     let mut n = 0;
     while rx.recv().await.is_some() {
         n += 1;
@@ -519,10 +569,7 @@ pub async fn run(
     fs: Arc<FileStore>, source: &Source, opts: RunOptions,
     progress: &(dyn Fn(&MigrateReport) + Sync), stop: impl Future<Output = ()>,
 ) -> Result<MigrateReport, MigrateError> {
-    let old = match source {
-        Source::Http(u) => Some(OldServer::new(u, opts.http_timeout)?),
-        _ => None,
-    };
+    let readers = Readers::open(&fs, source, opts.http_timeout).await?;
     let key = checkpoint_key(source);
     let checkpoints = ordered(source) && !opts.dry_run;
     let resume = if checkpoints {
@@ -537,7 +584,7 @@ pub async fn run(
         resumed_after: resume.clone(),
         ..MigrateReport::default()
     };
-    let rx = produce(source, old.clone(), resume);
+    let rx = produce(source, &readers, resume);
     let throttle = Throttle::new(opts.max_bytes_per_sec).map(Arc::new);
     let work =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
@@ -546,7 +593,7 @@ pub async fn run(
     // writer while the loop awaits the checkpoint write would never run (a deadlock).
     let results = work
         .map(|w| {
-            let (fs, old, throttle) = (fs.clone(), old.clone(), throttle.clone());
+            let (fs, readers, throttle) = (fs.clone(), readers.clone(), throttle.clone());
             let Work { position, item } = w;
             let shown = match &item {
                 Ok(item) => item.shown(),
@@ -554,7 +601,7 @@ pub async fn run(
             };
             let task = tokio::spawn(async move {
                 match item {
-                    Ok(item) => import(&fs, old.as_ref(), &item, &opts, throttle.as_ref()).await,
+                    Ok(item) => import(&fs, &readers, &item, &opts, throttle.as_ref()).await,
                     Err((_, why)) => Err(why),
                 }
             });
@@ -610,6 +657,11 @@ pub async fn run(
             }
         }
         progress(&report);
+    }
+    if let Some(other) = &readers.other
+        && !report.stopped
+    {
+        store::carry_deletions(&fs, other, &opts, &mut report).await;
     }
     if checkpoints {
         match (report.stopped, &position) {
