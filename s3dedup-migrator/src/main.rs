@@ -101,11 +101,16 @@ fn stop_signal() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
+/// How often a run not on a terminal logs its progress.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Progress on a terminal (a bar with rate and ETA) or for systemd (`STATUS=`).
 struct Progress {
     source: String,
     started: Instant,
     last: std::sync::Mutex<Instant>,
+    /// When a progress line last went to the log (not a terminal).
+    logged: std::sync::Mutex<Instant>,
     /// Files the run will look at, once counted; 0 until then.
     total: Arc<AtomicU64>,
     bar: bool,
@@ -130,11 +135,20 @@ impl Progress {
         let mib = r.bytes as f64 / secs / (1 << 20) as f64;
         let total = self.total.load(Ordering::Relaxed);
         if !self.bar {
-            systemd::notify_status(&format!(
+            let line = format!(
                 "migrating {}: {}; {rate:.0} files/s",
                 self.source,
                 r.summary()
-            ));
+            );
+            systemd::notify_status(&line);
+            // The journal (or a pipe) gets a line a minute, so a long run shows its pace.
+            if let Ok(mut logged) = self.logged.lock()
+                && !last
+                && logged.elapsed() >= PROGRESS_LOG_EVERY
+            {
+                *logged = Instant::now();
+                tracing::info!(seen, bytes = r.bytes, "{line}");
+            }
             return;
         }
         let line = if total > 0 {
@@ -200,6 +214,7 @@ async fn run(
         source: source.to_string(),
         started: Instant::now(),
         last: std::sync::Mutex::new(Instant::now()),
+        logged: std::sync::Mutex::new(Instant::now()),
         total: Arc::new(AtomicU64::new(0)),
         bar,
     };

@@ -1,6 +1,6 @@
 //! `s3dedup-migrator` importing Filetracker v1 and v2 directories beside a running API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use reqwest::StatusCode;
@@ -19,6 +19,30 @@ fn set_mtime(path: &Path, version: i64, symlink: bool) {
         .unwrap()
         .success();
     assert!(ok, "touch {}", path.display());
+}
+
+/// Adds `name` to a v2 data directory at `root` as filetracker-server lays it out: a gzip blob
+/// named by the content's digest (`corrupt`: with a broken trailer), and a symlink to it whose
+/// own mtime is the version. Returns the blob's path.
+fn add_v2(root: &Path, name: &str, content: &[u8], version: i64, corrupt: bool) -> PathBuf {
+    let hex = sha256_hex(content);
+    let blob = root.join("blobs").join(&hex[..2]).join(&hex);
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    let mut gz = gzip(content);
+    if corrupt {
+        let n = gz.len();
+        gz[n - 5] ^= 0x55; // breaks the CRC / length trailer
+    }
+    std::fs::write(&blob, gz).unwrap();
+    // v2 stores non-ASCII names double-encoded.
+    let stored: String = name.bytes().map(char::from).collect();
+    let link = root.join("links").join(&stored[1..]);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    let depth = name.matches('/').count();
+    let rel = format!("{}blobs/{}/{hex}", "../".repeat(depth), &hex[..2]);
+    std::os::unix::fs::symlink(&rel, &link).unwrap();
+    set_mtime(&link, version, true);
+    blob
 }
 
 fn migrate(api: &Api, source: &str) -> (bool, String) {
@@ -107,23 +131,7 @@ async fn v2_directory_is_imported_verified_and_decoded() {
     let src = tempfile::tempdir().unwrap();
     let root = src.path();
     let add = |name: &str, content: &[u8], version: i64, corrupt: bool| {
-        let hex = sha256_hex(content);
-        let blob = root.join("blobs").join(&hex[..2]).join(&hex);
-        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
-        let mut gz = gzip(content);
-        if corrupt {
-            let n = gz.len();
-            gz[n - 5] ^= 0x55; // breaks the CRC / length trailer
-        }
-        std::fs::write(&blob, gz).unwrap();
-        // v2 stores non-ASCII names double-encoded.
-        let stored: String = name.bytes().map(char::from).collect();
-        let link = root.join("links").join(&stored[1..]);
-        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-        let depth = name.matches('/').count();
-        let rel = format!("{}blobs/{}/{hex}", "../".repeat(depth), &hex[..2]);
-        std::os::unix::fs::symlink(&rel, &link).unwrap();
-        set_mtime(&link, version, true);
+        add_v2(root, name, content, version, corrupt);
     };
     let big = unique_content("v2", 300_000);
     add("/p/one.txt", &big, 1_600_000_000, false);
@@ -612,4 +620,64 @@ async fn another_store_is_copied_verified_and_never_created() {
     );
     assert_file(&new, "/good", &good, 1_600_000_000).await;
     assert_eq!(new.ft().get("/bad").await.status(), StatusCode::NOT_FOUND);
+}
+
+/// A large file first in the walk does not hold up the small files after it: they are imported
+/// while it is still being read (with in-order completion only one more file could finish). The
+/// large file's blob is a pipe fed slowly, so it stays in flight as long as the test wants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_does_not_hold_up_the_small_ones_after_it() {
+    let api = Api::start(Backend::Local).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let root = src.path();
+    let large = unique_content("large", 1 << 20);
+    let blob = add_v2(root, "/a-large", &large, 1_600_000_000, false);
+    std::fs::remove_file(&blob).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&blob)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for i in 0..40 {
+        let body = format!("small {i}");
+        add_v2(
+            root,
+            &format!("/b-small-{i:02}"),
+            body.as_bytes(),
+            1_600_000_000,
+            false,
+        );
+    }
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut pipe = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+        let gz = gzip(&large);
+        let (head, tail) = gz.split_at(gz.len() / 2);
+        pipe.write_all(head).unwrap();
+        // Held here until the test has looked; then the rest.
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        pipe.write_all(tail).unwrap();
+    });
+    let mut run = api.sibling("s3dedup-migrator");
+    run.args(["--source", &format!("v2:{}", root.display()), "--jobs", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut proc = Proc {
+        child: run.spawn().unwrap(),
+        name: "migrator".into(),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut small = 0;
+    while std::time::Instant::now() < deadline && small < 40 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        small = listed(&api).await;
+    }
+    let large_done = api.ft().get("/a-large").await.status() == StatusCode::OK;
+    assert!(!large_done, "the large file is still in flight");
+    assert_eq!(small, 40, "every small file imported meanwhile");
+    assert!(proc.child.wait().unwrap().success());
+    feeder.join().unwrap();
+    assert_eq!(listed(&api).await, 41);
 }

@@ -4,13 +4,14 @@
 //! left alone, and a path deleted here is not brought back. A directory walk has a fixed order
 //! and records how far it got in the metadata store, so a killed run resumes from there.
 
+mod checkpoint;
 mod store;
 mod upstream;
 mod walk;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 
@@ -557,6 +558,22 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
     n
 }
 
+/// Records how far the run got, when that moved since the last time.
+async fn save_checkpoint(
+    fs: &FileStore, key: &str, in_order: &checkpoint::InOrder, saved: &mut Option<String>, now: i64,
+) {
+    let Some(p) = in_order.position() else {
+        return;
+    };
+    if saved.as_deref() == Some(p) {
+        return;
+    }
+    match fs.set_checkpoint(key, Some(p), now).await {
+        Ok(()) => *saved = Some(p.to_owned()),
+        Err(e) => tracing::warn!(error = %e, position = p, "cannot record the checkpoint"),
+    }
+}
+
 /// How often an unfinished run records its position.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
@@ -588,11 +605,12 @@ pub async fn run(
     let throttle = Throttle::new(opts.max_bytes_per_sec).map(Arc::new);
     let work =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
-    // In order, so everything before a finished position is finished too. Each import is a
-    // task of its own: were they polled only by this loop, one that was granted the metadata
-    // writer while the loop awaits the checkpoint write would never run (a deadlock).
+    // Each import is a task of its own: were they polled only by this loop, one that was
+    // granted the metadata writer while the loop awaits the checkpoint write would never run
+    // (a deadlock). They finish in any order, so a large file does not hold up the ones after it.
     let results = work
-        .map(|w| {
+        .enumerate()
+        .map(|(seq, w)| {
             let (fs, readers, throttle) = (fs.clone(), readers.clone(), throttle.clone());
             let Work { position, item } = w;
             let shown = match &item {
@@ -609,29 +627,33 @@ pub async fn run(
                 let result = task
                     .await
                     .unwrap_or_else(|e| Err(MigrateError::Task(e.to_string())));
-                (result, shown, position)
+                (seq as u64, result, shown, position)
             }
         })
-        .buffered(opts.jobs.max(1));
+        .buffer_unordered(opts.jobs.max(1));
     let mut results = std::pin::pin!(results);
-    let mut saved = Instant::now();
-    // The checkpoint never passes a file that failed: a run resumed after a kill starts at
-    // this run's first failure and tries it again, so it cannot end "0 failed" while a file
-    // it skipped is missing.
-    let mut position = None;
-    let mut failed_before = false;
+    let mut in_order = checkpoint::InOrder::default();
+    let mut saved: Option<String> = None;
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     let mut stop = std::pin::pin!(stop);
     loop {
         let next = tokio::select! {
             next = results.next() => next,
+            _ = tick.tick() => {
+                if checkpoints {
+                    save_checkpoint(&fs, &key, &in_order, &mut saved, opts.now).await;
+                }
+                continue;
+            }
             () = &mut stop => {
                 report.stopped = true;
                 break;
             }
         };
-        let Some((result, file, pos)) = next else {
+        let Some((seq, result, file, pos)) = next else {
             break;
         };
+        in_order.finished(seq, result.is_err(), pos);
         match result {
             Ok(Done::Migrated(bytes)) => {
                 report.migrated += 1;
@@ -642,18 +664,6 @@ pub async fn run(
             Err(why) => {
                 tracing::warn!(file, error = %why, "not migrated");
                 report.failed.push((file, why.to_string()));
-                failed_before = true;
-            }
-        }
-        if !failed_before {
-            position = pos.or(position);
-        }
-        if checkpoints && saved.elapsed() >= CHECKPOINT_EVERY {
-            saved = Instant::now();
-            if let Some(p) = &position
-                && let Err(e) = fs.set_checkpoint(&key, Some(p), opts.now).await
-            {
-                tracing::warn!(error = %e, "cannot record the checkpoint");
             }
         }
         progress(&report);
@@ -664,7 +674,7 @@ pub async fn run(
         store::carry_deletions(&fs, other, &opts, &mut report).await;
     }
     if checkpoints {
-        match (report.stopped, &position) {
+        match (report.stopped, in_order.position()) {
             // Stopped: the next run goes on from here (or from where this one started).
             (true, Some(p)) => fs.set_checkpoint(&key, Some(p), opts.now).await?,
             (true, None) => {}
