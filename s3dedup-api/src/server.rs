@@ -276,6 +276,18 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     let (meta_ok, store_ok) = state.files.check().await;
     meta_ok.with_context(|| format!("metadata store {metadata} is not usable"))?;
     store_ok.with_context(|| format!("object store {store} is not usable"))?;
+    // Serving such a store answers 404 for every old file; the cleaner refuses to sweep it.
+    if let Ok(true) = state
+        .files
+        .metadata_looks_lost(s3dedup_common::unix_now())
+        .await
+    {
+        tracing::warn!(%metadata, %store,
+            "the metadata database has no files but the object store holds objects older than \
+             an hour: a new or wrong database (metadata.backend, metadata.sqlite.path, \
+             metadata.postgres.url)? Clients will not find the stored files. To move a store to \
+             another database, import it: s3dedup-migrator --source s3dedup:OLD_CONFIG");
+    }
 
     let listeners = listeners(&state).await?;
     let addr = listeners

@@ -320,6 +320,29 @@ const EMPTY_METADATA_AGE: Duration = Duration::from_secs(3600);
 /// as many lock files open, which is why it is well below S3's limit of 1000).
 const ORPHAN_BATCH: usize = 100;
 
+/// Whether the metadata database looks like not the one that wrote the objects: objects old
+/// enough to be no upload in flight (`first`, the store's first page), and not one blob row in
+/// the database (not even a tombstone, kept an hour).
+async fn metadata_lost(
+    fs: &FileStore, first: &[ObjectEntry], now: i64,
+) -> Result<bool, FileStoreError> {
+    let settled = now - EMPTY_METADATA_AGE.as_secs() as i64;
+    Ok(
+        first.iter().any(|o| o.modified <= settled)
+            && fs.meta.list_blobs(None, 1).await?.is_empty(),
+    )
+}
+
+impl FileStore {
+    /// True when the metadata database has no blobs while the object store holds objects older
+    /// than an hour: a new or wrong database over a full store (the cleaner refuses to sweep
+    /// such a store; the API says so when it starts).
+    pub async fn metadata_looks_lost(&self, now: i64) -> Result<bool, FileStoreError> {
+        let first = self.store.list(None, 100).await?;
+        metadata_lost(self, &first, now).await
+    }
+}
+
 async fn sweep_orphans(
     fs: &FileStore, cutoff: i64, now: i64, opts: &GcOptions, report: &mut GcReport,
     progress: &(dyn Fn(&GcReport) + Sync),
@@ -330,14 +353,7 @@ async fn sweep_orphans(
         let Some(last) = page.last() else {
             return Ok(());
         };
-        // Objects this old are no upload in flight; with not one blob row (not even a
-        // tombstone, kept an hour) the database is not the one that wrote them.
-        let settled = now - EMPTY_METADATA_AGE.as_secs() as i64;
-        if after.is_none()
-            && !opts.empty_metadata_ok
-            && page.iter().any(|o| o.modified <= settled)
-            && fs.meta.list_blobs(None, 1).await?.is_empty()
-        {
+        if after.is_none() && !opts.empty_metadata_ok && metadata_lost(fs, &page, now).await? {
             return Err(FileStoreError::EmptyMetadata);
         }
         after = Some(last.digest);
