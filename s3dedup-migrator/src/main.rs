@@ -44,6 +44,10 @@ struct Cli {
     /// Report what would be imported; store nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Delete here the files imported earlier that the old Filetracker no longer has (deleted
+    /// there since); without it they are listed and kept.
+    #[arg(long)]
+    delete_missing: bool,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
     let opts = RunOptions {
         jobs: cli.jobs.unwrap_or(cfg.migrator.jobs),
         dry_run: cli.dry_run,
+        delete_missing: cli.delete_missing,
         max_bytes_per_sec: cli
             .max_bytes_per_sec
             .unwrap_or(cfg.migrator.max_bytes_per_sec),
@@ -268,6 +273,9 @@ async fn run(
     );
     for (file, why) in &report.failed {
         println!("failed: {file}: {why}");
+    }
+    for path in &report.missing {
+        println!("gone from the source, kept here: {path}");
     }
     Ok(report)
 }

@@ -357,3 +357,63 @@ def test_live_migration_lists_both_stores(old_server, tmp_path):
     finally:
         api.kill()
         api.wait()
+
+
+@pytest.mark.parametrize("kind", ["v2", "http"])
+def test_final_delta_reports_files_deleted_on_the_old_server(tmp_path, kind):
+    """After a bulk run, files deleted on the old server are listed by the next run and kept,
+    deleted here with --delete-missing, unless a client wrote them here since; a file written
+    on the old server again later comes over again."""
+    (tmp_path / "old").mkdir()
+    proc, data, old_url = start_old_server(tmp_path / "old")
+    api = None
+    try:
+        old = Client(remote_url=old_url, local_store=None)
+        files = {f"/d/f{i}.txt": f"file {i}".encode() for i in range(12)}
+        for path, body in files.items():
+            src = tmp_path / "upload"
+            src.write_bytes(body)
+            assert old.put_file(f"{path}@1700000000", str(src)) == f"{path}@1700000000"
+        source = f"v2:{data}" if kind == "v2" else old_url
+        env = {k: v for k, v in os.environ.items() if not k.startswith("S3DEDUP_")}
+
+        def migrate(*extra):
+            run = subprocess.run(
+                [BIN_DIR / "s3dedup-migrator", "--data-dir", tmp_path / "data", "--source", source,
+                 *extra], env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout + run.stderr
+            return run.stdout
+
+        assert "12 files migrated" in migrate()
+        api, url = start_api(tmp_path)
+        here = Client(remote_url=url, local_store=None)
+        gone = sorted(files)[:3]
+        for path in gone:
+            old.delete_file(f"{path}@1700000001")
+        out = migrate()
+        assert " 0 files migrated" in out and "3 gone from the source but kept here" in out, out
+        assert sorted(line.split(": ", 1)[1] for line in out.splitlines()
+                      if line.startswith("gone from the source")) == gone
+        assert here.get_stream(gone[0])[0].read() == files[gone[0]], "kept until asked"
+        # Written here by a client since: it is the client's file now, not the import's.
+        src = tmp_path / "upload"
+        src.write_bytes(b"written here")
+        here.put_file(f"{gone[0]}@1700000005", str(src))
+        out = migrate("--delete-missing")
+        assert "2 deleted as at the source" in out and "gone from the source" not in out, out
+        listed = sorted("/" + p for p in here.list_remote_files(None, "/", False))
+        assert listed == sorted(set(files) - set(gone[1:])), listed
+        assert here.get_stream(gone[0])[0].read() == b"written here"
+        out = migrate()
+        assert " 0 files migrated" in out and "gone" not in out and "deleted as" not in out, out
+        # Written again on the old server, at a newer version: a new file, imported.
+        src.write_bytes(b"back again")
+        old.put_file(f"{gone[1]}@1700000010", str(src))
+        assert "1 files migrated" in migrate()
+        assert here.get_stream(gone[1])[0].read() == b"back again"
+    finally:
+        if api:
+            api.kill()
+            api.wait()
+        proc.terminate()
+        proc.wait()

@@ -288,6 +288,14 @@ impl FileStore {
         self.meta.list_files(page).await
     }
 
+    /// Files an import stored and no client wrote since, `(path, version)` in path order after
+    /// `after`, at most `limit`.
+    pub async fn imported(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        self.meta.list_imported(after, limit).await
+    }
+
     /// Remembered deletions `(path, version)` in path order after `after`, at most `limit`.
     pub async fn deletions(
         &self, after: &str, limit: usize,

@@ -360,6 +360,13 @@ pub trait MetaStore: Send + Sync + 'static {
         &self, after: &str, limit: usize,
     ) -> Result<Vec<(String, Version)>, MetaError>;
 
+    /// Files as `(path, version)` in path order, strictly after `after`, at most `limit`, that
+    /// an import stored and no client wrote since (a final delta checks them against the
+    /// source).
+    async fn list_imported(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError>;
+
     /// Forgets deletions recorded before `before` (Unix seconds); returns how many.
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError>;
 
@@ -908,6 +915,24 @@ pub(crate) mod conformance {
         // Nothing is remembered for a delete of a missing path.
         assert_eq!(delete(m, "/u", 5, 6).await, DeleteOutcome::NotFound);
         assert_eq!(m.deleted_version("/u").await.unwrap(), None);
+        // Imported and not written by a client since: /t at 21 was deleted, /never refused.
+        put(m, "/imp", 3, &a, false, 3, PutKind::Import)
+            .await
+            .unwrap();
+        put(m, "/cli", 3, &a, false, 3, CLIENT).await.unwrap();
+        put(m, "/imp2", 3, &b, false, 3, PutKind::Import)
+            .await
+            .unwrap();
+        let imported = m.list_imported("", 10).await.unwrap();
+        assert_eq!(
+            imported,
+            vec![("/imp".to_owned(), 3), ("/imp2".to_owned(), 3)]
+        );
+        assert_eq!(m.list_imported("/imp", 10).await.unwrap().len(), 1);
+        // A client's write (same content: only the version) makes it the client's.
+        put(m, "/imp", 4, &a, false, 3, CLIENT).await.unwrap();
+        put(m, "/imp2", 4, &a, false, 3, CLIENT).await.unwrap();
+        assert_eq!(m.list_imported("", 10).await.unwrap(), vec![]);
         let listed = m.list_deletions("", 10).await.unwrap();
         assert_eq!(listed, vec![("/t".to_owned(), 30)]);
         assert_eq!(m.list_deletions("/t", 10).await.unwrap(), vec![]);

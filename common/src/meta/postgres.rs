@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     // ms, the server's clock), and whether the object was seen deleted; such rows stay a while.
     "ALTER TABLE blobs ADD COLUMN deletion BIGINT, ADD COLUMN settles_at BIGINT,
         ADD COLUMN object_deleted BOOLEAN NOT NULL DEFAULT false;",
+    // 4: files that came from an import and were not written by a client since (a final delta
+    // reports those the source no longer has).
+    "ALTER TABLE files ADD COLUMN imported BOOLEAN NOT NULL DEFAULT false",
 ];
 
 /// The server's clock in Unix milliseconds: settle times are set and compared on it alone, so
@@ -608,6 +611,7 @@ impl MetaStore for PostgresMeta {
                             .await?;
                         }
                     }
+                    let imported = kind == PutKind::Import;
                     let deleted: Option<i64> = if kind == PutKind::Import {
                         row_opt(
                             tx,
@@ -630,18 +634,19 @@ impl MetaStore for PostgresMeta {
                         PutPlan::Touch => {
                             exec(
                                 tx,
-                                "UPDATE files SET version = $2 WHERE path = $1",
-                                &[&path, &version],
+                                "UPDATE files SET version = $2, imported = $3 WHERE path = $1",
+                                &[&path, &version, &imported],
                             )
                             .await?;
                         }
                         PutPlan::Replace { old } => {
                             exec(
                                 tx,
-                                "INSERT INTO files (path, version, digest) VALUES ($1, $2, $3)
+                                "INSERT INTO files (path, version, digest, imported)
+                                 VALUES ($1, $2, $3, $4)
                                  ON CONFLICT (path) DO UPDATE SET version = EXCLUDED.version,
-                                    digest = EXCLUDED.digest",
-                                &[&path, &version, &digest],
+                                    digest = EXCLUDED.digest, imported = EXCLUDED.imported",
+                                &[&path, &version, &digest, &imported],
                             )
                             .await?;
                             exec(
@@ -917,6 +922,15 @@ impl MetaStore for PostgresMeta {
         &self, after: &str, limit: usize,
     ) -> Result<Vec<(String, Version)>, MetaError> {
         let sql = "SELECT path, version FROM deleted_paths WHERE path > $1 ORDER BY path LIMIT $2";
+        let rows = self.read(sql, &[&after, &(limit as i64)]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn list_imported(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        let sql = "SELECT path, version FROM files WHERE path > $1 AND imported
+                   ORDER BY path LIMIT $2";
         let rows = self.read(sql, &[&after, &(limit as i64)]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }

@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE blobs ADD COLUMN deletion INTEGER;
     ALTER TABLE blobs ADD COLUMN settles_at INTEGER;
     ALTER TABLE blobs ADD COLUMN object_deleted INTEGER NOT NULL DEFAULT 0;",
+    // 4: files that came from an import and were not written by a client since (a final delta
+    // reports those the source no longer has).
+    "ALTER TABLE files ADD COLUMN imported INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Writes one group commit takes at most, so one transaction never keeps other processes (the
@@ -511,18 +514,19 @@ impl MetaStore for SqliteMeta {
                 PutPlan::Touch => {
                     exec(
                         tx,
-                        "UPDATE files SET version = ?2 WHERE path = ?1",
-                        params![path, version],
+                        "UPDATE files SET version = ?2, imported = ?3 WHERE path = ?1",
+                        params![path, version, kind == PutKind::Import],
                     )
                     .map_err(db_error)?;
                 }
                 PutPlan::Replace { old } => {
                     exec(
                         tx,
-                        "INSERT INTO files (path, version, digest) VALUES (?1, ?2, ?3)
+                        "INSERT INTO files (path, version, digest, imported)
+                         VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (path) DO UPDATE SET version = excluded.version,
-                            digest = excluded.digest",
-                        params![path, version, digest],
+                            digest = excluded.digest, imported = excluded.imported",
+                        params![path, version, digest, kind == PutKind::Import],
                     )
                     .map_err(db_error)?;
                     exec(
@@ -820,6 +824,21 @@ impl MetaStore for SqliteMeta {
         self.read(move |c| {
             c.prepare_cached(
                 "SELECT path, version FROM deleted_paths WHERE path > ?1 ORDER BY path LIMIT ?2",
+            )?
+            .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn list_imported(
+        &self, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        let after = after.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT path, version FROM files WHERE path > ?1 AND imported = 1
+                 ORDER BY path LIMIT ?2",
             )?
             .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()

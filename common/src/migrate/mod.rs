@@ -5,6 +5,7 @@
 //! and records how far it got in the metadata store, so a killed run resumes from there.
 
 mod checkpoint;
+mod gone;
 mod store;
 mod upstream;
 mod walk;
@@ -98,8 +99,11 @@ pub struct MigrateReport {
     pub skipped: u64,
     /// Deleted here at or after the source's version, so not brought back.
     pub kept_deleted: u64,
-    /// Files deleted here because the source (another s3dedup store) deleted them.
+    /// Files deleted here because the source deleted them (another s3dedup store's remembered
+    /// deletions; with `--delete-missing`, imported files an old Filetracker no longer has).
     pub deletions_carried: u64,
+    /// Imported files the old Filetracker no longer has, kept here (no `--delete-missing`).
+    pub missing: Vec<String>,
     /// The checkpoint of an interrupted run this one started after.
     pub resumed_after: Option<String>,
     /// `(source file, why)`: reported, skipped, the run goes on.
@@ -117,10 +121,16 @@ impl MigrateReport {
         } else {
             ""
         };
-        let carried = match self.deletions_carried {
+        let mut carried = match self.deletions_carried {
             0 => String::new(),
             n => format!(", {n} deleted as at the source"),
         };
+        if !self.missing.is_empty() {
+            carried += &format!(
+                ", {} gone from the source but kept here (--delete-missing deletes them)",
+                self.missing.len()
+            );
+        }
         format!(
             "{} files migrated ({} bytes), {} already present, {} deleted here{carried}, {} \
              failed{stopped}",
@@ -150,6 +160,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Report what would be imported; store nothing (and record no checkpoint).
     pub dry_run: bool,
+    /// Delete here the imported files an old Filetracker no longer has.
+    pub delete_missing: bool,
     /// Bytes read from the source per second, all jobs together; 0: unlimited.
     pub max_bytes_per_sec: u64,
     /// Timeout of each request to an old server.
@@ -672,6 +684,9 @@ pub async fn run(
         && !report.stopped
     {
         store::carry_deletions(&fs, other, &opts, &mut report).await;
+    }
+    if !report.stopped {
+        gone::check(&fs, source, readers.old.as_ref(), &opts, &mut report).await;
     }
     if checkpoints {
         match (report.stopped, in_order.position()) {
