@@ -39,6 +39,16 @@ def start_old_server(tmp):
     return proc, data, url
 
 
+@pytest.fixture
+def own_old_server(tmp_path):
+    """A real filetracker-server of this test's own, on an empty data dir: (data dir, url)."""
+    (tmp_path / "old").mkdir()
+    proc, data, url = start_old_server(tmp_path / "old")
+    yield data, url
+    proc.terminate()
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def old_server():
     """The old server on a fresh data dir, filled through the real client; yields
@@ -254,23 +264,18 @@ def test_live_migration_an_older_put_loses_to_the_old_servers_version(old_server
         api.wait()
 
 
-def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_path):
+def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_path, own_old_server):
     """The old server's listing stops at its own "now" unless asked otherwise; a file whose
     version is ahead of that clock must still come over (v2:DIR always brought it)."""
-    (tmp_path / "old").mkdir()
-    proc, _, old_url = start_old_server(tmp_path / "old")
-    try:
-        old = Client(remote_url=old_url, local_store=None)
-        future = int(time.time()) + 10 * 86400
-        src = tmp_path / "f.txt"
-        for path, version in [("/past.txt", 1_600_000_000), ("/future.txt", future)]:
-            src.write_bytes(path.encode())
-            assert old.put_file(f"{path}@{version}", str(src)) == f"{path}@{version}"
-        first, _ = migrate_and_serve(old_url, tmp_path)
-        assert "2 files migrated" in first, first
-    finally:
-        proc.terminate()
-        proc.wait()
+    _, old_url = own_old_server
+    old = Client(remote_url=old_url, local_store=None)
+    future = int(time.time()) + 10 * 86400
+    src = tmp_path / "f.txt"
+    for path, version in [("/past.txt", 1_600_000_000), ("/future.txt", future)]:
+        src.write_bytes(path.encode())
+        assert old.put_file(f"{path}@{version}", str(src)) == f"{path}@{version}"
+    first, _ = migrate_and_serve(old_url, tmp_path)
+    assert "2 files migrated" in first, first
     api, url = start_api(tmp_path)
     try:
         c = Client(remote_url=url, local_store=None)
@@ -282,13 +287,12 @@ def test_http_source_imports_files_versioned_after_the_old_servers_clock(tmp_pat
         api.wait()
 
 
-def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
+def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path, own_old_server):
     """Six clients ask for the same large file s3dedup has not imported yet: one download
     from the old server and one import, and all six get the whole file. A HEAD downloads
     nothing."""
     from concurrent.futures import ThreadPoolExecutor
-    (tmp_path / "old").mkdir()
-    proc, _, old_url = start_old_server(tmp_path / "old")
+    _, old_url = own_old_server
     api = None
     try:
         body = os.urandom(24 << 20)
@@ -327,8 +331,6 @@ def test_live_migration_concurrent_misses_of_one_path_import_it_once(tmp_path):
         if api:
             api.kill()
             api.wait()
-        proc.terminate()
-        proc.wait()
 
 
 def test_live_migration_lists_both_stores(old_server, tmp_path):
@@ -360,12 +362,11 @@ def test_live_migration_lists_both_stores(old_server, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["v2", "http"])
-def test_final_delta_reports_files_deleted_on_the_old_server(tmp_path, kind):
+def test_final_delta_reports_files_deleted_on_the_old_server(tmp_path, own_old_server, kind):
     """After a bulk run, files deleted on the old server are listed by the next run and kept,
     deleted here with --delete-missing, unless a client wrote them here since; a file written
     on the old server again later comes over again."""
-    (tmp_path / "old").mkdir()
-    proc, data, old_url = start_old_server(tmp_path / "old")
+    data, old_url = own_old_server
     api = None
     try:
         old = Client(remote_url=old_url, local_store=None)
@@ -415,5 +416,3 @@ def test_final_delta_reports_files_deleted_on_the_old_server(tmp_path, kind):
         if api:
             api.kill()
             api.wait()
-        proc.terminate()
-        proc.wait()

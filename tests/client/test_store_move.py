@@ -16,7 +16,7 @@ import pytest
 from filetracker.client import Client
 
 from conftest import BIN_DIR, S3_BUCKET, S3_KEY, S3_SECRET, free_port, wait_http
-from test_migration import content
+from test_migration import compare, content
 
 
 def postgres_url():
@@ -167,19 +167,10 @@ secret_access_key = "{S3_SECRET}"
         last = run("s3dedup-migrator", new_cfg, "--source", f"s3dedup:{old_cfg}")
         assert last.returncode == 0 and " 0 files migrated" in last.stdout, last.stdout
 
-        def compare():
-            listed = sorted(n.list_remote_files(None, "/", False))
-            assert listed == sorted(p[1:] for p in expected)
-            for path, (version, body) in expected.items():
-                assert n.file_version(path) == version, path
-                stream, name = n.get_stream(path)
-                assert name == f"{path}@{version}"
-                assert stream.read() == body, path
-
-        compare()
+        compare(new.url, expected)
         cleaned = run("s3dedup-cleaner", new_cfg, "--grace-secs", "0")
         assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
-        compare()
+        compare(new.url, expected)
         verified = run("s3dedup-cleaner", new_cfg, "--verify", "--deep")
         assert verified.returncode == 0, verified.stdout + verified.stderr
         print(f"STOREMOVE {len(expected)} files: bulk copy {bulk_secs:.1f} s while the old "

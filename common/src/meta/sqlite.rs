@@ -172,6 +172,20 @@ impl From<&crate::config::SqliteConfig> for SqliteOptions {
 }
 
 impl SqliteMeta {
+    /// A page of `(path, version)` rows of `sql`, whose `?1` is the path to start after and
+    /// `?2` the page size.
+    async fn path_versions(
+        &self, sql: &'static str, after: &str, limit: usize,
+    ) -> Result<Vec<(String, Version)>, MetaError> {
+        let after = after.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(sql)?
+                .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+        .await
+    }
+
     /// Opens (creating and migrating) the database file.
     pub async fn open(path: &Path, opts: SqliteOptions) -> Result<Self, MetaError> {
         let path = path.to_owned();
@@ -820,30 +834,16 @@ impl MetaStore for SqliteMeta {
     async fn list_deletions(
         &self, after: &str, limit: usize,
     ) -> Result<Vec<(String, Version)>, MetaError> {
-        let after = after.to_owned();
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT path, version FROM deleted_paths WHERE path > ?1 ORDER BY path LIMIT ?2",
-            )?
-            .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect()
-        })
-        .await
+        let sql = "SELECT path, version FROM deleted_paths WHERE path > ?1 ORDER BY path LIMIT ?2";
+        self.path_versions(sql, after, limit).await
     }
 
     async fn list_imported(
         &self, after: &str, limit: usize,
     ) -> Result<Vec<(String, Version)>, MetaError> {
-        let after = after.to_owned();
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT path, version FROM files WHERE path > ?1 AND imported = 1
-                 ORDER BY path LIMIT ?2",
-            )?
-            .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect()
-        })
-        .await
+        let sql = "SELECT path, version FROM files WHERE path > ?1 AND imported = 1
+                   ORDER BY path LIMIT ?2";
+        self.path_versions(sql, after, limit).await
     }
 
     async fn purge_deletions(&self, before: i64) -> Result<u64, MetaError> {

@@ -13,7 +13,7 @@ use crate::old_server::OldServer;
 use crate::protocol::{self, FilePath, Version};
 use crate::source::Source;
 
-use super::{MigrateError, MigrateReport, RunOptions};
+use super::{MigrateError, MigrateReport, RunOptions, each_page};
 
 const PAGE: usize = 1000;
 
@@ -52,21 +52,8 @@ pub(super) async fn check(
     if matches!(source, Source::Upstream { .. } | Source::Store(_)) {
         return;
     }
-    let mut after = String::new();
-    loop {
-        let page = match fs.imported(&after, PAGE).await {
-            Ok(p) => p,
-            Err(e) => {
-                report
-                    .failed
-                    .push(("the imported files".into(), e.to_string()));
-                return;
-            }
-        };
-        let Some((last, _)) = page.last() else {
-            return;
-        };
-        after = last.clone();
+    let fetch = async |after: &str| Ok(fs.imported(after, PAGE).await?);
+    let each = async |page: Vec<(String, Version)>, report: &mut MigrateReport| {
         let looked = futures::stream::iter(page)
             .map(|(path, version)| async move {
                 let found = in_source(source, old, &path).await;
@@ -82,7 +69,8 @@ pub(super) async fn check(
                 Err(why) => report.failed.push((path, why.to_string())),
             }
         }
-    }
+    };
+    each_page("the imported files", report, fetch, each).await;
 }
 
 async fn gone(

@@ -570,6 +570,32 @@ pub async fn count_files(fs: &FileStore, source: &Source, http_timeout: Duration
     n
 }
 
+/// Reads a path-ordered list of `(path, version)` page by page (`fetch` gives the page after a
+/// path), handing each page to `each` with the report, until an empty page. A page that cannot
+/// be read is reported under `what` and ends the pass.
+async fn each_page(
+    what: &str, report: &mut MigrateReport,
+    fetch: impl AsyncFn(&str) -> Result<Vec<(String, Version)>, MigrateError>,
+    mut each: impl AsyncFnMut(Vec<(String, Version)>, &mut MigrateReport),
+) {
+    let mut after = String::new();
+    loop {
+        let page = match fetch(&after).await {
+            Ok(page) => page,
+            Err(why) => {
+                tracing::warn!(error = %why, "cannot read {what}");
+                report.failed.push((what.to_owned(), why.to_string()));
+                return;
+            }
+        };
+        let Some((last, _)) = page.last() else {
+            return;
+        };
+        after = last.clone();
+        each(page, report).await;
+    }
+}
+
 /// Records how far the run got, when that moved since the last time.
 async fn save_checkpoint(
     fs: &FileStore, key: &str, in_order: &checkpoint::InOrder, saved: &mut Option<String>, now: i64,

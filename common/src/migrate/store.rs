@@ -18,7 +18,9 @@ use crate::protocol::{self, FilePath, Version};
 use crate::secrets::{SecretFiles, Secrets};
 use crate::throttle::Throttle;
 
-use super::{Done, INGEST, Item, MigrateError, MigrateReport, Origin, RunOptions, Work, settled};
+use super::{
+    Done, INGEST, Item, MigrateError, MigrateReport, Origin, RunOptions, Work, each_page, settled,
+};
 
 /// Paths listed, and deletions read, per query.
 const PAGE: usize = 1000;
@@ -184,23 +186,10 @@ pub(super) async fn copy(
 pub(super) async fn carry_deletions(
     fs: &FileStore, other: &FileStore, opts: &RunOptions, report: &mut MigrateReport,
 ) {
-    let mut after = String::new();
-    loop {
-        let page = match other.deletions(&after, PAGE).await {
-            Ok(page) => page,
-            Err(e) => {
-                let why = MigrateError::SourceFile(e.into());
-                tracing::warn!(error = %why, "cannot read the source's deletions");
-                report
-                    .failed
-                    .push(("the source's deletions".into(), why.to_string()));
-                return;
-            }
-        };
-        let Some((last, _)) = page.last() else {
-            return;
-        };
-        let next = last.clone();
+    let fetch = async |after: &str| {
+        (other.deletions(after, PAGE).await).map_err(|e| MigrateError::SourceFile(e.into()))
+    };
+    let each = async |page: Vec<(String, Version)>, report: &mut MigrateReport| {
         for (path, version) in page {
             match carry_one(fs, other, &path, version, opts).await {
                 Ok(true) => report.deletions_carried += 1,
@@ -211,8 +200,8 @@ pub(super) async fn carry_deletions(
                 }
             }
         }
-        after = next;
-    }
+    };
+    each_page("the source's deletions", report, fetch, each).await;
 }
 
 /// True when a file here was deleted (or, in a dry run, would be).
