@@ -25,8 +25,9 @@ pub enum ProtocolError {
     BadEncoding,
     #[error("path component {0:?} is not allowed")]
     ForbiddenComponent(String),
-    #[error("path contains a NUL byte")]
-    NulByte,
+    /// A newline in a path would print as two paths in a listing, which is line-based.
+    #[error("path contains the control character {0:?}: paths may not")]
+    ControlCharacter(char),
     #[error("no file path given")]
     EmptyPath,
     #[error("path is longer than {0} bytes")]
@@ -112,10 +113,14 @@ fn check_component(c: &str) -> Result<(), ProtocolError> {
     if c == ".." || c == "." {
         return Err(ProtocolError::ForbiddenComponent(c.to_owned()));
     }
-    if c.contains('\0') {
-        return Err(ProtocolError::NulByte);
+    control_free(c)
+}
+
+fn control_free(s: &str) -> Result<(), ProtocolError> {
+    match s.chars().find(|c| c.is_control()) {
+        Some(c) => Err(ProtocolError::ControlCharacter(c)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl Route {
@@ -127,9 +132,7 @@ impl Route {
         let decoded = percent_decode_str(raw_path)
             .decode_utf8()
             .map_err(|_| ProtocolError::BadEncoding)?;
-        if decoded.contains('\0') {
-            return Err(ProtocolError::NulByte);
-        }
+        control_free(&decoded)?;
         let mut path: &str = &decoded;
         // One trailing slash is ignored (`/version/`, `/list/`).
         if path.len() > 1 {
@@ -338,10 +341,18 @@ mod tests {
             Route::parse("/files/%FF", MAX),
             Err(ProtocolError::BadEncoding)
         );
-        assert_eq!(
-            Route::parse("/files/a%00b", MAX),
-            Err(ProtocolError::NulByte)
-        );
+        for (raw, c) in [
+            ("a%00b", '\0'),
+            ("a%0Ab", '\n'),
+            ("a%0D", '\r'),
+            ("%7F", '\x7f'),
+        ] {
+            assert_eq!(
+                Route::parse(&format!("/files/{raw}"), MAX),
+                Err(ProtocolError::ControlCharacter(c))
+            );
+        }
+        assert!(FilePath::parse("/a\tb", MAX).is_err());
     }
 
     #[test]

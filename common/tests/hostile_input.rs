@@ -84,7 +84,7 @@ proptest! {
     }
 
     #[test]
-    fn encoded_paths_round_trip(comps in proptest::collection::vec("[^/\u{0}]{1,12}", 1..6)) {
+    fn encoded_paths_round_trip(comps in proptest::collection::vec("[^/\\p{Cc}]{1,12}", 1..6)) {
         prop_assume!(comps.iter().all(|c| c != "." && c != ".."));
         let raw: String = comps
             .iter()

@@ -59,6 +59,17 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             &["400"],
         ),
         (
+            // A listing is one path a line: a newline in a name would show as two paths.
+            "encoded newline in the path",
+            put("a%0Ab", "Content-Length: 1\r\n", "x"),
+            &["400"],
+        ),
+        (
+            "encoded carriage return, tab and DEL in the path",
+            put("a%0D%09%7Fb", "Content-Length: 1\r\n", "x"),
+            &["400"],
+        ),
+        (
             "raw NUL in the request line",
             put("a\0b", "Content-Length: 1\r\n", "x"),
             &["400"],
@@ -132,6 +143,9 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
         );
         still_serves(&api);
     }
+    let r = api.ft().put("/two%0Alines", 1_700_000_000, "x").await;
+    let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
+    assert!(why.contains("control character '\\n'"), "{why}");
     assert_eq!(stored_paths(&api).await, "", "nothing was stored");
     assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
     assert!(api.local_objects().is_empty());
