@@ -179,6 +179,10 @@ pub struct ApiConfig {
     /// After this many seconds without a file or list request, the memory the allocator kept
     /// from the last burst is given back to the system. 0: never.
     pub release_memory_after_idle_secs: u64,
+    /// How often the store's totals that `/metrics` shows (files, blobs, bytes) are counted
+    /// again, in the background: a scrape only reads the last count, however large the store.
+    /// A count that takes long waits ten times its duration before the next.
+    pub stats_refresh_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -200,6 +204,7 @@ impl Default for ApiConfig {
             send_timeout_secs: 120,
             max_gzip_ratio: 0,
             release_memory_after_idle_secs: 10,
+            stats_refresh_secs: 30,
         }
     }
 }

@@ -69,7 +69,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
-        &self, stats: Option<&Stats>, cache: Option<CacheStats>, locks: LockIncidents,
+        &self, stats: Option<&(Stats, Duration)>, cache: Option<CacheStats>, locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
@@ -197,7 +197,14 @@ impl Metrics {
                 scalar(&mut out, name, kind, help, v);
             }
         }
-        if let Some(s) = stats {
+        if let Some((s, age)) = stats {
+            scalar(
+                &mut out,
+                "s3dedup_stats_age_seconds",
+                "gauge",
+                "Seconds since the totals below were counted (api.stats_refresh_secs).",
+                age.as_secs(),
+            );
             let gauges = [
                 ("s3dedup_files", "Files (paths) stored.", s.files),
                 ("s3dedup_blobs", "Distinct contents stored.", s.blobs),
@@ -247,10 +254,13 @@ mod tests {
         m.record("other", "WHEN", 405, Duration::from_millis(1));
         m.dedup_hits.fetch_add(2, Relaxed);
         let text = m.render(
-            Some(&Stats {
-                files: 5,
-                ..Stats::default()
-            }),
+            Some(&(
+                Stats {
+                    files: 5,
+                    ..Stats::default()
+                },
+                Duration::from_secs(7),
+            )),
             Some(CacheStats {
                 hits: 3,
                 ..CacheStats::default()
@@ -261,6 +271,8 @@ mod tests {
             },
         );
         assert!(text.contains("s3dedup_cache_hits_total 3"), "{text}");
+        assert!(text.contains("s3dedup_files 5"), "{text}");
+        assert!(text.contains("s3dedup_stats_age_seconds 7"), "{text}");
         assert!(text.contains("s3dedup_locks_lost_total 4"), "{text}");
         assert!(text.contains("s3dedup_commits_retried_total 0"), "{text}");
         assert!(

@@ -320,6 +320,16 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     }
     let st = state.clone();
     tokio::spawn(async move {
+        // A long count (a large store on a busy database) waits ten times as long before the
+        // next, so counting takes at most a tenth of the database's time.
+        let every = Duration::from_secs(st.cfg.stats_refresh_secs.max(1));
+        loop {
+            let took = st.count_stats().await;
+            tokio::time::sleep(every.max(took * 10)).await;
+        }
+    });
+    let st = state.clone();
+    tokio::spawn(async move {
         loop {
             tokio::time::sleep(STATUS_EVERY).await;
             systemd::notify_status(&status_line(&st));

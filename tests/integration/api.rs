@@ -568,15 +568,54 @@ async fn health_and_metrics(s: &Setup) {
     for needle in [
         "s3dedup_requests_total{route=\"files\",method=\"PUT\",status=\"200\"} 1",
         "s3dedup_request_duration_seconds_bucket{route=\"files\"",
-        "s3dedup_files 1",
-        "s3dedup_blobs 1",
-        "s3dedup_logical_bytes 7",
         "s3dedup_received_bytes_total 7",
         "s3dedup_dedup_misses_total 1",
     ] {
         assert!(m.contains(needle), "missing {needle} in\n{m}");
     }
     assert!(!m.contains(S3_SECRET_KEY), "no secret in metrics");
+}
+
+/// The store's totals on /metrics are counted in the background, every
+/// api.stats_refresh_secs: a scrape reads the last count and never scans the database, so it
+/// costs the same however many files there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_totals_are_counted_in_the_background_not_per_scrape() {
+    let s = Setup::local_with(&[("S3DEDUP_API__STATS_REFRESH_SECS", "3600")]);
+    let gauge = |m: &str, name: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+    };
+    // The first count runs at start; wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gauge(&s.ft.metrics().await, "s3dedup_files").is_none() {
+        assert!(std::time::Instant::now() < deadline, "no count at start");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.ft.put("/m", 1, b"metrics".to_vec()).await;
+    for _ in 0..20 {
+        let m = s.ft.metrics().await;
+        assert_eq!(
+            gauge(&m, "s3dedup_files"),
+            Some(0),
+            "a scrape counted:\n{m}"
+        );
+        assert!(gauge(&m, "s3dedup_stats_age_seconds").is_some(), "{m}");
+    }
+    // With a short period the count catches up.
+    let s = Setup::local_with(&[("S3DEDUP_API__STATS_REFRESH_SECS", "1")]);
+    s.ft.put("/m", 1, b"metrics".to_vec()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = s.ft.metrics().await;
+        if gauge(&m, "s3dedup_files") == Some(1) {
+            assert_eq!(gauge(&m, "s3dedup_blobs"), Some(1), "{m}");
+            assert_eq!(gauge(&m, "s3dedup_logical_bytes"), Some(7), "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never counted:\n{m}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A client that refuses gzip gets the content inflated by the server, which checks it against

@@ -9,9 +9,9 @@ mod headers;
 mod list;
 mod put;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use s3dedup_common::blob::IngestOptions;
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::FileStore;
+use s3dedup_common::meta::Stats;
 use s3dedup_common::old_server::{OldServer, OldServerError};
 use s3dedup_common::protocol::Route;
 use s3dedup_common::store::ReadCache;
@@ -42,6 +43,8 @@ pub struct AppState {
     imports: fallback::ImportsInFlight,
     /// The local read cache in front of S3, if any (for `/metrics`).
     pub cache: Option<Arc<ReadCache>>,
+    /// The store's totals as last counted in the background, and when.
+    stats: std::sync::Mutex<Option<(Stats, Instant)>>,
 }
 
 impl AppState {
@@ -65,7 +68,24 @@ impl AppState {
             fallback,
             imports: Default::default(),
             cache: None,
+            stats: Default::default(),
         })
+    }
+
+    /// Counts the store's totals for `/metrics` (a scan of the metadata database, so this runs
+    /// in the background, never in a scrape); returns how long the count took.
+    pub async fn count_stats(&self) -> Duration {
+        let started = Instant::now();
+        match self.files.stats().await {
+            Ok(stats) => {
+                let mut last = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+                *last = Some((stats, Instant::now()));
+            }
+            // /health and the request errors say the database is down; the gauges go stale and
+            // their age shows it.
+            Err(e) => tracing::debug!(error = %e, "cannot count the store's totals for /metrics"),
+        }
+        started.elapsed()
     }
 
     /// How many file and list requests have started, if none is running now (a GET's body
@@ -231,7 +251,8 @@ async fn health(state: &AppState) -> Response {
 }
 
 async fn metrics(state: &AppState) -> Response {
-    let stats = state.files.stats().await.ok();
+    let stats = *state.stats.lock().unwrap_or_else(PoisonError::into_inner);
+    let stats = stats.map(|(s, at)| (s, at.elapsed()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(
