@@ -33,6 +33,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// Files brought over from the old server on a miss (live migration).
     pub fallback_imports: AtomicU64,
+    /// Responses whose body failed after the headers went out.
+    pub responses_cut: AtomicU64,
 }
 
 impl Metrics {
@@ -133,6 +135,12 @@ impl Metrics {
                 "s3dedup_dedup_misses_total",
                 "Uploads that stored new content.",
                 self.dedup_misses.load(Relaxed),
+            ),
+            (
+                "s3dedup_responses_cut_total",
+                "Responses whose body failed partway (the store's stream broke, or the object \
+                 changed): the client got a truncated body.",
+                self.responses_cut.load(Relaxed),
             ),
             (
                 "s3dedup_fallback_imports_total",

@@ -142,7 +142,7 @@ async fn large_reads_in_ranges_are_whole_or_fail() {
             if r.status() != StatusCode::OK {
                 return Err(format!("{}", r.status()));
             }
-            body_of(r).await.map_err(|e| e.to_string())
+            body_of(r).await.map_err(|e| format!("cut: {e}"))
         }
     };
     for (i, c) in contents.iter().enumerate() {
@@ -154,7 +154,7 @@ async fn large_reads_in_ranges_are_whole_or_fail() {
 
     proxy.set_max_delay(Duration::from_secs(3));
     proxy.set_rate(200);
-    let (mut whole, mut failed) = (0, 0);
+    let (mut whole, mut failed, mut cut) = (0, 0, 0);
     for round in 0..10 {
         for (i, c) in contents.iter().enumerate() {
             match get(i).await {
@@ -162,13 +162,21 @@ async fn large_reads_in_ranges_are_whole_or_fail() {
                     assert!(body == *c, "round {round}: content {i} came back different");
                     whole += 1;
                 }
+                Err(e) if e.starts_with("cut") => cut += 1,
                 Err(_) => failed += 1,
             }
         }
     }
+    // Every 200 whose body broke off is counted and logged, with what and how far.
+    assert_eq!(api.metric("s3dedup_responses_cut_total").await, cut);
+    let broke = api.log().matches("a response broke off partway").count() as u64;
+    assert_eq!(broke, cut, "{}", api.log());
+    if cut > 0 {
+        assert!(api.log().contains("GET /ranged/"), "{}", api.log());
+    }
     proxy.set_rate(0);
     eprintln!(
-        "{whole} whole, {failed} failed; faults by kind: {:?}",
+        "{whole} whole, {failed} failed, {cut} cut off; faults by kind: {:?}",
         proxy.injected()
     );
     assert!(proxy.total_injected() > 0, "no fault met a range");

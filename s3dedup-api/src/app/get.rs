@@ -59,29 +59,42 @@ pub(super) async fn get_file(
     let opened = opened.ok_or_else(|| not_found(path))?;
     let gzip = accepts_gzip(headers);
     let headers = file_headers(&opened.entry, gzip);
+    let what = format!("GET {path} (blob {})", opened.entry.blob.digest);
     let stream: Body = if gzip {
-        Body::from_stream(counted(opened.body, state.clone(), permit))
+        Body::from_stream(counted(opened.body, state.clone(), permit, what))
     } else {
         Body::from_stream(counted(
             inflating::content_of(opened.body, opened.entry.blob.digest),
             state.clone(),
             permit,
+            what,
         ))
     };
     Ok(with_encoding((headers, stream).into_response(), gzip))
 }
 
-/// Counts bytes sent and keeps the request's concurrency slot until the body is done.
+/// Counts bytes sent and keeps the request's concurrency slot until the body is done. A body
+/// that fails partway (`what` the response) ends the client's 200 early: that is logged and
+/// counted, since the client may not notice.
 pub(super) fn counted<S>(
-    s: S, state: Arc<AppState>, permit: OwnedSemaphorePermit,
+    s: S, state: Arc<AppState>, permit: OwnedSemaphorePermit, what: String,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
 {
+    let mut sent = 0u64;
     s.map(move |chunk| {
         let _slot = &permit;
-        if let Ok(b) = &chunk {
-            state.metrics.bytes_out.fetch_add(b.len() as u64, Relaxed);
+        match &chunk {
+            Ok(b) => {
+                sent += b.len() as u64;
+                state.metrics.bytes_out.fetch_add(b.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                state.metrics.responses_cut.fetch_add(1, Relaxed);
+                tracing::warn!(response = what, bytes_sent = sent, error = %e,
+                    "a response broke off partway: the client got a truncated body");
+            }
         }
         chunk
     })

@@ -75,6 +75,7 @@ pub(super) async fn list(
             futures::stream::once(async move { Ok(listed) }),
             state.clone(),
             permit,
+            format!("listing of {prefix}"),
         ));
         return Ok((headers, body).into_response());
     }
@@ -89,6 +90,7 @@ pub(super) async fn list(
             Bytes::from(out)
         }
     };
+    let what = format!("listing of {prefix}");
     let stream = futures::stream::unfold(Some(first), move |page| {
         let files = files.clone();
         let prefix = prefix.clone();
@@ -116,6 +118,6 @@ pub(super) async fn list(
             Some((Ok::<_, std::io::Error>(chunk), next))
         }
     });
-    let body = Body::from_stream(counted(stream, state.clone(), permit));
+    let body = Body::from_stream(counted(stream, state.clone(), permit, what));
     Ok((headers, body).into_response())
 }
