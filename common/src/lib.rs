@@ -18,6 +18,7 @@ pub mod pg;
 pub mod privileges;
 pub mod program;
 pub mod protocol;
+pub mod reports;
 pub mod secrets;
 pub mod source;
 pub mod spool;

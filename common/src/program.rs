@@ -69,7 +69,41 @@ pub struct Started {
     pub under_systemd: bool,
 }
 
+/// Where a tool says what its run did, so that it is said once: as JSON on standard output
+/// with `--json`; otherwise as prose on standard output, except under systemd, where standard
+/// output is the journal too and the log says it (with its fields).
+#[derive(Debug, Clone, Copy)]
+pub struct Telling {
+    json: bool,
+    systemd: bool,
+}
+
+impl Telling {
+    /// Whether the prose summary and its lists go to standard output.
+    pub fn prose(&self) -> bool {
+        !self.json && !self.systemd
+    }
+
+    /// Whether the summary and each problem go to the log.
+    pub fn log(&self) -> bool {
+        self.json || self.systemd
+    }
+
+    /// Whether standard output is the JSON report (and nothing else).
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 impl Started {
+    /// Where this run's report goes, given `--json`.
+    pub fn telling(&self, json: bool) -> Telling {
+        Telling {
+            json,
+            systemd: self.under_systemd,
+        }
+    }
+
     /// The file store the configuration names.
     pub async fn file_store(&self) -> anyhow::Result<FileStore> {
         FileStore::from_config(&self.cfg, &self.secrets)

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::filestore::FileStore;
 use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, VerifyReport};
-use s3dedup_common::program::{self, CommonArgs, Opens, Started};
-use s3dedup_common::{systemd, unix_now};
+use s3dedup_common::program::{self, CommonArgs, Opens, Started, Telling};
+use s3dedup_common::{reports, systemd, unix_now};
 
 /// Deletes contents no file references any more, and objects without metadata.
 ///
@@ -49,6 +49,10 @@ struct Cli {
     /// Print files, blobs, bytes and the deduplication ratio; delete nothing.
     #[arg(long)]
     stats: bool,
+    /// Print the report as one JSON object on standard output (schema s3dedup-cleaner/1,
+    /// docs/reports.md) instead of prose.
+    #[arg(long)]
+    json: bool,
 }
 
 use program::EXIT_FAILURE as EXIT_FAILED;
@@ -64,10 +68,11 @@ fn main() -> ExitCode {
 
 async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
     let fs = started.file_store().await?;
+    let tell = started.telling(cli.json);
     let cfg = started.cfg;
     let started = Instant::now();
     if cli.stats {
-        print_stats(&fs).await?;
+        print_stats(&fs, tell).await?;
         return Ok(0);
     }
     if cli.verify {
@@ -84,7 +89,7 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         )
         .await
         .context("verifying")?;
-        return Ok(print_verify(&report, cli.deep, started.elapsed()));
+        return Ok(print_verify(&report, cli.deep, started.elapsed(), tell));
     }
     let opts = GcOptions {
         grace: Duration::from_secs(cli.grace_secs.unwrap_or(cfg.cleaner.grace_period_secs)),
@@ -107,30 +112,47 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         .context("collecting garbage")?
     else {
         let msg = "another cleaner run holds the cleaner lock; nothing to do";
-        tracing::info!("{msg}");
-        println!("{msg}");
+        if tell.json() {
+            let r = GcReport::default();
+            println!(
+                "{}",
+                reports::collect(&r, opts.dry_run, true, started.elapsed())
+            );
+        }
+        if tell.log() {
+            tracing::info!("{msg}");
+        }
+        if tell.prose() {
+            println!("{msg}");
+        }
         return Ok(0);
     };
-    let line = format!(
-        "{} in {:.1?}",
-        report.summary(opts.dry_run),
-        started.elapsed()
-    );
+    let took = started.elapsed();
+    let line = format!("{} in {took:.1?}", report.summary(opts.dry_run));
     systemd::notify_status(&line);
-    tracing::info!(
-        blobs = report.blobs_deleted,
-        bytes = report.bytes_freed,
-        orphans = report.orphans_deleted,
-        uploads_aborted = report.uploads_aborted,
-        locks_lost = report.locks_lost,
-        errors = report.errors.len(),
-        dry_run = opts.dry_run,
-        "{line}"
-    );
-    println!("{line}");
-    for e in &report.errors {
-        tracing::error!("{e}");
-        println!("error: {e}");
+    if tell.json() {
+        println!("{}", reports::collect(&report, opts.dry_run, false, took));
+    }
+    if tell.log() {
+        tracing::info!(
+            blobs = report.blobs_deleted,
+            bytes = report.bytes_freed,
+            orphans = report.orphans_deleted,
+            uploads_aborted = report.uploads_aborted,
+            locks_lost = report.locks_lost,
+            errors = report.errors.len(),
+            dry_run = opts.dry_run,
+            "{line}"
+        );
+        for e in &report.errors {
+            tracing::error!("{e}");
+        }
+    }
+    if tell.prose() {
+        println!("{line}");
+        for e in &report.errors {
+            println!("error: {e}");
+        }
     }
     Ok(if report.errors.is_empty() {
         0
@@ -139,7 +161,7 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
     })
 }
 
-fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
+fn print_verify(r: &VerifyReport, deep: bool, took: Duration, tell: Telling) -> u8 {
     let kind = if deep { "deep" } else { "shallow" };
     let line = format!(
         "{kind} verify: {} blobs ({} bytes) checked in {took:.1?}; {} problems: {} missing, \
@@ -153,39 +175,59 @@ fn print_verify(r: &VerifyReport, deep: bool, took: Duration) -> u8 {
         r.unreadable.len(),
         r.refcounts.len()
     );
-    println!("{line}");
     systemd::notify_status(&line);
+    let mut lines = Vec::new();
     for d in &r.missing {
-        println!("missing: blob {d} has no object");
+        lines.push(format!("missing: blob {d} has no object"));
     }
     for (d, want, got) in &r.wrong_size {
-        println!("wrong size: blob {d} recorded {want} bytes, object has {got}");
+        lines.push(format!(
+            "wrong size: blob {d} recorded {want} bytes, object has {got}"
+        ));
     }
     for (d, why) in &r.corrupt {
-        println!("corrupt: blob {d}: {why}");
+        lines.push(format!("corrupt: blob {d}: {why}"));
     }
     for (d, why) in &r.unreadable {
-        println!("unreadable: blob {d}: {why}");
+        lines.push(format!("unreadable: blob {d}: {why}"));
     }
     for d in &r.unconfirmed {
-        println!(
-            "unconfirmed: blob {d} looked wrong once, and a writer held its lock when it was checked again; not counted"
-        );
+        lines.push(format!(
+            "unconfirmed: blob {d} looked wrong once, and a writer held its lock when it was \
+             checked again; not counted"
+        ));
     }
     for (d, want, got) in &r.refcounts {
-        println!("refcount: blob {d} records {want} references, {got} files point at it");
+        lines.push(format!(
+            "refcount: blob {d} records {want} references, {got} files point at it"
+        ));
     }
-    if r.problems() == 0 {
-        tracing::info!("{line}");
-        0
-    } else {
-        tracing::error!("{line}");
-        EXIT_VERIFY
+    if tell.json() {
+        println!("{}", reports::verify(r, deep, took));
     }
+    if tell.prose() {
+        println!("{line}");
+        lines.iter().for_each(|l| println!("{l}"));
+    }
+    if tell.log() {
+        for l in &lines {
+            tracing::warn!("{l}");
+        }
+        if r.problems() == 0 {
+            tracing::info!("{line}");
+        } else {
+            tracing::error!("{line}");
+        }
+    }
+    if r.problems() == 0 { 0 } else { EXIT_VERIFY }
 }
 
-async fn print_stats(fs: &FileStore) -> anyhow::Result<()> {
+async fn print_stats(fs: &FileStore, tell: Telling) -> anyhow::Result<()> {
     let s = fs.stats().await.context("reading statistics")?;
+    if tell.json() {
+        println!("{}", reports::stats(&s));
+        return Ok(());
+    }
     let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     let saved = s.referenced_bytes.saturating_sub(s.stored_bytes);
     println!("files:                      {}", s.files);

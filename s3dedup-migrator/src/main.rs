@@ -12,9 +12,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use s3dedup_common::config;
 use s3dedup_common::migrate::{self, MigrateReport, RunOptions};
-use s3dedup_common::program::{self, CommonArgs, Opens, Started};
+use s3dedup_common::program::{self, CommonArgs, Opens, Started, Telling};
 use s3dedup_common::source::Source;
-use s3dedup_common::{systemd, unix_now};
+use s3dedup_common::{reports, systemd, unix_now};
 
 /// Imports an existing Filetracker into the store, verifying every content.
 ///
@@ -48,6 +48,10 @@ struct Cli {
     /// there since); without it they are listed and kept.
     #[arg(long)]
     delete_missing: bool,
+    /// Print the report as one JSON object on standard output (schema s3dedup-migrator/1,
+    /// docs/reports.md) instead of prose.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -83,8 +87,9 @@ async fn start(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         http_timeout: Duration::from_secs(cfg.api.fallback_timeout_secs),
         now: unix_now(),
     };
-    let bar = !started.under_systemd && std::io::stderr().is_terminal();
-    let report = run(&started, source, opts, bar).await?;
+    let tell = started.telling(cli.json);
+    let bar = !started.under_systemd && !cli.json && std::io::stderr().is_terminal();
+    let report = run(&started, source, opts, bar, tell).await?;
     Ok(if report.failed.is_empty() && !report.stopped {
         0
     } else {
@@ -188,7 +193,7 @@ fn clock(secs: f64) -> String {
 }
 
 async fn run(
-    started: &Started, source: Source, opts: RunOptions, bar: bool,
+    started: &Started, source: Source, opts: RunOptions, bar: bool, tell: Telling,
 ) -> anyhow::Result<MigrateReport> {
     if let Some(root) = source.walk_root()
         && let Err(e) = std::fs::read_dir(&root)
@@ -256,26 +261,32 @@ async fn run(
         Some(pos) => format!(" (resumed after {pos})"),
         None => String::new(),
     };
-    let line = format!(
-        "{source}: {}{resumed} in {:.1?}",
-        report.summary(),
-        progress.started.elapsed()
-    );
+    let took = progress.started.elapsed();
+    let line = format!("{source}: {}{resumed} in {took:.1?}", report.summary());
     systemd::notify_status(&line);
-    println!("{line}");
-    tracing::info!(
-        migrated = report.migrated,
-        skipped = report.skipped,
-        kept_deleted = report.kept_deleted,
-        deletions_carried = report.deletions_carried,
-        failed = report.failed.len(),
-        "{line}"
-    );
-    for (file, why) in &report.failed {
-        println!("failed: {file}: {why}");
+    if tell.json() {
+        let source = source.to_string();
+        println!("{}", reports::migrate(&report, &source, opts.dry_run, took));
     }
-    for path in &report.missing {
-        println!("gone from the source, kept here: {path}");
+    // Each failed file and each file gone from the source was logged when it was found.
+    if tell.log() {
+        tracing::info!(
+            migrated = report.migrated,
+            skipped = report.skipped,
+            kept_deleted = report.kept_deleted,
+            deletions_carried = report.deletions_carried,
+            failed = report.failed.len(),
+            "{line}"
+        );
+    }
+    if tell.prose() {
+        println!("{line}");
+        for (file, why) in &report.failed {
+            println!("failed: {file}: {why}");
+        }
+        for path in &report.missing {
+            println!("gone from the source, kept here: {path}");
+        }
     }
     Ok(report)
 }

@@ -172,11 +172,12 @@ async fn only_one_cleaner_works_at_a_time() {
     )
     .unwrap();
     assert_eq!(line.trim(), "locked");
-    let out = clean(&api, &["--grace-secs", "0"]);
-    assert!(
-        stdout(&out).contains("another cleaner run holds the cleaner lock"),
-        "{}",
-        stdout(&out)
+    let out = clean(&api, &["--grace-secs", "0", "--json"]);
+    let r = json_report(&stdout(&out), "s3dedup-cleaner/1", "collect");
+    assert_eq!(
+        (r["busy"].as_bool(), r["blobs_deleted"].as_u64()),
+        (Some(true), Some(0)),
+        "{r}"
     );
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -276,11 +277,13 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     for k in foreign {
         s3.put_raw(k, b"not ours".to_vec()).await;
     }
-    let out = clean(&api, &["--grace-secs", "0"]);
-    assert!(
-        stdout(&out).contains("and 150 orphaned objects"),
-        "{}",
-        stdout(&out)
+    let out = clean(&api, &["--grace-secs", "0", "--json"]);
+    let r = json_report(&stdout(&out), "s3dedup-cleaner/1", "collect");
+    assert_eq!(r["orphans_deleted"], 150, "{r}");
+    assert_eq!(
+        (r["ok"].as_bool(), r["busy"].as_bool()),
+        (Some(true), Some(false)),
+        "{r}"
     );
     // s3s-fs cannot list multipart uploads: not an error, but the operator is told what to do.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -297,6 +300,19 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     s3.put_raw(&sharded_key(&hex), b"truncated".to_vec()).await;
     let text = verify_finds_problems(&api, &["--verify"], &[]);
     assert!(text.contains("wrong size: blob"), "{text}");
+    let text = verify_finds_problems(&api, &["--verify", "--json"], &[]);
+    let r = json_report(&text, "s3dedup-cleaner/1", "verify");
+    assert_eq!(r["problems"], 1, "{r}");
+    assert_eq!(r["wrong_size"][0]["blob"], hex.as_str(), "{r}");
+    assert_eq!(r["wrong_size"][0]["found"], 9, "{r}");
+    // --stats as JSON: one live file.
+    let out = clean(&api, &["--stats", "--json"]);
+    let r = json_report(&stdout(&out), "s3dedup-cleaner/1", "stats");
+    assert_eq!(
+        (r["files"].as_u64(), r["blobs"].as_u64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
 }
 
 /// The trap of a configuration switched to a new, empty metadata database over a store that
@@ -515,6 +531,14 @@ async fn verify_reports_unreadable_objects_and_goes_on() {
         text.contains(&format!("unreadable: blob {refused}: ")),
         "{text}"
     );
+    let text = verify_finds_problems(&local, &["--verify", "--json"], &[]);
+    let r = json_report(&text, "s3dedup-cleaner/1", "verify");
+    assert_eq!(
+        (r["blobs_checked"].as_u64(), r["ok"].as_bool()),
+        (Some(3), Some(false)),
+        "{r}"
+    );
+    assert_eq!(r["unreadable"][0]["blob"], refused.as_str(), "{r}");
 }
 
 /// Runs the cleaner with `args` and `env` beside `api`; it must exit 3. Returns its output.

@@ -612,6 +612,24 @@ async fn another_store_is_copied_verified_and_never_created() {
     let len = std::fs::metadata(&object).unwrap().len() as usize;
     std::fs::write(&object, vec![0x1f; len]).unwrap();
     let source = config("old.toml", &old.data_dir);
+    let json = new
+        .sibling("s3dedup-migrator")
+        .args(["--source", &source, "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json.status.code(), Some(1));
+    let r = json_report(
+        &String::from_utf8_lossy(&json.stdout),
+        "s3dedup-migrator/1",
+        "migrate",
+    );
+    assert_eq!(
+        (r["ok"].as_bool(), r["dry_run"].as_bool()),
+        (Some(false), Some(true)),
+        "{r}"
+    );
+    assert_eq!(r["failed"][0]["file"], "/bad", "{r}");
+    assert_eq!(r["migrated"], 1, "{r}");
     let (ok, out) = migrate(&new, &source);
     assert!(!ok, "a damaged file fails the run: {out}");
     assert!(
