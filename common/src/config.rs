@@ -142,7 +142,9 @@ pub struct ApiConfig {
     /// Address to bind when systemd passes no socket: `HOST:PORT` (Filetracker's default
     /// `127.0.0.1:9999`) or `unix:/PATH` for a Unix socket (behind a reverse proxy).
     pub listen: ListenAddr,
-    /// Requests served at once; more wait up to `queue_timeout_secs`, then get 503.
+    /// File and list requests served at once, reads (GET, HEAD) and writes (PUT, DELETE)
+    /// each; more wait up to `queue_timeout_secs`, then get 503. Separate, so uploads that
+    /// trickle in cannot keep reads waiting.
     pub max_concurrent_requests: usize,
     /// How long a request may wait for a free slot before a 503.
     pub queue_timeout_secs: u64,

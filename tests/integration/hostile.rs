@@ -311,6 +311,66 @@ async fn slow_and_stalled_clients_are_cut_off() {
     still_serves(&api);
 }
 
+/// Uploads that trickle in (headers, then a byte now and then) hold every write slot; reads
+/// have slots of their own, so GETs are still answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_uploads_do_not_keep_reads_waiting() {
+    let env = [
+        ("S3DEDUP_API__MAX_CONCURRENT_REQUESTS", "20"),
+        ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "5"),
+    ];
+    let api = Api::start_with(Backend::Local, &env).unwrap();
+    api.ft().put_ok("/kept", 1_700_000_000, "kept").await;
+    let date = lm(1_700_000_000);
+    let mut trickling: Vec<TcpStream> = (0..30)
+        .map(|i| {
+            let mut c = TcpStream::connect(api.addr).unwrap();
+            write!(
+                c,
+                "PUT /files/slow{i}?last_modified={date} HTTP/1.1\r\nHost: x\r\n\
+                 Content-Length: 1000\r\n\r\nx"
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        for c in &mut trickling {
+            let _ = c.write_all(b"x");
+        }
+        let started = Instant::now();
+        let r = api.ft().get("/kept").await;
+        let took = started.elapsed();
+        assert_eq!(r.status(), 200, "{}", header_text(&r));
+        assert!(took < Duration::from_secs(1), "a GET waited {took:?}");
+        let r = api
+            .ft()
+            .request(reqwest::Method::GET, "/list/")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // A 21st write waits for a write slot, and is told so.
+    let r = api.ft().put("/one-more", 1_700_000_000, "x").await;
+    assert_eq!(r.status(), 503);
+    assert!(
+        header_text(&r).contains("20 writes in progress"),
+        "{}",
+        header_text(&r)
+    );
+    drop(trickling);
+    still_serves(&api);
+}
+
+fn header_text(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-exception")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();

@@ -34,7 +34,10 @@ pub struct AppState {
     pub files: Arc<FileStore>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
-    slots: Arc<Semaphore>,
+    /// Request slots, one pool for reads (GET, HEAD, listings) and one for writes (PUT,
+    /// DELETE): uploads that trickle in cannot keep every read waiting.
+    read_slots: Arc<Semaphore>,
+    write_slots: Arc<Semaphore>,
     /// Slots handed out so far: whether anything happened between two looks.
     slots_granted: AtomicU64,
     /// Live migration: the old server that misses are imported from.
@@ -60,7 +63,8 @@ impl AppState {
             Some(url) => Some(OldServer::new(url.as_str(), timeout)?),
         };
         Ok(AppState {
-            slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            read_slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            write_slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             slots_granted: AtomicU64::new(0),
             files,
             metrics: Metrics::default(),
@@ -92,7 +96,10 @@ impl AppState {
     /// holds its slot until it is sent); `None` while one is.
     pub fn idle_after(&self) -> Option<u64> {
         let granted = self.slots_granted.load(Relaxed);
-        (self.slots.available_permits() == self.cfg.max_concurrent_requests).then_some(granted)
+        let all = self.cfg.max_concurrent_requests;
+        let idle = self.read_slots.available_permits() == all
+            && self.write_slots.available_permits() == all;
+        idle.then_some(granted)
     }
 }
 
@@ -180,7 +187,7 @@ async fn route(
         Route::Health if read_only => Ok(health(state).await),
         Route::Metrics if read_only => Ok(metrics(state).await),
         Route::File(path) => {
-            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            let permit = (acquire_slot(state, Slot::of(&method)).await).map_err(|e| (label, e))?;
             let _in_flight = InFlight::new(&state.metrics);
             match method {
                 Method::GET => get::get_file(state, &path, &parts.headers, permit).await,
@@ -190,7 +197,7 @@ async fn route(
             }
         }
         Route::List(dir) if read_only => {
-            let permit = acquire_slot(state).await.map_err(|e| (label, e))?;
+            let permit = (acquire_slot(state, Slot::Read).await).map_err(|e| (label, e))?;
             list::list(
                 state,
                 dir,
@@ -205,9 +212,30 @@ async fn route(
     result.map(|r| (label, r)).map_err(|e| (label, e))
 }
 
-async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+/// Which pool of request slots a request takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Read,
+    Write,
+}
+
+impl Slot {
+    fn of(method: &Method) -> Slot {
+        if method == Method::GET || method == Method::HEAD {
+            Slot::Read
+        } else {
+            Slot::Write
+        }
+    }
+}
+
+async fn acquire_slot(state: &AppState, kind: Slot) -> Result<OwnedSemaphorePermit, ApiError> {
     let wait = Duration::from_secs(state.cfg.queue_timeout_secs);
-    match tokio::time::timeout(wait, state.slots.clone().acquire_owned()).await {
+    let (slots, what) = match kind {
+        Slot::Read => (&state.read_slots, "reads"),
+        Slot::Write => (&state.write_slots, "writes"),
+    };
+    match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
         Ok(Ok(p)) => {
             state.slots_granted.fetch_add(1, Relaxed);
             Ok(p)
@@ -215,7 +243,7 @@ async fn acquire_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError
         _ => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "server busy: {} requests in progress, waited {}s for a slot",
+                "server busy: {} {what} in progress, waited {}s for a slot",
                 state.cfg.max_concurrent_requests, state.cfg.queue_timeout_secs
             ),
         )),
