@@ -93,6 +93,32 @@ impl Telling {
     pub fn json(&self) -> bool {
         self.json
     }
+
+    /// Says what a run did, once: `report` (its JSON form, whose `ok` sets the log level) on
+    /// standard output with `--json`; else the summary `line` and its `details` (a failure
+    /// each) as prose on standard output, or in the log under systemd, the report as a field.
+    /// `details_logged`: each detail was logged when it happened.
+    pub fn tell(
+        &self, line: &str, details: &[String], report: serde_json::Value, details_logged: bool,
+    ) {
+        if self.json {
+            println!("{report}");
+        }
+        if self.log() {
+            if !details_logged {
+                details.iter().for_each(|d| tracing::warn!("{d}"));
+            }
+            if report["ok"] == true {
+                tracing::info!(%report, "{line}");
+            } else {
+                tracing::error!(%report, "{line}");
+            }
+        }
+        if self.prose() {
+            println!("{line}");
+            details.iter().for_each(|d| println!("{d}"));
+        }
+    }
 }
 
 impl Started {

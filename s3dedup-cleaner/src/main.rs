@@ -112,48 +112,20 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         .context("collecting garbage")?
     else {
         let msg = "another cleaner run holds the cleaner lock; nothing to do";
-        if tell.json() {
-            let r = GcReport::default();
-            println!(
-                "{}",
-                reports::collect(&r, opts.dry_run, true, started.elapsed())
-            );
-        }
-        if tell.log() {
-            tracing::info!("{msg}");
-        }
-        if tell.prose() {
-            println!("{msg}");
-        }
+        let json = reports::collect(&GcReport::default(), opts.dry_run, true, started.elapsed());
+        tell.tell(msg, &[], json, false);
         return Ok(0);
     };
     let took = started.elapsed();
     let line = format!("{} in {took:.1?}", report.summary(opts.dry_run));
     systemd::notify_status(&line);
-    if tell.json() {
-        println!("{}", reports::collect(&report, opts.dry_run, false, took));
-    }
-    if tell.log() {
-        tracing::info!(
-            blobs = report.blobs_deleted,
-            bytes = report.bytes_freed,
-            orphans = report.orphans_deleted,
-            uploads_aborted = report.uploads_aborted,
-            locks_lost = report.locks_lost,
-            errors = report.errors.len(),
-            dry_run = opts.dry_run,
-            "{line}"
-        );
-        for e in &report.errors {
-            tracing::error!("{e}");
-        }
-    }
-    if tell.prose() {
-        println!("{line}");
-        for e in &report.errors {
-            println!("error: {e}");
-        }
-    }
+    let details: Vec<String> = report
+        .errors
+        .iter()
+        .map(|e| format!("error: {e}"))
+        .collect();
+    let json = reports::collect(&report, opts.dry_run, false, took);
+    tell.tell(&line, &details, json, false);
     Ok(if report.errors.is_empty() {
         0
     } else {
@@ -202,23 +174,7 @@ fn print_verify(r: &VerifyReport, deep: bool, took: Duration, tell: Telling) -> 
             "refcount: blob {d} records {want} references, {got} files point at it"
         ));
     }
-    if tell.json() {
-        println!("{}", reports::verify(r, deep, took));
-    }
-    if tell.prose() {
-        println!("{line}");
-        lines.iter().for_each(|l| println!("{l}"));
-    }
-    if tell.log() {
-        for l in &lines {
-            tracing::warn!("{l}");
-        }
-        if r.problems() == 0 {
-            tracing::info!("{line}");
-        } else {
-            tracing::error!("{line}");
-        }
-    }
+    tell.tell(&line, &lines, reports::verify(r, deep, took), false);
     if r.problems() == 0 { 0 } else { EXIT_VERIFY }
 }
 

@@ -264,29 +264,17 @@ async fn run(
     let took = progress.started.elapsed();
     let line = format!("{source}: {}{resumed} in {took:.1?}", report.summary());
     systemd::notify_status(&line);
-    if tell.json() {
-        let source = source.to_string();
-        println!("{}", reports::migrate(&report, &source, opts.dry_run, took));
-    }
+    let mut details: Vec<String> = (report.failed.iter())
+        .map(|(file, why)| format!("failed: {file}: {why}"))
+        .collect();
+    details.extend(
+        report
+            .missing
+            .iter()
+            .map(|p| format!("gone from the source, kept here: {p}")),
+    );
+    let json = reports::migrate(&report, &source.to_string(), opts.dry_run, took);
     // Each failed file and each file gone from the source was logged when it was found.
-    if tell.log() {
-        tracing::info!(
-            migrated = report.migrated,
-            skipped = report.skipped,
-            kept_deleted = report.kept_deleted,
-            deletions_carried = report.deletions_carried,
-            failed = report.failed.len(),
-            "{line}"
-        );
-    }
-    if tell.prose() {
-        println!("{line}");
-        for (file, why) in &report.failed {
-            println!("failed: {file}: {why}");
-        }
-        for path in &report.missing {
-            println!("gone from the source, kept here: {path}");
-        }
-    }
+    tell.tell(&line, &details, json, true);
     Ok(report)
 }
