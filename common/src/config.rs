@@ -539,6 +539,11 @@ impl Config {
         self.data_dir.join("spool")
     }
 
+    /// Where the tools record their last runs, for the API's `/metrics`.
+    pub fn last_runs_dir(&self) -> PathBuf {
+        self.data_dir.join("last-runs")
+    }
+
     /// The lock file of `file` locks.
     pub fn lock_file_path(&self) -> PathBuf {
         self.locks.path.clone().unwrap_or_else(|| {

@@ -8,6 +8,7 @@ pub mod filestore;
 pub mod group;
 pub mod gunzip;
 pub mod inflating;
+pub mod last_runs;
 pub mod locks;
 pub mod manual;
 pub mod memory;

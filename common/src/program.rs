@@ -67,15 +67,20 @@ pub struct Started {
     pub secrets: Secrets,
     /// Started by systemd with the journal as its output (`$JOURNAL_STREAM`).
     pub under_systemd: bool,
+    /// The program's name, as its command line says.
+    pub program: String,
 }
 
 /// Where a tool says what its run did, so that it is said once: as JSON on standard output
 /// with `--json`; otherwise as prose on standard output, except under systemd, where standard
 /// output is the journal too and the log says it (with its fields).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Telling {
     json: bool,
     systemd: bool,
+    /// Where a real run (no dry run) is recorded for `/metrics`, and as which tool.
+    last_runs: std::path::PathBuf,
+    program: String,
 }
 
 impl Telling {
@@ -104,6 +109,13 @@ impl Telling {
         if self.json {
             println!("{report}");
         }
+        if report["dry_run"] != true && report["busy"] != true {
+            let now = crate::unix_now();
+            if let Err(e) = crate::last_runs::record(&self.last_runs, &self.program, &report, now) {
+                tracing::warn!(dir = %self.last_runs.display(), error = %e,
+                    "cannot record this run for the API's /metrics");
+            }
+        }
         if self.log() {
             if !details_logged {
                 details.iter().for_each(|d| tracing::warn!("{d}"));
@@ -127,6 +139,8 @@ impl Started {
         Telling {
             json,
             systemd: self.under_systemd,
+            last_runs: self.cfg.last_runs_dir(),
+            program: self.program.clone(),
         }
     }
 
@@ -228,6 +242,7 @@ where
         cfg,
         secrets,
         under_systemd,
+        program: name.to_owned(),
     };
     let outcome = runtime.block_on(run(started));
     // Work still in flight (a blocking read of a file the migrator abandoned when stopped) is

@@ -48,6 +48,7 @@ async fn run(started: Started) -> anyhow::Result<u8> {
     files.clean_spool_at_start(max_age).await;
     let mut state = app::AppState::new(files, cfg.api.clone())?;
     state.cache = cache;
+    state.last_runs = Some(cfg.last_runs_dir());
     let state = Arc::new(state);
     server::run(state).await?;
     Ok(0)

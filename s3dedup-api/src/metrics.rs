@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use s3dedup_common::filestore::LockIncidents;
+use s3dedup_common::last_runs::LastRun;
 use s3dedup_common::meta::Stats;
 use s3dedup_common::store::CacheStats;
 
@@ -71,7 +72,8 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
-        &self, stats: Option<&(Stats, Duration)>, cache: Option<CacheStats>, locks: LockIncidents,
+        &self, stats: Option<&(Stats, Duration)>, runs: &[LastRun], cache: Option<CacheStats>,
+        locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
@@ -236,8 +238,90 @@ impl Metrics {
                 scalar(&mut out, name, "gauge", help, v);
             }
         }
+        last_run_metrics(&mut out, runs);
+        process_metrics(&mut out);
         out
     }
+}
+
+/// The tools' last runs, as they recorded them: when each finished, whether it was ok, how long.
+fn last_run_metrics(out: &mut String, runs: &[LastRun]) {
+    /// A metric family of the last runs: name, help, and its value for a run.
+    type Family = (&'static str, &'static str, fn(&LastRun) -> String);
+    let families: [Family; 3] = [
+        (
+            "s3dedup_last_run_timestamp_seconds",
+            "When each tool's last run of each kind finished (Unix time).",
+            |r| r.finished_at.to_string(),
+        ),
+        (
+            "s3dedup_last_run_ok",
+            "Whether that run found nothing wrong (1) or not (0).",
+            |r| u8::from(r.ok).to_string(),
+        ),
+        (
+            "s3dedup_last_run_duration_seconds",
+            "How long that run took.",
+            |r| r.seconds.to_string(),
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for r in runs {
+            let _ = writeln!(
+                out,
+                "{name}{{tool=\"{}\",kind=\"{}\"}} {}",
+                r.tool,
+                r.kind,
+                value(r)
+            );
+        }
+    }
+}
+
+/// What this build is, and this process's own resources (the names Prometheus' client
+/// libraries use, so the usual dashboards find them).
+fn process_metrics(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP s3dedup_build_info The running build: version and gzip inflater.\n\
+         # TYPE s3dedup_build_info gauge\n\
+         s3dedup_build_info{{version=\"{}\",inflater=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        s3dedup_common::gunzip::INFLATER
+    );
+    if let Some(kib) = s3dedup_common::memory::resident_kib() {
+        let help = "Resident memory of this process in bytes.";
+        scalar(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            help,
+            kib * 1024,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let help = "Open file descriptors (connections, spool and lock files).";
+        scalar(out, "process_open_fds", "gauge", help, fds.count() as u64);
+    }
+    if let Some(secs) = cpu_seconds() {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time of this process.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs:.2}"
+        );
+    }
+}
+
+/// User plus system CPU time, from `/proc/self/stat` (fields 14 and 15, in clock ticks).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; the fields after it follow its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / per_sec as f64)
 }
 
 /// One unlabelled counter or gauge in the text exposition format.
@@ -261,6 +345,13 @@ mod tests {
         m.record("other", "BREW", 405, Duration::from_millis(1));
         m.record("other", "WHEN", 405, Duration::from_millis(1));
         m.dedup_hits.fetch_add(2, Relaxed);
+        let runs = [LastRun {
+            tool: "s3dedup-cleaner".into(),
+            kind: "collect".into(),
+            finished_at: 1234,
+            ok: true,
+            seconds: 0.5,
+        }];
         let text = m.render(
             Some(&(
                 Stats {
@@ -269,6 +360,7 @@ mod tests {
                 },
                 Duration::from_secs(7),
             )),
+            &runs,
             Some(CacheStats {
                 hits: 3,
                 ..CacheStats::default()
@@ -281,6 +373,23 @@ mod tests {
         assert!(text.contains("s3dedup_cache_hits_total 3"), "{text}");
         assert!(text.contains("s3dedup_files 5"), "{text}");
         assert!(text.contains("s3dedup_stats_age_seconds 7"), "{text}");
+        assert!(text.contains("s3dedup_build_info{version=\""), "{text}");
+        let run = "{tool=\"s3dedup-cleaner\",kind=\"collect\"}";
+        assert!(
+            text.contains(&format!("s3dedup_last_run_timestamp_seconds{run} 1234")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("s3dedup_last_run_ok{run} 1")),
+            "{text}"
+        );
+        for name in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_cpu_seconds_total",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name} in {text}");
+        }
         assert!(text.contains("s3dedup_locks_lost_total 4"), "{text}");
         assert!(text.contains("s3dedup_commits_retried_total 0"), "{text}");
         assert!(

@@ -618,6 +618,53 @@ async fn store_totals_are_counted_in_the_background_not_per_scrape() {
     }
 }
 
+/// Every metric the shipped Grafana dashboard and Prometheus alert rules use is one the API
+/// serves, the tools' last runs among them once the cleaner has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_dashboard_and_alerts_use_only_served_metrics() {
+    let s = Setup::s3_with(&[("S3DEDUP_API__STATS_REFRESH_SECS", "1")]);
+    s.ft.put("/m", 1, b"metrics".to_vec()).await;
+    s.ft.get("/m").await;
+    let mut cleaner = s.api.sibling("s3dedup-cleaner");
+    cleaner.args(["--grace-secs", "0"]);
+    assert!(cleaner.output().unwrap().status.success());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let m = s.ft.metrics().await;
+    let served: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    let mut used = Vec::new();
+    for file in ["grafana-dashboard.json", "prometheus-alerts.yml"] {
+        let text = std::fs::read_to_string(format!("{root}{file}")).unwrap();
+        for prefix in ["s3dedup_", "process_"] {
+            for (i, _) in text.match_indices(prefix) {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                used.push((file, name));
+            }
+        }
+    }
+    assert!(used.len() > 20, "{used:?}");
+    for (file, name) in used {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| served.contains(base))
+            .unwrap_or(&name);
+        assert!(
+            served.contains(&family),
+            "{file} uses {name}, which /metrics lacks:\n{m}"
+        );
+    }
+    let run = "s3dedup_last_run_timestamp_seconds{tool=\"s3dedup-cleaner\",kind=\"collect\"}";
+    assert!(m.contains(run), "the cleaner's run is shown:\n{m}");
+}
+
 /// A client that refuses gzip gets the content inflated by the server, which checks it against
 /// its digest before the last bytes go out: an object damaged in the store (here on disk,
 /// still valid gzip of the same length) is never served as a complete body.

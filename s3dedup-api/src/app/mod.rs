@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use s3dedup_common::blob::IngestOptions;
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::FileStore;
+use s3dedup_common::last_runs;
 use s3dedup_common::meta::Stats;
 use s3dedup_common::old_server::{OldServer, OldServerError};
 use s3dedup_common::protocol::Route;
@@ -46,6 +47,8 @@ pub struct AppState {
     imports: fallback::ImportsInFlight,
     /// The local read cache in front of S3, if any (for `/metrics`).
     pub cache: Option<Arc<ReadCache>>,
+    /// Where the tools record their last runs (shown on `/metrics`).
+    pub last_runs: Option<std::path::PathBuf>,
     /// The store's totals as last counted in the background, and when.
     stats: std::sync::Mutex<Option<(Stats, Instant)>>,
 }
@@ -72,6 +75,7 @@ impl AppState {
             fallback,
             imports: Default::default(),
             cache: None,
+            last_runs: None,
             stats: Default::default(),
         })
     }
@@ -285,6 +289,9 @@ async fn metrics(state: &AppState) -> Response {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(
             stats.as_ref(),
+            &(state.last_runs.as_deref())
+                .map(last_runs::read)
+                .unwrap_or_default(),
             state.cache.as_ref().map(|c| c.stats()),
             state.files.lock_incidents(),
         ),
