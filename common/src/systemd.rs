@@ -101,8 +101,14 @@ pub fn init_logging(to_journal: bool, filter: &str) {
             .init();
         return;
     }
+    // Colours only for a person at a terminal: in a pipe or a file they are escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi),
+        )
         .init();
 }

@@ -574,6 +574,18 @@ async fn health_and_metrics(s: &Setup) {
         assert!(m.contains(needle), "missing {needle} in\n{m}");
     }
     assert!(!m.contains(S3_SECRET_KEY), "no secret in metrics");
+    // A tool's log into a pipe: plain text, no terminal colour codes.
+    let mut stats = s.api.sibling("s3dedup-cleaner");
+    let out = stats
+        .arg("--stats")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("configuration loaded") && !log.contains('\u{1b}'),
+        "{log}"
+    );
 }
 
 /// The store's totals on /metrics are counted in the background, every

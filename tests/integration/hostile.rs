@@ -364,6 +364,37 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     still_serves(&api);
 }
 
+/// Clients that send a GET or HEAD and hang up at once: the in-flight gauge counts each
+/// request until it ends however it ends, so it comes back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_requests_leave_nothing_in_flight() {
+    let api = Api::start(Backend::Local).unwrap();
+    let content = unique_content("aborted", 3 << 20);
+    api.ft().put_ok("/big", 1_700_000_000, content).await;
+    for i in 0..1000 {
+        let mut c = TcpStream::connect(api.addr).unwrap();
+        let method = if i % 2 == 0 { "GET" } else { "HEAD" };
+        let _ = write!(
+            c,
+            "{method} /files/big HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n"
+        );
+        drop(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = api.metric("s3dedup_requests_in_flight").await;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} requests still counted in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_serves(&api);
+}
+
 fn header_text(r: &reqwest::Response) -> String {
     r.headers()
         .get("x-exception")
