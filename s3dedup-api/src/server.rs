@@ -227,6 +227,18 @@ async fn accept_until_stopped(
     }
 }
 
+/// Which backend does not answer, and why; `None` when both do.
+async fn backends_down(state: &AppState) -> Option<String> {
+    let (metadata, store) = state.files.describe();
+    match state.files.check().await {
+        (Err(e), _) => Some(format!(
+            "the metadata database {metadata} does not answer: {e}"
+        )),
+        (_, Err(e)) => Some(format!("the object store {store} does not answer: {e}")),
+        _ => None,
+    }
+}
+
 fn status_line(state: &AppState) -> String {
     let m = &state.metrics;
     format!(
@@ -330,9 +342,23 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     });
     let st = state.clone();
     tokio::spawn(async move {
+        let mut was_down: Option<String> = None;
         loop {
             tokio::time::sleep(STATUS_EVERY).await;
-            systemd::notify_status(&status_line(&st));
+            let down = backends_down(&st).await;
+            match (&was_down, &down) {
+                (None, Some(why)) => tracing::warn!("not serving files: {why}"),
+                (Some(_), None) => {
+                    tracing::info!("serving again: the database and the object store answer")
+                }
+                _ => {}
+            }
+            let line = match &down {
+                None => status_line(&st),
+                Some(why) => format!("degraded: {why}"),
+            };
+            systemd::notify_status(&line);
+            was_down = down;
         }
     });
 

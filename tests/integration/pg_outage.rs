@@ -38,7 +38,8 @@ fn pg_ctl(action: &str) {
 async fn postgres_restart_gives_503_then_recovers() {
     let _turn = SERIAL.lock().await;
     let schema = unique_schema("outage");
-    let env = pg_env(&schema);
+    let mut env = pg_env(&schema);
+    env.push(("RUST_LOG".into(), "info".into()));
     let mut api = Api::start_with(Backend::Local, &env).unwrap();
     let ft = api.ft();
     let content = unique_content("outage", 20_000);
@@ -55,9 +56,33 @@ async fn postgres_restart_gives_503_then_recovers() {
         "the daemon keeps running"
     );
 
+    // The journal says so once, and so does `systemctl status` (STATUS=, checked every 5 s).
+    let said = |what: &'static str| {
+        let api = &api;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !api.log().contains(what) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no {what:?} in\n{}",
+                    api.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    said("not serving files: the metadata database").await;
+
     pg_ctl("start");
     let r = first_answer_not_503(&ft, "/kept").await;
     assert_eq!(r.status(), StatusCode::OK, "recovered by itself");
+    said("serving again").await;
+    assert_eq!(
+        api.log().matches("not serving files").count(),
+        1,
+        "{}",
+        api.log()
+    );
     assert_eq!(gunzip(&r.bytes().await.unwrap()), content, "nothing lost");
     assert_eq!(
         ft.get_request("/new").send().await.unwrap().status(),
