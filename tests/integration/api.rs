@@ -677,6 +677,30 @@ async fn the_shipped_dashboard_and_alerts_use_only_served_metrics() {
     assert!(m.contains(run), "the cleaner's run is shown:\n{m}");
 }
 
+/// A 5xx is logged once, with the request and the cause the client is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_request_is_logged_with_what_and_why() {
+    let s = Setup::local();
+    s.ft.put_ok("/gone/object", 1, "content whose object goes")
+        .await;
+    for object in s.api.local_objects() {
+        std::fs::remove_file(object).unwrap();
+    }
+    let r = s.ft.get("/gone/object").await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let told = header(&r, "x-exception");
+    let log = s.api.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("request failed"))
+        .unwrap_or_else(|| panic!("no failed request logged:\n{log}"));
+    assert!(
+        line.contains("method=GET") && line.contains("/files/gone/object") && line.contains(&told),
+        "{line}\n(told: {told})"
+    );
+    assert_eq!(log.matches("request failed").count(), 1, "{log}");
+}
+
 /// A client that refuses gzip gets the content inflated by the server, which checks it against
 /// its digest before the last bytes go out: an object damaged in the store (here on disk,
 /// still valid gzip of the same length) is never served as a complete body.

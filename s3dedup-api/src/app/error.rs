@@ -85,9 +85,6 @@ impl From<FileStoreError> for ApiError {
             | FileStoreError::IngestTask(_)
             | FileStoreError::EmptyMetadata => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
         ApiError::new(status, e.to_string())
     }
 }
@@ -96,10 +93,7 @@ impl From<OldServerError> for ApiError {
     fn from(e: OldServerError) -> Self {
         match e {
             OldServerError::Store(e) => e.into(),
-            other => {
-                tracing::error!(error = %other, "live migration failed");
-                ApiError::new(StatusCode::BAD_GATEWAY, other.to_string())
-            }
+            other => ApiError::new(StatusCode::BAD_GATEWAY, other.to_string()),
         }
     }
 }

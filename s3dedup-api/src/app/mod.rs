@@ -130,9 +130,19 @@ fn route_label(route: &Route) -> &'static str {
 pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
+    let path = req.uri().path().to_owned();
     let (label, response) = match route(&state, req).await {
         Ok((label, r)) => (label, r),
-        Err((label, e)) => (label, e.into_response()),
+        Err((label, e)) => {
+            // What failed, for which request, and why: the message the client gets too.
+            let status = e.status.as_u16();
+            if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(%method, ?path, status, error = %e.message, "request failed");
+            } else if e.status.is_server_error() {
+                tracing::error!(%method, ?path, status, error = %e.message, "request failed");
+            }
+            (label, e.into_response())
+        }
     };
     state.metrics.record(
         label,
