@@ -469,12 +469,22 @@ async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
         .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
         .unwrap();
     std::fs::write(&young, "a write in progress").unwrap();
+    // A content just unreferenced waits for the grace period, and the report says so.
+    api.ft()
+        .put_ok("/doomed", 1, "unreferenced a moment ago")
+        .await;
+    assert_eq!(api.ft().delete("/doomed", 1).await.status(), StatusCode::OK);
 
     let out = clean(&api, &["--grace-secs", "3600"]);
-    assert!(
-        stdout(&out).contains("; 1 abandoned uploads aborted"),
-        "{}",
-        stdout(&out)
+    let said = stdout(&out);
+    assert!(said.contains("; 1 abandoned uploads aborted"), "{said}");
+    assert!(said.contains("; 1 unreferenced blobs ("), "{said}");
+    let out = clean(&api, &["--grace-secs", "3600", "--json"]);
+    let r = json_report(&stdout(&out), "s3dedup-cleaner/1", "collect");
+    assert_eq!(
+        (r["waiting_blobs"].as_u64(), r["blobs_deleted"].as_u64()),
+        (Some(1), Some(0)),
+        "{r}"
     );
     assert!(!old.exists(), "the old temporary file went");
     assert!(young.exists(), "the young one stays");

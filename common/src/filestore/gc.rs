@@ -76,6 +76,10 @@ pub struct GcReport {
     pub locks_lost: u64,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
+    /// Unreferenced contents younger than the grace period, left for a later run, and their
+    /// stored bytes.
+    pub waiting: u64,
+    pub waiting_bytes: u64,
 }
 
 impl GcReport {
@@ -88,7 +92,8 @@ impl GcReport {
         let verb = if dry_run { "would free" } else { "freed" };
         format!(
             "{verb} {} blobs ({} bytes) and {} orphaned objects ({} bytes); {} abandoned uploads \
-             aborted; {} busy, {} locks lost, {} old deletions forgotten, {} errors",
+             aborted; {} busy, {} locks lost, {} old deletions forgotten, {} errors; {} \
+             unreferenced blobs ({} bytes) wait for the grace period",
             self.blobs_deleted,
             self.bytes_freed,
             self.orphans_deleted,
@@ -97,7 +102,9 @@ impl GcReport {
             self.skipped_busy,
             self.locks_lost,
             self.deletions_forgotten,
-            self.errors.len()
+            self.errors.len(),
+            self.waiting,
+            self.waiting_bytes
         )
     }
 }
@@ -152,6 +159,7 @@ pub async fn collect(
     if opts.orphans {
         abort_stale_uploads(fs, cutoff, opts, &mut report).await;
     }
+    (report.waiting, report.waiting_bytes) = fs.meta.waiting_blobs(cutoff).await?;
     if !opts.dry_run {
         report.tombstones_forgotten = fs.meta.purge_tombstones(TOMBSTONE_KEEP).await?;
     }

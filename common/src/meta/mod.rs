@@ -315,6 +315,10 @@ pub trait MetaStore: Send + Sync + 'static {
         &self, cutoff: i64, after: Option<&Digest>, limit: usize,
     ) -> Result<Vec<BlobInfo>, MetaError>;
 
+    /// Live blobs with no references that became unreferenced after `cutoff` (waiting for the
+    /// grace period): how many, and their stored bytes.
+    async fn waiting_blobs(&self, cutoff: i64) -> Result<(u64, u64), MetaError>;
+
     /// One atomic re-check and mark: if the blob still has no references since `cutoff` (or
     /// is a tombstone whose object was not seen deleted), make it a tombstone of a new
     /// deletion whose delete requests may land until `settle` from now (the database's clock);
@@ -687,6 +691,15 @@ pub(crate) mod conformance {
         put(m, "/gc", 1, &c, true, 100, CLIENT).await.unwrap();
         delete(m, "/ga", 1, 200).await; // a: unreferenced since 200
         delete(m, "/gb", 1, 300).await; // b: unreferenced since 300
+        // Waiting for the grace period: unreferenced after the cutoff.
+        let waiting = m.waiting_blobs(250).await.unwrap();
+        assert_eq!(
+            waiting,
+            (1, b.stored_size),
+            "b is younger than a cutoff of 250"
+        );
+        assert_eq!(m.waiting_blobs(100).await.unwrap().0, 2);
+        assert_eq!(m.waiting_blobs(300).await.unwrap(), (0, 0));
         let digests = |v: Vec<BlobInfo>| v.into_iter().map(|b| b.digest).collect::<Vec<_>>();
         assert_eq!(
             digests(m.unreferenced_blobs(199, None, 10).await.unwrap()),

@@ -774,6 +774,16 @@ impl MetaStore for PostgresMeta {
             .collect()
     }
 
+    async fn waiting_blobs(&self, cutoff: i64) -> Result<(u64, u64), MetaError> {
+        let sql = "SELECT COUNT(*), COALESCE(SUM(stored_size), 0)::BIGINT FROM blobs
+                   WHERE refcount <= 0 AND state = 'live' AND unreferenced_since > $1";
+        let rows = self.read(sql, &[&cutoff]).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| MetaError::Inconsistent("no row from COUNT".into()))?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+
     async fn tombstone_blob(
         &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
     ) -> Result<Option<i64>, MetaError> {

@@ -777,6 +777,19 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn waiting_blobs(&self, cutoff: i64) -> Result<(u64, u64), MetaError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM blobs
+                 WHERE refcount <= 0 AND state = 'live' AND unreferenced_since > ?1",
+            )?
+            .query_row([cutoff], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<Stats, MetaError> {
         self.read(|c| {
             c.query_row(
