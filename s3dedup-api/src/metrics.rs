@@ -22,6 +22,14 @@ struct Histogram {
     sum: f64,
 }
 
+/// The store's totals as last counted in the background: how long ago, and how long the count
+/// took.
+pub struct Totals {
+    pub stats: Stats,
+    pub age: Duration,
+    pub took: Duration,
+}
+
 /// Live counters; cheap to update from every request.
 #[derive(Default)]
 pub struct Metrics {
@@ -72,7 +80,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
-        &self, stats: Option<&(Stats, Duration)>, runs: &[LastRun], cache: Option<CacheStats>,
+        &self, totals: Option<&Totals>, runs: &[LastRun], cache: Option<CacheStats>,
         locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
@@ -207,13 +215,24 @@ impl Metrics {
                 scalar(&mut out, name, kind, help, v);
             }
         }
-        if let Some((s, age)) = stats {
+        if let Some(Totals {
+            stats: s,
+            age,
+            took,
+        }) = totals
+        {
             scalar(
                 &mut out,
                 "s3dedup_stats_age_seconds",
                 "gauge",
                 "Seconds since the totals below were counted (api.stats_refresh_secs).",
                 age.as_secs(),
+            );
+            let _ = writeln!(
+                out,
+                "# HELP s3dedup_stats_count_seconds How long counting the totals below took.\n\
+                 # TYPE s3dedup_stats_count_seconds gauge\ns3dedup_stats_count_seconds {:.3}",
+                took.as_secs_f64()
             );
             let gauges = [
                 ("s3dedup_files", "Files (paths) stored.", s.files),
@@ -353,13 +372,14 @@ mod tests {
             seconds: 0.5,
         }];
         let text = m.render(
-            Some(&(
-                Stats {
+            Some(&Totals {
+                stats: Stats {
                     files: 5,
                     ..Stats::default()
                 },
-                Duration::from_secs(7),
-            )),
+                age: Duration::from_secs(7),
+                took: Duration::from_millis(250),
+            }),
             &runs,
             Some(CacheStats {
                 hits: 3,
@@ -373,6 +393,7 @@ mod tests {
         assert!(text.contains("s3dedup_cache_hits_total 3"), "{text}");
         assert!(text.contains("s3dedup_files 5"), "{text}");
         assert!(text.contains("s3dedup_stats_age_seconds 7"), "{text}");
+        assert!(text.contains("s3dedup_stats_count_seconds 0.250"), "{text}");
         assert!(text.contains("s3dedup_build_info{version=\""), "{text}");
         let run = "{tool=\"s3dedup-cleaner\",kind=\"collect\"}";
         assert!(

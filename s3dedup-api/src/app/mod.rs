@@ -27,7 +27,7 @@ use s3dedup_common::protocol::Route;
 use s3dedup_common::store::ReadCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Totals};
 use error::ApiError;
 
 /// Everything a request needs.
@@ -50,7 +50,7 @@ pub struct AppState {
     /// Where the tools record their last runs (shown on `/metrics`).
     pub last_runs: Option<std::path::PathBuf>,
     /// The store's totals as last counted in the background, and when.
-    stats: std::sync::Mutex<Option<(Stats, Instant)>>,
+    stats: std::sync::Mutex<Option<(Stats, Instant, Duration)>>,
 }
 
 impl AppState {
@@ -87,7 +87,7 @@ impl AppState {
         match self.files.stats().await {
             Ok(stats) => {
                 let mut last = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-                *last = Some((stats, Instant::now()));
+                *last = Some((stats, Instant::now(), started.elapsed()));
             }
             // /health and the request errors say the database is down; the gauges go stale and
             // their age shows it.
@@ -294,7 +294,11 @@ async fn health(state: &AppState) -> Response {
 
 async fn metrics(state: &AppState) -> Response {
     let stats = *state.stats.lock().unwrap_or_else(PoisonError::into_inner);
-    let stats = stats.map(|(s, at)| (s, at.elapsed()));
+    let stats = stats.map(|(stats, at, took)| Totals {
+        stats,
+        age: at.elapsed(),
+        took,
+    });
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(
