@@ -80,8 +80,8 @@ impl Metrics {
 
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
-        &self, totals: Option<&Totals>, runs: &[LastRun], cache: Option<CacheStats>,
-        locks: LockIncidents,
+        &self, totals: Option<&Totals>, runs: &[LastRun], s3_requests: &[(String, u64)],
+        cache: Option<CacheStats>, locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
@@ -258,6 +258,17 @@ impl Metrics {
             }
         }
         last_run_metrics(&mut out, runs);
+        if !s3_requests.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP s3dedup_s3_requests_total Requests sent to S3 by operation, each attempt \
+                 of a retried one included (what S3 bills).\n\
+                 # TYPE s3dedup_s3_requests_total counter"
+            );
+            for (op, n) in s3_requests {
+                let _ = writeln!(out, "s3dedup_s3_requests_total{{operation=\"{op}\"}} {n}");
+            }
+        }
         process_metrics(&mut out);
         out
     }
@@ -381,6 +392,7 @@ mod tests {
                 took: Duration::from_millis(250),
             }),
             &runs,
+            &[("PutObject".to_owned(), 3)],
             Some(CacheStats {
                 hits: 3,
                 ..CacheStats::default()
@@ -394,6 +406,8 @@ mod tests {
         assert!(text.contains("s3dedup_files 5"), "{text}");
         assert!(text.contains("s3dedup_stats_age_seconds 7"), "{text}");
         assert!(text.contains("s3dedup_stats_count_seconds 0.250"), "{text}");
+        let put = "s3dedup_s3_requests_total{operation=\"PutObject\"} 3";
+        assert!(text.contains(put), "{text}");
         assert!(text.contains("s3dedup_build_info{version=\""), "{text}");
         let run = "{tool=\"s3dedup-cleaner\",kind=\"collect\"}";
         assert!(

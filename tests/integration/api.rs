@@ -677,6 +677,38 @@ async fn the_shipped_dashboard_and_alerts_use_only_served_metrics() {
     assert!(m.contains(run), "the cleaner's run is shown:\n{m}");
 }
 
+/// S3 requests are counted by operation on /metrics: a new small file is one PutObject, the
+/// same content again none, and a read of it through the cache none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_requests_are_counted_by_operation() {
+    let s = Setup::s3();
+    let count = |m: &str, op: &str| {
+        let series = format!("s3dedup_s3_requests_total{{operation=\"{op}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = s.ft.metrics().await;
+    assert!(
+        count(&before, "HeadBucket") >= 1,
+        "the start's check:\n{before}"
+    );
+    let small = unique_content("small", 4096);
+    s.ft.put_ok("/small", 1, small.clone()).await;
+    let after_put = s.ft.metrics().await;
+    assert_eq!(
+        count(&after_put, "PutObject") - count(&before, "PutObject"),
+        1,
+        "{after_put}"
+    );
+    s.ft.put_ok("/same", 1, small).await;
+    s.ft.get("/small").await;
+    let after = s.ft.metrics().await;
+    for op in ["PutObject", "GetObject", "HeadObject"] {
+        assert_eq!(count(&after, op), count(&after_put, op), "{op}: {after}");
+    }
+}
+
 /// A 5xx is logged once, with the request and the cause the client is told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_request_is_logged_with_what_and_why() {

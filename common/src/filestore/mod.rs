@@ -273,6 +273,11 @@ impl FileStore {
         (self.meta.describe(), self.store.describe())
     }
 
+    /// Requests sent to a remote object store so far, by operation.
+    pub fn store_requests(&self) -> Vec<(String, u64)> {
+        self.store.requests_sent()
+    }
+
     /// Whether the metadata database and the object store answer.
     pub async fn check(&self) -> (Result<(), MetaError>, Result<(), StoreError>) {
         tokio::join!(self.meta.check(), self.store.check())

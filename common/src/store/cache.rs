@@ -546,6 +546,10 @@ impl ObjectStore for CachedStore {
         )
     }
 
+    fn requests_sent(&self) -> Vec<(String, u64)> {
+        self.inner.requests_sent()
+    }
+
     fn key(&self, digest: &Digest) -> String {
         self.inner.key(digest)
     }

@@ -249,6 +249,12 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Human-readable description for logs (`s3://bucket/prefix`, `file:///var/lib/...`).
     fn describe(&self) -> String;
 
+    /// Requests sent to a remote store so far, by operation (what it bills); none for a
+    /// directory.
+    fn requests_sent(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+
     /// The key (or relative path) of a digest's object.
     fn key(&self, digest: &Digest) -> String;
 

@@ -49,6 +49,32 @@ pub struct S3Store {
     reads: RangedReads,
     /// Attempts of one request (`store.s3.max_attempts`).
     max_attempts: u32,
+    requests: RequestCounts,
+}
+
+/// S3 requests sent, by operation (`PutObject`, `GetObject`, …), each attempt of a retried
+/// one included: what S3 bills. Counted as the SDK hands each request to the network.
+#[derive(Debug, Default, Clone)]
+struct RequestCounts(Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl aws_sdk_s3::config::Intercept for RequestCounts {
+    fn name(&self) -> &'static str {
+        "s3dedup request counts"
+    }
+
+    fn read_before_transmit(
+        &self, _: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents, cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        use aws_smithy_runtime_api::client::orchestrator::Metadata;
+        let operation = cfg.load::<Metadata>().map_or("unknown", Metadata::name);
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counts.entry(operation.to_owned()).or_default() += 1;
+        Ok(())
+    }
 }
 
 /// Parts that all uploads together send at once, in this process (at least
@@ -150,8 +176,11 @@ impl S3Store {
         if !cfg.endpoint.is_empty() {
             b = b.endpoint_url(cfg.endpoint.clone());
         }
+        let requests = RequestCounts::default();
+        b = b.interceptor(requests.clone());
         Ok(S3Store {
             client: Client::from_conf(b.build()),
+            requests,
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
             multipart_threshold: cfg.multipart_threshold,
@@ -697,6 +726,12 @@ impl S3Store {
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix.trim_matches('/'))
+    }
+
+    fn requests_sent(&self) -> Vec<(String, u64)> {
+        let counts = self.requests.0.lock();
+        let counts = counts.unwrap_or_else(std::sync::PoisonError::into_inner);
+        counts.iter().map(|(op, n)| (op.clone(), *n)).collect()
     }
 
     fn key(&self, digest: &Digest) -> String {

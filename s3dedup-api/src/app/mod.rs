@@ -306,6 +306,7 @@ async fn metrics(state: &AppState) -> Response {
             &(state.last_runs.as_deref())
                 .map(last_runs::read)
                 .unwrap_or_default(),
+            &state.files.store_requests(),
             state.cache.as_ref().map(|c| c.stats()),
             state.files.lock_incidents(),
         ),
