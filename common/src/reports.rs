@@ -36,8 +36,8 @@ pub fn collect(r: &GcReport, dry_run: bool, busy: bool, took: Duration) -> Value
         "locks_lost": r.locks_lost,
         "deletions_forgotten": r.deletions_forgotten,
         "tombstones_forgotten": r.tombstones_forgotten,
-        "waiting_blobs": r.waiting,
-        "waiting_bytes": r.waiting_bytes,
+        "waiting_blobs": r.waiting.0,
+        "waiting_bytes": r.waiting.1,
         "errors": r.errors,
     })
 }

@@ -15,15 +15,9 @@ sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(2 10)
 cargo build --release --locked -q -p s3dedup-api
 bin="$PWD/target/release"
-work=$(mktemp -d /var/tmp/s3dedup-metrics.XXXXXX)
-api_pid=
-cleanup() {
-    if [ -n "$api_pid" ]; then kill "$api_pid" 2>/dev/null || true; fi
-    wait 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-url="host=$PGHOST port=${PGPORT:-5432} user=${PGUSER:-postgres} password=${PGPASSWORD:-} dbname=${PGDATABASE:-postgres}"
+. tests/bench/lib.sh
+bench_work metrics
+url=$(pg_conninfo)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 start_api() { # schema
@@ -32,10 +26,11 @@ start_api() { # schema
         S3DEDUP_API__STATS_REFRESH_SECS=3600 \
         "$bin/s3dedup-api" --listen "127.0.0.1:$port" --data-dir "$work/data-$1" 2>> "$work/api.log" &
     api_pid=$!
+    pids+=("$api_pid")
     for _ in $(seq 600); do curl -sf -o /dev/null "http://127.0.0.1:$port/status" && return 0; sleep 0.1; done
     echo "s3dedup-api did not start" >&2; cat "$work/api.log" >&2; exit 1
 }
-stop_api() { kill "$api_pid"; wait "$api_pid" 2>/dev/null || true; api_pid=; }
+stop_api() { kill "$api_pid"; wait "$api_pid" 2>/dev/null || true; }
 gauge() { curl -sf "http://127.0.0.1:$port/metrics" | awk -v n="$1" '$1 == n { print $2 }'; }
 
 rows=()

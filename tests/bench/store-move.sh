@@ -16,14 +16,8 @@ if [ -z "${PGHOST:-}" ]; then
 fi
 cargo build --release --locked -q -p s3dedup-migrator -p s3dedup-cleaner -p s3-test-server
 bin="$PWD/target/release"
-work=$(mktemp -d /var/tmp/s3dedup-move.XXXXXX)
-s3_pid=
-cleanup() {
-    if [ -n "$s3_pid" ]; then kill "$s3_pid" 2>/dev/null || true; fi
-    wait 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. tests/bench/lib.sh
+bench_work move
 
 # Runs a program; prints "seconds peak-RSS-MiB" of that run (its own rusage).
 measured() {
@@ -56,7 +50,7 @@ for i in range(n):
 EOF
 
 "$bin/s3-test-server" --bucket s3dedup-test "$work/s3" > "$work/s3.addr" &
-s3_pid=$!
+pids+=($!)
 for _ in $(seq 100); do [ -s "$work/s3.addr" ] && break; sleep 0.05; done
 s3="http://$(sed 's/listening on //' "$work/s3.addr")"
 cat > "$work/old.toml" <<EOF
@@ -67,7 +61,7 @@ data_dir = "$work/new"
 [metadata]
 backend = "postgres"
 [metadata.postgres]
-url = "host=$PGHOST port=${PGPORT:-5432} user=${PGUSER:-postgres} password=${PGPASSWORD:-} dbname=${PGDATABASE:-postgres}"
+url = "$(pg_conninfo)"
 schema = "store_move_bench"
 [locks]
 backend = "postgres"

@@ -76,10 +76,9 @@ pub struct GcReport {
     pub locks_lost: u64,
     /// Deletions that failed; they are retried by the next run.
     pub errors: Vec<String>,
-    /// Unreferenced contents younger than the grace period, left for a later run, and their
-    /// stored bytes.
-    pub waiting: u64,
-    pub waiting_bytes: u64,
+    /// `(contents, stored bytes)` unreferenced for less than the grace period, left for a
+    /// later run.
+    pub waiting: (u64, u64),
 }
 
 impl GcReport {
@@ -103,8 +102,8 @@ impl GcReport {
             self.locks_lost,
             self.deletions_forgotten,
             self.errors.len(),
-            self.waiting,
-            self.waiting_bytes
+            self.waiting.0,
+            self.waiting.1
         )
     }
 }
@@ -159,7 +158,7 @@ pub async fn collect(
     if opts.orphans {
         abort_stale_uploads(fs, cutoff, opts, &mut report).await;
     }
-    (report.waiting, report.waiting_bytes) = fs.meta.waiting_blobs(cutoff).await?;
+    report.waiting = fs.meta.waiting_blobs(cutoff).await?;
     if !opts.dry_run {
         report.tombstones_forgotten = fs.meta.purge_tombstones(TOMBSTONE_KEEP).await?;
     }
