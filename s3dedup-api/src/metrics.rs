@@ -44,9 +44,20 @@ pub struct Metrics {
     pub fallback_imports: AtomicU64,
     /// Responses whose body failed after the headers went out.
     pub responses_cut: AtomicU64,
+    /// Error answers by the part of the system that failed.
+    backend_errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
+    /// Counts an error answer caused by `part` (the database, the object store, …).
+    pub fn backend_error(&self, part: &'static str) {
+        let mut m = self
+            .backend_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *m.entry(part).or_default() += 1;
+    }
+
     /// Records a finished request.
     pub fn record(&self, route: &'static str, method: &str, status: u16, took: Duration) {
         // A fixed set of labels: clients choose the method string, and must not grow this map.
@@ -81,7 +92,7 @@ impl Metrics {
     /// The Prometheus text exposition, with store totals when the database answered.
     pub fn render(
         &self, totals: Option<&Totals>, runs: &[LastRun], s3_requests: &[(String, u64)],
-        cache: Option<CacheStats>, locks: LockIncidents,
+        spool: (u64, u64), cache: Option<CacheStats>, locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
@@ -258,6 +269,21 @@ impl Metrics {
             }
         }
         last_run_metrics(&mut out, runs);
+        let (spool_files, spool_bytes) = spool;
+        let help = "Uploads waiting in the spool on disk (all processes), and their bytes.";
+        scalar(&mut out, "s3dedup_spool_files", "gauge", help, spool_files);
+        scalar(&mut out, "s3dedup_spool_bytes", "gauge", help, spool_bytes);
+        let _ = writeln!(
+            out,
+            "# HELP s3dedup_backend_errors_total Error answers by the part of the system that \
+             failed (database, object_store, lock, spool, old_server).\n\
+             # TYPE s3dedup_backend_errors_total counter"
+        );
+        if let Ok(m) = self.backend_errors.lock() {
+            for (part, n) in m.iter() {
+                let _ = writeln!(out, "s3dedup_backend_errors_total{{part=\"{part}\"}} {n}");
+            }
+        }
         if !s3_requests.is_empty() {
             let _ = writeln!(
                 out,
@@ -393,6 +419,7 @@ mod tests {
             }),
             &runs,
             &[("PutObject".to_owned(), 3)],
+            (2, 4096),
             Some(CacheStats {
                 hits: 3,
                 ..CacheStats::default()
@@ -406,6 +433,7 @@ mod tests {
         assert!(text.contains("s3dedup_files 5"), "{text}");
         assert!(text.contains("s3dedup_stats_age_seconds 7"), "{text}");
         assert!(text.contains("s3dedup_stats_count_seconds 0.250"), "{text}");
+        assert!(text.contains("s3dedup_spool_bytes 4096"), "{text}");
         let put = "s3dedup_s3_requests_total{operation=\"PutObject\"} 3";
         assert!(text.contains(put), "{text}");
         assert!(text.contains("s3dedup_build_info{version=\""), "{text}");

@@ -731,6 +731,11 @@ async fn a_failed_request_is_logged_with_what_and_why() {
         "{line}\n(told: {told})"
     );
     assert_eq!(log.matches("request failed").count(), 1, "{log}");
+    let m = s.ft.metrics().await;
+    assert!(
+        m.contains("s3dedup_backend_errors_total{part=\"object_store\"} 1"),
+        "{m}"
+    );
 }
 
 /// A client that refuses gzip gets the content inflated by the server, which checks it against

@@ -77,6 +77,9 @@ async fn postgres_restart_gives_503_then_recovers() {
     let r = first_answer_not_503(&ft, "/kept").await;
     assert_eq!(r.status(), StatusCode::OK, "recovered by itself");
     said("serving again").await;
+    let errors = "s3dedup_backend_errors_total{part=\"database\"} ";
+    let m = ft.metrics().await;
+    assert!(m.contains(errors), "the outage's errors are counted:\n{m}");
     assert_eq!(
         api.log().matches("not serving files").count(),
         1,

@@ -213,6 +213,17 @@ impl FileStore {
         })
     }
 
+    /// Files in the spool (uploads on their way, of every process) and their bytes. Blocking.
+    pub fn spool_usage(&self) -> (u64, u64) {
+        let Ok(entries) = std::fs::read_dir(&self.spool_dir) else {
+            return (0, 0);
+        };
+        entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
+    }
+
     /// Removes this process's own spool files: what a stopped run abandoned. Blocking.
     pub fn remove_own_spool(&self) -> io::Result<usize> {
         self.remove_spool_files(|name, _| Ok(crate::spool::made_by_this_process(name)))

@@ -15,6 +15,31 @@ use s3dedup_common::store::StoreError;
 pub(super) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
+    /// The part of the system that failed, when it is not the request.
+    pub(super) failing: Option<Failing>,
+}
+
+/// Which part of the system an error answer comes from (`s3dedup_backend_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Failing {
+    Database,
+    ObjectStore,
+    Lock,
+    /// The spool (the local disk uploads wait on) or the upload's verification task.
+    Spool,
+    OldServer,
+}
+
+impl Failing {
+    pub fn label(self) -> &'static str {
+        match self {
+            Failing::Database => "database",
+            Failing::ObjectStore => "object_store",
+            Failing::Lock => "lock",
+            Failing::Spool => "spool",
+            Failing::OldServer => "old_server",
+        }
+    }
 }
 
 impl ApiError {
@@ -22,6 +47,14 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            failing: None,
+        }
+    }
+
+    fn of(failing: Option<Failing>, status: StatusCode, message: String) -> Self {
+        ApiError {
+            failing,
+            ..ApiError::new(status, message)
         }
     }
 }
@@ -85,7 +118,20 @@ impl From<FileStoreError> for ApiError {
             | FileStoreError::IngestTask(_)
             | FileStoreError::EmptyMetadata => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        let failing = match &e {
+            FileStoreError::Meta(_) | FileStoreError::EmptyMetadata => Some(Failing::Database),
+            FileStoreError::Store(_) | FileStoreError::ObjectMissing { .. } => {
+                Some(Failing::ObjectStore)
+            }
+            FileStoreError::Lock(_) | FileStoreError::Changed { .. } => Some(Failing::Lock),
+            FileStoreError::Blob(b) if b.is_client_error() => None,
+            FileStoreError::Blob(BlobError::TooLarge(_) | BlobError::GzipBomb(_)) => None,
+            FileStoreError::Blob(_)
+            | FileStoreError::Spool { .. }
+            | FileStoreError::IngestTask(_)
+            | FileStoreError::Config(_) => Some(Failing::Spool),
+        };
+        ApiError::of(failing, status, e.to_string())
     }
 }
 
@@ -93,7 +139,11 @@ impl From<OldServerError> for ApiError {
     fn from(e: OldServerError) -> Self {
         match e {
             OldServerError::Store(e) => e.into(),
-            other => ApiError::new(StatusCode::BAD_GATEWAY, other.to_string()),
+            other => ApiError::of(
+                Some(Failing::OldServer),
+                StatusCode::BAD_GATEWAY,
+                other.to_string(),
+            ),
         }
     }
 }

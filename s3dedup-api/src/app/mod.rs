@@ -136,6 +136,9 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
         Err((label, e)) => {
             // What failed, for which request, and why: the message the client gets too.
             let status = e.status.as_u16();
+            if let Some(part) = e.failing {
+                state.metrics.backend_error(part.label());
+            }
             if e.status == StatusCode::SERVICE_UNAVAILABLE {
                 tracing::warn!(%method, ?path, status, error = %e.message, "request failed");
             } else if e.status.is_server_error() {
@@ -293,6 +296,8 @@ async fn health(state: &AppState) -> Response {
 }
 
 async fn metrics(state: &AppState) -> Response {
+    let files = state.files.clone();
+    let spool = tokio::task::spawn_blocking(move || files.spool_usage()).await;
     let stats = *state.stats.lock().unwrap_or_else(PoisonError::into_inner);
     let stats = stats.map(|(stats, at, took)| Totals {
         stats,
@@ -307,6 +312,7 @@ async fn metrics(state: &AppState) -> Response {
                 .map(last_runs::read)
                 .unwrap_or_default(),
             &state.files.store_requests(),
+            spool.unwrap_or_default(),
             state.cache.as_ref().map(|c| c.stats()),
             state.files.lock_incidents(),
         ),
