@@ -172,6 +172,9 @@ pub struct ApiConfig {
     pub header_timeout_secs: u64,
     /// A request body that sends nothing for this long is abandoned. 0: no limit.
     pub body_timeout_secs: u64,
+    /// Bytes a second an upload must average once it has run `body_timeout_secs`; slower, it
+    /// fails and frees its slot (a byte now and then would otherwise hold it). 0: no minimum.
+    pub min_body_rate: u64,
     /// A client that reads nothing of a response for this long is disconnected. 0: no limit.
     pub send_timeout_secs: u64,
     /// Refuse a gzip upload once its content exceeds this many times the compressed bytes
@@ -203,6 +206,7 @@ impl Default for ApiConfig {
             fallback_timeout_secs: 30,
             header_timeout_secs: 60,
             body_timeout_secs: 60,
+            min_body_rate: 1024,
             send_timeout_secs: 120,
             max_gzip_ratio: 0,
             release_memory_after_idle_secs: 10,

@@ -364,6 +364,53 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     still_serves(&api);
 }
 
+/// An upload that sends a byte now and then never falls silent for long, but is far below the
+/// minimum rate: once it has run `body_timeout_secs` it fails, and its slot and spool go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_below_the_minimum_rate_is_cut_off() {
+    let env = [
+        ("S3DEDUP_API__BODY_TIMEOUT_SECS", "2"),
+        ("S3DEDUP_API__MIN_BODY_RATE", "1000"),
+    ];
+    let api = Api::start_with(Backend::Local, &env).unwrap();
+    let date = lm(1_700_000_000);
+    let mut c = TcpStream::connect(api.addr).unwrap();
+    write!(
+        c,
+        "PUT /files/trickle?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    )
+    .unwrap();
+    let mut writer = c.try_clone().unwrap();
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        // A byte every 300 ms for up to 20 s, until the server hangs up.
+        for _ in 0..66 {
+            if writer.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    c.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        took < Duration::from_secs(10),
+        "a trickling upload held on for {took:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.contains("api.min_body_rate"),
+        "{answer}"
+    );
+    drop(c);
+    trickle.join().unwrap();
+    assert_eq!(stored_paths(&api).await, "");
+    assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
+    still_serves(&api);
+}
+
 /// Clients that send a GET or HEAD and hang up at once: the in-flight gauge counts each
 /// request until it ends however it ends, so it comes back to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

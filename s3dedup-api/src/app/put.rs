@@ -31,38 +31,75 @@ const BODY_QUEUE: usize = 4;
 /// trip through the blocking pool it saves.
 const INLINE_BODY: u64 = 16 * 1024;
 
-/// The next chunk of a request body; an error once the client has sent nothing for
-/// `api.body_timeout_secs` (a stalled upload must not hold its slot and spool file forever).
-pub(super) async fn next_chunk(
-    body: &mut axum::body::BodyDataStream, cfg: &ApiConfig,
-) -> Option<Result<Bytes, String>> {
-    let next = body.next();
-    let r = if cfg.body_timeout_secs == 0 {
-        next.await
-    } else {
-        let limit = Duration::from_secs(cfg.body_timeout_secs);
-        match tokio::time::timeout(limit, next).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Some(Err(format!(
-                    "client sent no body data for {} s (api.body_timeout_secs)",
-                    cfg.body_timeout_secs
-                )));
+/// A request body read within the bounds on a slow client: an error once it has sent nothing
+/// for `api.body_timeout_secs` (a stalled upload must not hold its slot and spool file forever),
+/// or, that long after it started, when it has sent less than `api.min_body_rate` bytes a second
+/// on average (a byte now and then resets no silence and would hold them as long).
+pub(super) struct PacedBody {
+    body: axum::body::BodyDataStream,
+    started: tokio::time::Instant,
+    received: u64,
+}
+
+impl PacedBody {
+    pub(super) fn new(body: axum::body::BodyDataStream) -> Self {
+        PacedBody {
+            body,
+            started: tokio::time::Instant::now(),
+            received: 0,
+        }
+    }
+
+    /// The next chunk; `None` at the end.
+    pub(super) async fn next(&mut self, cfg: &ApiConfig) -> Option<Result<Bytes, String>> {
+        let next = self.body.next();
+        let r = if cfg.body_timeout_secs == 0 {
+            next.await
+        } else {
+            let limit = Duration::from_secs(cfg.body_timeout_secs);
+            match tokio::time::timeout(limit, next).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Some(Err(format!(
+                        "client sent no body data for {} s (api.body_timeout_secs)",
+                        cfg.body_timeout_secs
+                    )));
+                }
+            }
+        };
+        if let Some(Ok(chunk)) = &r {
+            self.received += chunk.len() as u64;
+            if let Some(e) = self.too_slow(cfg) {
+                return Some(Err(e));
             }
         }
-    };
-    r.map(|c| c.map_err(|e| format!("reading request body: {e}")))
+        r.map(|c| c.map_err(|e| format!("reading request body: {e}")))
+    }
+
+    fn too_slow(&self, cfg: &ApiConfig) -> Option<String> {
+        let elapsed = self.started.elapsed();
+        let judged = cfg.min_body_rate > 0
+            && cfg.body_timeout_secs > 0
+            && elapsed >= Duration::from_secs(cfg.body_timeout_secs);
+        let rate = self.received as f64 / elapsed.as_secs_f64().max(1e-3);
+        (judged && rate < cfg.min_body_rate as f64).then(|| {
+            format!(
+                "client sent {} bytes in {:.0} s, slower than api.min_body_rate ({} bytes/s)",
+                self.received,
+                elapsed.as_secs_f64(),
+                cfg.min_body_rate
+            )
+        })
+    }
 }
 
 /// Reads and discards what is left of a request body, at most `limit` bytes; returns the count.
 /// Answering before the body is read makes the server close the connection, which a client
 /// still sending (or reusing the connection) sees as a broken pipe instead of the answer.
-pub(super) async fn drain(
-    body: &mut axum::body::BodyDataStream, cfg: &ApiConfig, limit: u64,
-) -> u64 {
+pub(super) async fn drain(body: &mut PacedBody, cfg: &ApiConfig, limit: u64) -> u64 {
     let mut n = 0u64;
     while n <= limit {
-        match next_chunk(body, cfg).await {
+        match body.next(cfg).await {
             Some(Ok(b)) => n += b.len() as u64,
             _ => break,
         }
@@ -76,7 +113,7 @@ pub(super) const DRAIN_ON_ERROR: u64 = 16 << 20;
 pub(super) async fn put_file(
     state: &Arc<AppState>, path: FilePath, req: &Parts, body: Body,
 ) -> ApiResult {
-    let mut body = body.into_data_stream();
+    let mut body = PacedBody::new(body.into_data_stream());
     match put_checks(state, &path, req).await {
         Ok(PutStart::Ingest(start)) => put_body(state, path, body, start).await,
         Ok(PutStart::Newer(version)) => {
@@ -176,11 +213,11 @@ fn read_whole(
 
 /// Reads a small body whole, then verifies it here (see [`INLINE_BODY`]).
 pub(super) async fn ingest_inline(
-    state: &Arc<AppState>, mut body: axum::body::BodyDataStream, start: Ingest,
+    state: &Arc<AppState>, mut body: PacedBody, start: Ingest,
 ) -> Result<Spooled, ApiError> {
     let mut whole = Vec::new();
     loop {
-        match next_chunk(&mut body, &state.cfg).await {
+        match body.next(&state.cfg).await {
             Some(Ok(bytes)) => {
                 whole.extend_from_slice(&bytes);
                 // Hyper stops at the declared length; this only guards that promise.
@@ -207,7 +244,7 @@ pub(super) async fn ingest_inline(
 
 /// Streams a body to a blocking task that verifies it as it arrives.
 pub(super) async fn ingest_streamed(
-    state: &Arc<AppState>, mut body: axum::body::BodyDataStream, start: Ingest,
+    state: &Arc<AppState>, mut body: PacedBody, start: Ingest,
 ) -> Result<Spooled, ApiError> {
     let Ingest {
         encoding,
@@ -223,7 +260,7 @@ pub(super) async fn ingest_streamed(
         .await;
     let mut received = 0u64;
     loop {
-        match next_chunk(&mut body, &state.cfg).await {
+        match body.next(&state.cfg).await {
             Some(Ok(bytes)) => {
                 received += bytes.len() as u64;
                 if tx.send(Chunk::Data(bytes)).await.is_err() {
@@ -249,7 +286,7 @@ pub(super) async fn ingest_streamed(
 }
 
 pub(super) async fn put_body(
-    state: &Arc<AppState>, path: FilePath, body: axum::body::BodyDataStream, start: Ingest,
+    state: &Arc<AppState>, path: FilePath, body: PacedBody, start: Ingest,
 ) -> ApiResult {
     let version = start.version;
     let spooled = if start.inline {
