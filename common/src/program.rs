@@ -214,7 +214,8 @@ where
         println!("{name}: configuration OK");
         return ExitCode::SUCCESS;
     }
-    tracing::info!(config = %file, data_dir = %cfg.data_dir.display(), "configuration loaded");
+    let data_dir = cfg.data_dir.display();
+    tracing::info!(config = %file, %data_dir, "configuration loaded from {file}, data in {data_dir}");
     match privileges::become_owner_of(&cfg.data_dir) {
         Ok(Identity::Unchanged) => {}
         Ok(Identity::Became { user, uid, .. }) => tracing::info!(

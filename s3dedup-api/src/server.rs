@@ -317,7 +317,9 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
             close_when_stopping,
         ));
 
-    info!(%addr, %metadata, %store, inflater = s3dedup_common::gunzip::INFLATER, "listening");
+    let inflater = s3dedup_common::gunzip::INFLATER;
+    info!(%addr, %metadata, %store, inflater,
+        "listening on {addr}: metadata {metadata}, objects {store}, gzip inflater {inflater}");
     systemd::notify_ready(&format!("listening on {addr}"));
 
     if let Some(every) = systemd::watchdog_interval() {
@@ -374,7 +376,10 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         accepting.spawn(accept_until_stopped(listener, app, state, stop));
     }
     let which = wait_for_signal().await.unwrap_or("signal handler failure");
-    info!(signal = which, "shutting down, draining in-flight requests");
+    info!(
+        signal = which,
+        "shutting down on {which}, draining in-flight requests"
+    );
     systemd::notify_stopping("draining in-flight requests");
     stopping.store(true, Relaxed);
     stop_tx.send_replace(true);
@@ -386,9 +391,12 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         .await
         .is_err()
     {
+        let in_flight = state.metrics.in_flight.load(Relaxed);
         warn!(
-            in_flight = state.metrics.in_flight.load(Relaxed),
-            "drain timed out; exiting"
+            in_flight,
+            "drain timed out after {} s (api.shutdown_timeout_secs) with {in_flight} requests in \
+             flight; exiting",
+            state.cfg.shutdown_timeout_secs
         );
     }
     info!("stopped");

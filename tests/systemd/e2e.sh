@@ -279,6 +279,10 @@ in_box sh -c 'mkdir -p /run/systemd/system/s3dedup-cleaner.timer.d && printf "[T
 N0=$(cleaner_runs); sleep 4; N1=$(cleaner_runs)
 check "the timer fired the cleaner ($N0 -> $N1 runs)" test "$N1" -gt "$N0"
 check "cleaner summary in the journal" has "freed" in_box journalctl -u s3dedup-cleaner.service -o cat
+# Said once a run (standard output is the journal too), and naming what waits for the grace period.
+REPEATED=$(in_box journalctl -u s3dedup-cleaner.service -o cat | grep freed | uniq -d)
+check "cleaner summary said once a run ${REPEATED:+(twice: $REPEATED)}" test -z "$REPEATED"
+check "cleaner summary says what waits for the grace period" has "wait for the grace period" in_box journalctl -u s3dedup-cleaner.service -o cat
 S3DEDUP_UID=$(in_box id -u s3dedup)
 check "cleaner ran as s3dedup (uid $S3DEDUP_UID)" has "\"_UID\":\"$S3DEDUP_UID\"" in_box journalctl -u s3dedup-cleaner.service -o json
 
@@ -340,6 +344,9 @@ log "journal"
 JSON=$(in_box journalctl -u s3dedup-api.service -o json --no-pager)
 check "structured fields in the journal (S3DEDUP_ADDR)" grep -q '"S3DEDUP_ADDR":"127.0.0.1:9999"' <<<"$JSON"
 check "structured fields in the journal (TARGET)" grep -q '"TARGET":"s3dedup_api::server"' <<<"$JSON"
+# What `journalctl -u` and `systemctl status` show is the message alone: it names the address.
+check "the listening line names the address" has "listening on 127.0.0.1:9999" in_box journalctl -u s3dedup-api.service -o cat
+check "/metrics shows the cleaner's last run" has 's3dedup_last_run_timestamp_seconds{tool="s3dedup-cleaner",kind="collect"}' in_box curl -s "http://127.0.0.1:$PORT/metrics"
 FAILED=$(in_box systemctl --failed --plain --no-legend)
 check "no failed units ${FAILED:+($FAILED)}" test -z "$FAILED"
 

@@ -633,7 +633,7 @@ pub async fn run(
         None
     };
     if let Some(pos) = &resume {
-        tracing::info!(source = %source, after = pos, "resuming an interrupted run");
+        tracing::info!(source = %source, after = pos, "resuming an interrupted run of {source} after {pos}");
     }
     let mut report = MigrateReport {
         resumed_after: resume.clone(),
@@ -700,7 +700,7 @@ pub async fn run(
             Ok(Done::Skipped) => report.skipped += 1,
             Ok(Done::KeptDeleted) => report.kept_deleted += 1,
             Err(why) => {
-                tracing::warn!(file, error = %why, "not migrated");
+                tracing::warn!(file, error = %why, "not migrated: {file}: {why}");
                 report.failed.push((file, why.to_string()));
             }
         }

@@ -93,7 +93,8 @@ where
             Err(e) => {
                 state.metrics.responses_cut.fetch_add(1, Relaxed);
                 tracing::warn!(response = what, bytes_sent = sent, error = %e,
-                    "a response broke off partway: the client got a truncated body");
+                    "a response broke off partway: {what} after {sent} bytes: {e}; the client got \
+                     a truncated body");
             }
         }
         chunk

@@ -139,10 +139,13 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
             if let Some(part) = e.failing {
                 state.metrics.backend_error(part.label());
             }
+            let error = &e.message;
             if e.status == StatusCode::SERVICE_UNAVAILABLE {
-                tracing::warn!(%method, ?path, status, error = %e.message, "request failed");
+                tracing::warn!(%method, ?path, status, %error,
+                    "request failed: {method} {path:?} answered {status}: {error}");
             } else if e.status.is_server_error() {
-                tracing::error!(%method, ?path, status, error = %e.message, "request failed");
+                tracing::error!(%method, ?path, status, %error,
+                    "request failed: {method} {path:?} answered {status}: {error}");
             }
             (label, e.into_response())
         }
