@@ -699,3 +699,50 @@ async fn a_large_file_does_not_hold_up_the_small_ones_after_it() {
     feeder.join().unwrap();
     assert_eq!(listed(&api).await, 41);
 }
+
+/// The reverse move: a store on S3 copied into one on a local directory, files, versions and a
+/// deletion carried over; a second run copies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_s3_moves_back_to_a_local_directory() {
+    let s3 = S3Server::start().unwrap();
+    let old = Api::start(Backend::S3(&s3)).unwrap();
+    let new = Api::start(Backend::Local).unwrap();
+    let files = [
+        ("/a.txt", 1_600_000_001),
+        ("/d/b.bin", 1_600_000_002),
+        ("/d/gone", 1_600_000_003),
+    ];
+    let contents: Vec<Vec<u8>> = files
+        .iter()
+        .map(|(p, _)| unique_content(p, 70_000))
+        .collect();
+    for ((path, version), content) in files.iter().zip(&contents) {
+        old.ft().put_ok(path, *version, content.clone()).await;
+    }
+    assert_eq!(
+        old.ft().delete("/d/gone", 1_600_000_004).await.status(),
+        StatusCode::OK
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("old.toml");
+    let toml = format!(
+        "data_dir = {:?}\n[store]\nbackend = \"s3\"\n[store.s3]\nbucket = {S3_BUCKET:?}\n\
+         endpoint = {:?}\naccess_key_id = {S3_ACCESS_KEY:?}\nsecret_access_key = {S3_SECRET_KEY:?}\n",
+        old.data_dir,
+        s3.endpoint()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let source = format!("s3dedup:{}", config.display());
+    let (ok, out) = migrate(&new, &source);
+    assert!(ok && out.contains("2 files migrated"), "{out}");
+    for ((path, version), content) in files.iter().zip(&contents).take(2) {
+        assert_file(&new, path, content, *version).await;
+    }
+    assert_eq!(
+        new.ft().get("/d/gone").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let (ok, out) = migrate(&new, &source);
+    assert!(ok && out.contains(" 0 files migrated"), "{out}");
+    new.verify_deep();
+}
