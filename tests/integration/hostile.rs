@@ -30,6 +30,19 @@ fn still_serves(api: &Api) {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
 }
 
+/// A connection that has sent a PUT's request line and headers declaring a `len`-byte body, and
+/// no body yet.
+fn put_headers(api: &Api, path: &str, len: usize) -> TcpStream {
+    let date = lm(1_700_000_000);
+    let mut c = TcpStream::connect(api.addr).unwrap();
+    write!(
+        c,
+        "PUT /files/{path}?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    c
+}
+
 async fn stored_paths(api: &Api) -> String {
     api.ft().list("/", None).await.1
 }
@@ -235,7 +248,6 @@ async fn slow_and_stalled_clients_are_cut_off() {
         ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "1"),
     ]);
     let api = Api::start_with(Backend::Local, &env).unwrap();
-    let date = lm(1_700_000_000);
 
     // Slowloris: half a request line, then nothing. The server closes it.
     let mut slow = TcpStream::connect(api.addr).unwrap();
@@ -262,12 +274,7 @@ async fn slow_and_stalled_clients_are_cut_off() {
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
 
     // An upload that stops halfway: the request fails, the spool file goes, nothing is stored.
-    let mut stalled = TcpStream::connect(api.addr).unwrap();
-    write!(
-        stalled,
-        "PUT /files/stalled?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
-    )
-    .unwrap();
+    let mut stalled = put_headers(&api, "stalled", 1_000_000);
     stalled.write_all(&[b'x'; 300_000]).unwrap();
     stalled
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -321,16 +328,10 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
     api.ft().put_ok("/kept", 1_700_000_000, "kept").await;
-    let date = lm(1_700_000_000);
     let mut trickling: Vec<TcpStream> = (0..30)
         .map(|i| {
-            let mut c = TcpStream::connect(api.addr).unwrap();
-            write!(
-                c,
-                "PUT /files/slow{i}?last_modified={date} HTTP/1.1\r\nHost: x\r\n\
-                 Content-Length: 1000\r\n\r\nx"
-            )
-            .unwrap();
+            let mut c = put_headers(&api, &format!("slow{i}"), 1000);
+            c.write_all(b"x").unwrap();
             c
         })
         .collect();
@@ -342,7 +343,7 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
         let started = Instant::now();
         let r = api.ft().get("/kept").await;
         let took = started.elapsed();
-        assert_eq!(r.status(), 200, "{}", header_text(&r));
+        assert_eq!(r.status(), 200, "{}", why(&r));
         assert!(took < Duration::from_secs(1), "a GET waited {took:?}");
         let r = api
             .ft()
@@ -355,11 +356,7 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     // A 21st write waits for a write slot, and is told so.
     let r = api.ft().put("/one-more", 1_700_000_000, "x").await;
     assert_eq!(r.status(), 503);
-    assert!(
-        header_text(&r).contains("20 writes in progress"),
-        "{}",
-        header_text(&r)
-    );
+    assert!(why(&r).contains("20 writes in progress"), "{}", why(&r));
     drop(trickling);
     still_serves(&api);
 }
@@ -373,13 +370,7 @@ async fn an_upload_below_the_minimum_rate_is_cut_off() {
         ("S3DEDUP_API__MIN_BODY_RATE", "1000"),
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
-    let date = lm(1_700_000_000);
-    let mut c = TcpStream::connect(api.addr).unwrap();
-    write!(
-        c,
-        "PUT /files/trickle?last_modified={date} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
-    )
-    .unwrap();
+    let mut c = put_headers(&api, "trickle", 100_000);
     let mut writer = c.try_clone().unwrap();
     let started = Instant::now();
     let trickle = std::thread::spawn(move || {
@@ -440,13 +431,6 @@ async fn aborted_requests_leave_nothing_in_flight() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     still_serves(&api);
-}
-
-fn header_text(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-exception")
-        .map(|v| v.to_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
