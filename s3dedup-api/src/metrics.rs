@@ -169,6 +169,16 @@ impl Metrics {
                 self.fallback_imports.load(Relaxed),
             ),
             (
+                "s3dedup_lock_waits_total",
+                "Blob, path and cleaner locks taken after waiting for another holder.",
+                locks.waits.waited,
+            ),
+            (
+                "s3dedup_lock_timeouts_total",
+                "Lock waits that ended at their deadline without the lock (the request failed).",
+                locks.waits.timeouts,
+            ),
+            (
                 "s3dedup_locks_lost_total",
                 "Blob and cleaner locks this process lost with their PostgreSQL session.",
                 locks.locks_lost,
@@ -188,6 +198,13 @@ impl Metrics {
         for (name, help, v) in counters {
             scalar(&mut out, name, "counter", help, v);
         }
+        let _ = writeln!(
+            out,
+            "# HELP s3dedup_lock_wait_seconds_total Time spent waiting for locks another holder \
+             had, by the waits and the timeouts above.\n\
+             # TYPE s3dedup_lock_wait_seconds_total counter\ns3dedup_lock_wait_seconds_total {:.6}",
+            locks.waits.seconds
+        );
         scalar(
             &mut out,
             "s3dedup_requests_in_flight",
@@ -391,6 +408,7 @@ fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use s3dedup_common::locks::LockWaits;
 
     #[test]
     fn renders_counters_and_histograms() {
@@ -426,6 +444,11 @@ mod tests {
             }),
             LockIncidents {
                 locks_lost: 4,
+                waits: LockWaits {
+                    waited: 6,
+                    seconds: 1.5,
+                    timeouts: 1,
+                },
                 ..LockIncidents::default()
             },
         );
@@ -454,6 +477,12 @@ mod tests {
             assert!(text.contains(&format!("\n{name} ")), "{name} in {text}");
         }
         assert!(text.contains("s3dedup_locks_lost_total 4"), "{text}");
+        assert!(text.contains("s3dedup_lock_waits_total 6"), "{text}");
+        assert!(text.contains("s3dedup_lock_timeouts_total 1"), "{text}");
+        assert!(
+            text.contains("s3dedup_lock_wait_seconds_total 1.500000"),
+            "{text}"
+        );
         assert!(text.contains("s3dedup_commits_retried_total 0"), "{text}");
         assert!(
             text.contains(

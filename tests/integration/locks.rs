@@ -134,3 +134,60 @@ async fn postgres_locks_across_processes() {
     let here = PgLocks::new(conninfo.parse().unwrap(), 2);
     cross_process_suite(&format!("postgres:{conninfo}"), &here).await;
 }
+
+/// What an operator sees of contention: an upload that waited for a blob lock another process
+/// held, and one that gave up, on /metrics; the one that gave up is a 503 naming the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_waits_and_timeouts_are_on_metrics() {
+    let api = Api::start_with(Backend::Local, &[("S3DEDUP_API__LOCK_TIMEOUT_SECS", "2")]).unwrap();
+    let ft = api.ft();
+    let backend = format!(
+        "file:{}",
+        api.data_dir.join("metadata.sqlite3.locks").display()
+    );
+    let content = unique_content("contended", 5000);
+    let lock = blob_lock_of(&content);
+    assert_eq!(api.metric("s3dedup_lock_waits_total").await, 0);
+
+    // Held for a second, well within the timeout: the upload waits, then stores.
+    let mut holder = Holder::start(&backend, &lock, "exclusive");
+    assert_eq!(holder.line(), "locked");
+    let put = tokio::spawn({
+        let (ft, content) = (ft.clone(), content.clone());
+        async move { ft.put("/contended/a", 1, content).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    holder.release();
+    assert_eq!(holder.line(), "released");
+    let r = put.await.unwrap();
+    assert_eq!(r.status(), 200, "{}", why(&r));
+    assert_eq!(api.metric("s3dedup_lock_waits_total").await, 1);
+    assert_eq!(api.metric("s3dedup_lock_timeouts_total").await, 0);
+    let text = ft.metrics().await;
+    let waited: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("s3dedup_lock_wait_seconds_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no lock wait seconds in {text}"));
+    assert!((0.5..30.0).contains(&waited), "waited {waited} s");
+
+    // Held past the timeout: a 503 that names the lock, counted as a timeout.
+    let mut holder = Holder::start(&backend, &lock, "exclusive");
+    assert_eq!(holder.line(), "locked");
+    let r = ft.put("/contended/b", 1, content.clone()).await;
+    assert_eq!(r.status(), 503, "{}", why(&r));
+    assert!(why(&r).contains(&lock), "{}", why(&r));
+    assert_eq!(api.metric("s3dedup_lock_timeouts_total").await, 1);
+    assert_eq!(api.metric("s3dedup_lock_waits_total").await, 1);
+    holder.release();
+    assert_eq!(holder.line(), "released");
+    assert_eq!(
+        ft.content("/contended/b").await,
+        None,
+        "the refused upload left nothing"
+    );
+    assert_eq!(ft.content("/contended/a").await, Some(content));
+}

@@ -80,9 +80,11 @@ impl FileStoreError {
     }
 }
 
-/// What went on around lost locks, for `/metrics`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What went on around contended and lost locks, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct LockIncidents {
+    /// Waits for locks another holder had.
+    pub waits: crate::locks::LockWaits,
     /// Locks this process held and lost (their backend session ended).
     pub locks_lost: u64,
     /// Commits that found their blob changed under them and looked again.
@@ -189,10 +191,11 @@ impl FileStore {
         Ok((self, Some(cache)))
     }
 
-    /// What lost locks caused so far.
+    /// Lock waits and what lost locks caused so far.
     pub fn lock_incidents(&self) -> LockIncidents {
         use std::sync::atomic::Ordering::Relaxed;
         LockIncidents {
+            waits: self.locks.waits(),
             locks_lost: self.locks.locks_lost(),
             commits_retried: self.commits_retried.load(Relaxed),
             settle_waits: self.settle_waits.load(Relaxed),

@@ -15,8 +15,8 @@ use nix::libc;
 use tokio::time::Instant;
 
 use super::{
-    Check, Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire,
-    lock_key, timed_out,
+    Check, Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, LockWaits, Release,
+    acquire, lock_key, timed_out,
 };
 
 /// `fcntl`-based [`LockManager`].
@@ -132,6 +132,10 @@ impl LockManager for FileLocks {
             self.try_fcntl(name, mode)
         })
         .await
+    }
+
+    fn waits(&self) -> LockWaits {
+        self.local.waits()
     }
 }
 

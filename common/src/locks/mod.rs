@@ -16,6 +16,7 @@ mod postgres;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -140,6 +141,21 @@ pub trait LockManager: Send + Sync + 'static {
     fn locks_lost(&self) -> u64 {
         0
     }
+
+    /// How often [`LockManager::lock`] had to wait, for how long, and how often in vain.
+    fn waits(&self) -> LockWaits;
+}
+
+/// Waits for contended locks since the process started, for `/metrics`: a lock free at the
+/// first try is not a wait; `try_lock` never waits.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct LockWaits {
+    /// Locks taken after waiting for another holder (in this process or another).
+    pub waited: u64,
+    /// Seconds spent waiting, by those and by the timed-out ones.
+    pub seconds: f64,
+    /// Waits that ended at their deadline without the lock.
+    pub timeouts: u64,
 }
 
 /// The lock modes as types, so that a step needing the exclusive lock cannot be given a shared
@@ -271,10 +287,14 @@ pub(crate) enum LocalGuard {
     Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
 }
 
-/// The in-process layer: one async reader-writer lock per key, created on demand.
+/// The in-process layer: one async reader-writer lock per key, created on demand; it also counts
+/// the waits of both layers, since every acquisition passes through it.
 #[derive(Default)]
 pub(crate) struct LocalLocks {
     map: Mutex<HashMap<u64, Weak<RwLock<()>>>>,
+    waited: AtomicU64,
+    waited_micros: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl LocalLocks {
@@ -289,6 +309,21 @@ impl LocalLocks {
         let l = Arc::new(RwLock::new(()));
         map.insert(key, Arc::downgrade(&l));
         l
+    }
+
+    pub(crate) fn waits(&self) -> LockWaits {
+        LockWaits {
+            waited: self.waited.load(Relaxed),
+            seconds: self.waited_micros.load(Relaxed) as f64 / 1e6,
+            timeouts: self.timeouts.load(Relaxed),
+        }
+    }
+
+    fn count_wait(&self, started: Instant, got_it: bool) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.waited_micros.fetch_add(micros, Relaxed);
+        let counter = if got_it { &self.waited } else { &self.timeouts };
+        counter.fetch_add(1, Relaxed);
     }
 
     async fn acquire(
@@ -321,12 +356,26 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<Box<dyn Held>>, LockError>>,
 {
-    let Some(local) = local.acquire(lock_key(name), mode, deadline).await else {
-        return Ok(None);
+    let (layer, started, key) = (local, Instant::now(), lock_key(name));
+    let mut waited = false;
+    let local = match layer.acquire(key, mode, None).await {
+        Some(g) => g,
+        None if deadline.is_none() => return Ok(None),
+        None => {
+            waited = true;
+            let Some(g) = layer.acquire(key, mode, deadline).await else {
+                layer.count_wait(started, false);
+                return Ok(None);
+            };
+            g
+        }
     };
     let mut backoff = Duration::from_millis(1);
     loop {
         if let Some(held) = attempt().await? {
+            if waited {
+                layer.count_wait(started, true);
+            }
             return Ok(Some(LockGuard {
                 name: name.to_owned(),
                 held: Some(held),
@@ -335,10 +384,15 @@ where
         }
         match deadline {
             Some(d) if Instant::now() + backoff < d => {
+                waited = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            _ => return Ok(None),
+            Some(_) => {
+                layer.count_wait(started, false);
+                return Ok(None);
+            }
+            None => return Ok(None),
         }
     }
 }
@@ -362,6 +416,7 @@ pub(crate) mod conformance {
 
     pub async fn run_all(m: &dyn LockManager, two: &dyn LockManager) {
         // Exclusive locks exclude each other.
+        let (m0, two0) = (m.waits(), two.waits());
         let g = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap();
         assert!(
             m.try_lock("a", LockMode::Exclusive)
@@ -369,9 +424,13 @@ pub(crate) mod conformance {
                 .unwrap()
                 .is_none()
         );
+        assert_eq!(m.waits(), m0, "a free lock and a try are no waits");
         let e = m.lock("a", LockMode::Exclusive, SHORT).await.unwrap_err();
         assert!(matches!(e, LockError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains('a'));
+        let w = m.waits();
+        assert_eq!((w.waited, w.timeouts), (m0.waited, m0.timeouts + 1));
+        assert!(w.seconds - m0.seconds >= SHORT.as_secs_f64() * 0.9, "{w:?}");
         assert!(
             two.try_lock("a", LockMode::Exclusive)
                 .await
@@ -422,9 +481,20 @@ pub(crate) mod conformance {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(g);
         };
+        let before = two.waits();
         let (got, ()) = tokio::join!(waiter, release);
         let got = got.unwrap();
         assert_eq!(got.name(), "a");
+        let after = two.waits();
+        assert_eq!(
+            (after.waited, after.timeouts),
+            (before.waited + 1, before.timeouts)
+        );
+        assert!(after.seconds - before.seconds >= 0.04, "{after:?}");
+        assert!(
+            two0.timeouts < after.timeouts,
+            "the other manager's timeout counted there"
+        );
         got.release().await;
         // Many tasks contending on one key each get it, one at a time.
         let counter = std::sync::atomic::AtomicUsize::new(0);

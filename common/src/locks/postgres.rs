@@ -18,8 +18,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::pg::{self, no_answer, within};
 
 use super::{
-    Check, Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, Release, acquire,
-    lock_key, timed_out,
+    Check, Held, LocalLocks, LockError, LockGuard, LockManager, LockMode, LockWaits, Release,
+    acquire, lock_key, timed_out,
 };
 
 /// Sessions tried for one lock attempt when the server ends them under it (a failover ends
@@ -373,6 +373,10 @@ impl LockManager for PgLocks {
 
     fn locks_lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    fn waits(&self) -> LockWaits {
+        self.local.waits()
     }
 }
 
