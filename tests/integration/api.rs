@@ -630,6 +630,73 @@ async fn store_totals_are_counted_in_the_background_not_per_scrape() {
     }
 }
 
+/// At two million files in PostgreSQL, 100 scrapes of /metrics and 100 of /health all answer
+/// while another session holds the files and blobs tables locked against every read: neither
+/// reads them, so what they cost cannot grow with the store. (How fast they are is measured by
+/// tests/bench/metrics-scale.sh, not timed here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL: run through tests/run-all.sh"]
+async fn metrics_and_health_at_two_million_files_never_read_the_tables() {
+    const FILES: u64 = 2_000_000;
+    let schema = unique_schema("scale");
+    let mut env = pg_env(&schema);
+    env.push(("S3DEDUP_API__STATS_REFRESH_SECS".into(), "3600".into()));
+    let mut api = Api::start_with(Backend::Local, &env).unwrap();
+    let admin = pg_admin().await;
+    admin
+        .batch_execute(&format!(
+            "SET search_path TO {schema};
+             INSERT INTO blobs (digest, logical_size, stored_size, refcount, state, created_at)
+               SELECT lpad(to_hex(i), 64, '0'), 4096, 1500, 2, 'live', 1700000000
+               FROM generate_series(1, {blobs}) AS i;
+             INSERT INTO files (path, version, digest)
+               SELECT '/p' || (i % 1000) || '/f' || i, 1700000000,
+                      lpad(to_hex(i % {blobs} + 1), 64, '0')
+               FROM generate_series(1, {FILES}) AS i;
+             ANALYZE;",
+            blobs = FILES / 2
+        ))
+        .await
+        .expect("fill the schema");
+    api.restart().unwrap(); // its first count, at start, sees them all
+    let ft = api.ft();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ft
+        .metrics()
+        .await
+        .contains(&format!("\ns3dedup_files {FILES}\n"))
+    {
+        assert!(std::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    admin
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {schema}.files, {schema}.blobs IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    fn answered<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
+        r.unwrap_or_else(|_| panic!("{what} waited for the locked tables"))
+    }
+    let limit = Duration::from_secs(10);
+    for _ in 0..100 {
+        let m = answered("/metrics", tokio::time::timeout(limit, ft.metrics()).await);
+        assert!(m.contains(&format!("\ns3dedup_files {FILES}\n")));
+        let h = tokio::time::timeout(limit, ft.request(Method::GET, "/health").send()).await;
+        assert_eq!(answered("/health", h).unwrap().status(), 200);
+    }
+    // The tables really were locked: a read of them waits.
+    let other = pg_admin().await;
+    let count = format!("SELECT COUNT(*) FROM {schema}.files");
+    let read = other.query_one(&count, &[]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), read)
+            .await
+            .is_err()
+    );
+    admin.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// Every metric the shipped Grafana dashboard and Prometheus alert rules use is one the API
 /// serves, the tools' last runs among them once the cleaner has run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

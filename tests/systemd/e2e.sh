@@ -332,11 +332,30 @@ check "the API serves from S3 (the secret passed with LoadCredential=)" ft basic
 check "migrator by hand as root on S3 (same secret, no \$CREDENTIALS_DIRECTORY)" in_box s3dedup-migrator --source v1:/srv/ftv1hand
 check "the daemon serves it" ft has /byhand/three.txt
 check "cleaner --stats by hand as root on S3" has "^files: *1$" in_box s3dedup-cleaner --stats
+log "an S3 outage as the operator sees it: systemctl status and the journal"
+in_box systemctl stop e2e-s3
+OUTAGE_PUT="http://127.0.0.1:$PORT/files/outage/new.txt?last_modified=Tue,+14+Nov+2023+22:13:20+GMT"
+CODE=$(in_box curl -s -m 30 -o /dev/null -w '%{http_code}' -X PUT --data-binary "new during the outage $$" "$OUTAGE_PUT")
+check "a new file's PUT while S3 is down is a 5xx ($CODE)" test "${CODE:0:1}" = 5
+check "the journal names the request, its answer and the cause" \
+      has "request failed: PUT \"/files/outage/new.txt\" answered $CODE: .*[Rr]efused" \
+      in_box journalctl -u s3dedup-api.service -o cat
+wait_status() { for _ in $(seq 30); do has "$1" prop s3dedup-api.service StatusText && return 0; sleep 1; done; return 1; }
+check "systemctl status says degraded, and why ($(prop s3dedup-api.service StatusText))" wait_status "^degraded: .*object store"
+check "the journal says once that files are not served, and why" \
+      test "$(in_box journalctl -u s3dedup-api.service -o cat | grep -c '^not serving files: .*object store')" = 1
+in_box systemd-run --quiet --unit e2e-s3b /tools/s3-test-server --listen 127.0.0.1:9000 \
+       --access-key e2e-key --secret-key e2e-secret --bucket filetracker /var/tmp/s3
+check "status back to serving once S3 answers ($(prop s3dedup-api.service StatusText))" wait_status "^serving"
+check "the journal says it serves again" \
+      has "^serving again: the database and the object store answer" in_box journalctl -u s3dedup-api.service -o cat
+check "the same PUT succeeds after the outage" \
+      test "$(in_box curl -s -m 30 -o /dev/null -w '%{http_code}' -X PUT --data-binary "new during the outage $$" "$OUTAGE_PUT")" = 200
 in_box sh -c 'umask 077 && printf "wrong\n" > /etc/s3dedup/secrets/s3-secret'
 check "a wrong secret is the S3 server's refusal (--verify reads from S3)" test "$(exit_of 's3dedup-cleaner --verify')" != 0
 check "... a 403 it names" has 403 in_box cat /tmp/exit_of.out
 in_box cp /root/s3dedup.toml.local /etc/s3dedup/s3dedup.toml
-in_box sh -c 'systemctl restart s3dedup-api.service; systemctl stop e2e-s3'
+in_box sh -c 'systemctl restart s3dedup-api.service; systemctl stop e2e-s3b'
 check "serving the local store again" ft has /byhand/three.txt
 
 # ---------------------------------------------------------------- journal + health
