@@ -54,6 +54,7 @@ pub struct Config {
     /// Where SQLite, the local object store and the upload spool live by default.
     pub data_dir: PathBuf,
     pub api: ApiConfig,
+    pub auth: AuthConfig,
     pub metadata: MetadataConfig,
     pub store: StoreConfig,
     pub locks: LocksConfig,
@@ -91,6 +92,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("s3dedup-data"),
             api: ApiConfig::default(),
+            auth: AuthConfig::default(),
             metadata: MetadataConfig::default(),
             store: StoreConfig::default(),
             locks: LocksConfig::default(),
@@ -98,6 +100,68 @@ impl Default for Config {
             migrator: MigratorConfig::default(),
         }
     }
+}
+
+/// `[auth]`: who may use the API (HTTP Basic, as the Filetracker client sends it from the
+/// user and password in its URL).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `off` (anyone who reaches the socket may do anything) or `basic`.
+    pub mode: AuthMode,
+    /// Whether `/health`, `/status`, `/version` and `/metrics` answer without credentials.
+    pub public_status: bool,
+    /// Failed logins from one address within a minute before it gets 429 for the rest of it.
+    pub max_failures_per_minute: u32,
+    /// The principals, as `[[auth.users]]` tables.
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Off,
+            public_status: true,
+            max_failures_per_minute: 20,
+            users: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Off,
+    Basic,
+}
+
+/// What a principal may do; each role may do what the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// GET, HEAD and listings (judging workers that only download).
+    Read,
+    /// And PUT.
+    Write,
+    /// And DELETE.
+    Admin,
+}
+
+/// One `[[auth.users]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub role: Role,
+    /// The password's argon2 hash (`$argon2id$...`, from `s3dedup-api --hash-password`).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// Or a file holding that hash, found like the other secret files.
+    #[serde(default)]
+    pub password_hash_file: Option<PathBuf>,
+    /// Paths the principal is limited to (`/outputs/`: that directory and below); empty: all.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
 }
 
 /// `[cleaner]`: garbage collection.
@@ -584,6 +648,7 @@ impl Config {
         if self.metadata.sqlite.readers == 0 {
             return bad("metadata.sqlite.readers", "must be at least 1");
         }
+        self.validate_auth()?;
         let pg = &self.metadata.postgres;
         if self.uses_postgres() {
             if pg.url.is_empty() {
@@ -626,6 +691,41 @@ impl Config {
             }
             if s3.max_attempts == 0 {
                 return bad("store.s3.max_attempts", "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), (String, String)> {
+        let auth = &self.auth;
+        let bad = |k: String, m: &str| Err((k, m.to_owned()));
+        if auth.mode == AuthMode::Basic && auth.users.is_empty() {
+            return bad(
+                "auth.users".into(),
+                "auth.mode = \"basic\" needs at least one user",
+            );
+        }
+        for (i, u) in auth.users.iter().enumerate() {
+            let key = |k: &str| format!("auth.users[{i}].{k}");
+            if u.name.is_empty() || u.name.contains(':') || u.name.chars().any(char::is_control) {
+                return bad(
+                    key("name"),
+                    "must be non-empty, without `:` or control characters",
+                );
+            }
+            if auth.users[..i].iter().any(|o| o.name == u.name) {
+                return bad(key("name"), "another user has this name");
+            }
+            if u.password_hash.is_some() == u.password_hash_file.is_some() {
+                return bad(
+                    key("password_hash"),
+                    "set one of password_hash, password_hash_file",
+                );
+            }
+            if let Some(p) = u.prefixes.iter().find(|p| !p.starts_with('/')) {
+                return Err((key("prefixes"), format!("{p:?} does not start with /")));
             }
         }
         Ok(())
@@ -917,6 +1017,32 @@ pub(crate) mod tests {
         for n in needles {
             assert!(e.contains(n), "{n:?} not in: {e}");
         }
+    }
+
+    #[test]
+    fn auth_sections_that_cannot_work_are_refused_naming_the_key() {
+        let with = |users: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("c.toml");
+            std::fs::write(&f, format!("[auth]\nmode = \"basic\"\n{users}")).unwrap();
+            load(Some(&f), &[]).map(|c| c.auth.users.len())
+        };
+        let user = |name: &str, extra: &str| {
+            format!("[[auth.users]]\nname = \"{name}\"\nrole = \"read\"\n{extra}\n")
+        };
+        let err = |r: Result<usize, ConfigError>| r.unwrap_err().to_string();
+        assert!(err(with("")).contains("auth.users"));
+        let hash = "password_hash = \"$argon2id$x\"";
+        assert!(err(with(&user("a", ""))).contains("auth.users[0].password_hash"));
+        let both = format!("{hash}\npassword_hash_file = \"f\"");
+        assert!(err(with(&user("a", &both))).contains("set one of"));
+        let twice = user("a", hash) + &user("a", hash);
+        assert!(err(with(&twice)).contains("auth.users[1].name"));
+        assert!(err(with(&user("a:b", hash))).contains("without `:`"));
+        let prefix = format!("{hash}\nprefixes = [\"outputs/\"]");
+        assert!(err(with(&user("a", &prefix))).contains("does not start with /"));
+        assert_eq!(with(&user("a", hash)).unwrap(), 1);
+        assert_eq!(load(None, &[]).unwrap().auth.mode, AuthMode::Off);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (docs/design.md lists them, with what each hides and uses). Only `program`, their common
 //! entry point, reads the process environment or prints.
 
+pub mod auth;
 pub mod blob;
 pub mod config;
 pub mod filestore;

@@ -69,6 +69,29 @@ pub struct Started {
     pub under_systemd: bool,
     /// The program's name, as its command line says.
     pub program: String,
+    /// Where the configuration's secret files are found.
+    pub secret_files: SecretFiles,
+    /// Loads the configuration again, as at start.
+    pub reload: Reload,
+}
+
+/// Where the configuration came from (file, flags, environment), to load it again on a reload.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    args: ConfigArgs,
+    flags: Vec<Override>,
+    env: ProcessEnv,
+    credentials: Option<PathBuf>,
+}
+
+impl Reload {
+    /// The configuration as it reads now, and where its secret files are.
+    pub fn load(&self) -> Result<(Config, SecretFiles), config::ConfigError> {
+        let (cfg, file) =
+            config::load_for_program(&self.args, self.flags.clone(), self.env.clone())?;
+        let files = SecretFiles::new(self.credentials.clone(), file.path());
+        Ok((cfg, files))
+    }
 }
 
 /// Where a tool says what its run did, so that it is said once: as JSON on standard output
@@ -189,6 +212,12 @@ where
         cache_directory: var("CACHE_DIRECTORY"),
         system_config: Some(PathBuf::from(config::SYSTEM_CONFIG)),
     };
+    let reload = Reload {
+        args: args.clone(),
+        flags: flags.clone(),
+        env: env.clone(),
+        credentials: var("CREDENTIALS_DIRECTORY"),
+    };
     let (cfg, file) = match config::load_for_program(args, flags, env) {
         Ok(loaded) => loaded,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -210,6 +239,9 @@ where
         return fail(EXIT_CONFIG, &e.to_string());
     }
     if args.check_config {
+        if let Err(e) = crate::auth::Principals::load(&cfg.auth, &files) {
+            return fail(EXIT_CONFIG, &e.to_string());
+        }
         print!("{}", summary(&cfg, &file, &secrets));
         println!("{name}: configuration OK");
         return ExitCode::SUCCESS;
@@ -244,6 +276,8 @@ where
         secrets,
         under_systemd,
         program: name.to_owned(),
+        secret_files: files,
+        reload,
     };
     let outcome = runtime.block_on(run(started));
     // Work still in flight (a blocking read of a file the migrator abandoned when stopped) is
@@ -252,7 +286,11 @@ where
     match outcome {
         Ok(code) => ExitCode::from(code),
         // A setting the program found unusable.
-        Err(e) if e.is::<config::ConfigError>() || e.is::<SecretError>() => {
+        Err(e)
+            if e.is::<config::ConfigError>()
+                || e.is::<SecretError>()
+                || e.is::<crate::auth::AuthConfigError>() =>
+        {
             fail(EXIT_CONFIG, &format!("{e:#}"))
         }
         Err(e) => fail(EXIT_FAILURE, &format!("{e:#}")),
@@ -332,9 +370,13 @@ fn summary(cfg: &Config, file: &ConfigFile, secrets: &Secrets) -> String {
     let read = |s: &Option<config::Secret>| if s.is_some() { "read" } else { "none" };
     format!(
         "configuration: {file}\ndata_dir: {}\nmetadata: {metadata}\nstore: {store}\n\
-         listen: {} (when systemd passes no socket)\nsecrets: s3 {}, postgres {}\n",
+         listen: {} (when systemd passes no socket)\nauth: {}\nsecrets: s3 {}, postgres {}\n",
         cfg.data_dir.display(),
         cfg.api.listen,
+        match cfg.auth.mode {
+            config::AuthMode::Off => "off".to_owned(),
+            config::AuthMode::Basic => format!("basic, {} users", cfg.auth.users.len()),
+        },
         read(&secrets.s3_secret_access_key),
         read(&secrets.postgres_password),
     )

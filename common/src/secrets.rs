@@ -69,7 +69,7 @@ impl SecretFiles {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             SecretFiles::Credentials(dir) => {
                 format!("$CREDENTIALS_DIRECTORY {}", dir.display())

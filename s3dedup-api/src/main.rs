@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use s3dedup_common::auth::Principals;
 use s3dedup_common::config::Override;
 use s3dedup_common::program::{self, CommonArgs, Opens, Started};
 
@@ -29,27 +30,59 @@ struct Cli {
     /// Address to listen on when systemd passes no socket (api.listen).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
+    /// Read a password from standard input (its first line), print its argon2 hash for
+    /// `password_hash` in an `[[auth.users]]` table, and exit.
+    #[arg(long)]
+    hash_password: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.hash_password {
+        return hash_password();
+    }
     let listen = (cli.listen.iter()).map(|l| Override::new("api.listen", l.clone(), "--listen"));
     program::main::<Cli, _, _>(Opens::CreatingIfMissing, &cli.common, listen.collect(), run)
 }
 
 async fn run(started: Started) -> anyhow::Result<u8> {
     let files = started.file_store().await?;
-    let cfg = started.cfg;
+    let cfg = started.cfg.clone();
     let (files, cache) = files
         .with_read_cache(&cfg)
         .context("opening the read cache")?;
     let files = Arc::new(files);
     let max_age = std::time::Duration::from_secs(cfg.store.spool_max_age_secs);
     files.clean_spool_at_start(max_age).await;
-    let mut state = app::AppState::new(files, cfg.api.clone())?;
+    let principals = Principals::load(&cfg.auth, &started.secret_files)?;
+    let mut state = app::AppState::new(files, cfg.api.clone(), principals)?;
     state.cache = cache;
     state.last_runs = Some(cfg.last_runs_dir());
+    state.reload = Some(started.reload);
     let state = Arc::new(state);
     server::run(state).await?;
     Ok(0)
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("s3dedup-api: cannot read the password from standard input: {e}");
+        return ExitCode::from(1);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("s3dedup-api: the password on standard input is empty");
+        return ExitCode::from(2);
+    }
+    match s3dedup_common::auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("s3dedup-api: cannot hash the password: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -46,6 +46,14 @@ pub struct Metrics {
     pub responses_cut: AtomicU64,
     /// Error answers by the part of the system that failed.
     backend_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests refused for their credentials: none, malformed, wrong.
+    pub auth_missing: AtomicU64,
+    pub auth_malformed: AtomicU64,
+    pub auth_wrong: AtomicU64,
+    /// Authenticated requests their principal may not make (403).
+    pub auth_denied: AtomicU64,
+    /// Logins refused unchecked: their address failed too often this minute (429).
+    pub auth_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -204,6 +212,38 @@ impl Metrics {
              had, by the waits and the timeouts above.\n\
              # TYPE s3dedup_lock_wait_seconds_total counter\ns3dedup_lock_wait_seconds_total {:.6}",
             locks.waits.seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP s3dedup_auth_failures_total Requests refused with 401, by why: no \
+             credentials, a malformed Authorization header, a wrong user or password.\n\
+             # TYPE s3dedup_auth_failures_total counter"
+        );
+        for (reason, n) in [
+            ("missing", &self.auth_missing),
+            ("malformed", &self.auth_malformed),
+            ("wrong", &self.auth_wrong),
+        ] {
+            let _ = writeln!(
+                out,
+                "s3dedup_auth_failures_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        scalar(
+            &mut out,
+            "s3dedup_auth_denied_total",
+            "counter",
+            "Authenticated requests refused with 403: their role or prefixes do not allow them.",
+            self.auth_denied.load(Relaxed),
+        );
+        scalar(
+            &mut out,
+            "s3dedup_auth_limited_total",
+            "counter",
+            "Logins refused with 429 without checking: their address failed \
+             auth.max_failures_per_minute times this minute.",
+            self.auth_limited.load(Relaxed),
         );
         scalar(
             &mut out,

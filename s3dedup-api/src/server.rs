@@ -14,18 +14,19 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use s3dedup_common::config::ListenAddr;
 use s3dedup_common::{memory, systemd};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use crate::app::{AppState, dispatch};
+use crate::app::{AppState, Peer, dispatch};
 use crate::stall::StallGuard;
 
 /// How often `STATUS=` is refreshed for `systemctl status`.
@@ -128,7 +129,7 @@ fn secs(n: u64) -> Option<Duration> {
 }
 
 /// Serves one connection until it closes or, once `stop` turns true, until its last answer.
-fn serve<IO>(io: IO, app: &Router, state: &AppState, stop: &watch::Receiver<bool>)
+fn serve<IO>(io: IO, peer: Peer, app: &Router, state: &AppState, stop: &watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -139,7 +140,12 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(secs(cfg.header_timeout_secs))
         .max_buf_size(READ_BUFFER);
-    let conn = builder.serve_connection(io, TowerToHyperService::new(app.clone()));
+    let app = app.clone();
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(peer);
+        app.clone().oneshot(req)
+    });
+    let conn = builder.serve_connection(io, service);
     // The receiver lives as long as the connection: the drain waits for all of them to go.
     let mut stop = stop.clone();
     tokio::spawn(async move {
@@ -192,13 +198,16 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 }
 
 enum Conn {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
     Unix(tokio::net::UnixStream),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Conn> {
     Ok(match l {
-        Listener::Tcp(l) => Conn::Tcp(l.accept().await?.0),
+        Listener::Tcp(l) => {
+            let (tcp, addr) = l.accept().await?;
+            Conn::Tcp(tcp, addr)
+        }
         Listener::Unix(l, _) => Conn::Unix(l.accept().await?.0),
     })
 }
@@ -213,16 +222,79 @@ async fn accept_until_stopped(
             accepted = accept(&listener) => accepted,
         };
         match accepted {
-            Ok(Conn::Tcp(tcp)) => {
+            Ok(Conn::Tcp(tcp, addr)) => {
                 // Without it every small response waits ~40 ms for the peer's delayed ACK.
                 let _ = tcp.set_nodelay(true);
-                serve(tcp, &app, &state, &stop);
+                serve(
+                    tcp,
+                    Peer(Some(addr.ip().to_canonical())),
+                    &app,
+                    &state,
+                    &stop,
+                );
             }
-            Ok(Conn::Unix(unix)) => serve(unix, &app, &state, &stop),
+            Ok(Conn::Unix(unix)) => serve(unix, Peer(None), &app, &state, &stop),
             Err(e) => {
                 warn!(error = %e, listener = %listener.describe(), "accepting a connection failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Anyone who reaches a non-loopback address without `[auth]` may change every file: say so.
+fn warn_if_open(state: &AppState, listeners: &[Listener]) {
+    if state.gate.principals().enabled() {
+        return;
+    }
+    for l in listeners {
+        if let Listener::Tcp(tcp) = l
+            && let Ok(addr) = tcp.local_addr()
+            && !addr.ip().to_canonical().is_loopback()
+        {
+            warn!(%addr,
+                "listening on {addr}, not a loopback address, with auth.mode = \"off\": anyone \
+                 who reaches it may read, overwrite and delete every file (see [auth] in \
+                 s3dedup.toml)");
+        }
+    }
+}
+
+/// On SIGHUP (`systemctl reload`), loads `[auth]` again and puts it in force; connections and
+/// requests under way are not touched. Other settings take effect at the next restart.
+async fn reload_on_sighup(state: Arc<AppState>) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler: reloading is not possible: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let Some(reload) = state.reload.clone() else {
+            continue;
+        };
+        let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let (cfg, files) = reload.load()?;
+            Ok(s3dedup_common::auth::Principals::load(&cfg.auth, &files)?)
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        match loaded {
+            Ok(principals) => {
+                let (users, on) = (principals.len(), principals.enabled());
+                let mode = if on { "basic" } else { "off" };
+                state.gate.replace(principals);
+                info!(
+                    users,
+                    mode,
+                    "reloaded on SIGHUP: auth {mode}, {users} users in force (other settings \
+                     take effect at a restart)"
+                );
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"),
+                "reload on SIGHUP failed, the previous users stay in force: {e:#}"),
         }
     }
 }
@@ -307,6 +379,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         .map(Listener::describe)
         .collect::<Vec<_>>()
         .join(", ");
+    warn_if_open(&state, &listeners);
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .fallback(dispatch)
@@ -363,6 +436,8 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
             was_down = down;
         }
     });
+
+    tokio::spawn(reload_on_sighup(state.clone()));
 
     if state.cfg.release_memory_after_idle_secs > 0 {
         let every = Duration::from_secs(state.cfg.release_memory_after_idle_secs);

@@ -17,7 +17,8 @@ import uuid
 
 from filetracker.client import Client
 
-URL = "http://127.0.0.1:9999"
+# FT_URL: another address, or one with a user and password in it (user:password@host).
+URL = os.environ.get("FT_URL", "http://127.0.0.1:9999")
 
 
 def client():

@@ -32,6 +32,10 @@ prop() { in_box systemctl show -p "$2" --value "$1"; }
 not()  { ! "$@"; }
 # The real Filetracker client inside the container (bundle bind-mounted at /ftclient).
 ft()   { in_box env PYTHONPATH=/ftclient python3 /ftclient/client_check.py "$@"; }
+# ... as a user: ft_as USER:PASSWORD COMMAND...
+ft_as(){ in_box env PYTHONPATH=/ftclient FT_URL="http://$1@127.0.0.1:$PORT" python3 /ftclient/client_check.py "${@:2}"; }
+# Polls a check for up to 10 s (what a reload changes, it changes a moment later).
+soon() { for _ in $(seq 50); do "$@" 2>/dev/null && return 0; sleep 0.2; done; "$@"; }
 # (capture first: with pipefail, 'systemctl ... | grep -q' fails randomly when grep exits early)
 has()  { local text; text=$("${@:2}"); grep -q -- "$1" <<<"$text"; }
 port_answers() { in_box curl -s -m 3 "http://127.0.0.1:$PORT/status" >/dev/null; }
@@ -366,6 +370,27 @@ check "structured fields in the journal (TARGET)" grep -q '"TARGET":"s3dedup_api
 # What `journalctl -u` and `systemctl status` show is the message alone: it names the address.
 check "the listening line names the address" has "listening on 127.0.0.1:9999" in_box journalctl -u s3dedup-api.service -o cat
 check "/metrics shows the cleaner's last run" has 's3dedup_last_run_timestamp_seconds{tool="s3dedup-cleaner",kind="collect"}' in_box curl -s "http://127.0.0.1:$PORT/metrics"
+log "users: [auth] turned on and off by systemctl reload, the daemon kept"
+HASH=$(in_box sh -c 'printf "judge-pw\n" | s3dedup-api --hash-password')
+check "s3dedup-api --hash-password prints an argon2id hash" has '^\$argon2id\$' echo "$HASH"
+printf '[auth]\nmode = "basic"\n[[auth.users]]\nname = "judge"\nrole = "admin"\npassword_hash = "%s"\n' \
+       "$HASH" > "$RUN/tools/auth.toml"
+in_box cp /etc/s3dedup/s3dedup.toml /root/s3dedup.toml.noauth
+in_box sh -c 'cat /tools/auth.toml >> /etc/s3dedup/s3dedup.toml'
+check "s3dedup-api --check-config accepts the users" has "auth: basic, 1 users" in_box s3dedup-api --check-config
+API_PID=$(prop s3dedup-api.service MainPID)
+check "systemctl reload s3dedup-api.service" in_box systemctl reload s3dedup-api.service
+check "after the reload a client without credentials is refused" soon not ft has /byhand/three.txt
+check "... and the real client with judge:judge-pw in its URL is served" ft_as judge:judge-pw basic
+check "... a wrong password is refused" not ft_as judge:wrong has /byhand/three.txt
+check "the reload kept the daemon (PID $API_PID)" test "$(prop s3dedup-api.service MainPID)" = "$API_PID"
+check "the journal says what the reload put in force" \
+      has "reloaded on SIGHUP: auth basic, 1 users" in_box journalctl -u s3dedup-api.service -o cat
+check "the journal names the failed login's user and address" \
+      has 'login failed: user "judge" from 127.0.0.1' in_box journalctl -u s3dedup-api.service -o cat
+in_box cp /root/s3dedup.toml.noauth /etc/s3dedup/s3dedup.toml
+in_box systemctl reload s3dedup-api.service
+check "auth off again after the next reload" soon ft has /byhand/three.txt
 FAILED=$(in_box systemctl --failed --plain --no-legend)
 check "no failed units ${FAILED:+($FAILED)}" test -z "$FAILED"
 

@@ -82,6 +82,16 @@ impl IntoResponse for ApiError {
         if let Ok(v) = HeaderValue::from_str(&header_text) {
             r.headers_mut().insert(protocol::HEADER_EXCEPTION, v);
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"s3dedup\", charset=\"UTF-8\""),
+            );
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        }
         r
     }
 }

@@ -4,6 +4,7 @@
 mod delete;
 mod error;
 mod fallback;
+mod gate;
 mod get;
 mod headers;
 mod list;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use s3dedup_common::auth::{Action, Principals};
 use s3dedup_common::blob::IngestOptions;
 use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::FileStore;
@@ -29,12 +31,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{Metrics, Totals};
 use error::ApiError;
+pub use gate::{Gate, Peer};
 
 /// Everything a request needs.
 pub struct AppState {
     pub files: Arc<FileStore>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
+    /// Who may do what (`[auth]`), replaced on reload.
+    pub gate: Gate,
     /// Request slots, one pool for reads (GET, HEAD, listings) and one for writes (PUT,
     /// DELETE): uploads that trickle in cannot keep every read waiting.
     read_slots: Arc<Semaphore>,
@@ -49,6 +54,8 @@ pub struct AppState {
     pub cache: Option<Arc<ReadCache>>,
     /// Where the tools record their last runs (shown on `/metrics`).
     pub last_runs: Option<std::path::PathBuf>,
+    /// Loads the configuration again on SIGHUP (for `[auth]`).
+    pub reload: Option<s3dedup_common::program::Reload>,
     /// The store's totals as last counted in the background, and when.
     stats: std::sync::Mutex<Option<(Stats, Instant, Duration)>>,
 }
@@ -59,7 +66,9 @@ impl AppState {
         self.fallback.is_some()
     }
 
-    pub fn new(files: Arc<FileStore>, cfg: ApiConfig) -> Result<Self, OldServerError> {
+    pub fn new(
+        files: Arc<FileStore>, cfg: ApiConfig, principals: Principals,
+    ) -> Result<Self, OldServerError> {
         let timeout = Duration::from_secs(cfg.fallback_timeout_secs);
         let fallback = match &cfg.fallback_url {
             None => None,
@@ -72,10 +81,12 @@ impl AppState {
             files,
             metrics: Metrics::default(),
             cfg,
+            gate: Gate::new(principals),
             fallback,
             imports: Default::default(),
             cache: None,
             last_runs: None,
+            reload: None,
             stats: Default::default(),
         })
     }
@@ -192,6 +203,19 @@ async fn route(
         .map_err(|e| ("other", ApiError::from(e)))?;
     let label = route_label(&r);
     let read_only = method == Method::GET || method == Method::HEAD;
+    let (action, target) = match &r {
+        Route::File(p) if method == Method::PUT => (Action::Write, Some(p.as_str())),
+        Route::File(p) if method == Method::DELETE => (Action::Delete, Some(p.as_str())),
+        Route::File(p) => (Action::Read, Some(p.as_str())),
+        Route::List(dir) => (Action::Read, dir.as_ref().map(|d| d.as_str())),
+        _ => (Action::Status, None),
+    };
+    let peer = parts.extensions.get::<Peer>().and_then(|p| p.0);
+    let authorization = parts.headers.get(header::AUTHORIZATION);
+    (state.gate)
+        .admit(&state.metrics, peer, authorization, action, target)
+        .await
+        .map_err(|e| (label, e))?;
     let not_allowed = || {
         (
             label,
