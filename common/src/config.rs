@@ -206,6 +206,10 @@ pub struct ApiConfig {
     /// Address to bind when systemd passes no socket: `HOST:PORT` (Filetracker's default
     /// `127.0.0.1:9999`) or `unix:/PATH` for a Unix socket (behind a reverse proxy).
     pub listen: ListenAddr,
+    /// TLS on the TCP listeners: the certificate chain (PEM), found like the secret files.
+    pub tls_certificate_file: Option<PathBuf>,
+    /// And its private key (PEM). Both are read again on reload (a renewed certificate).
+    pub tls_key_file: Option<PathBuf>,
     /// File and list requests served at once, reads (GET, HEAD) and writes (PUT, DELETE)
     /// each; more wait up to `queue_timeout_secs`, then get 503. Separate, so uploads that
     /// trickle in cannot keep reads waiting.
@@ -258,6 +262,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 9999))),
+            tls_certificate_file: None,
+            tls_key_file: None,
             max_concurrent_requests: 256,
             queue_timeout_secs: 30,
             max_file_size: 64 << 30,
@@ -641,6 +647,12 @@ impl Config {
         }
         if self.cleaner.page_size == 0 {
             return bad("cleaner.page_size", "must be at least 1");
+        }
+        if self.api.tls_certificate_file.is_some() != self.api.tls_key_file.is_some() {
+            return bad(
+                "api.tls_certificate_file",
+                "set both api.tls_certificate_file and api.tls_key_file, or neither",
+            );
         }
         if self.api.max_concurrent_requests == 0 {
             return bad("api.max_concurrent_requests", "must be at least 1");

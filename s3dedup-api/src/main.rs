@@ -4,6 +4,7 @@ mod app;
 mod metrics;
 mod server;
 mod stall;
+mod tls;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::auth::Principals;
-use s3dedup_common::config::Override;
+use s3dedup_common::config::{ConfigError, Override};
 use s3dedup_common::program::{self, CommonArgs, Opens, Started};
 
 /// Serves the Filetracker protocol v2, storing each distinct content once.
@@ -59,8 +60,23 @@ async fn run(started: Started) -> anyhow::Result<u8> {
     state.cache = cache;
     state.last_runs = Some(cfg.last_runs_dir());
     state.reload = Some(started.reload);
+    let tls = match (&cfg.api.tls_certificate_file, &cfg.api.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let files = &started.secret_files;
+            // Unusable files are a configuration error (exit 2): restarting cannot fix them.
+            let tls = tls::Tls::load(&files.locate(cert), &files.locate(key)).map_err(|e| {
+                ConfigError::Key {
+                    key: "api.tls_certificate_file".into(),
+                    origin: "the files it names".into(),
+                    message: format!("{e:#}"),
+                }
+            })?;
+            Some(Arc::new(tls))
+        }
+        _ => None,
+    };
     let state = Arc::new(state);
-    server::run(state).await?;
+    server::run(state, tls).await?;
     Ok(0)
 }
 

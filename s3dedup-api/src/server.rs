@@ -28,11 +28,14 @@ use tracing::{debug, info, warn};
 
 use crate::app::{AppState, Peer, dispatch};
 use crate::stall::StallGuard;
+use crate::tls::Tls;
 
 /// How often `STATUS=` is refreshed for `systemctl status`.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (out of file descriptors): retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a TLS handshake may take when `api.header_timeout_secs` is 0.
+const HANDSHAKE: Duration = Duration::from_secs(30);
 /// How long a connection with no request under way is kept open once shutdown begins. A
 /// client that connected just before the signal, or reuses a kept-alive connection, may have
 /// its request on the wire; closing at once would drop it unanswered.
@@ -214,7 +217,8 @@ async fn accept(l: &Listener) -> std::io::Result<Conn> {
 
 /// Accepts and serves connections on one listener until `stop` turns true, then closes it.
 async fn accept_until_stopped(
-    listener: Listener, app: Router, state: Arc<AppState>, mut stop: watch::Receiver<bool>,
+    listener: Listener, tls: Option<Arc<Tls>>, app: Router, state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -225,13 +229,25 @@ async fn accept_until_stopped(
             Ok(Conn::Tcp(tcp, addr)) => {
                 // Without it every small response waits ~40 ms for the peer's delayed ACK.
                 let _ = tcp.set_nodelay(true);
-                serve(
-                    tcp,
-                    Peer(Some(addr.ip().to_canonical())),
-                    &app,
-                    &state,
-                    &stop,
-                );
+                let peer = Peer(Some(addr.ip().to_canonical()));
+                match &tls {
+                    None => serve(tcp, peer, &app, &state, &stop),
+                    Some(tls) => {
+                        let acceptor = tls.acceptor();
+                        let (app, state, stop) = (app.clone(), state.clone(), stop.clone());
+                        // Off the accept loop, and bounded like a request's headers.
+                        let limit = secs(state.cfg.header_timeout_secs).unwrap_or(HANDSHAKE);
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                                Ok(Ok(tls)) => serve(tls, peer, &app, &state, &stop),
+                                Ok(Err(e)) => {
+                                    debug!(%addr, error = %e, "TLS handshake with {addr} failed: {e}")
+                                }
+                                Err(_) => debug!(%addr, "TLS handshake with {addr} timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Ok(Conn::Unix(unix)) => serve(unix, Peer(None), &app, &state, &stop),
             Err(e) => {
@@ -262,7 +278,7 @@ fn warn_if_open(state: &AppState, listeners: &[Listener]) {
 
 /// On SIGHUP (`systemctl reload`), loads `[auth]` again and puts it in force; connections and
 /// requests under way are not touched. Other settings take effect at the next restart.
-async fn reload_on_sighup(state: Arc<AppState>) {
+async fn reload_on_sighup(state: Arc<AppState>, tls: Option<Arc<Tls>>) {
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -271,6 +287,14 @@ async fn reload_on_sighup(state: Arc<AppState>) {
         }
     };
     while hup.recv().await.is_some() {
+        if let Some(tls) = &tls {
+            let reloaded = tokio::task::block_in_place(|| tls.reload());
+            match reloaded {
+                Ok(()) => info!("reloaded on SIGHUP: {} for new connections", tls.describe()),
+                Err(e) => tracing::error!(error = %format!("{e:#}"),
+                    "reload on SIGHUP: the TLS certificate in use stays: {e:#}"),
+            }
+        }
         let Some(reload) = state.reload.clone() else {
             continue;
         };
@@ -354,7 +378,7 @@ async fn release_memory_when_idle(state: Arc<AppState>, every: Duration) {
 }
 
 /// Serves until SIGTERM/SIGINT, then drains in-flight requests for at most the configured time.
-pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
+pub async fn run(state: Arc<AppState>, tls: Option<Arc<Tls>>) -> anyhow::Result<()> {
     // READY=1 means the database and the object store answer, not merely that we started.
     let (metadata, store) = state.files.describe();
     let (meta_ok, store_ok) = state.files.check().await;
@@ -374,11 +398,14 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     }
 
     let listeners = listeners(&state).await?;
-    let addr = listeners
+    let mut addr = listeners
         .iter()
         .map(Listener::describe)
         .collect::<Vec<_>>()
         .join(", ");
+    if let Some(tls) = &tls {
+        addr = format!("{addr} ({} on TCP)", tls.describe());
+    }
     warn_if_open(&state, &listeners);
     let stopping = Arc::new(AtomicBool::new(false));
     let app = Router::new()
@@ -437,7 +464,7 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
         }
     });
 
-    tokio::spawn(reload_on_sighup(state.clone()));
+    tokio::spawn(reload_on_sighup(state.clone(), tls.clone()));
 
     if state.cfg.release_memory_after_idle_secs > 0 {
         let every = Duration::from_secs(state.cfg.release_memory_after_idle_secs);
@@ -448,7 +475,8 @@ pub async fn run(state: Arc<AppState>) -> anyhow::Result<()> {
     let mut accepting = tokio::task::JoinSet::new();
     for listener in listeners {
         let (app, state, stop) = (app.clone(), state.clone(), stop_rx.clone());
-        accepting.spawn(accept_until_stopped(listener, app, state, stop));
+        let tls = tls.clone();
+        accepting.spawn(accept_until_stopped(listener, tls, app, state, stop));
     }
     let which = wait_for_signal().await.unwrap_or("signal handler failure");
     info!(

@@ -27,13 +27,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_http(url, proc, what):
+def wait_http(url, proc, what, context=None):
     deadline = time.time() + 30
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except urllib.error.HTTPError as e:
@@ -48,10 +48,11 @@ def wait_http(url, proc, what):
 class Server:
     """A running s3dedup-api and a way to look into its object store directly."""
 
-    def __init__(self, backend, tmp, config=None):
+    def __init__(self, backend, tmp, config=None, tls_context=None):
         self.backend = backend
         self.tmp = Path(tmp)
         self.config = config
+        self.tls_context = tls_context  # serves HTTPS, trusted through this ssl context
         self.procs = []
         self.log = None
         try:
@@ -82,7 +83,8 @@ class Server:
                 S3DEDUP_STORE__S3__SECRET_ACCESS_KEY=S3_SECRET,
             )
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.data_dir = self.tmp / "data"
         self.log = open(self.tmp / "api.log", "w")
         # An own configuration file, or the built-in defaults (never the system's file).
@@ -94,7 +96,7 @@ class Server:
             env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         self.procs.append(api)
         self.api = api
-        wait_http(self.url + "/status", api, "s3dedup-api")
+        wait_http(self.url + "/status", api, "s3dedup-api", self.tls_context)
 
     def objects(self):
         """Digest-named objects in the store, found by walking its files (not via the API)."""
