@@ -412,6 +412,16 @@ fn read_error(e: io::Error) -> BlobError {
 pub fn ingest<R: Read, W: Write>(
     body: R, encoding: Encoding, out: W, hints: &Hints, opts: &IngestOptions,
 ) -> Result<BlobInfo, BlobError> {
+    ingest_counted(body, encoding, out, hints, opts).map(|(info, _)| info)
+}
+
+/// [`ingest`], also saying how many gzip members a gzip body had (1 for identity). A body of
+/// several is stored as sent, which clients reading only the first member (curl
+/// `--compressed`, zlib's `inflate`) would cut short: the caller stores it again as one.
+pub fn ingest_counted<R: Read, W: Write>(
+    body: R, encoding: Encoding, out: W, hints: &Hints, opts: &IngestOptions,
+) -> Result<(BlobInfo, u64), BlobError> {
+    let mut members = 1;
     let mut sink = ContentSink::new(opts.max_logical_size, hints.logical_size);
     let mut buf = vec![0u8; BUF_SIZE];
     let stored_size = match encoding {
@@ -447,6 +457,7 @@ pub fn ingest<R: Read, W: Write>(
                     }
                 }
             }
+            members = decoder.members();
             drop(decoder);
             tee.copy.flush().map_err(BlobError::Spool)?;
             tee.count
@@ -475,11 +486,12 @@ pub fn ingest<R: Read, W: Write>(
         }
     };
     let (digest, logical_size) = sink.finish(hints)?;
-    Ok(BlobInfo {
+    let info = BlobInfo {
         digest,
         logical_size,
         stored_size,
-    })
+    };
+    Ok((info, members))
 }
 
 /// Deflate states of finished compressions, by level. A new state is about 300 KiB in several

@@ -24,6 +24,14 @@ pub enum SpoolBody {
 }
 
 impl SpoolBody {
+    /// The stored bytes, read from the start. Blocking.
+    pub fn read_back(&self) -> io::Result<Box<dyn io::Read + '_>> {
+        Ok(match self {
+            SpoolBody::Memory(b) => Box::new(&b[..]),
+            SpoolBody::File(f) => Box::new(io::BufReader::new(f.reopen()?)),
+        })
+    }
+
     /// A second handle on the bytes, kept while the body is stored, so that they can be stored
     /// again if the first store is undone (the cleaner, let in by a lost lock, deleted the
     /// object before its row was written). A file stays readable through it after the body

@@ -96,7 +96,9 @@ impl FileStore {
     pub async fn commit(
         &self, path: &str, version: Version, spooled: Spooled, now: i64, kind: PutKind,
     ) -> Result<Committed, FileStoreError> {
-        let Spooled { body, info, early } = spooled;
+        let Spooled {
+            body, info, early, ..
+        } = spooled;
         let put = Put {
             path,
             version,

@@ -4,7 +4,10 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::blob::{BlobError, BlobInfo, Digest, Encoding, Hints, IngestOptions, ingest};
+use crate::blob::{
+    BlobError, BlobInfo, Digest, Encoding, Hints, IngestOptions, ingest, ingest_counted,
+};
+use crate::gunzip::GzDecoder;
 use crate::spool::{SpoolBody, SpoolFeed, SpoolWriter};
 use crate::store::{EarlyUpload, Incoming, PendingUpload};
 
@@ -16,6 +19,9 @@ pub struct Spooled {
     pub info: BlobInfo,
     /// The object already on its way to the store, if it was sent on while it arrived.
     pub early: Option<Box<dyn PendingUpload>>,
+    /// The stored bytes are not the body as received (its gzip members made one): what was
+    /// sent on while it arrived is not them.
+    pub reencoded: bool,
 }
 
 impl std::fmt::Debug for Spooled {
@@ -50,6 +56,7 @@ impl Ingesting {
             .map_err(|e| FileStoreError::IngestTask(e.to_string()))??;
         if let Some((claimed, early)) = self.early
             && claimed == spooled.info.digest
+            && !spooled.reencoded
         {
             spooled.early = Some(early);
         }
@@ -75,14 +82,33 @@ impl FileStore {
         if let Some(feed) = feed {
             writer = writer.feeding(feed);
         }
-        let info = ingest(body, encoding, &mut writer, hints, opts)?;
-        let body = writer
-            .finish()
-            .map_err(|e| FileStoreError::Blob(BlobError::Spool(e)))?;
+        let (info, members) = ingest_counted(body, encoding, &mut writer, hints, opts)?;
+        let spool_error = |e| FileStoreError::Blob(BlobError::Spool(e));
+        let body = writer.finish().map_err(spool_error)?;
+        if members == 1 {
+            return Ok(Spooled {
+                body,
+                info,
+                early: None,
+                reencoded: false,
+            });
+        }
+        // One member per object: clients that read only the first (curl --compressed) would
+        // get the content cut short. Rare, so a second pass over the spool.
+        let mut again = SpoolWriter::new(&self.spool_dir, self.spool_memory);
+        let stored = body.read_back().map_err(spool_error)?;
+        let info = ingest(
+            GzDecoder::new(stored),
+            Encoding::Identity,
+            &mut again,
+            hints,
+            opts,
+        )?;
         Ok(Spooled {
-            body,
+            body: again.finish().map_err(spool_error)?,
             info,
             early: None,
+            reencoded: true,
         })
     }
 

@@ -38,6 +38,8 @@ pub(super) struct Decoder<R> {
     between: bool,
     /// The current member's header, while it is being read.
     header: Option<Header>,
+    /// Members begun so far.
+    members: u64,
 }
 
 // The state is owned by one decoder and used only through `&mut self`.
@@ -65,11 +67,16 @@ impl<R: Read> Decoder<R> {
             eof: false,
             between: false,
             header: Some(Header::new()),
+            members: 1,
         }
     }
 
     pub(super) fn get_ref(&self) -> &R {
         &self.src
+    }
+
+    pub(super) fn members(&self) -> u64 {
+        self.members
     }
 
     /// Reads more input once what was read is used up.
@@ -107,6 +114,7 @@ impl<R: Read> Read for Decoder<R> {
                 unsafe { s3dedup_isal_next_member(self.state.as_ptr()) };
                 self.between = false;
                 self.header = Some(Header::new());
+                self.members += 1;
             }
             if let Some(header) = &mut self.header {
                 while self.pos < self.end && !header.done() {

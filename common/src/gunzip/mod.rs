@@ -6,7 +6,7 @@
 //! server. Without it, flate2's zlib-rs. Both read concatenated members as one content, refuse
 //! anything after a member that is not another member, and check every member's CRC and size.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 
 #[cfg(s3dedup_isal)]
 mod isal;
@@ -24,8 +24,58 @@ pub struct GzDecoder<R: Read>(Inner<R>);
 enum Inner<R: Read> {
     #[cfg(s3dedup_isal)]
     Isal(isal::Decoder<R>),
-    // Boxed: zlib-rs's state is inline and large, ISA-L's behind a pointer already.
-    Zlib(Box<flate2::read::MultiGzDecoder<R>>),
+    Zlib(ZlibMembers<R>),
+}
+
+/// flate2's one-member decoder, started again on what follows each member (as its
+/// `MultiGzDecoder` does), counting the members.
+struct ZlibMembers<R: Read> {
+    // Boxed: zlib-rs's state is inline and large, ISA-L's behind a pointer already. `None`
+    // only inside `read`, between one member and the next.
+    member: Option<Box<flate2::bufread::GzDecoder<BufReader<R>>>>,
+    members: u64,
+}
+
+impl<R: Read> ZlibMembers<R> {
+    fn new(src: R) -> Self {
+        ZlibMembers {
+            member: Some(Box::new(flate2::bufread::GzDecoder::new(BufReader::new(
+                src,
+            )))),
+            members: 1,
+        }
+    }
+
+    fn get_ref(&self) -> &R {
+        let member = self.member.as_ref();
+        member
+            .expect("a member's decoder is in place outside read")
+            .get_ref()
+            .get_ref()
+    }
+}
+
+impl<R: Read> Read for ZlibMembers<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(member) = self.member.as_mut() else {
+                return Ok(0);
+            };
+            let n = member.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // The member ended: the body may end here, or another member follows.
+            if member.get_mut().fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            if let Some(ended) = self.member.take() {
+                let rest = ended.into_inner();
+                self.member = Some(Box::new(flate2::bufread::GzDecoder::new(rest)));
+                self.members += 1;
+            }
+        }
+    }
 }
 
 impl<R: Read> GzDecoder<R> {
@@ -34,15 +84,13 @@ impl<R: Read> GzDecoder<R> {
         #[cfg(s3dedup_isal)]
         let inner = Inner::Isal(isal::Decoder::new(src));
         #[cfg(not(s3dedup_isal))]
-        let inner = Inner::Zlib(Box::new(flate2::read::MultiGzDecoder::new(src)));
+        let inner = Inner::Zlib(ZlibMembers::new(src));
         GzDecoder(inner)
     }
 
     /// Inflates `src` with zlib-rs whatever the build found (the reference in tests).
     pub fn zlib_rs(src: R) -> Self {
-        GzDecoder(Inner::Zlib(Box::new(flate2::read::MultiGzDecoder::new(
-            src,
-        ))))
+        GzDecoder(Inner::Zlib(ZlibMembers::new(src)))
     }
 
     /// The source, e.g. to see how much of it has been read.
@@ -51,6 +99,15 @@ impl<R: Read> GzDecoder<R> {
             #[cfg(s3dedup_isal)]
             Inner::Isal(d) => d.get_ref(),
             Inner::Zlib(d) => d.get_ref(),
+        }
+    }
+
+    /// The gzip members begun so far (after the whole body: how many it had).
+    pub fn members(&self) -> u64 {
+        match &self.0 {
+            #[cfg(s3dedup_isal)]
+            Inner::Isal(d) => d.members(),
+            Inner::Zlib(d) => d.members,
         }
     }
 }
@@ -142,6 +199,13 @@ mod tests {
         gz.extend(gzip(&b, 1));
         let got = same_as_zlib_rs(&gz, "three members").unwrap();
         assert_eq!(got, [a, b].concat());
+        for mut d in [GzDecoder::new(&gz[..]), GzDecoder::zlib_rs(&gz[..])] {
+            io::copy(&mut d, &mut io::sink()).unwrap();
+            assert_eq!(d.members(), 3);
+        }
+        let mut one = GzDecoder::new(&gz[..70]);
+        let _ = io::copy(&mut one, &mut io::sink());
+        assert_eq!(one.members(), 1);
     }
 
     #[test]
