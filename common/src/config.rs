@@ -216,6 +216,9 @@ pub struct ApiConfig {
     pub max_concurrent_requests: usize,
     /// How long a request may wait for a free slot before a 503.
     pub queue_timeout_secs: u64,
+    /// Of each pool's slots, how many the requests from one source address may hold at once;
+    /// more wait like any request for a slot. 0: no bound (one proxy in front of all clients).
+    pub max_requests_per_address: usize,
     /// Largest accepted file, uncompressed, in bytes (also bounds gzip bombs).
     pub max_file_size: u64,
     /// Longest accepted file path, in bytes.
@@ -266,6 +269,7 @@ impl Default for ApiConfig {
             tls_key_file: None,
             max_concurrent_requests: 256,
             queue_timeout_secs: 30,
+            max_requests_per_address: 128,
             max_file_size: 64 << 30,
             max_path_length: crate::protocol::DEFAULT_MAX_PATH_LEN,
             compression_level: 1,

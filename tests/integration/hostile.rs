@@ -361,6 +361,45 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     still_serves(&api);
 }
 
+/// One address's trickling uploads hold only its share of the write slots
+/// (`api.max_requests_per_address`): its next upload waits and is told why, while another
+/// address's upload is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_only_its_share_of_the_slots() {
+    let env = [
+        ("S3DEDUP_API__MAX_CONCURRENT_REQUESTS", "20"),
+        ("S3DEDUP_API__MAX_REQUESTS_PER_ADDRESS", "5"),
+        ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "2"),
+    ];
+    let api = Api::start_with(Backend::Local, &env).unwrap();
+    let trickling: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut c = put_headers(&api, &format!("slow{i}"), 1000);
+            c.write_all(b"x").unwrap();
+            c
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = api.ft().put("/sixth", 1_700_000_000, "x").await;
+    assert_eq!(r.status(), 503, "{}", why(&r));
+    assert!(
+        why(&r).contains("too many requests from 127.0.0.1 at once"),
+        "{}",
+        why(&r)
+    );
+    let elsewhere = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let other = Ft::with_http(elsewhere, format!("http://{}", api.addr));
+    let r = other.put("/from-elsewhere", 1_700_000_000, "x").await;
+    assert_eq!(r.status(), 200, "{}", why(&r));
+    // Reads are a pool of their own, with a share of their own.
+    assert_eq!(api.ft().get("/from-elsewhere").await.status(), 200);
+    drop(trickling);
+    still_serves(&api);
+}
+
 /// An upload that sends a byte now and then never falls silent for long, but is far below the
 /// minimum rate: once it has run `body_timeout_secs` it fails, and its slot and spool go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

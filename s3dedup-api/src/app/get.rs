@@ -11,12 +11,11 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use s3dedup_common::inflating;
 use s3dedup_common::protocol::FilePath;
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::AppState;
 use super::error::{ApiResult, not_found};
 use super::fallback::{OldHeadAnswer, head_on_old_server, import_miss};
 use super::headers::{accepts_gzip, file_headers, headers_of};
+use super::{AppState, SlotPermit};
 
 pub(super) async fn head_file(state: &AppState, path: &FilePath, headers: &HeaderMap) -> ApiResult {
     let gzip = accepts_gzip(headers);
@@ -50,7 +49,7 @@ fn with_encoding(mut r: Response, gzip: bool) -> Response {
 }
 
 pub(super) async fn get_file(
-    state: &Arc<AppState>, path: &FilePath, headers: &HeaderMap, permit: OwnedSemaphorePermit,
+    state: &Arc<AppState>, path: &FilePath, headers: &HeaderMap, permit: SlotPermit,
 ) -> ApiResult {
     let mut opened = state.files.open(path.as_str()).await?;
     if opened.is_none() && import_miss(state, path).await? {
@@ -77,7 +76,7 @@ pub(super) async fn get_file(
 /// that fails partway (`what` the response) ends the client's 200 early: that is logged and
 /// counted, since the client may not notice.
 pub(super) fn counted<S>(
-    s: S, state: Arc<AppState>, permit: OwnedSemaphorePermit, what: String,
+    s: S, state: Arc<AppState>, permit: SlotPermit, what: String,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,

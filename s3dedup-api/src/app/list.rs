@@ -11,12 +11,11 @@ use s3dedup_common::filestore::FileStoreError;
 use s3dedup_common::meta::ListPage;
 use s3dedup_common::protocol::{self, FilePath};
 use s3dedup_common::unix_now;
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::fallback::add_old_server_listing;
 use super::get::counted;
+use super::{AppState, SlotPermit};
 
 /// Paths listed per database round trip while streaming a listing.
 const LIST_PAGE: usize = 2000;
@@ -51,7 +50,7 @@ async fn union_with_old_server(
 
 pub(super) async fn list(
     state: &Arc<AppState>, dir: Option<FilePath>, query: Option<&str>, head: bool,
-    permit: OwnedSemaphorePermit,
+    permit: SlotPermit,
 ) -> ApiResult {
     let cutoff = match protocol::query_param(query, protocol::PARAM_LAST_MODIFIED)? {
         Some(v) => protocol::parse_version(&v)?,

@@ -10,6 +10,8 @@ mod headers;
 mod list;
 mod put;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
@@ -46,6 +48,8 @@ pub struct AppState {
     write_slots: Arc<Semaphore>,
     /// Slots handed out so far: whether anything happened between two looks.
     slots_granted: AtomicU64,
+    /// Each source address's share of each pool (`api.max_requests_per_address`).
+    per_address: std::sync::Mutex<HashMap<(IpAddr, Slot), Arc<Semaphore>>>,
     /// Live migration: the old server that misses are imported from.
     fallback: Option<OldServer>,
     /// Live migration: imports under way, so one path is downloaded once.
@@ -78,6 +82,7 @@ impl AppState {
             read_slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             write_slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             slots_granted: AtomicU64::new(0),
+            per_address: Default::default(),
             files,
             metrics: Metrics::default(),
             cfg,
@@ -231,7 +236,8 @@ async fn route(
         Route::Health if read_only => Ok(health(state).await),
         Route::Metrics if read_only => Ok(metrics(state).await),
         Route::File(path) => {
-            let permit = (acquire_slot(state, Slot::of(&method)).await).map_err(|e| (label, e))?;
+            let slot = acquire_slot(state, Slot::of(&method), peer).await;
+            let permit = slot.map_err(|e| (label, e))?;
             let _in_flight = InFlight::new(&state.metrics);
             match method {
                 Method::GET => get::get_file(state, &path, &parts.headers, permit).await,
@@ -241,7 +247,7 @@ async fn route(
             }
         }
         Route::List(dir) if read_only => {
-            let permit = (acquire_slot(state, Slot::Read).await).map_err(|e| (label, e))?;
+            let permit = (acquire_slot(state, Slot::Read, peer).await).map_err(|e| (label, e))?;
             list::list(
                 state,
                 dir,
@@ -257,7 +263,7 @@ async fn route(
 }
 
 /// Which pool of request slots a request takes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Slot {
     Read,
     Write,
@@ -273,16 +279,52 @@ impl Slot {
     }
 }
 
-async fn acquire_slot(state: &AppState, kind: Slot) -> Result<OwnedSemaphorePermit, ApiError> {
+/// A request slot, held until the answer is sent: one of its pool's, and one of its source
+/// address's share of that pool.
+pub(super) struct SlotPermit {
+    _pool: OwnedSemaphorePermit,
+    _address: Option<OwnedSemaphorePermit>,
+}
+
+/// Entries of the per-address map before the idle ones are dropped.
+const ADDRESSES_KEPT: usize = 4096;
+
+async fn acquire_slot(
+    state: &AppState, kind: Slot, peer: Option<IpAddr>,
+) -> Result<SlotPermit, ApiError> {
     let wait = Duration::from_secs(state.cfg.queue_timeout_secs);
+    let deadline = tokio::time::Instant::now() + wait;
     let (slots, what) = match kind {
         Slot::Read => (&state.read_slots, "reads"),
         Slot::Write => (&state.write_slots, "writes"),
     };
-    match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+    let share = state.cfg.max_requests_per_address;
+    let address = match peer.filter(|_| share > 0) {
+        None => None,
+        Some(ip) => {
+            let semaphore = state.address_share(ip, kind, share);
+            match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
+                Ok(Ok(p)) => Some(p),
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "too many requests from {ip} at once: {share} {what} in progress \
+                             from it (api.max_requests_per_address), waited {}s for one to end",
+                            state.cfg.queue_timeout_secs
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
         Ok(Ok(p)) => {
             state.slots_granted.fetch_add(1, Relaxed);
-            Ok(p)
+            Ok(SlotPermit {
+                _pool: p,
+                _address: address,
+            })
         }
         _ => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -291,6 +333,23 @@ async fn acquire_slot(state: &AppState, kind: Slot) -> Result<OwnedSemaphorePerm
                 state.cfg.max_concurrent_requests, state.cfg.queue_timeout_secs
             ),
         )),
+    }
+}
+
+impl AppState {
+    /// The semaphore bounding `ip`'s requests in pool `kind`, made on first use.
+    fn address_share(&self, ip: IpAddr, kind: Slot, share: usize) -> Arc<Semaphore> {
+        let mut map = self
+            .per_address
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= ADDRESSES_KEPT && !map.contains_key(&(ip, kind)) {
+            // Idle entries: nobody holds or awaits a permit (the map's is the only handle).
+            map.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() < share);
+        }
+        map.entry((ip, kind))
+            .or_insert_with(|| Arc::new(Semaphore::new(share)))
+            .clone()
     }
 }
 
