@@ -1286,22 +1286,38 @@ async fn sixteen_uploads_in_parts_at_once_keep_rss_bounded() {
         ("S3DEDUP_STORE__S3__PART_SIZE", &part),
         ("S3DEDUP_STORE__S3__MULTIPART_THRESHOLD", &part),
     ]);
-    // One 64 MiB gzip member shared by all, after a small member that makes each content
-    // distinct (a gzip body may hold several members): no upload deduplicates against another.
+    // One gzip member per upload (several would be stored again as one, and not sent on):
+    // a small distinct head, deflated and flushed to a byte boundary, then 64 MiB deflated
+    // once and shared by all (its back-references stay within itself), then the trailer. No
+    // upload deduplicates against another.
     let common = unique_content("parts", 64 << 20);
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(&common).unwrap();
-    let common_gz = bytes::Bytes::from(e.finish().unwrap());
+    let common_deflated = bytes::Bytes::from(e.finish().unwrap());
     let uploads = (0..UPLOADS).map(|i| {
-        let (s, common, common_gz) = (&s, &common, common_gz.clone());
+        let (s, common, common_deflated) = (&s, &common, common_deflated.clone());
         async move {
             let tag = format!("upload {i}\n");
             let mut hash = sha2::Sha256::new();
             hash.update(tag.as_bytes());
             hash.update(common);
-            let head = bytes::Bytes::from(gzip(tag.as_bytes()));
-            let len = head.len() + common_gz.len();
-            let body = futures::stream::iter([head, common_gz].map(Ok::<_, std::io::Error>));
+            let mut head = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+            let mut d = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            d.write_all(tag.as_bytes()).unwrap();
+            d.flush().unwrap(); // a sync flush: byte-aligned, no final block
+            head.extend_from_slice(d.get_ref());
+            let mut crc = flate2::Crc::new();
+            crc.update(tag.as_bytes());
+            crc.update(common);
+            let mut tail = crc.sum().to_le_bytes().to_vec();
+            tail.extend_from_slice(&((tag.len() + common.len()) as u32).to_le_bytes());
+            let parts = [
+                bytes::Bytes::from(head),
+                common_deflated,
+                bytes::Bytes::from(tail),
+            ];
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            let body = futures::stream::iter(parts.map(Ok::<_, std::io::Error>));
             let r =
                 s.ft.put_request(&format!("/parts/{i}"), 1)
                     .header("Content-Encoding", "gzip")
