@@ -184,6 +184,9 @@ pub struct CleanerConfig {
     /// How long after a delete request was dropped (or its sender died) the object store may
     /// still carry it out. A PUT of that content in the meantime waits until both have passed.
     pub delete_settle_secs: u64,
+    /// How often a run also lists the whole object store for objects without a row (and
+    /// abandoned uploads), which costs in proportion to the store; 0: every run.
+    pub orphan_sweep_interval_secs: u64,
 }
 
 impl Default for CleanerConfig {
@@ -195,6 +198,7 @@ impl Default for CleanerConfig {
             remember_deletions_days: 90,
             delete_timeout_secs: 30,
             delete_settle_secs: 30,
+            orphan_sweep_interval_secs: 86400,
         }
     }
 }

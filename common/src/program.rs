@@ -122,6 +122,24 @@ impl Telling {
         self.json
     }
 
+    /// Records `report` (with its `kind`) as this tool's last run of that kind, for `/metrics`
+    /// and for [`Telling::last_run`].
+    pub fn record(&self, report: &serde_json::Value) {
+        let now = crate::unix_now();
+        if let Err(e) = crate::last_runs::record(&self.last_runs, &self.program, report, now) {
+            tracing::warn!(dir = %self.last_runs.display(), error = %e,
+                "cannot record this run for the API's /metrics");
+        }
+    }
+
+    /// When this tool last finished a successful run of `kind` (Unix seconds), as recorded.
+    pub fn last_run(&self, kind: &str) -> Option<i64> {
+        crate::last_runs::read(&self.last_runs)
+            .into_iter()
+            .find(|r| r.tool == self.program && r.kind == kind && r.ok)
+            .map(|r| r.finished_at)
+    }
+
     /// Says what a run did, once: `report` (its JSON form, whose `ok` sets the log level) on
     /// standard output with `--json`; else the summary `line` and its `details` (a failure
     /// each) as prose on standard output, or in the log under systemd, the report as a field.
@@ -133,11 +151,7 @@ impl Telling {
             println!("{report}");
         }
         if report["dry_run"] != true && report["busy"] != true {
-            let now = crate::unix_now();
-            if let Err(e) = crate::last_runs::record(&self.last_runs, &self.program, &report, now) {
-                tracing::warn!(dir = %self.last_runs.display(), error = %e,
-                    "cannot record this run for the API's /metrics");
-            }
+            self.record(&report);
         }
         if self.log() {
             if !details_logged {

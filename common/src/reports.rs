@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::filestore::gc::{GcReport, VerifyReport};
+use crate::filestore::gc::{GcReport, OrphanSweep, VerifyReport};
 use crate::meta::Stats;
 use crate::migrate::MigrateReport;
 
@@ -38,8 +38,19 @@ pub fn collect(r: &GcReport, dry_run: bool, busy: bool, took: Duration) -> Value
         "tombstones_forgotten": r.tombstones_forgotten,
         "waiting_blobs": r.waiting.0,
         "waiting_bytes": r.waiting.1,
+        "orphans_swept": r.orphans_swept,
+        "orphan_sweep_next_at": match r.orphan_sweep {
+            OrphanSweep::NotDue { next_at } => Some(next_at),
+            _ => None,
+        },
         "errors": r.errors,
     })
+}
+
+/// The record of a run that swept for orphans (not printed: it tells the next run when its
+/// sweep is due, and `/metrics` when the last one was).
+pub fn orphan_sweep(took: Duration) -> Value {
+    json!({ "kind": "orphan-sweep", "ok": true, "seconds": seconds(took) })
 }
 
 /// A `--verify` run.

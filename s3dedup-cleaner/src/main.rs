@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use s3dedup_common::filestore::FileStore;
-use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, VerifyReport};
+use s3dedup_common::filestore::gc::{self, GcOptions, GcReport, OrphanSweep, VerifyReport};
 use s3dedup_common::program::{self, CommonArgs, Opens, Started, Telling};
 use s3dedup_common::{reports, systemd, unix_now};
 
@@ -33,8 +33,12 @@ struct Cli {
     grace_secs: Option<u64>,
     /// Skip the sweep for objects that have no metadata row, and for abandoned uploads (S3
     /// multipart uploads, a local store's temporary files).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "orphans")]
     no_orphans: bool,
+    /// Sweep for orphans this run even when cleaner.orphan_sweep_interval_secs has not passed
+    /// since the last sweep (the sweep lists the whole object store).
+    #[arg(long)]
+    orphans: bool,
     /// Sweep orphans even when the metadata database has no blobs (otherwise refused: a new or
     /// wrong database would make every object an orphan).
     #[arg(long)]
@@ -97,7 +101,7 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         max_deletes: cli.max_deletes,
         lock_timeout: Duration::from_secs(cfg.cleaner.lock_timeout_secs),
         page_size: cfg.cleaner.page_size,
-        orphans: !cli.no_orphans,
+        orphans: orphan_sweep(cli, &tell, cfg.cleaner.orphan_sweep_interval_secs),
         empty_metadata_ok: cli.allow_empty_metadata,
         remember_deletions: match cfg.cleaner.remember_deletions_days {
             0 => None,
@@ -125,12 +129,33 @@ async fn run(cli: &Cli, started: Started) -> anyhow::Result<u8> {
         .map(|e| format!("error: {e}"))
         .collect();
     let json = reports::collect(&report, opts.dry_run, false, took);
+    if report.orphans_swept && !opts.dry_run {
+        // When the next run's sweep is due (and on /metrics).
+        tell.record(&reports::orphan_sweep(took));
+    }
     tell.tell(&line, &details, json, false);
     Ok(if report.errors.is_empty() {
         0
     } else {
         EXIT_FAILED
     })
+}
+
+/// Whether this run sweeps for orphans: asked, refused, or due by the interval since the last
+/// recorded sweep.
+fn orphan_sweep(cli: &Cli, tell: &Telling, interval: u64) -> OrphanSweep {
+    if cli.no_orphans {
+        return OrphanSweep::Off;
+    }
+    let next_at = tell
+        .last_run("orphan-sweep")
+        .map(|last| last.saturating_add(interval as i64));
+    match next_at {
+        Some(next_at) if !cli.orphans && interval > 0 && unix_now() < next_at => {
+            OrphanSweep::NotDue { next_at }
+        }
+        _ => OrphanSweep::Due,
+    }
 }
 
 fn print_verify(r: &VerifyReport, deep: bool, took: Duration, tell: Telling) -> u8 {

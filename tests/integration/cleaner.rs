@@ -39,7 +39,7 @@ fn cleaner_loop(
     api: &Api, stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(u32, u64, Vec<String>)> {
     let mk = {
-        let cmd = api.sibling("s3dedup-cleaner");
+        let cmd = api.cleaner_sweeping();
         move || {
             let mut c = Command::new(cmd.get_program());
             c.args(cmd.get_args());
@@ -225,7 +225,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
     let mut rng = rand::rng();
     let mut killed = 0;
     for _ in 0..6 {
-        let mut c = api.sibling("s3dedup-cleaner");
+        let mut c = api.cleaner_sweeping();
         c.args(["--grace-secs", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -560,4 +560,86 @@ fn verify_finds_problems(api: &Api, args: &[&str], env: &[(&str, String)]) -> St
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{text}{stderr}");
     text
+}
+
+/// The orphan sweep lists the whole object store, so a run does it only once
+/// `cleaner.orphan_sweep_interval_secs` has passed since the last one (or with `--orphans`),
+/// and its report says which; the last sweep shows on /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweep_runs_once_an_interval_and_says_so() {
+    let api = Api::start(Backend::Local).unwrap();
+    api.ft().put_ok("/kept", 1, "kept").await;
+    let objects = api.data_dir.join("objects");
+    // An object without a row, as a crash between object and row leaves one.
+    let orphan = |n: u8| {
+        let hex = format!("{n:02x}").repeat(32);
+        let path = objects.join(&hex[..2]).join(&hex[2..4]).join(&hex);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, gzip(b"orphan")).unwrap();
+        path
+    };
+    let collect = |args: &[&str]| {
+        let mut all = vec!["--grace-secs", "0", "--json"];
+        all.extend(args);
+        json_report(&stdout(&clean(&api, &all)), "s3dedup-cleaner/1", "collect")
+    };
+    let first = orphan(1);
+    let r = collect(&[]);
+    assert_eq!(
+        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
+        (Some(true), Some(1)),
+        "{r}"
+    );
+    assert!(r["orphan_sweep_next_at"].is_null(), "{r}");
+    assert!(!first.exists());
+
+    let second = orphan(2);
+    let r = collect(&[]);
+    assert_eq!(
+        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
+        (Some(false), Some(0)),
+        "{r}"
+    );
+    let next = r["orphan_sweep_next_at"]
+        .as_i64()
+        .expect("when the next sweep is due");
+    let in_a_day = s3dedup_common::unix_now() + 86400;
+    assert!(
+        (in_a_day - 60..=in_a_day).contains(&next),
+        "{next} vs {in_a_day}"
+    );
+    assert!(second.exists(), "not swept before its time");
+    let out = clean(&api, &["--grace-secs", "0"]);
+    assert!(
+        stdout(&out).contains("no orphan sweep this run: next due at"),
+        "{}",
+        stdout(&out)
+    );
+
+    let r = collect(&["--orphans"]);
+    assert_eq!(
+        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
+        (Some(true), Some(1)),
+        "{r}"
+    );
+    assert!(!second.exists());
+    assert_eq!(
+        api.ft().content("/kept").await.as_deref(),
+        Some(&b"kept"[..])
+    );
+
+    // Interval 0: every run sweeps.
+    let third = orphan(3);
+    let mut c = api.sibling("s3dedup-cleaner");
+    c.args(["--grace-secs", "0"])
+        .env("S3DEDUP_CLEANER__ORPHAN_SWEEP_INTERVAL_SECS", "0");
+    assert!(run(c).status.success());
+    assert!(!third.exists());
+    let m = api.ft().metrics().await;
+    assert!(
+        m.contains(
+            "s3dedup_last_run_timestamp_seconds{tool=\"s3dedup-cleaner\",kind=\"orphan-sweep\"}"
+        ),
+        "{m}"
+    );
 }

@@ -61,7 +61,7 @@ async fn delete_path(api: &Api, path: &str, version: i64) {
 }
 
 fn cleaner(api: &Api, s3_endpoint: &str, args: &[&str]) -> Command {
-    let mut c = api.sibling("s3dedup-cleaner");
+    let mut c = api.cleaner_sweeping();
     c.args(args)
         .env("S3DEDUP_STORE__S3__ENDPOINT", s3_endpoint)
         .env("RUST_LOG", "info")
@@ -301,7 +301,7 @@ fn number_before(text: &str, word: &str) -> u64 {
 fn looping(
     api: &Api, args: Vec<Vec<&'static str>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Runs> {
-    let base = api.sibling("s3dedup-cleaner");
+    let base = api.cleaner_sweeping();
     let program = base.get_program().to_owned();
     let base_args: Vec<_> = base.get_args().map(|a| a.to_owned()).collect();
     let envs: Vec<_> = base

@@ -34,7 +34,7 @@ async fn ten_minutes_of_mixed_load_on_postgres_with_two_apis_and_the_cleaner() {
     // The cleaner every 3 s, 5 s grace: it races the uploads all along.
     let stop = Arc::new(AtomicBool::new(false));
     let cleaner = {
-        let mut cmd = a.sibling("s3dedup-cleaner");
+        let mut cmd = a.cleaner_sweeping();
         cmd.args(["--grace-secs", "5"]).stdin(Stdio::null());
         let stop = stop.clone();
         std::thread::spawn(move || {

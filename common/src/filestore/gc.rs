@@ -34,8 +34,9 @@ pub struct GcOptions {
     pub lock_timeout: Duration,
     /// Rows or keys fetched per round trip; memory is bounded by it, not by the bucket.
     pub page_size: usize,
-    /// Also sweep the object store for objects that have no row.
-    pub orphans: bool,
+    /// Whether to sweep the object store for objects that have no row (and for abandoned
+    /// uploads) this run.
+    pub orphans: OrphanSweep,
     /// Sweep orphans even when the metadata database has no blob at all. Without it such a
     /// sweep stops with [`FileStoreError::EmptyMetadata`]: that is a wrong configuration far
     /// more often than an intended emptying of the store.
@@ -48,6 +49,19 @@ pub struct GcOptions {
     /// How long after its request was dropped (or its sender died) the object store may still
     /// carry out a delete. A PUT of the same content waits until both have passed.
     pub delete_settle: Duration,
+}
+
+/// Whether a run sweeps for orphans: a listing of the whole object store, so by default not
+/// every run (`cleaner.orphan_sweep_interval_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrphanSweep {
+    /// Sweep this run.
+    #[default]
+    Due,
+    /// The last sweep was recent; the next is due at this time (Unix seconds).
+    NotDue { next_at: i64 },
+    /// Not asked for (`--no-orphans`).
+    Off,
 }
 
 impl GcOptions {
@@ -79,6 +93,10 @@ pub struct GcReport {
     /// `(contents, stored bytes)` unreferenced for less than the grace period, left for a
     /// later run.
     pub waiting: (u64, u64),
+    /// Whether this run swept for orphans, and if not, why.
+    pub orphan_sweep: OrphanSweep,
+    /// The sweep ran to its end.
+    pub orphans_swept: bool,
 }
 
 impl GcReport {
@@ -104,7 +122,25 @@ impl GcReport {
             self.errors.len(),
             self.waiting.0,
             self.waiting.1
-        )
+        ) + &self.sweep_summary()
+    }
+
+    fn sweep_summary(&self) -> String {
+        match self.orphan_sweep {
+            _ if self.orphans_swept => "; orphans swept".into(),
+            OrphanSweep::Due => "; orphan sweep skipped: --max-deletes reached".into(),
+            OrphanSweep::NotDue { next_at } => {
+                let at = chrono::DateTime::from_timestamp(next_at, 0).map_or_else(
+                    || next_at.to_string(),
+                    |t| t.format("%F %R UTC").to_string(),
+                );
+                format!(
+                    "; no orphan sweep this run: next due at {at} \
+                     (cleaner.orphan_sweep_interval_secs; --orphans sweeps now)"
+                )
+            }
+            OrphanSweep::Off => "; no orphan sweep (--no-orphans)".into(),
+        }
     }
 }
 
@@ -152,10 +188,13 @@ pub async fn collect(
             break;
         }
     }
-    if opts.orphans && !limit_reached(&report, opts) {
+    report.orphan_sweep = opts.orphans;
+    let sweep = opts.orphans == OrphanSweep::Due;
+    if sweep && !limit_reached(&report, opts) {
         sweep_orphans(fs, cutoff, now, opts, &mut report, progress).await?;
+        report.orphans_swept = true;
     }
-    if opts.orphans {
+    if sweep {
         abort_stale_uploads(fs, cutoff, opts, &mut report).await;
     }
     report.waiting = fs.meta.waiting_blobs(cutoff).await?;
@@ -690,7 +729,7 @@ mod tests {
             max_deletes: None,
             lock_timeout: Duration::from_millis(200),
             page_size: 2,
-            orphans: true,
+            orphans: OrphanSweep::Due,
             empty_metadata_ok: false,
             remember_deletions: Some(Duration::from_secs(100)),
             delete_timeout: Duration::from_secs(10),

@@ -96,6 +96,14 @@ impl Api {
         })
     }
 
+    /// The cleaner, sweeping for orphans every run (not once a day): the races of the sweep
+    /// with uploads (an object is written before its row) are what the loops are for.
+    pub fn cleaner_sweeping(&self) -> Command {
+        let mut c = self.sibling("s3dedup-cleaner");
+        c.env("S3DEDUP_CLEANER__ORPHAN_SWEEP_INTERVAL_SECS", "0");
+        c
+    }
+
     /// A command for another program (`s3dedup-cleaner`, ...) configured like this instance.
     pub fn sibling(&self, program: &str) -> Command {
         let mut cmd = Command::new(bin(program));
@@ -152,7 +160,7 @@ impl Api {
     /// what it printed.
     pub fn run_cleaner(&self, args: &[&str]) -> String {
         let out = self
-            .sibling("s3dedup-cleaner")
+            .cleaner_sweeping()
             .args(args)
             .stdin(Stdio::null())
             .output()

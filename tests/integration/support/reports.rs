@@ -38,6 +38,7 @@ fn fits(v: &Value, ty: &str) -> bool {
         "number" => v.is_number(),
         "boolean" => v.is_boolean(),
         "string or null" => v.is_string() || v.is_null(),
+        "integer or null" => v.is_u64() || v.is_i64() || v.is_null(),
         "array of strings" => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
         t if t.starts_with("array of objects (") => v.as_array().is_some_and(|a| {
             let want = fields(t);
