@@ -256,6 +256,19 @@ where
         if let Err(e) = crate::auth::Principals::load(&cfg.auth, &files) {
             return fail(EXIT_CONFIG, &e.to_string());
         }
+        let tls = [
+            ("api.tls_certificate_file", &cfg.api.tls_certificate_file),
+            ("api.tls_key_file", &cfg.api.tls_key_file),
+        ];
+        for (key, file) in tls {
+            let Some(path) = file.as_deref().map(|f| files.locate(f)) else {
+                continue;
+            };
+            if let Err(e) = std::fs::read(&path) {
+                let message = format!("cannot read {} ({key}): {e}", path.display());
+                return fail(EXIT_CONFIG, &message);
+            }
+        }
         print!("{}", summary(&cfg, &file, &secrets));
         println!("{name}: configuration OK");
         return ExitCode::SUCCESS;

@@ -125,3 +125,6 @@ def test_a_missing_certificate_is_a_configuration_error(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out
     assert "/nonexistent/cert.pem" in out.stderr and "api.tls_certificate_file" in out.stderr, out
+    check = subprocess.run([BIN_DIR / "s3dedup-api", "--config", cfg, "--check-config"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and "cannot read /nonexistent/cert.pem" in check.stderr, check
