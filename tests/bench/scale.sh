@@ -21,42 +21,15 @@ bin="$PWD/target/release"
 . tests/bench/lib.sh
 bench_work scale
 url=$(pg_conninfo)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-
-start_api() { # schema
-    # The background count of the totals (tests/bench/metrics-scale.sh measures it) once, at
-    # start: what is measured here is the requests.
-    env -i PATH="$PATH" RUST_LOG=warn S3DEDUP_METADATA__BACKEND=postgres \
-        S3DEDUP_METADATA__POSTGRES__URL="$url" S3DEDUP_METADATA__POSTGRES__SCHEMA="$1" \
-        S3DEDUP_API__STATS_REFRESH_SECS=3600 \
-        "$bin/s3dedup-api" --listen "127.0.0.1:$port" --data-dir "$work/data-$1" 2>> "$work/api.log" &
-    api_pid=$!
-    pids+=("$api_pid")
-    for _ in $(seq 600); do curl -sf -o /dev/null "http://127.0.0.1:$port/status" && return 0; sleep 0.1; done
-    echo "s3dedup-api did not start" >&2; cat "$work/api.log" >&2; exit 1
-}
-stop_api() { kill "$api_pid"; wait "$api_pid" 2>/dev/null || true; }
+port=$(free_port)
 
 rows=()
 for files in "${sizes[@]}"; do
     schema="scale_${files}"
-    blobs=$((files < 1000000 ? files : 1000000))
     start_api "$schema"   # makes the schema
     stop_api
-    echo "filling $schema: $files files over $blobs contents"
     filled=$(date +%s)
-    psql -q -v ON_ERROR_STOP=1 <<EOF
-SET search_path TO $schema;
-INSERT INTO blobs (digest, logical_size, stored_size, refcount, state, created_at)
-SELECT lpad(to_hex(i), 64, '0'), 4096, 1500, 0, 'live', 1700000000
-FROM generate_series(1, $blobs) AS i;
-INSERT INTO files (path, version, digest)
-SELECT '/p' || (i % 1000) || '/f' || i, 1700000000, lpad(to_hex(i % $blobs + 1), 64, '0')
-FROM generate_series(1, $files) AS i;
-UPDATE blobs SET refcount = $files / $blobs;
-VACUUM ANALYZE;
-CHECKPOINT;
-EOF
+    fill_schema "$schema" "$files"
     echo "filled in $(( $(date +%s) - filled )) s"
     size=$(psql -tAq -c "SELECT pg_size_pretty(sum(pg_total_relation_size(c.oid))) FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '$schema' AND c.relkind = 'r'")

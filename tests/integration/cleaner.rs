@@ -583,23 +583,18 @@ async fn the_orphan_sweep_runs_once_an_interval_and_says_so() {
         all.extend(args);
         json_report(&stdout(&clean(&api, &all)), "s3dedup-cleaner/1", "collect")
     };
+    // Whether the run swept, and how many orphans it deleted.
+    let swept =
+        |r: &serde_json::Value| (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64());
     let first = orphan(1);
     let r = collect(&[]);
-    assert_eq!(
-        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
-        (Some(true), Some(1)),
-        "{r}"
-    );
+    assert_eq!(swept(&r), (Some(true), Some(1)), "{r}");
     assert!(r["orphan_sweep_next_at"].is_null(), "{r}");
     assert!(!first.exists());
 
     let second = orphan(2);
     let r = collect(&[]);
-    assert_eq!(
-        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
-        (Some(false), Some(0)),
-        "{r}"
-    );
+    assert_eq!(swept(&r), (Some(false), Some(0)), "{r}");
     let next = r["orphan_sweep_next_at"]
         .as_i64()
         .expect("when the next sweep is due");
@@ -617,11 +612,7 @@ async fn the_orphan_sweep_runs_once_an_interval_and_says_so() {
     );
 
     let r = collect(&["--orphans"]);
-    assert_eq!(
-        (r["orphans_swept"].as_bool(), r["orphans_deleted"].as_u64()),
-        (Some(true), Some(1)),
-        "{r}"
-    );
+    assert_eq!(swept(&r), (Some(true), Some(1)), "{r}");
     assert!(!second.exists());
     assert_eq!(
         api.ft().content("/kept").await.as_deref(),
