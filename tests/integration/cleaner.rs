@@ -426,8 +426,10 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
         v.sort();
         v
     };
+    // Each run sweeps (--orphans): aborting abandoned uploads is part of the orphan sweep.
     let cleaner = |grace: &str, extra: &[&str]| {
-        stdout(&clean(&api, &[&["--grace-secs", grace], extra].concat()))
+        let args = [&["--orphans", "--grace-secs", grace], extra].concat();
+        stdout(&clean(&api, &args))
     };
     // moto reports every upload as started on 2010-11-10 (a fixed value in its answer), so a
     // grace of 31 years makes them young: they stay.
