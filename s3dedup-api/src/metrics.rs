@@ -103,8 +103,12 @@ impl Metrics {
         spool: (u64, u64), cache: Option<CacheStats>, locks: LockIncidents,
     ) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP s3dedup_requests_total HTTP requests answered.");
-        let _ = writeln!(out, "# TYPE s3dedup_requests_total counter");
+        family(
+            &mut out,
+            "s3dedup_requests_total",
+            "counter",
+            "HTTP requests answered.",
+        );
         if let Ok(m) = self.requests.lock() {
             for ((route, method, status), n) in m.iter() {
                 let _ = writeln!(
@@ -113,11 +117,13 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP s3dedup_request_duration_seconds Time to answer, until headers."
+        let help = "Time to answer, until headers.";
+        family(
+            &mut out,
+            "s3dedup_request_duration_seconds",
+            "histogram",
+            help,
         );
-        let _ = writeln!(out, "# TYPE s3dedup_request_duration_seconds histogram");
         if let Ok(m) = self.latency.lock() {
             for (route, h) in m.iter() {
                 for (i, b) in BUCKETS.iter().enumerate() {
@@ -206,18 +212,20 @@ impl Metrics {
         for (name, help, v) in counters {
             scalar(&mut out, name, "counter", help, v);
         }
-        let _ = writeln!(
-            out,
-            "# HELP s3dedup_lock_wait_seconds_total Time spent waiting for locks another holder \
-             had, by the waits and the timeouts above.\n\
-             # TYPE s3dedup_lock_wait_seconds_total counter\ns3dedup_lock_wait_seconds_total {:.6}",
-            locks.waits.seconds
+        scalar(
+            &mut out,
+            "s3dedup_lock_wait_seconds_total",
+            "counter",
+            "Time spent waiting for locks another holder had, by the waits and the timeouts \
+             above.",
+            format_args!("{:.6}", locks.waits.seconds),
         );
-        let _ = writeln!(
-            out,
-            "# HELP s3dedup_auth_failures_total Requests refused with 401, by why: no \
-             credentials, a malformed Authorization header, a wrong user or password.\n\
-             # TYPE s3dedup_auth_failures_total counter"
+        family(
+            &mut out,
+            "s3dedup_auth_failures_total",
+            "counter",
+            "Requests refused with 401, by why: no credentials, a malformed Authorization \
+             header, a wrong user or password.",
         );
         for (reason, n) in [
             ("missing", &self.auth_missing),
@@ -296,11 +304,12 @@ impl Metrics {
                 "Seconds since the totals below were counted (api.stats_refresh_secs).",
                 age.as_secs(),
             );
-            let _ = writeln!(
-                out,
-                "# HELP s3dedup_stats_count_seconds How long counting the totals below took.\n\
-                 # TYPE s3dedup_stats_count_seconds gauge\ns3dedup_stats_count_seconds {:.3}",
-                took.as_secs_f64()
+            scalar(
+                &mut out,
+                "s3dedup_stats_count_seconds",
+                "gauge",
+                "How long counting the totals below took.",
+                format_args!("{:.3}", took.as_secs_f64()),
             );
             let gauges = [
                 ("s3dedup_files", "Files (paths) stored.", s.files),
@@ -330,11 +339,12 @@ impl Metrics {
         let help = "Uploads waiting in the spool on disk (all processes), and their bytes.";
         scalar(&mut out, "s3dedup_spool_files", "gauge", help, spool_files);
         scalar(&mut out, "s3dedup_spool_bytes", "gauge", help, spool_bytes);
-        let _ = writeln!(
-            out,
-            "# HELP s3dedup_backend_errors_total Error answers by the part of the system that \
-             failed (database, object_store, lock, spool, old_server).\n\
-             # TYPE s3dedup_backend_errors_total counter"
+        family(
+            &mut out,
+            "s3dedup_backend_errors_total",
+            "counter",
+            "Error answers by the part of the system that failed (database, object_store, \
+             lock, spool, old_server).",
         );
         if let Ok(m) = self.backend_errors.lock() {
             for (part, n) in m.iter() {
@@ -342,11 +352,12 @@ impl Metrics {
             }
         }
         if !s3_requests.is_empty() {
-            let _ = writeln!(
-                out,
-                "# HELP s3dedup_s3_requests_total Requests sent to S3 by operation, each attempt \
-                 of a retried one included (what S3 bills).\n\
-                 # TYPE s3dedup_s3_requests_total counter"
+            family(
+                &mut out,
+                "s3dedup_s3_requests_total",
+                "counter",
+                "Requests sent to S3 by operation, each attempt of a retried one included (what \
+                 S3 bills).",
             );
             for (op, n) in s3_requests {
                 let _ = writeln!(out, "s3dedup_s3_requests_total{{operation=\"{op}\"}} {n}");
@@ -379,7 +390,7 @@ fn last_run_metrics(out: &mut String, runs: &[LastRun]) {
         ),
     ];
     for (name, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        family(out, name, "gauge", help);
         for r in runs {
             let _ = writeln!(
                 out,
@@ -395,11 +406,11 @@ fn last_run_metrics(out: &mut String, runs: &[LastRun]) {
 /// What this build is, and this process's own resources (the names Prometheus' client
 /// libraries use, so the usual dashboards find them).
 fn process_metrics(out: &mut String) {
+    let help = "The running build: version and gzip inflater.";
+    family(out, "s3dedup_build_info", "gauge", help);
     let _ = writeln!(
         out,
-        "# HELP s3dedup_build_info The running build: version and gzip inflater.\n\
-         # TYPE s3dedup_build_info gauge\n\
-         s3dedup_build_info{{version=\"{}\",inflater=\"{}\"}} 1",
+        "s3dedup_build_info{{version=\"{}\",inflater=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION"),
         s3dedup_common::gunzip::INFLATER
     );
@@ -418,11 +429,9 @@ fn process_metrics(out: &mut String) {
         scalar(out, "process_open_fds", "gauge", help, fds.count() as u64);
     }
     if let Some(secs) = cpu_seconds() {
-        let _ = writeln!(
-            out,
-            "# HELP process_cpu_seconds_total User and system CPU time of this process.\n\
-             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs:.2}"
-        );
+        let help = "User and system CPU time of this process.";
+        let value = format_args!("{secs:.2}");
+        scalar(out, "process_cpu_seconds_total", "counter", help, value);
     }
 }
 
@@ -437,12 +446,15 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks as f64 / per_sec as f64)
 }
 
+/// The `# HELP` and `# TYPE` lines that open a metric family in the text exposition format.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// One unlabelled counter or gauge in the text exposition format.
-fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 #[cfg(test)]
