@@ -18,7 +18,7 @@ use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{AuthConfig, AuthMode, Role};
-use crate::secrets::{SecretError, SecretFiles};
+use crate::secrets::{self, SecretError, SecretFiles};
 
 /// What a request does, as far as rights go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,14 +218,12 @@ impl Principals {
             let (hash, from) = match (&u.password_hash, &u.password_hash_file) {
                 (Some(h), _) => (h.clone(), "password_hash".to_owned()),
                 (None, Some(file)) => {
-                    let path = files.locate(file);
-                    let text = std::fs::read_to_string(&path).map_err(|source| SecretError {
-                        key: format!("auth.users[{index}].password_hash_file"),
-                        path: path.clone(),
-                        looked: files.describe(),
-                        source,
-                    })?;
-                    (text.trim().to_owned(), path.display().to_string())
+                    let key = format!("auth.users[{index}].password_hash_file");
+                    let hash = secrets::read_file(file, &key, files)?;
+                    (
+                        hash.0.trim().to_owned(),
+                        files.locate(file).display().to_string(),
+                    )
                 }
                 // Refused by the configuration's own checks.
                 (None, None) => (String::new(), "nowhere".to_owned()),
@@ -434,6 +432,29 @@ mod tests {
         assert!(matches!(parse("Basic dXNlcg=="), Refusal::Malformed(_))); // "user"
         let c = basic("user:pw");
         assert!(!format!("{c:?}").contains("pw"), "{c:?}");
+    }
+
+    #[test]
+    fn a_hash_file_is_read_like_the_other_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("judge-hash");
+        std::fs::write(&file, format!("{}\n", hash_password("pw").unwrap())).unwrap();
+        let mut u = user("judge", Role::Read, "unused", &[]);
+        (u.password_hash, u.password_hash_file) = (None, Some(file.clone()));
+        let cfg = |users| AuthConfig {
+            mode: AuthMode::Basic,
+            users,
+            ..AuthConfig::default()
+        };
+        let p = Principals::load(&cfg(vec![u.clone()]), &SecretFiles::WorkingDirectory).unwrap();
+        assert!(p.verify(&basic("judge:pw")).is_ok());
+        std::fs::remove_file(&file).unwrap();
+        let e = Principals::load(&cfg(vec![u]), &SecretFiles::WorkingDirectory).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("auth.users[0].password_hash_file") && e.contains("judge-hash"),
+            "{e}"
+        );
     }
 
     #[test]

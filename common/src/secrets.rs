@@ -69,7 +69,7 @@ impl SecretFiles {
         }
     }
 
-    pub(crate) fn describe(&self) -> String {
+    fn describe(&self) -> String {
         match self {
             SecretFiles::Credentials(dir) => {
                 format!("$CREDENTIALS_DIRECTORY {}", dir.display())
@@ -137,6 +137,14 @@ fn read_one(
         return Ok(Some(inline.clone()));
     }
     let Some(file) = file else { return Ok(None) };
+    read_file(file, key, files).map(Some)
+}
+
+/// The secret file `file` names (for configuration key `key`), found where `files` says,
+/// without its line ending.
+pub(crate) fn read_file(
+    file: &Path, key: &str, files: &SecretFiles,
+) -> Result<Secret, SecretError> {
     let path = files.locate(file);
     let text = std::fs::read_to_string(&path).map_err(|source| SecretError {
         key: key.into(),
@@ -144,7 +152,7 @@ fn read_one(
         looked: files.describe(),
         source,
     })?;
-    Ok(Some(Secret(text.trim_end_matches(['\r', '\n']).to_owned())))
+    Ok(Secret(text.trim_end_matches(['\r', '\n']).to_owned()))
 }
 
 #[cfg(test)]
