@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 
 async fn run(started: Started) -> anyhow::Result<u8> {
     let files = started.file_store().await?;
-    let cfg = started.cfg.clone();
+    let cfg = started.cfg;
     let (files, cache) = files
         .with_read_cache(&cfg)
         .context("opening the read cache")?;

@@ -83,9 +83,9 @@ impl Gate {
         let principal = match principals.remembered(&credentials) {
             Some(p) => p,
             None => {
-                if let Some(left) = self.limited(peer, principals.max_failures_per_minute()) {
+                if let Some((from, left)) = self.limited(peer, principals.max_failures_per_minute())
+                {
                     metrics.auth_limited.fetch_add(1, Relaxed);
-                    let from = peer.map_or_else(|| "this address".into(), |a| a.to_string());
                     return Err(ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         format!(
@@ -135,13 +135,14 @@ impl Gate {
             .map_err(|e| unavailable(&e.to_string()))
     }
 
-    /// How long `peer` must still wait, when it failed too often this minute.
-    fn limited(&self, peer: Option<IpAddr>, max: u32) -> Option<Duration> {
+    /// `peer`, and how long it must still wait, when it failed too often this minute (a Unix
+    /// socket's peers have no address and no limit).
+    fn limited(&self, peer: Option<IpAddr>, max: u32) -> Option<(IpAddr, Duration)> {
         let peer = peer?;
         let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         let (since, n) = failures.get(&peer)?;
         let left = WINDOW.checked_sub(since.elapsed())?;
-        (*n >= max).then_some(left)
+        (*n >= max).then_some((peer, left))
     }
 
     fn failed(&self, peer: Option<IpAddr>) {
