@@ -43,6 +43,17 @@ fn put_headers(api: &Api, path: &str, len: usize) -> TcpStream {
     c
 }
 
+/// `n` uploads of 1000 bytes that have sent their headers and one byte of the body.
+fn trickling_uploads(api: &Api, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut c = put_headers(api, &format!("slow{i}"), 1000);
+            c.write_all(b"x").unwrap();
+            c
+        })
+        .collect()
+}
+
 async fn stored_paths(api: &Api) -> String {
     api.ft().list("/", None).await.1
 }
@@ -328,13 +339,7 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
     api.ft().put_ok("/kept", 1_700_000_000, "kept").await;
-    let mut trickling: Vec<TcpStream> = (0..30)
-        .map(|i| {
-            let mut c = put_headers(&api, &format!("slow{i}"), 1000);
-            c.write_all(b"x").unwrap();
-            c
-        })
-        .collect();
+    let mut trickling = trickling_uploads(&api, 30);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..5 {
         for c in &mut trickling {
@@ -372,13 +377,7 @@ async fn one_address_holds_only_its_share_of_the_slots() {
         ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "2"),
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
-    let trickling: Vec<TcpStream> = (0..5)
-        .map(|i| {
-            let mut c = put_headers(&api, &format!("slow{i}"), 1000);
-            c.write_all(b"x").unwrap();
-            c
-        })
-        .collect();
+    let trickling = trickling_uploads(&api, 5);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = api.ft().put("/sixth", 1_700_000_000, "x").await;
     assert_eq!(r.status(), 503, "{}", why(&r));
