@@ -2,6 +2,11 @@
 # together with every process whose PID is in `pids`, the pg_virtualenv server as a conninfo
 # string, and for the scale benchmarks an API on a PostgreSQL schema filled directly.
 pids=()
+# Runs the calling script again inside a throw-away PostgreSQL server (pg_virtualenv), unless
+# it already runs in one.
+in_pg_virtualenv() {
+    [ -n "${PGHOST:-}" ] || exec pg_virtualenv -t "$0" "$@"
+}
 bench_work() { # name
     work=$(mktemp -d "/var/tmp/s3dedup-$1.XXXXXX")
     trap bench_cleanup EXIT

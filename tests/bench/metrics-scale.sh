@@ -8,14 +8,12 @@
 # target/bench/metrics-scale.md. A benchmark: it measures, it asserts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -z "${PGHOST:-}" ]; then
-    exec pg_virtualenv -t "$0" "$@"
-fi
+. tests/bench/lib.sh
+in_pg_virtualenv "$@"
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(2 10)
 cargo build --release --locked -q -p s3dedup-api
 bin="$PWD/target/release"
-. tests/bench/lib.sh
 bench_work metrics
 url=$(pg_conninfo)
 port=$(free_port)

@@ -10,15 +10,13 @@
 # asserts nothing. N: SCALE_OPS (default 300).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -z "${PGHOST:-}" ]; then
-    exec pg_virtualenv -t "$0" "$@"
-fi
+. tests/bench/lib.sh
+in_pg_virtualenv "$@"
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(10000 10000000)
 ops=${SCALE_OPS:-300}
 cargo build --release --locked -q -p s3dedup-api -p s3dedup-cleaner
 bin="$PWD/target/release"
-. tests/bench/lib.sh
 bench_work scale
 url=$(pg_conninfo)
 port=$(free_port)

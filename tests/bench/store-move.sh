@@ -11,12 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 files="${1:-100000}"
-if [ -z "${PGHOST:-}" ]; then
-    exec pg_virtualenv -t "$0" "$@"
-fi
+. tests/bench/lib.sh
+in_pg_virtualenv "$@"
 cargo build --release --locked -q -p s3dedup-migrator -p s3dedup-cleaner -p s3-test-server
 bin="$PWD/target/release"
-. tests/bench/lib.sh
 bench_work move
 
 # Runs a program; prints "seconds peak-RSS-MiB" of that run (its own rusage).
