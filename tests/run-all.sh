@@ -37,7 +37,7 @@ if $quick; then
     check_and_build
     step "Unit tests, then the API suites"
     cargo test --locked -p s3dedup-common -p s3dedup-api -p s3dedup-cleaner -p s3dedup-migrator
-    cargo test --locked -p s3dedup-tests --test api
+    cargo test --locked -p s3dedup-tests --test api --test inline
     step "Quick tier passed (the full run: tests/run-all.sh)"
     exit 0
 fi

@@ -460,6 +460,10 @@ pub struct StoreConfig {
     /// Uploads whose stored (gzip) size is at most this many KiB wait in memory, not in a spool
     /// file; 0: always a file. Bounds memory at `api.max_concurrent_requests` times this.
     pub spool_memory_kib: u64,
+    /// Contents whose stored (gzip) size is at most this many bytes are kept in their blob's
+    /// metadata row instead of the object store; 0: every content is an object. Changing it
+    /// affects new contents only: rows and objects stored under other values stay readable.
+    pub inline_max_bytes: u64,
 }
 
 /// `[store.cache]`: the API's local disk cache of objects read from S3 (unused with the local
@@ -484,12 +488,19 @@ impl Default for CacheConfig {
     }
 }
 
+/// Default of `store.inline_max_bytes`: most sources, small tests and outputs of a contest
+/// platform compress below it.
+pub const DEFAULT_INLINE_MAX_BYTES: u64 = 8192;
+/// Bound on `store.inline_max_bytes`: rows stay small enough to read whole for every GET.
+pub const MAX_INLINE_BYTES: u64 = 65536;
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             cache: CacheConfig::default(),
             spool_max_age_secs: 3600,
             spool_memory_kib: (crate::spool::DEFAULT_MEMORY_LIMIT / 1024) as u64,
+            inline_max_bytes: DEFAULT_INLINE_MAX_BYTES,
             backend: StoreBackend::Local,
             local: LocalStoreConfig::default(),
             s3: S3Config::default(),
@@ -660,6 +671,12 @@ impl Config {
             return bad(
                 "api.tls_certificate_file",
                 "set both api.tls_certificate_file and api.tls_key_file, or neither",
+            );
+        }
+        if self.store.inline_max_bytes > MAX_INLINE_BYTES {
+            return bad(
+                "store.inline_max_bytes",
+                &format!("must be at most {MAX_INLINE_BYTES} (larger contents are objects)"),
             );
         }
         if self.api.max_concurrent_requests == 0 {
@@ -1063,6 +1080,18 @@ pub(crate) mod tests {
         assert!(err(with(&user("a", &prefix))).contains("does not start with /"));
         assert_eq!(with(&user("a", hash)).unwrap(), 1);
         assert_eq!(load(None, &[]).unwrap().auth.mode, AuthMode::Off);
+    }
+
+    #[test]
+    fn inline_bound_is_capped() {
+        refused(
+            &[ov("store.inline_max_bytes", "65537")],
+            &["store.inline_max_bytes", "at most 65536"],
+        );
+        let c = load(None, &[ov("store.inline_max_bytes", "0")]).unwrap();
+        assert_eq!(c.store.inline_max_bytes, 0);
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c.store.inline_max_bytes, DEFAULT_INLINE_MAX_BYTES);
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl Metrics {
                 ),
                 (
                     "s3dedup_stored_bytes",
-                    "Bytes held in the object store.",
+                    "Stored (gzip) bytes of distinct contents, as objects or in metadata rows.",
                     s.stored_bytes,
                 ),
                 (

@@ -745,8 +745,9 @@ async fn the_shipped_dashboard_and_alerts_use_only_served_metrics() {
     assert!(m.contains(run), "the cleaner's run is shown:\n{m}");
 }
 
-/// S3 requests are counted by operation on /metrics: a new small file is one PutObject, the
-/// same content again none, and a read of it through the cache none.
+/// S3 requests are counted by operation on /metrics: a small file (kept in its metadata row)
+/// costs none to store or read; a new larger one is one PutObject, the same content again none,
+/// and a read of it through the cache none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_requests_are_counted_by_operation() {
     let s = Setup::s3();
@@ -763,14 +764,30 @@ async fn s3_requests_are_counted_by_operation() {
     );
     let small = unique_content("small", 4096);
     s.ft.put_ok("/small", 1, small.clone()).await;
+    assert_eq!(s.ft.content("/small").await.unwrap(), small);
+    let after_small = s.ft.metrics().await;
+    for op in [
+        "PutObject",
+        "GetObject",
+        "HeadObject",
+        "CreateMultipartUpload",
+    ] {
+        assert_eq!(
+            count(&after_small, op),
+            count(&before, op),
+            "{op}: {after_small}"
+        );
+    }
+    let object = unique_content("object", OBJECT_SIZED);
+    s.ft.put_ok("/object", 1, object.clone()).await;
     let after_put = s.ft.metrics().await;
     assert_eq!(
-        count(&after_put, "PutObject") - count(&before, "PutObject"),
+        count(&after_put, "PutObject") - count(&after_small, "PutObject"),
         1,
         "{after_put}"
     );
-    s.ft.put_ok("/same", 1, small).await;
-    s.ft.get("/small").await;
+    s.ft.put_ok("/same", 1, object).await;
+    s.ft.get("/object").await;
     let after = s.ft.metrics().await;
     for op in ["PutObject", "GetObject", "HeadObject"] {
         assert_eq!(count(&after, op), count(&after_put, op), "{op}: {after}");
@@ -781,8 +798,8 @@ async fn s3_requests_are_counted_by_operation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_request_is_logged_with_what_and_why() {
     let s = Setup::local();
-    s.ft.put_ok("/gone/object", 1, "content whose object goes")
-        .await;
+    let content = unique_content("content whose object goes", OBJECT_SIZED);
+    s.ft.put_ok("/gone/object", 1, content).await;
     for object in s.api.local_objects() {
         std::fs::remove_file(object).unwrap();
     }
@@ -841,7 +858,8 @@ async fn damaged_content_is_never_served_whole() {
     assert_eq!(s.ft.get("/dmg").await.status(), StatusCode::OK);
 }
 
-/// S3 stopped: reads and writes fail with 503 and a message, never a 404; metadata-only HEAD
+/// S3 stopped: reads and writes of objects fail with 503 and a message, never a 404; small
+/// contents, kept in the metadata database, are still stored and served; metadata-only HEAD
 /// still answers; after S3 returns everything works and nothing was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_is_503_never_404() {
@@ -861,8 +879,14 @@ async fn s3_outage_is_503_never_404() {
         "{}",
         header(&r, "x-exception")
     );
-    let r = s.ft.put("/new", 1, unique_content("during", 100)).await;
+    let r =
+        s.ft.put("/new", 1, unique_content("during", OBJECT_SIZED))
+            .await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Small contents live in the metadata database, which still answers.
+    let small = unique_content("small during", 1000);
+    s.ft.put_ok("/small", 1, small.clone()).await;
+    assert_eq!(s.ft.content("/small").await.unwrap(), small);
     let r = s.ft.request(Method::GET, "/health").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(

@@ -132,9 +132,13 @@ async fn make_garbage(api: &Api, n: usize, tag: &str) {
     let ft = api.ft();
     for i in 0..n {
         let path = format!("/garbage/{tag}/{i}");
-        api.ft()
-            .put_ok(&path, 1, unique_content(tag, 100 + i))
-            .await;
+        // Every other one an object, the rest kept in their rows: the cleaner deletes both.
+        let len = if i % 2 == 0 {
+            100 + i
+        } else {
+            OBJECT_SIZED + i
+        };
+        api.ft().put_ok(&path, 1, unique_content(tag, len)).await;
         let r = ft.delete_request(&path, 1).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
@@ -217,7 +221,9 @@ async fn killed_cleaner_leaves_a_consistent_store() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let ft = api.ft();
-    let live: Vec<Vec<u8>> = (0..20).map(|i| unique_content("live", 500 + i)).collect();
+    let live: Vec<Vec<u8>> = (0..20)
+        .map(|i| unique_content("live", OBJECT_SIZED + i))
+        .collect();
     for (i, c) in live.iter().enumerate() {
         api.ft().put_ok(&format!("/live/{i}"), 1, c.clone()).await;
     }
@@ -266,7 +272,7 @@ async fn killed_cleaner_leaves_a_consistent_store() {
 async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
     let s3 = S3Server::start().unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
-    let live = unique_content("live-orphan-test", 5000);
+    let live = unique_content("live-orphan-test", OBJECT_SIZED);
     api.ft().put_ok("/live", 1, live.clone()).await;
     for i in 0..150 {
         let c = unique_content(&format!("orphan{i}"), 100);
@@ -322,7 +328,7 @@ async fn s3_orphans_go_in_batches_foreign_keys_stay_and_verify_exits_3() {
 async fn an_empty_metadata_database_does_not_sweep_a_full_store() {
     let api = Api::start(Backend::Local).unwrap();
     for i in 0..5 {
-        let body = unique_content(&format!("kept-{i}"), 1000);
+        let body = unique_content(&format!("kept-{i}"), OBJECT_SIZED);
         api.ft().put_ok(&format!("/kept/{i}"), 1, body).await;
     }
     let objects = api.data_dir.join("objects");
@@ -456,7 +462,7 @@ async fn abandoned_multipart_uploads_are_aborted_past_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_temporary_files_left_by_a_crash_go_past_the_grace() {
     let api = Api::start(Backend::Local).unwrap();
-    let live = unique_content("live-beside-temporaries", 5000);
+    let live = unique_content("live-beside-temporaries", OBJECT_SIZED);
     api.ft().put_ok("/live", 1, live.clone()).await;
     let [object] = &api.local_objects()[..] else {
         panic!("one object: {:?}", api.local_objects());
@@ -504,7 +510,7 @@ async fn verify_reports_unreadable_objects_and_goes_on() {
     let proxy = FaultProxy::start(s3.addr, 3).await.unwrap();
     let api = Api::start(Backend::S3(&s3)).unwrap();
     let contents: Vec<Vec<u8>> = (0..3)
-        .map(|i| unique_content("unreadable", 3000 + i))
+        .map(|i| unique_content("unreadable", OBJECT_SIZED + i))
         .collect();
     for (i, c) in contents.iter().enumerate() {
         api.ft().put_ok(&format!("/u/{i}"), 1, c.clone()).await;

@@ -94,7 +94,7 @@ async fn deletion_in_flight_when_the_lock_goes(env: Vec<(String, String)>, loss:
     let s3 = S3Server::start().unwrap();
     let proxy = FaultProxy::start(s3.addr, 7).await.unwrap();
     let api = Api::start_with(Backend::S3(&s3), &with(env, &[])).unwrap();
-    let content = unique_content(tag, 5000);
+    let content = unique_content(tag, OBJECT_SIZED);
     api.ft().put_ok("/first", 1, content.clone()).await;
     delete_path(&api, "/first", 1).await;
 
@@ -181,7 +181,7 @@ async fn upload_swept_before_its_commit(env: Vec<(String, String)>, loss: Loss, 
     let proxy = FaultProxy::start(s3.addr, 11).await.unwrap();
     let env = with(env, &[("S3DEDUP_STORE__S3__ENDPOINT", proxy.endpoint())]);
     let api = Api::start_with(Backend::S3(&s3), &env).unwrap();
-    let content = unique_content(tag, 10_000);
+    let content = unique_content(tag, OBJECT_SIZED);
     let hex = sha256_hex(&content);
     proxy.set_hold(Some(Hold::PutAnswer {
         key: hex.clone(),

@@ -1,8 +1,11 @@
 //! Committing an upload (or an import, or an adopted object): under the blob's lock, the object
-//! stored unless live content makes it needless, then the metadata's compare-and-set on the
-//! state read under the lock, looked at again when a lost lock let the cleaner in.
+//! stored unless live content makes it needless (or the content is small enough for its row),
+//! then the metadata's compare-and-set on the state read under the lock, looked at again when
+//! a lost lock let the cleaner in.
 
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use crate::blob::{BlobError, BlobInfo, Digest};
 use crate::locks::{BlobLock, Exclusive, Shared};
@@ -61,6 +64,13 @@ struct Upload {
     retained: Option<Retained>,
 }
 
+/// Where new content goes.
+enum Content {
+    /// Into the blob's row, in the commit's own transaction.
+    Inline(Bytes),
+    Object(Upload),
+}
+
 /// One commit attempt's end.
 enum Step {
     Done(Committed),
@@ -106,14 +116,20 @@ impl FileStore {
             now,
             kind,
         };
-        let mut upload = Upload {
-            body: Some(body),
-            early,
-            retained: None,
+        let mut content = if self.inline_max > 0 && info.stored_size <= self.inline_max {
+            // What was sent on early is discarded on drop.
+            drop(early);
+            Content::Inline(self.read_small(body).await?)
+        } else {
+            Content::Object(Upload {
+                body: Some(body),
+                early,
+                retained: None,
+            })
         };
         let mut found = BlobState::Live;
         for _ in 0..COMMIT_ATTEMPTS {
-            match self.commit_once(&put, &mut upload).await? {
+            match self.commit_once(&put, &mut content).await? {
                 Step::Done(c) => return Ok(c),
                 Step::Changed(state) => {
                     found = state;
@@ -132,8 +148,24 @@ impl FileStore {
         })
     }
 
+    /// The bytes of a body small enough to be kept in a row.
+    async fn read_small(&self, body: SpoolBody) -> Result<Bytes, FileStoreError> {
+        let file = match body {
+            SpoolBody::Memory(bytes) => return Ok(bytes),
+            SpoolBody::File(file) => file,
+        };
+        let read = tokio::task::spawn_blocking(move || std::fs::read(file.path()))
+            .await
+            .map_err(|e| FileStoreError::IngestTask(e.to_string()))?;
+        read.map(Bytes::from)
+            .map_err(|source| FileStoreError::Spool {
+                dir: self.spool_dir.clone(),
+                source,
+            })
+    }
+
     async fn commit_once(
-        &self, put: &Put<'_>, upload: &mut Upload,
+        &self, put: &Put<'_>, content: &mut Content,
     ) -> Result<Step, FileStoreError> {
         let digest = &put.info.digest;
         // Known content (the common case for judging inputs) only needs the cleaner kept out, so
@@ -148,25 +180,33 @@ impl FileStore {
         lock.release().await;
         // New content takes the lock exclusively, so concurrent uploads of it send it once.
         let lock = BlobLock::<Exclusive>::acquire(&*self.locks, digest, self.lock_timeout).await?;
-        let result = self.store_under(&lock, put, upload).await;
+        let result = self.store_under(&lock, put, content).await;
         lock.release().await;
         result
     }
 
     async fn store_under(
-        &self, lock: &BlobLock<Exclusive>, put: &Put<'_>, upload: &mut Upload,
+        &self, lock: &BlobLock<Exclusive>, put: &Put<'_>, content: &mut Content,
     ) -> Result<Step, FileStoreError> {
         let (path, info) = (put.path, put.info);
         let state = self.meta.blob_state(lock.held()).await?;
         let seen = tokio::time::Instant::now();
         if state == BlobState::Live {
-            // What was sent on of content that turned out to be stored is discarded on drop.
-            upload.early = None;
+            if let Content::Object(upload) = content {
+                // What was sent on of content that turned out to be stored is discarded on drop.
+                upload.early = None;
+            }
             let done = put
                 .record(&*self.meta, Stored::Existing(lock.held()))
                 .await?;
             return Ok(Step::of(done, true));
         }
+        let upload = match content {
+            // No object store request of any deletion can touch content kept in a row: it
+            // need not wait for a tombstone to settle.
+            Content::Inline(bytes) => return self.record_inline(lock, put, state, bytes).await,
+            Content::Object(upload) => upload,
+        };
         if let BlobState::Tombstone {
             deletion,
             settles_in,
@@ -206,6 +246,27 @@ impl FileStore {
             Stored::Existing(lock.held())
         };
         Ok(Step::of(put.record(&*self.meta, stored).await?, false))
+    }
+
+    /// Creates or revives the row over `state` with the content in it.
+    async fn record_inline(
+        &self, lock: &BlobLock<Exclusive>, put: &Put<'_>, state: BlobState, content: &[u8],
+    ) -> Result<Step, FileStoreError> {
+        let stored = Stored::Inline {
+            lock,
+            over: state,
+            content,
+        };
+        let done = put.record(&*self.meta, stored).await?;
+        if done != PutResult::Conflict(BlobState::Live) {
+            return Ok(Step::of(done, false));
+        }
+        // Another upload stored the content meanwhile (only lost locks let two in at once),
+        // with other gzip bytes: this is a reference to what it stored.
+        let done = put
+            .record(&*self.meta, Stored::Existing(lock.held()))
+            .await?;
+        Ok(Step::of(done, false))
     }
 
     /// Stores the upload's object: what was sent early, or the body (kept aside first, in case

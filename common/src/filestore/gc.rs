@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::blob::{self, BlobInfo, Digest};
 use crate::filestore::{FileStore, FileStoreError, TOMBSTONE_KEEP};
 use crate::locks::{BlobLock, Exclusive, LockError, LockMode, Shared};
+use crate::meta::Deletion;
 use crate::store::{Deleted, ObjectEntry, StoreError};
 
 /// Name of the lock only one cleaner run per bucket holds.
@@ -313,8 +314,10 @@ async fn delete_locked(
     // Started before the tombstone, whose settle time starts later on the database's clock:
     // every request of this delete goes out at least `delete_settle` before that time.
     let deadline = Instant::now() + opts.delete_timeout;
-    let Some(deletion) = fs.meta.tombstone_blob(lock, cutoff, opts.settle()).await? else {
-        return Ok(false); // referenced again, or younger than the grace period now
+    let deletion = match fs.meta.tombstone_blob(lock, cutoff, opts.settle()).await? {
+        None => return Ok(false), // referenced again, or younger than the grace period now
+        Some(Deletion::Removed) => return Ok(true), // its row held the content
+        Some(Deletion::Tombstone(id)) => id,
     };
     lock.ensure_held().await?;
     match fs.store.delete(d, deadline).await {
@@ -559,9 +562,13 @@ pub async fn verify(
         let page = fs.meta.list_blobs(after.as_ref(), page_size).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.info.digest);
-        let live: Vec<BlobInfo> = page.iter().filter(|r| r.live).map(|r| r.info).collect();
+        let live: Vec<(BlobInfo, bool)> = page
+            .iter()
+            .filter(|r| r.live)
+            .map(|r| (r.info, r.inline))
+            .collect();
         let checks = futures::stream::iter(live)
-            .map(|b| async move { (b, check_blob(fs, &b, deep).await) })
+            .map(|(b, inline)| async move { (b, check_blob(fs, &b, inline, deep).await) })
             .buffer_unordered(4)
             .collect::<Vec<_>>()
             .await;
@@ -621,7 +628,7 @@ async fn recheck(
         let Some(row) = fs.meta.get_blob(digest).await?.filter(|r| r.live) else {
             return Ok(None);
         };
-        let check = check_blob(fs, &row.info, deep).await;
+        let check = check_blob(fs, &row.info, row.inline, deep).await;
         Ok(Some((row.info, check)))
     }
     .await;
@@ -639,7 +646,10 @@ enum Check {
     Busy,
 }
 
-async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
+async fn check_blob(fs: &FileStore, b: &BlobInfo, inline: bool, deep: bool) -> Check {
+    if inline {
+        return check_inline(fs, b, deep).await;
+    }
     let size = match fs.store.head(&b.digest).await {
         Ok(Some(size)) => size,
         Ok(None) => return Check::Missing,
@@ -661,6 +671,29 @@ async fn check_blob(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
         Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
         // The stream failing to deliver is the store's doing, not the content's.
         Err(blob::BlobError::Interrupted(why)) => Check::Unreadable(why),
+        Err(e) => Check::Corrupt(e.to_string()),
+    }
+}
+
+/// [`check_blob`] of content its row keeps: its length, and with `deep` its digest.
+async fn check_inline(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
+    let content = match fs.meta.inline_content(&b.digest).await {
+        Ok(Some(content)) => content,
+        // Gone, or an object by now: the recheck under the lock reads the row again.
+        Ok(None) => return Check::Missing,
+        Err(e) => return Check::Unreadable(e.to_string()),
+    };
+    if content.len() as u64 != b.stored_size {
+        return Check::WrongSize(content.len() as u64);
+    }
+    if !deep {
+        return Check::Ok;
+    }
+    let stream: crate::store::ObjectStream =
+        Box::pin(futures::stream::once(futures::future::ready(Ok(content))));
+    match crate::inflating::digest_of(stream).await {
+        Ok((d, n)) if d == b.digest && n == b.logical_size => Check::Ok,
+        Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
         Err(e) => Check::Corrupt(e.to_string()),
     }
 }

@@ -103,6 +103,8 @@ pub struct FileStore {
     spool_dir: PathBuf,
     /// Uploads up to this many stored bytes wait in memory instead of a spool file.
     spool_memory: usize,
+    /// Contents of at most this many stored bytes are kept in their blob's row; 0: none.
+    inline_max: u64,
     lock_timeout: Duration,
 }
 
@@ -124,6 +126,7 @@ impl FileStore {
             settle_waits: Default::default(),
             spool_dir: spool_dir.to_owned(),
             spool_memory: crate::spool::DEFAULT_MEMORY_LIMIT,
+            inline_max: 0,
             lock_timeout,
         })
     }
@@ -168,7 +171,14 @@ impl FileStore {
             Duration::from_secs(cfg.api.lock_timeout_secs),
         )?;
         fs.spool_memory = (cfg.store.spool_memory_kib as usize).saturating_mul(1024);
-        Ok(fs)
+        Ok(fs.keeping_inline(cfg.store.inline_max_bytes))
+    }
+
+    /// Keeps new contents of at most `max` stored bytes in their blob's row instead of the
+    /// object store (0: none). Stored contents stay where they are whatever it is.
+    pub fn keeping_inline(mut self, max: u64) -> Self {
+        self.inline_max = max;
+        self
     }
 
     /// Reads objects through the configured local disk cache when the store is remote and the

@@ -1,4 +1,5 @@
-//! Reading a file: its row, then the object that row describes, by the size it records.
+//! Reading a file: its row, then the content it keeps or the object it describes, by the size
+//! it records.
 
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ impl FileStore {
             let Some(entry) = self.meta.get_file(path).await? else {
                 return Ok(None);
             };
+            if let Some(content) = entry.inline.clone() {
+                let body: ObjectStream =
+                    Box::pin(futures::stream::once(futures::future::ready(Ok(content))));
+                return Ok(Some(Opened { entry, body }));
+            }
             let blob = entry.blob;
             let failed = match self.store.get_stored(&blob.digest, blob.stored_size).await {
                 Ok(body) => {

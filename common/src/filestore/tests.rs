@@ -91,12 +91,10 @@ async fn read_back(fs: &FileStore, path: &str) -> Vec<u8> {
 /// lock: what a cleaner that got in through a lost lock does. Returns the deletion.
 async fn cleaner_deletes(fs: &FileStore, digest: &Digest, cutoff: i64, settle: Duration) -> i64 {
     let lock = BlobLock::<Exclusive>::assumed(digest);
-    let deletion = fs
-        .meta
-        .tombstone_blob(&lock, cutoff, settle)
-        .await
-        .unwrap()
-        .unwrap();
+    let deletion = fs.meta.tombstone_blob(&lock, cutoff, settle).await.unwrap();
+    let Some(crate::meta::Deletion::Tombstone(deletion)) = deletion else {
+        panic!("no tombstone of an object: {deletion:?}");
+    };
     let soon = tokio::time::Instant::now() + Duration::from_secs(10);
     fs.store.delete(digest, soon).await.unwrap();
     deletion

@@ -1,6 +1,6 @@
 //! The metadata store: which path holds which version of which blob, and each blob's reference
-//! count and state. It is the only judge of liveness: a live row means the object is stored
-//! (docs/design.md). Every change a request makes is one transaction.
+//! count and state. It is the only judge of liveness: a live row means the content is stored,
+//! in the row itself (small contents, "inline") or as the object (docs/design.md). Every change a request makes is one transaction.
 //!
 //! A blob row is live, or a tombstone of one deletion by the cleaner. A tombstone keeps the
 //! time until which a delete request of that deletion may still reach the object store
@@ -14,6 +14,7 @@ mod sqlite;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::blob::{BlobInfo, Digest};
 use crate::locks::{BlobLock, Exclusive, HeldBlob};
@@ -32,6 +33,9 @@ pub struct FileEntry {
     pub path: String,
     pub version: Version,
     pub blob: BlobInfo,
+    /// The stored bytes, when its blob's row keeps them (a small content); `None`: they are
+    /// the object store's object under the digest.
+    pub inline: Option<Bytes>,
 }
 
 /// What a PUT did.
@@ -84,6 +88,12 @@ pub enum Stored<'a> {
         lock: &'a BlobLock<Exclusive>,
         over: BlobState,
     },
+    /// As [`Stored::Object`], with the stored bytes kept in the row instead of an object.
+    Inline {
+        lock: &'a BlobLock<Exclusive>,
+        over: BlobState,
+        content: &'a [u8],
+    },
 }
 
 /// [`Stored`] without its lock: what the commit's transaction checks the row against.
@@ -97,14 +107,25 @@ impl Stored<'_> {
     pub(crate) fn basis(&self) -> Basis {
         match self {
             Stored::Existing(_) => Basis::Existing,
-            Stored::Object { over, .. } => Basis::Object { over: *over },
+            Stored::Object { over, .. } | Stored::Inline { over, .. } => {
+                Basis::Object { over: *over }
+            }
+        }
+    }
+
+    /// What the row's content column is to hold when the commit writes the row's sizes: the
+    /// bytes of inline content, nothing for an object.
+    pub(crate) fn content(&self) -> Option<Vec<u8>> {
+        match self {
+            Stored::Inline { content, .. } => Some(content.to_vec()),
+            _ => None,
         }
     }
 
     fn digest(&self) -> &Digest {
         match self {
             Stored::Existing(held) => held.digest(),
-            Stored::Object { lock, .. } => lock.digest(),
+            Stored::Object { lock, .. } | Stored::Inline { lock, .. } => lock.digest(),
         }
     }
 
@@ -236,6 +257,17 @@ pub struct BlobRow {
     /// When the last reference went away (Unix seconds), if it has none.
     pub unreferenced_since: Option<i64>,
     pub created_at: i64,
+    /// The row keeps the stored bytes: there is no object.
+    pub inline: bool,
+}
+
+/// What [`MetaStore::tombstone_blob`] made of an unreferenced blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// Its row kept the content and is gone with it: nothing to delete in the object store.
+    Removed,
+    /// A tombstone of deletion `id`: the object is to be deleted.
+    Tombstone(i64),
 }
 
 /// Totals for `/metrics` and reports.
@@ -245,7 +277,7 @@ pub struct Stats {
     pub blobs: u64,
     /// Uncompressed bytes of all distinct contents.
     pub logical_bytes: u64,
-    /// Bytes the object store holds for them.
+    /// Their stored (gzip) bytes, in objects and in rows that keep them.
     pub stored_bytes: u64,
     /// Uncompressed bytes of all files, as clients see them (duplicates counted each time).
     pub referenced_bytes: u64,
@@ -308,6 +340,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The blob's row, if any.
     async fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRow>, MetaError>;
 
+    /// The stored bytes a live row keeps (inline content); `None` when there is no such row or
+    /// the content is an object.
+    async fn inline_content(&self, digest: &Digest) -> Result<Option<Bytes>, MetaError>;
+
     /// Blobs the cleaner may delete: live with no references since at or before `cutoff`, or
     /// tombstoned by a run that did not see its object deleted. Digest order, strictly after
     /// `after`.
@@ -323,9 +359,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// is a tombstone whose object was not seen deleted), make it a tombstone of a new
     /// deletion whose delete requests may land until `settle` from now (the database's clock);
     /// returns that deletion's id.
+    /// A row that keeps its content (inline) has no object to wait for: it is removed at
+    /// once ([`Deletion::Removed`]).
     async fn tombstone_blob(
         &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
-    ) -> Result<Option<i64>, MetaError>;
+    ) -> Result<Option<Deletion>, MetaError>;
 
     /// For objects that have no row (orphans), each under its lock with its stored size: one
     /// tombstone row each, as [`MetaStore::tombstone_blob`] makes. Returns the deletion ids of
@@ -555,7 +593,11 @@ pub(crate) mod conformance {
 
     async fn tombstone(m: &dyn MetaStore, digest: &Digest, cutoff: i64) -> Option<i64> {
         let lock = BlobLock::<Exclusive>::assumed(digest);
-        m.tombstone_blob(&lock, cutoff, SETTLE).await.unwrap()
+        match m.tombstone_blob(&lock, cutoff, SETTLE).await.unwrap() {
+            Some(Deletion::Tombstone(id)) => Some(id),
+            Some(Deletion::Removed) => panic!("an object's row was removed as inline"),
+            None => None,
+        }
     }
 
     async fn state(m: &dyn MetaStore, digest: &Digest) -> BlobState {
@@ -1044,7 +1086,70 @@ pub(crate) mod conformance {
         assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
     }
 
+    /// Stores `blob` with `content` kept in its row, over the state it finds.
+    async fn put_inline(m: &dyn MetaStore, path: &str, blob: &BlobInfo, content: &[u8]) {
+        let lock = BlobLock::<Exclusive>::assumed(&blob.digest);
+        let over = m.blob_state(lock.held()).await.unwrap();
+        let stored = Stored::Inline {
+            lock: &lock,
+            over,
+            content,
+        };
+        let done = m
+            .store_file(path, 1, blob, stored, 1, CLIENT)
+            .await
+            .unwrap();
+        assert!(matches!(done, PutResult::Done(_)), "{done:?}");
+    }
+
+    pub async fn inline_content_is_kept_and_goes_with_its_row(m: &dyn MetaStore) {
+        let (a, b) = (blob(20, 5), blob(21, 7));
+        put_inline(m, "/in/a", &a, b"aaaaa").await;
+        let file = m.get_file("/in/a").await.unwrap().unwrap();
+        assert_eq!(file.inline.as_deref(), Some(&b"aaaaa"[..]));
+        assert_eq!(file.blob, a);
+        assert!(m.get_blob(&a.digest).await.unwrap().unwrap().inline);
+        let got = m.inline_content(&a.digest).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"aaaaa"[..]));
+        // A second path references the inline row; an object's row keeps no content.
+        put(m, "/in/a2", 1, &a, false, 1, CLIENT).await.unwrap();
+        put(m, "/in/b", 1, &b, true, 1, CLIENT).await.unwrap();
+        assert_eq!(m.get_file("/in/b").await.unwrap().unwrap().inline, None);
+        assert!(!m.get_blob(&b.digest).await.unwrap().unwrap().inline);
+        assert_eq!(m.inline_content(&b.digest).await.unwrap(), None);
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+        // An object stored over the live inline row (another writer, a lower threshold) takes
+        // the row over: the row keeps no bytes that could differ from the object's.
+        let lock = BlobLock::<Exclusive>::assumed(&a.digest);
+        let over = BlobState::Live;
+        let stored = Stored::Object { lock: &lock, over };
+        m.store_file("/in/a3", 1, &a, stored, 1, CLIENT)
+            .await
+            .unwrap();
+        assert_eq!(m.get_file("/in/a").await.unwrap().unwrap().inline, None);
+        // Unreferenced inline content goes with its row, no tombstone: there is no object
+        // whose delete requests could still land.
+        let (c, d) = (blob(22, 3), blob(23, 4));
+        put_inline(m, "/in/c", &c, b"ccc").await;
+        delete(m, "/in/c", 1, 2).await;
+        let lock = BlobLock::<Exclusive>::assumed(&c.digest);
+        let deletion = m.tombstone_blob(&lock, 2, SETTLE).await.unwrap();
+        assert_eq!(deletion, Some(Deletion::Removed));
+        assert_eq!(state(m, &c.digest).await, BlobState::Absent);
+        assert_eq!(m.get_blob(&c.digest).await.unwrap(), None);
+        // An object's tombstone revived as inline content keeps it.
+        put(m, "/in/d", 1, &d, true, 1, CLIENT).await.unwrap();
+        delete(m, "/in/d", 1, 2).await;
+        assert!(tombstone(m, &d.digest, 2).await.is_some());
+        put_inline(m, "/in/d", &d, b"dddd").await;
+        assert_eq!(state(m, &d.digest).await, BlobState::Live);
+        let got = m.get_file("/in/d").await.unwrap().unwrap().inline;
+        assert_eq!(got.as_deref(), Some(&b"dddd"[..]));
+        assert_eq!(m.refcount_mismatches().await.unwrap(), vec![]);
+    }
+
     pub async fn run_all(make: impl AsyncFn() -> Box<dyn MetaStore>) {
+        inline_content_is_kept_and_goes_with_its_row(&*make().await).await;
         concurrent_writes_fail_alone(&*make().await).await;
         deletions_are_remembered_for_imports(&*make().await).await;
         checkpoints_are_per_source(&*make().await).await;

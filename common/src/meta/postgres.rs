@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, FileEntry, ListPage,
-    MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob,
-    plan_delete, plan_put, state_of,
+    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, Deletion, FileEntry,
+    ListPage, MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id,
+    plan_blob, plan_delete, plan_put, state_of,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::PostgresConfig;
@@ -62,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: files that came from an import and were not written by a client since (a final delta
     // reports those the source no longer has).
     "ALTER TABLE files ADD COLUMN imported BOOLEAN NOT NULL DEFAULT false",
+    // 5: small contents kept in their row (NULL: the content is the object).
+    "ALTER TABLE blobs ADD COLUMN content BYTEA",
 ];
 
 /// The server's clock in Unix milliseconds: settle times are set and compared on it alone, so
@@ -486,7 +489,7 @@ async fn blob_row_state(
 
 /// The columns [`blob_row`] reads.
 const BLOB_ROW: &str = "SELECT digest, logical_size, stored_size, refcount, state,
-        unreferenced_since, created_at FROM blobs";
+        unreferenced_since, created_at, content IS NOT NULL FROM blobs";
 
 fn blob_row(r: &Row) -> Result<BlobRow, MetaError> {
     Ok(BlobRow {
@@ -499,6 +502,7 @@ fn blob_row(r: &Row) -> Result<BlobRow, MetaError> {
         live: r.get::<_, String>(4) == "live",
         unreferenced_since: r.get(5),
         created_at: r.get(6),
+        inline: r.get(7),
     })
 }
 
@@ -511,7 +515,7 @@ impl MetaStore for PostgresMeta {
     async fn get_file(&self, path: &str) -> Result<Option<FileEntry>, MetaError> {
         let row = self
             .read_opt(
-                "SELECT f.version, f.digest, b.logical_size, b.stored_size
+                "SELECT f.version, f.digest, b.logical_size, b.stored_size, b.content
                  FROM files f JOIN blobs b ON b.digest = f.digest WHERE f.path = $1",
                 &[&path],
             )
@@ -525,6 +529,7 @@ impl MetaStore for PostgresMeta {
                     logical_size: r.get::<_, i64>(2) as u64,
                     stored_size: r.get::<_, i64>(3) as u64,
                 },
+                inline: r.get::<_, Option<Vec<u8>>>(4).map(Bytes::from),
             })
         })
         .transpose()
@@ -553,6 +558,7 @@ impl MetaStore for PostgresMeta {
     ) -> Result<PutResult, MetaError> {
         stored.check(blob)?;
         let basis = stored.basis();
+        let content = stored.content();
         let digest = blob.digest.to_hex();
         let blob = *blob;
         let (logical, size) = (blob.logical_size as i64, blob.stored_size as i64);
@@ -560,6 +566,7 @@ impl MetaStore for PostgresMeta {
             .in_transaction(|tx| {
                 let digest = digest.clone();
                 let path = path.to_owned();
+                let content = content.clone();
                 Box::pin(async move {
                     let path = path.as_str();
                     let current = current_row(tx, path).await?;
@@ -573,10 +580,10 @@ impl MetaStore for PostgresMeta {
                         && exec(
                             tx,
                             "INSERT INTO blobs (digest, logical_size, stored_size, refcount,
-                                state, unreferenced_since, created_at)
-                             VALUES ($1, $2, $3, 0, 'live', $4, $4)
+                                state, unreferenced_since, created_at, content)
+                             VALUES ($1, $2, $3, 0, 'live', $4, $4, $5)
                              ON CONFLICT (digest) DO NOTHING",
-                            &[&digest, &logical, &size, &now],
+                            &[&digest, &logical, &size, &now, &content],
                         )
                         .await?
                             == 0
@@ -594,19 +601,20 @@ impl MetaStore for PostgresMeta {
                                 tx,
                                 "UPDATE blobs SET state = 'live', deletion = NULL,
                                     settles_at = NULL, object_deleted = false,
-                                    logical_size = $2, stored_size = $3, unreferenced_since = $4
+                                    logical_size = $2, stored_size = $3, unreferenced_since = $4,
+                                    content = $6
                                  WHERE digest = $1 AND state = 'deleting'
                                     AND COALESCE(deletion, 0) = $5",
-                                &[&digest, &logical, &size, &now, &deletion],
+                                &[&digest, &logical, &size, &now, &deletion, &content],
                             )
                             .await?;
                         }
                         BlobPlan::Resize => {
                             exec(
                                 tx,
-                                "UPDATE blobs SET logical_size = $2, stored_size = $3
+                                "UPDATE blobs SET logical_size = $2, stored_size = $3, content = $4
                                  WHERE digest = $1 AND state = 'live'",
-                                &[&digest, &logical, &size],
+                                &[&digest, &logical, &size, &content],
                             )
                             .await?;
                         }
@@ -784,10 +792,33 @@ impl MetaStore for PostgresMeta {
         Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
     }
 
+    async fn inline_content(&self, digest: &Digest) -> Result<Option<Bytes>, MetaError> {
+        let row = self
+            .read_opt(
+                "SELECT content FROM blobs WHERE digest = $1 AND state = 'live'",
+                &[&digest.to_hex()],
+            )
+            .await?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<Vec<u8>>>(0))
+            .map(Bytes::from))
+    }
+
     async fn tombstone_blob(
         &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
-    ) -> Result<Option<i64>, MetaError> {
+    ) -> Result<Option<Deletion>, MetaError> {
         let digest = lock.digest().to_hex();
+        let removed = self
+            .write_idempotent(
+                "DELETE FROM blobs WHERE digest = $1 AND content IS NOT NULL AND refcount <= 0
+                    AND state = 'live' AND unreferenced_since <= $2
+                 RETURNING 1",
+                &[&digest, &cutoff],
+            )
+            .await?;
+        if removed == 1 {
+            return Ok(Some(Deletion::Removed));
+        }
         let settle = settle.as_millis() as i64;
         let id = new_deletion_id();
         // Run twice, the second run makes the same tombstone with the same id.
@@ -803,12 +834,14 @@ impl MetaStore for PostgresMeta {
             .write_idempotent(&sql, &[&digest, &cutoff, &id, &settle])
             .await?;
         if n == 1 {
-            return Ok(Some(id));
+            return Ok(Some(Deletion::Tombstone(id)));
         }
         // Zero rows: refused, or a first run committed whose answer was lost.
         let row = self.read_opt(&blob_state_sql(), &[&digest]).await?;
         Ok(match row_state(row.as_ref()).0 {
-            BlobState::Tombstone { deletion, .. } if deletion == id => Some(id),
+            BlobState::Tombstone { deletion, .. } if deletion == id => {
+                Some(Deletion::Tombstone(id))
+            }
             _ => None,
         })
     }

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, FileEntry, ListPage,
-    MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id, plan_blob,
-    plan_delete, plan_put, state_of, unix_now_ms,
+    BlobPlan, BlobRow, BlobState, DeleteKind, DeleteOutcome, DeletePlan, Deletion, FileEntry,
+    ListPage, MetaError, MetaStore, PutKind, PutPlan, PutResult, Stats, Stored, new_deletion_id,
+    plan_blob, plan_delete, plan_put, state_of, unix_now_ms,
 };
 use crate::blob::{BlobInfo, Digest};
 use crate::config::SqliteSync;
@@ -62,6 +63,14 @@ const MIGRATIONS: &[&str] = &[
     // 4: files that came from an import and were not written by a client since (a final delta
     // reports those the source no longer has).
     "ALTER TABLE files ADD COLUMN imported INTEGER NOT NULL DEFAULT 0;",
+    // 5: small contents kept in the database, beside their live blob row (none: the content
+    // is the object). A table of its own with rowids: in the blobs table (WITHOUT ROWID, whose
+    // rows keep at most about a quarter page in place) each 1-5 KiB content took an overflow
+    // page of its own, 4.7 KB a content.
+    "CREATE TABLE blob_contents (
+        digest TEXT PRIMARY KEY NOT NULL,
+        content BLOB NOT NULL
+    );",
 ];
 
 /// Writes one group commit takes at most, so one transaction never keeps other processes (the
@@ -74,7 +83,8 @@ const WRITE_QUEUE: usize = 256;
 /// `files JOIN blobs ... WHERE path = ?1` on every run, which cost 4× the lookup itself.
 const GET_FILE: &str = "SELECT version, digest,
         (SELECT logical_size FROM blobs b WHERE b.digest = f.digest),
-        (SELECT stored_size FROM blobs b WHERE b.digest = f.digest)
+        (SELECT stored_size FROM blobs b WHERE b.digest = f.digest),
+        (SELECT content FROM blob_contents c WHERE c.digest = f.digest)
     FROM files f WHERE path = ?1";
 
 /// SQLite-backed [`MetaStore`].
@@ -365,9 +375,28 @@ fn unreference(tx: &Connection, digest: &str, now: i64) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// Makes `content` the bytes the database keeps for `digest` (`None`: none, it is an object).
+fn set_content(tx: &Connection, digest: &str, content: Option<&[u8]>) -> rusqlite::Result<()> {
+    match content {
+        Some(bytes) => exec(
+            tx,
+            "INSERT INTO blob_contents (digest, content) VALUES (?1, ?2)
+             ON CONFLICT (digest) DO UPDATE SET content = excluded.content",
+            params![digest, bytes],
+        )?,
+        None => exec(
+            tx,
+            "DELETE FROM blob_contents WHERE digest = ?1",
+            params![digest],
+        )?,
+    };
+    Ok(())
+}
+
 /// The columns [`blob_row`] reads.
 const BLOB_ROW: &str = "SELECT digest, logical_size, stored_size, refcount, state,
-        unreferenced_since, created_at FROM blobs";
+        unreferenced_since, created_at,
+        EXISTS (SELECT 1 FROM blob_contents c WHERE c.digest = blobs.digest) FROM blobs";
 
 fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
     Ok(BlobRow {
@@ -380,6 +409,7 @@ fn blob_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobRow> {
         live: r.get::<_, String>(4)? == "live",
         unreferenced_since: r.get(5)?,
         created_at: r.get(6)?,
+        inline: r.get(7)?,
     })
 }
 
@@ -424,11 +454,12 @@ impl MetaStore for SqliteMeta {
                 .prepare_cached(GET_FILE)?
                 .query_row([&path], |r| {
                     let sizes = (r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?);
-                    Ok((r.get(0)?, r.get(1)?, sizes))
+                    let content: Option<Vec<u8>> = r.get(4)?;
+                    Ok((r.get(0)?, r.get(1)?, sizes, content))
                 })
                 .optional()?;
             // A file whose blob row is missing reads as absent, as an inner join would have it.
-            let Some((version, digest, (Some(logical), Some(stored)))) = row else {
+            let Some((version, digest, (Some(logical), Some(stored)), content)) = row else {
                 return Ok(None);
             };
             Ok(Some(FileEntry {
@@ -439,6 +470,7 @@ impl MetaStore for SqliteMeta {
                     logical_size: logical as u64,
                     stored_size: stored as u64,
                 },
+                inline: content.map(Bytes::from),
             }))
         })
         .await
@@ -464,13 +496,15 @@ impl MetaStore for SqliteMeta {
     ) -> Result<PutResult, MetaError> {
         stored.check(blob)?;
         let basis = stored.basis();
+        let content = stored.content();
         let path = path.to_owned();
         let blob = *blob;
         self.write(move |tx| {
             let digest = blob.digest.to_hex();
             let (found, found_size) = blob_row_state(tx, &digest).map_err(db_error)?;
             let (logical, size) = (blob.logical_size as i64, blob.stored_size as i64);
-            let changed = match plan_blob(basis, found, found_size, &blob) {
+            let plan = plan_blob(basis, found, found_size, &blob);
+            let changed = match plan {
                 BlobPlan::Conflict(found) => return Ok(PutResult::Conflict(found)),
                 BlobPlan::Reference => Ok(1),
                 // A new row starts unreferenced, so the cleaner can reclaim its object if no
@@ -502,6 +536,9 @@ impl MetaStore for SqliteMeta {
                 return Err(MetaError::Inconsistent(format!(
                     "blob {digest} changed inside the transaction storing {path}"
                 )));
+            }
+            if plan != BlobPlan::Reference {
+                set_content(tx, &digest, content.as_deref()).map_err(db_error)?;
             }
             let current: Option<(i64, String)> = tx
                 .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")
@@ -678,12 +715,39 @@ impl MetaStore for SqliteMeta {
         .await
     }
 
+    async fn inline_content(&self, digest: &Digest) -> Result<Option<Bytes>, MetaError> {
+        let digest = digest.to_hex();
+        self.read(move |c| {
+            let content: Option<Vec<u8>> = c
+                .prepare_cached(
+                    "SELECT c.content FROM blob_contents c JOIN blobs b ON b.digest = c.digest
+                     WHERE c.digest = ?1 AND b.state = 'live'",
+                )?
+                .query_row([&digest], |r| r.get(0))
+                .optional()?;
+            Ok(content.map(Bytes::from))
+        })
+        .await
+    }
+
     async fn tombstone_blob(
         &self, lock: &BlobLock<Exclusive>, cutoff: i64, settle: Duration,
-    ) -> Result<Option<i64>, MetaError> {
+    ) -> Result<Option<Deletion>, MetaError> {
         let digest = lock.digest().to_hex();
         let id = new_deletion_id();
         self.write(move |c| {
+            let removed = exec(
+                c,
+                "DELETE FROM blobs WHERE digest = ?1 AND refcount <= 0 AND state = 'live'
+                    AND unreferenced_since <= ?2
+                    AND EXISTS (SELECT 1 FROM blob_contents c WHERE c.digest = ?1)",
+                params![digest, cutoff],
+            )
+            .map_err(db_error)?;
+            if removed == 1 {
+                set_content(c, &digest, None).map_err(db_error)?;
+                return Ok(Some(Deletion::Removed));
+            }
             let settles_at = unix_now_ms() + settle.as_millis() as i64;
             exec(
                 c,
@@ -694,7 +758,7 @@ impl MetaStore for SqliteMeta {
                     OR (state = 'live' AND unreferenced_since <= ?2))",
                 params![digest, cutoff, id, settles_at],
             )
-            .map(|n| (n == 1).then_some(id))
+            .map(|n| (n == 1).then_some(Deletion::Tombstone(id)))
             .map_err(db_error)
         })
         .await

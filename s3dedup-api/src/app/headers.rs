@@ -197,6 +197,7 @@ mod tests {
                 logical_size: 1000,
                 stored_size: 300,
             },
+            inline: None,
         };
         let length = |gzip| {
             let h = file_headers(&entry, gzip);

@@ -125,6 +125,13 @@ impl Api {
         self.wait_ready()
     }
 
+    /// [`Api::restart`] with `key` set to `value` in its (and its siblings') environment.
+    pub fn restart_setting(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+        self.restart()
+    }
+
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -194,6 +201,19 @@ impl Api {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
+    /// Distinct contents stored: live blob rows, whether the row keeps the content or it is
+    /// an object (SQLite metadata).
+    pub fn stored_contents(&self) -> usize {
+        let db = self.data_dir.join("metadata.sqlite3");
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", db.display()));
+        conn.query_row("SELECT COUNT(*) FROM blobs WHERE state = 'live'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap_or_else(|e| panic!("counting blobs in {}: {e}", db.display())) as usize
     }
 
     /// Files in the local object store (`Backend::Local`).

@@ -35,6 +35,11 @@ pub fn gunzip(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A length at which [`unique_content`] (hex text, about half compressible) is stored as an
+/// object: its gzip is well over the default `store.inline_max_bytes`. Shorter contents are
+/// kept in their metadata rows.
+pub const OBJECT_SIZED: usize = 32_000;
+
 /// Unique content for this run (both servers deduplicate; tests must not collide).
 pub fn unique_content(tag: &str, len: usize) -> Vec<u8> {
     let seed = format!("{tag}-{}-{:?}", std::process::id(), Instant::now());

@@ -43,11 +43,20 @@ impl Workload {
         }
     }
 
-    /// Draws from `n` small contents instead of six: with few references each, contents keep
+    /// Draws from `n` contents instead of six: with few references each, contents keep
     /// becoming garbage and coming back, and a cleaner at grace 0 deletes them all the time.
+    /// Half are small (kept in their rows), half objects.
     pub fn churning(mut self, n: usize) -> Self {
         self.contents = (0..n)
-            .map(|i| unique_content(&format!("{}-churn{i}", self.prefix), 500 + (i * 37) % 3000))
+            .map(|i| {
+                let small = 500 + (i * 37) % 3000;
+                let len = if i % 2 == 0 {
+                    small
+                } else {
+                    OBJECT_SIZED + small
+                };
+                unique_content(&format!("{}-churn{i}", self.prefix), len)
+            })
             .collect();
         self
     }
