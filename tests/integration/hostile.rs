@@ -329,17 +329,75 @@ async fn slow_and_stalled_clients_are_cut_off() {
     still_serves(&api);
 }
 
-/// Uploads that trickle in (headers, then a byte now and then) hold every write slot; reads
-/// have slots of their own, so GETs are still answered at once.
+/// A server whose read slots are all held (here the one slot, by a download nobody reads)
+/// still answers `/health` at once; the other status endpoints wait for a slot like any
+/// request, so a flood of them cannot get past the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_health_is_answered_beside_the_slot_bound() {
+    let env = [
+        ("S3DEDUP_API__MAX_CONCURRENT_REQUESTS", "1"),
+        ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "1"),
+        ("S3DEDUP_API__SEND_TIMEOUT_SECS", "60"),
+    ];
+    let api = Api::start_with(Backend::Local, &env).unwrap();
+    let content = unique_content("unread", 48 << 20);
+    api.ft().put_ok("/unread", 1_700_000_000, content).await;
+    let mut unread = TcpStream::connect(api.addr).unwrap();
+    // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
+    unread
+        .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ft = api.ft();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let r = ft
+            .request(reqwest::Method::GET, "/health")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", why(&r));
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    for endpoint in ["/version", "/status", "/metrics", "/files/unread"] {
+        let r = ft
+            .request(reqwest::Method::GET, endpoint)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{endpoint}");
+        assert!(why(&r).contains("server busy"), "{endpoint}: {}", why(&r));
+    }
+    drop(unread);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ft
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the slot came back");
+    }
+}
+
+/// 300 uploads that trickle in (headers, then a byte now and then) hold every one of the
+/// default 256 write slots (no share per address here, as behind a proxy); reads have slots of
+/// their own, so GETs are still answered at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickling_uploads_do_not_keep_reads_waiting() {
     let env = [
-        ("S3DEDUP_API__MAX_CONCURRENT_REQUESTS", "20"),
+        ("S3DEDUP_API__MAX_REQUESTS_PER_ADDRESS", "0"),
         ("S3DEDUP_API__QUEUE_TIMEOUT_SECS", "5"),
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
     api.ft().put_ok("/kept", 1_700_000_000, "kept").await;
-    let mut trickling = trickling_uploads(&api, 30);
+    let mut trickling = trickling_uploads(&api, 300);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..5 {
         for c in &mut trickling {
@@ -358,10 +416,10 @@ async fn trickling_uploads_do_not_keep_reads_waiting() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    // A 21st write waits for a write slot, and is told so.
+    // One more write waits for a write slot, and is told so.
     let r = api.ft().put("/one-more", 1_700_000_000, "x").await;
     assert_eq!(r.status(), 503);
-    assert!(why(&r).contains("20 writes in progress"), "{}", why(&r));
+    assert!(why(&r).contains("256 writes in progress"), "{}", why(&r));
     drop(trickling);
     still_serves(&api);
 }

@@ -62,7 +62,14 @@ pub struct AppState {
     pub reload: Option<s3dedup_common::program::Reload>,
     /// The store's totals as last counted in the background, and when.
     stats: std::sync::Mutex<Option<(Stats, Instant, Duration)>>,
+    /// The last `/health` answer and when its check ended. `/health` is served beside the slot
+    /// bound, so its checks (a query, and an S3 request) run one at a time and one younger than
+    /// [`HEALTH_FRESH`] is answered again: a flood of them costs the backends nothing more.
+    health: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
 }
+
+/// See `AppState::health`.
+const HEALTH_FRESH: Duration = Duration::from_millis(250);
 
 impl AppState {
     /// Whether a live migration's old server stands behind this one.
@@ -93,6 +100,7 @@ impl AppState {
             last_runs: None,
             reload: None,
             stats: Default::default(),
+            health: Default::default(),
         })
     }
 
@@ -231,12 +239,19 @@ async fn route(
         )
     };
     let result = match r {
-        Route::Version if read_only => Ok(version()),
-        Route::Status if read_only => Ok((StatusCode::OK, "OK\n").into_response()),
+        // The one answer an exhausted server still gives: whether it is healthy.
         Route::Health if read_only => Ok(health(state).await),
-        Route::Metrics if read_only => Ok(metrics(state).await),
+        Route::Version | Route::Status | Route::Metrics if read_only => {
+            let slot = acquire_slot(state, Slot::Read, peer).await;
+            let _permit = slot.map_err(|e| (label, e))?;
+            Ok(match r {
+                Route::Version => version(),
+                Route::Status => (StatusCode::OK, "OK\n").into_response(),
+                _ => metrics(state).await,
+            })
+        }
         Route::File(path) => {
-            let slot = acquire_slot(state, Slot::of(&method), peer).await;
+            let slot = acquire_work_slot(state, Slot::of(&method), peer).await;
             let permit = slot.map_err(|e| (label, e))?;
             let _in_flight = InFlight::new(&state.metrics);
             match method {
@@ -247,7 +262,8 @@ async fn route(
             }
         }
         Route::List(dir) if read_only => {
-            let permit = (acquire_slot(state, Slot::Read, peer).await).map_err(|e| (label, e))?;
+            let slot = acquire_work_slot(state, Slot::Read, peer).await;
+            let permit = slot.map_err(|e| (label, e))?;
             list::list(
                 state,
                 dir,
@@ -289,6 +305,16 @@ pub(super) struct SlotPermit {
 /// Entries of the per-address map before the idle ones are dropped.
 const ADDRESSES_KEPT: usize = 4096;
 
+/// [`acquire_slot`] for a file or list request, counted as the activity after which an idle
+/// server gives memory back (a monitoring probe of the status endpoints is not).
+async fn acquire_work_slot(
+    state: &AppState, kind: Slot, peer: Option<IpAddr>,
+) -> Result<SlotPermit, ApiError> {
+    let permit = acquire_slot(state, kind, peer).await?;
+    state.slots_granted.fetch_add(1, Relaxed);
+    Ok(permit)
+}
+
 async fn acquire_slot(
     state: &AppState, kind: Slot, peer: Option<IpAddr>,
 ) -> Result<SlotPermit, ApiError> {
@@ -319,13 +345,10 @@ async fn acquire_slot(
         }
     };
     match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
-        Ok(Ok(p)) => {
-            state.slots_granted.fetch_add(1, Relaxed);
-            Ok(SlotPermit {
-                _pool: p,
-                _address: address,
-            })
-        }
+        Ok(Ok(p)) => Ok(SlotPermit {
+            _pool: p,
+            _address: address,
+        }),
         _ => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -362,6 +385,12 @@ fn version() -> Response {
 }
 
 async fn health(state: &AppState) -> Response {
+    let mut last = state.health.lock().await;
+    if let Some((at, status, body)) = &*last
+        && at.elapsed() < HEALTH_FRESH
+    {
+        return (*status, axum::Json(body.clone())).into_response();
+    }
     let (meta, store) = state.files.check().await;
     let ok = meta.is_ok() && store.is_ok();
     let show = |r: Result<(), String>| match r {
@@ -378,6 +407,7 @@ async fn health(state: &AppState) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    *last = Some((Instant::now(), status, body.clone()));
     (status, axum::Json(body)).into_response()
 }
 
