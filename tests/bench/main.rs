@@ -80,6 +80,10 @@ fn text_like(n: usize) -> Vec<u8> {
 struct Results {
     pid: Option<u32>,
     rows: BTreeMap<String, (Measure, Option<u64>)>,
+    /// The server's address when it counts its S3 requests on `/metrics`, and the count so far.
+    s3_counter: Option<(std::net::SocketAddr, u64)>,
+    /// S3 requests the server sent per operation of each workload (what a user is billed by).
+    s3_per_op: BTreeMap<String, f64>,
 }
 
 impl Results {
@@ -91,7 +95,16 @@ impl Results {
         Results {
             pid,
             rows: BTreeMap::new(),
+            s3_counter: None,
+            s3_per_op: BTreeMap::new(),
         }
+    }
+
+    /// Also counts the S3 requests of each workload, from the s3dedup at `url`'s `/metrics`.
+    fn counting_s3_requests(mut self, url: &str) -> anyhow::Result<Results> {
+        let addr = url.trim_start_matches("http://").parse()?;
+        self.s3_counter = Some((addr, s3_requests_sent(addr)?));
+        Ok(self)
     }
 
     /// Records `m` under `label` with the peak resident set since the previous record, and
@@ -102,7 +115,15 @@ impl Results {
             reset_peak(p);
             kib
         });
-        self.rows.insert(label.into(), (m, peak));
+        let label = label.into();
+        if let Some((addr, before)) = self.s3_counter
+            && let Ok(now) = s3_requests_sent(addr)
+        {
+            let per_op = (now - before) as f64 / m.ops.max(1) as f64;
+            self.s3_per_op.insert(label.clone(), per_op);
+            self.s3_counter = Some((addr, now));
+        }
+        self.rows.insert(label, (m, peak));
     }
 
     fn get(&self, label: &str) -> Option<&Measure> {
@@ -116,6 +137,19 @@ impl Results {
             .filter_map(|(l, (_, p))| p.map(|p| (p, l.as_str())))
             .max()
     }
+}
+
+/// All S3 requests an s3dedup at `addr` has sent, summed over operations from `/metrics`.
+fn s3_requests_sent(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let text = s3dedup_tests::raw_request(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+    )?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("s3dedup_s3_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// Runs `ops` requests, `concurrency` at a time; `f(i)` performs request `i` and returns its bytes.
@@ -601,6 +635,9 @@ async fn main() -> anyhow::Result<()> {
     for t in &targets {
         eprintln!("== {} ({})", t.name, t.url);
         let mut out = Results::new(t.pid);
+        if t.name.starts_with("s3dedup") {
+            out = out.counting_s3_requests(&t.url)?;
+        }
         filetracker_suite(t, &cfg, &mut out).await?;
         let idle = match t.pid {
             Some(p) => {
@@ -683,6 +720,30 @@ fn print_table(results: &[ServerResult], baseline: &str) {
                 peak.map_or(String::new(), mib),
                 ratio(find(baseline, w)),
             );
+        }
+    }
+    let counted: Vec<&ServerResult> = results
+        .iter()
+        .filter(|r| r.1.s3_per_op.values().any(|n| *n > 0.0))
+        .collect();
+    if !counted.is_empty() {
+        println!();
+        let names: Vec<&str> = counted.iter().map(|r| r.0.as_str()).collect();
+        println!(
+            "| workload | S3 requests per operation: {} |",
+            names.join(" | ")
+        );
+        println!("|---|{}", "---:|".repeat(counted.len()));
+        for w in counted[0].1.s3_per_op.keys() {
+            let cells: Vec<String> = counted
+                .iter()
+                .map(|r| {
+                    r.1.s3_per_op
+                        .get(w)
+                        .map_or(String::new(), |n| format!("{n:.2}"))
+                })
+                .collect();
+            println!("| {w} | {} |", cells.join(" | "));
         }
     }
     println!();
