@@ -54,6 +54,20 @@ fn trickling_uploads(api: &Api, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+/// A GET of `/unread` (48 MiB, stored first) that nobody reads: it holds its read slot until
+/// the server gives up sending.
+async fn unread_download(api: &Api) -> TcpStream {
+    let content = unique_content("unread", 48 << 20);
+    api.ft().put_ok("/unread", 1_700_000_000, content).await;
+    let mut unread = TcpStream::connect(api.addr).unwrap();
+    // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
+    unread
+        .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unread
+}
+
 async fn stored_paths(api: &Api) -> String {
     api.ft().list("/", None).await.1
 }
@@ -299,14 +313,7 @@ async fn slow_and_stalled_clients_are_cut_off() {
     );
 
     // A download nobody reads holds the only slot until the server gives up on it.
-    let content = unique_content("unread", 48 << 20);
-    api.ft().put_ok("/unread", 1_700_000_000, content).await;
-    let mut unread = TcpStream::connect(api.addr).unwrap();
-    // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
-    unread
-        .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unread = unread_download(&api).await;
     let ft = api.ft();
     let head = || ft.head_request("/unread").send();
     assert_eq!(
@@ -340,14 +347,7 @@ async fn only_health_is_answered_beside_the_slot_bound() {
         ("S3DEDUP_API__SEND_TIMEOUT_SECS", "60"),
     ];
     let api = Api::start_with(Backend::Local, &env).unwrap();
-    let content = unique_content("unread", 48 << 20);
-    api.ft().put_ok("/unread", 1_700_000_000, content).await;
-    let mut unread = TcpStream::connect(api.addr).unwrap();
-    // Identity: 48 MiB of inflated bytes, far beyond the socket buffers.
-    unread
-        .write_all(b"GET /files/unread HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unread = unread_download(&api).await;
     let ft = api.ft();
     for _ in 0..20 {
         let started = Instant::now();
