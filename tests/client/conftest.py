@@ -45,6 +45,17 @@ def wait_http(url, proc, what, context=None):
     raise RuntimeError(f"{what} did not answer {url}")
 
 
+
+def stored_contents(data_dir):
+    """Distinct contents a store on SQLite holds: its live blob rows, whether a content is an
+    object or kept in the database (small ones are)."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{Path(data_dir) / 'metadata.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM blobs WHERE state = 'live'").fetchone()[0]
+    finally:
+        db.close()
+
 class Server:
     """A running s3dedup-api and a way to look into its object store directly."""
 

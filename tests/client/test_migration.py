@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from filetracker.client import Client
 
-from conftest import BIN_DIR, free_port, wait_http
+from conftest import BIN_DIR, free_port, stored_contents, wait_http
 
 # The venv running this suite also has the old server (and gunicorn, which it execs).
 VENV_BIN = Path(sys.executable).parent
@@ -133,8 +133,7 @@ def test_migration_from_the_real_old_server(old_server, tmp_path, kind):
         wait_http(f"http://127.0.0.1:{port}/status", api, "s3dedup-api")
         compare(f"http://127.0.0.1:{port}", expected)
         distinct = {hashlib.sha256(b).hexdigest() for _, b in expected.values()}
-        objects = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file()]
-        assert len(objects) == len(distinct), "each distinct content stored once"
+        assert stored_contents(tmp_path / "data") == len(distinct), "each content stored once"
     finally:
         api.kill()
         api.wait()
@@ -187,9 +186,9 @@ def test_live_migration_reads_through_and_deletes_stick(old_server, tmp_path):
         # Every other file was imported on its read; the deleted one was not downloaded at all.
         assert metric(url, "s3dedup_fallback_imports_total") == len(expected) - 1
         distinct = {hashlib.sha256(b).hexdigest() for p, (_, b) in expected.items() if p != gone}
-        objects = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file()]
+        stored = stored_contents(tmp_path / "data")
         # The deleted file's content stays until the cleaner runs, unless another file has it.
-        assert len(distinct) <= len(objects) <= len(distinct) + 1
+        assert len(distinct) <= stored <= len(distinct) + 1
         # The old server still has it, but neither the fallback nor the migrator brings it back.
         assert Client(remote_url=old_url, local_store=None).file_version(gone) == expected[gone][0]
         for source in [old_url, f"v2:{data}"]:
