@@ -324,13 +324,18 @@ async fn reload_on_sighup(state: Arc<AppState>, tls: Option<Arc<Tls>>) {
 }
 
 /// Which backend does not answer, and why; `None` when both do.
-async fn backends_down(state: &AppState) -> Option<String> {
+async fn backends_down(state: &AppState) -> Option<(&'static str, String)> {
     let (metadata, store) = state.files.describe();
     match state.files.check().await {
-        (Err(e), _) => Some(format!(
-            "the metadata database {metadata} does not answer: {e}"
+        (Err(e), _) => Some((
+            "files",
+            format!("the metadata database {metadata} does not answer: {e}"),
         )),
-        (_, Err(e)) => Some(format!("the object store {store} does not answer: {e}")),
+        // Small contents kept in the database are still served.
+        (_, Err(e)) => Some((
+            "files whose contents are objects",
+            format!("the object store {store} does not answer: {e}"),
+        )),
         _ => None,
     }
 }
@@ -444,12 +449,12 @@ pub async fn run(state: Arc<AppState>, tls: Option<Arc<Tls>>) -> anyhow::Result<
     });
     let st = state.clone();
     tokio::spawn(async move {
-        let mut was_down: Option<String> = None;
+        let mut was_down: Option<(&str, String)> = None;
         loop {
             tokio::time::sleep(STATUS_EVERY).await;
             let down = backends_down(&st).await;
             match (&was_down, &down) {
-                (None, Some(why)) => tracing::warn!("not serving files: {why}"),
+                (None, Some((what, why))) => tracing::warn!("not serving {what}: {why}"),
                 (Some(_), None) => {
                     tracing::info!("serving again: the database and the object store answer")
                 }
@@ -457,7 +462,7 @@ pub async fn run(state: Arc<AppState>, tls: Option<Arc<Tls>>) -> anyhow::Result<
             }
             let line = match &down {
                 None => status_line(&st),
-                Some(why) => format!("degraded: {why}"),
+                Some((_, why)) => format!("degraded: {why}"),
             };
             systemd::notify_status(&line);
             was_down = down;
