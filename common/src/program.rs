@@ -205,6 +205,7 @@ where
     if let Some(code) = generate::<C>(common) {
         return code;
     }
+    crate::memory::map_large_blocks_apart();
     let command = C::command();
     let name = command.get_name();
     let args = &common.config;
