@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use crate::blob::{self, BlobInfo, Digest};
 use crate::filestore::{FileStore, FileStoreError, TOMBSTONE_KEEP};
 use crate::locks::{BlobLock, Exclusive, LockError, LockMode, Shared};
-use crate::meta::Deletion;
-use crate::store::{Deleted, ObjectEntry, StoreError};
+use crate::meta::{BlobRow, Deletion};
+use crate::store::{Deleted, ObjectEntry, ObjectStream, StoreError};
 
 /// Name of the lock only one cleaner run per bucket holds.
 pub const CLEANER_LOCK: &str = "cleaner";
@@ -562,13 +562,8 @@ pub async fn verify(
         let page = fs.meta.list_blobs(after.as_ref(), page_size).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.info.digest);
-        let live: Vec<(BlobInfo, bool)> = page
-            .iter()
-            .filter(|r| r.live)
-            .map(|r| (r.info, r.inline))
-            .collect();
-        let checks = futures::stream::iter(live)
-            .map(|(b, inline)| async move { (b, check_blob(fs, &b, inline, deep).await) })
+        let checks = futures::stream::iter(page.iter().filter(|r| r.live))
+            .map(|row| async move { (&row.info, check_blob(fs, row, deep).await) })
             .buffer_unordered(4)
             .collect::<Vec<_>>()
             .await;
@@ -628,7 +623,7 @@ async fn recheck(
         let Some(row) = fs.meta.get_blob(digest).await?.filter(|r| r.live) else {
             return Ok(None);
         };
-        let check = check_blob(fs, &row.info, row.inline, deep).await;
+        let check = check_blob(fs, &row, deep).await;
         Ok(Some((row.info, check)))
     }
     .await;
@@ -646,8 +641,9 @@ enum Check {
     Busy,
 }
 
-async fn check_blob(fs: &FileStore, b: &BlobInfo, inline: bool, deep: bool) -> Check {
-    if inline {
+async fn check_blob(fs: &FileStore, row: &BlobRow, deep: bool) -> Check {
+    let b = &row.info;
+    if row.inline {
         return check_inline(fs, b, deep).await;
     }
     let size = match fs.store.head(&b.digest).await {
@@ -666,13 +662,7 @@ async fn check_blob(fs: &FileStore, b: &BlobInfo, inline: bool, deep: bool) -> C
         Err(StoreError::NotFound { .. }) => return Check::Missing,
         Err(e) => return Check::Unreadable(e.to_string()),
     };
-    match crate::inflating::digest_of(stream).await {
-        Ok((d, n)) if d == b.digest && n == b.logical_size => Check::Ok,
-        Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
-        // The stream failing to deliver is the store's doing, not the content's.
-        Err(blob::BlobError::Interrupted(why)) => Check::Unreadable(why),
-        Err(e) => Check::Corrupt(e.to_string()),
-    }
+    check_digest(stream, b).await
 }
 
 /// [`check_blob`] of content its row keeps: its length, and with `deep` its digest.
@@ -689,11 +679,16 @@ async fn check_inline(fs: &FileStore, b: &BlobInfo, deep: bool) -> Check {
     if !deep {
         return Check::Ok;
     }
-    let stream: crate::store::ObjectStream =
-        Box::pin(futures::stream::once(futures::future::ready(Ok(content))));
+    check_digest(crate::store::stream_of(content), b).await
+}
+
+/// Whether stored bytes inflate to the blob's SHA-256 and size.
+async fn check_digest(stream: ObjectStream, b: &BlobInfo) -> Check {
     match crate::inflating::digest_of(stream).await {
         Ok((d, n)) if d == b.digest && n == b.logical_size => Check::Ok,
         Ok((d, n)) => Check::Corrupt(format!("inflates to {n} bytes with SHA-256 {d}")),
+        // The stream failing to deliver is the store's doing, not the content's.
+        Err(blob::BlobError::Interrupted(why)) => Check::Unreadable(why),
         Err(e) => Check::Corrupt(e.to_string()),
     }
 }

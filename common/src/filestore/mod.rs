@@ -171,14 +171,8 @@ impl FileStore {
             Duration::from_secs(cfg.api.lock_timeout_secs),
         )?;
         fs.spool_memory = (cfg.store.spool_memory_kib as usize).saturating_mul(1024);
-        Ok(fs.keeping_inline(cfg.store.inline_max_bytes))
-    }
-
-    /// Keeps new contents of at most `max` stored bytes in their blob's row instead of the
-    /// object store (0: none). Stored contents stay where they are whatever it is.
-    pub fn keeping_inline(mut self, max: u64) -> Self {
-        self.inline_max = max;
-        self
+        fs.inline_max = cfg.store.inline_max_bytes;
+        Ok(fs)
     }
 
     /// Reads objects through the configured local disk cache when the store is remote and the

@@ -33,8 +33,7 @@ impl FileStore {
                 return Ok(None);
             };
             if let Some(content) = entry.inline.clone() {
-                let body: ObjectStream =
-                    Box::pin(futures::stream::once(futures::future::ready(Ok(content))));
+                let body = crate::store::stream_of(content);
                 return Ok(Some(Opened { entry, body }));
             }
             let blob = entry.blob;

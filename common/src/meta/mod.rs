@@ -1,6 +1,7 @@
 //! The metadata store: which path holds which version of which blob, and each blob's reference
 //! count and state. It is the only judge of liveness: a live row means the content is stored,
-//! in the row itself (small contents, "inline") or as the object (docs/design.md). Every change a request makes is one transaction.
+//! in the database beside the row (small contents, "inline") or as the object
+//! (docs/design.md). Every change a request makes is one transaction.
 //!
 //! A blob row is live, or a tombstone of one deletion by the cleaner. A tombstone keeps the
 //! time until which a delete request of that deletion may still reach the object store

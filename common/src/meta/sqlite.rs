@@ -537,8 +537,11 @@ impl MetaStore for SqliteMeta {
                     "blob {digest} changed inside the transaction storing {path}"
                 )));
             }
-            if plan != BlobPlan::Reference {
-                set_content(tx, &digest, content.as_deref()).map_err(db_error)?;
+            // A reference changes no bytes, and a new row has none to remove (its bytes go with
+            // its row when it is removed).
+            match (plan, content.as_deref()) {
+                (BlobPlan::Reference, _) | (BlobPlan::Insert, None) => {}
+                (_, content) => set_content(tx, &digest, content).map_err(db_error)?,
             }
             let current: Option<(i64, String)> = tx
                 .prepare_cached("SELECT version, digest FROM files WHERE path = ?1")

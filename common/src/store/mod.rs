@@ -26,6 +26,11 @@ pub use s3::S3Store;
 /// The bytes of a stored object, streamed.
 pub type ObjectStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
+/// Bytes already in memory as a stream of one chunk.
+pub(crate) fn stream_of(bytes: Bytes) -> ObjectStream {
+    Box::pin(futures::stream::once(futures::future::ready(Ok(bytes))))
+}
+
 /// Local files up to this size are read whole in one blocking step instead of streamed in
 /// chunks, each of which is a trip through the blocking pool.
 const SMALL_FILE: u64 = 64 * 1024;
@@ -95,7 +100,7 @@ fn read_cached(path: &Path, size: u64) -> Option<Bytes> {
 /// The stream of what [`read_if_small`] gave.
 fn local_stream(read: Result<Bytes, std::fs::File>) -> ObjectStream {
     match read {
-        Ok(bytes) => Box::pin(futures::stream::once(futures::future::ready(Ok(bytes)))),
+        Ok(bytes) => stream_of(bytes),
         Err(f) => Box::pin(tokio_util::io::ReaderStream::with_capacity(
             tokio::fs::File::from_std(f),
             READ_CHUNK,
