@@ -1,6 +1,7 @@
 //! `s3dedup-api`: the Filetracker v2 HTTP daemon.
 
 mod app;
+mod hyper_errors;
 mod metrics;
 mod server;
 mod stall;

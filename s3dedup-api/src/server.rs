@@ -27,6 +27,7 @@ use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use crate::app::{AppState, Peer, dispatch};
+use crate::hyper_errors::{Explained, Limits, Requests};
 use crate::stall::StallGuard;
 use crate::tls::Tls;
 
@@ -126,6 +127,8 @@ async fn listeners(state: &AppState) -> anyhow::Result<Vec<Listener>> {
 /// at 1,115-1,353 MiB/s, 1,754-1,994 at the default, whose uploads peaked at 86-92 MiB, not 37.
 /// Copying each body chunk out instead kept both speeds but peaked at 57 MiB (70 on S3, not 50).
 const READ_BUFFER: usize = 64 * 1024;
+/// The most header fields a request may have (hyper's default, named here for the 431 message).
+const MAX_HEADERS: usize = 100;
 
 fn secs(n: u64) -> Option<Duration> {
     (n > 0).then(|| Duration::from_secs(n))
@@ -137,14 +140,22 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &state.cfg;
-    let io = TokioIo::new(StallGuard::new(io, secs(cfg.send_timeout_secs)));
+    let requests = Requests::default();
+    let limits = Limits {
+        head_bytes: READ_BUFFER,
+        fields: MAX_HEADERS,
+    };
+    let io = StallGuard::new(io, secs(cfg.send_timeout_secs));
+    let io = TokioIo::new(Explained::new(io, requests.clone(), limits));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(secs(cfg.header_timeout_secs))
-        .max_buf_size(READ_BUFFER);
+        .max_buf_size(READ_BUFFER)
+        .max_headers(MAX_HEADERS);
     let app = app.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        requests.received(req.method());
         req.extensions_mut().insert(peer);
         app.clone().oneshot(req)
     });

@@ -68,6 +68,17 @@ async fn unread_download(api: &Api) -> TcpStream {
     unread
 }
 
+/// The `X-Exception` message of a raw answer's head, if it has one.
+fn exception(answer: &str) -> Option<&str> {
+    let head = answer.split("\r\n\r\n").next()?;
+    head.lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-exception"))
+        })
+        .map(|(_, v)| v.trim())
+}
+
 async fn stored_paths(api: &Api) -> String {
     api.ft().list("/", None).await.1
 }
@@ -179,6 +190,12 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             }),
             "{what}: got {line:?}, wanted one of {allowed:?}"
         );
+        // Whether the daemon or its HTTP layer refused it, the answer says why.
+        if !line.is_empty() {
+            let why = exception(&answer).unwrap_or_else(|| panic!("{what}: {answer:?}"));
+            let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim_end());
+            assert_eq!(body, Some(why), "{what}: {answer:?}");
+        }
         still_serves(&api);
     }
     let r = api.ft().put("/two%0Alines", 1_700_000_000, "x").await;
@@ -187,6 +204,94 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
     assert_eq!(stored_paths(&api).await, "", "nothing was stored");
     assert!(api.spool_files().is_empty(), "{:?}", api.spool_files());
     assert!(api.local_objects().is_empty());
+}
+
+/// The HTTP layer's own refusals (a head it cannot parse, or too large) carry a message, and
+/// a download whose bytes are such a refusal passes untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_layer_refusals_say_why_and_leave_downloads_alone() {
+    let api = Api::start(Backend::Local).unwrap();
+    // The refusal as the HTTP layer writes it, stored as a file.
+    let bare = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                 date: Sun, 06 Dec 2026 20:00:00 GMT\r\n\r\n";
+    let big: Vec<u8> = bare.iter().copied().cycle().take(OBJECT_SIZED).collect();
+    api.ft().put_ok("/bare", 1_700_000_000, bare.to_vec()).await;
+    api.ft().put_ok("/big", 1_700_000_000, big.clone()).await;
+    let get = |method: &str, path: &str| {
+        format!("{method} /files/{path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n")
+    };
+    // Downloads, a bodyless HEAD answer and a chunked listing on one connection, all sent at
+    // once, then a line that is not HTTP.
+    let mut pipelined = get("GET", "bare") + &get("HEAD", "big") + &get("GET", "big");
+    pipelined += &("GET /list/ HTTP/1.1\r\nHost: x\r\n\r\n".to_owned() + &get("GET", "bare"));
+    let mut request = pipelined.into_bytes();
+    request.extend_from_slice(b"NOT HTTP\0\r\n\r\n");
+    let mut c = TcpStream::connect(api.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(&request).unwrap();
+    let mut answers = Vec::new();
+    c.read_to_end(&mut answers).unwrap();
+
+    let mut rest = answers.as_slice();
+    let mut next = |body: bool| {
+        let end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        rest = &rest[end..];
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(|n| n.trim().parse::<usize>().unwrap());
+        let taken = match (body, length) {
+            (false, _) => 0,
+            (true, Some(n)) => n,
+            // Chunked: up to the last chunk.
+            (true, None) => rest.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5,
+        };
+        let (b, r) = rest.split_at(taken);
+        rest = r;
+        (head, b.to_vec())
+    };
+    let (head, body) = next(true);
+    assert!(head.starts_with("HTTP/1.1 200") && body == bare, "{head}");
+    let (head, _) = next(false);
+    assert!(
+        head.contains(&format!("content-length: {}", big.len())),
+        "{head}"
+    );
+    let (head, body) = next(true);
+    assert!(head.starts_with("HTTP/1.1 200") && body == big, "{head}");
+    let (head, body) = next(true);
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("bare"));
+    let (head, body) = next(true);
+    assert!(head.starts_with("HTTP/1.1 200") && body == bare, "{head}");
+    let (head, body) = next(true);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let why = exception(&head).unwrap_or_else(|| panic!("{head}"));
+    assert!(why.starts_with("malformed request: "), "{why}");
+    assert_eq!(String::from_utf8_lossy(&body).trim_end(), why);
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(rest));
+
+    let answer = raw_request(
+        api.addr,
+        format!(
+            "GET /version HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(200_000)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let why = exception(&answer).unwrap_or_else(|| panic!("{answer}"));
+    assert!(
+        why.contains("must fit in 64 KiB and 100 header fields"),
+        "{why}"
+    );
+    still_serves(&api);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
