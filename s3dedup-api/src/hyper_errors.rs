@@ -97,6 +97,9 @@ enum AfterBody {
     ChunkEnd,
 }
 
+/// Told the status of each of hyper's own answers explained.
+pub type OnRefusal = Box<dyn Fn(u16) + Send + Sync>;
+
 /// Follows one connection's output, given the requests its answers are for.
 struct Follower {
     framing: Framing,
@@ -104,15 +107,17 @@ struct Follower {
     part: Vec<u8>,
     requests: Requests,
     limits: Limits,
+    on_refusal: OnRefusal,
 }
 
 impl Follower {
-    fn new(requests: Requests, limits: Limits) -> Self {
+    fn new(requests: Requests, limits: Limits, on_refusal: OnRefusal) -> Self {
         Follower {
             framing: Framing::Part(Part::Head),
             part: Vec::new(),
             requests,
             limits,
+            on_refusal,
         }
     }
 
@@ -200,6 +205,7 @@ impl Follower {
         let Some(method) = self.requests.answered() else {
             return match explained(head, code, parsed.headers, self.limits) {
                 Some(answer) => {
+                    (self.on_refusal)(code);
                     out.extend_from_slice(&answer);
                     // hyper closes the connection after its answer.
                     Framing::Through
@@ -333,10 +339,10 @@ pub struct Explained<T> {
 }
 
 impl<T> Explained<T> {
-    pub fn new(inner: T, requests: Requests, limits: Limits) -> Self {
+    pub fn new(inner: T, requests: Requests, limits: Limits, on_refusal: OnRefusal) -> Self {
         Explained {
             inner,
-            follower: Follower::new(requests, limits),
+            follower: Follower::new(requests, limits, on_refusal),
             held: Vec::new(),
             sent: 0,
         }
@@ -501,7 +507,7 @@ mod tests {
 
     /// What the follower writes for `output` handed over in pieces of `piece` bytes.
     fn followed(output: &[u8], piece: usize, methods: &[Method]) -> Vec<u8> {
-        let mut f = Follower::new(requests(methods), LIMITS);
+        let mut f = Follower::new(requests(methods), LIMITS, Box::new(|_| ()));
         let mut out = Vec::new();
         for mut chunk in output.chunks(piece) {
             while !chunk.is_empty() {
@@ -674,7 +680,10 @@ mod tests {
         wanted.extend_from_slice(&explained_400());
         // A small pipe: writes are partial and wait for the reader.
         let (a, mut b) = tokio::io::duplex(1000);
-        let mut conn = Explained::new(a, requests(&[Method::GET]), LIMITS);
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let told = refused.clone();
+        let on_refusal = Box::new(move |status| told.lock().unwrap().push(status));
+        let mut conn = Explained::new(a, requests(&[Method::GET]), LIMITS, on_refusal);
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.unwrap();
@@ -693,6 +702,7 @@ mod tests {
         }
         conn.shutdown().await.unwrap();
         drop(conn);
-        assert_eq!(reader.await.unwrap(), wanted);
+        assert!(reader.await.unwrap() == wanted);
+        assert_eq!(*refused.lock().unwrap(), [400]);
     }
 }

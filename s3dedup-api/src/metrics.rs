@@ -54,7 +54,13 @@ pub struct Metrics {
     pub auth_denied: AtomicU64,
     /// Logins refused unchecked: their address failed too often this minute (429).
     pub auth_limited: AtomicU64,
+    /// Requests the HTTP layer refused, by the status of `MALFORMED`.
+    malformed: [AtomicU64; MALFORMED.len()],
 }
+
+/// The answers the HTTP layer gives requests it cannot take: a head that does not parse, a URI
+/// too long, a head too large.
+const MALFORMED: [u16; 3] = [400, 414, 431];
 
 impl Metrics {
     /// Counts an error answer caused by `part` (the database, the object store, …).
@@ -64,6 +70,13 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         *m.entry(part).or_default() += 1;
+    }
+
+    /// Counts a request the HTTP layer refused with `status` before it reached a handler.
+    pub fn malformed_request(&self, status: u16) {
+        if let Some(i) = MALFORMED.iter().position(|&s| s == status) {
+            self.malformed[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// Records a finished request.
@@ -253,6 +266,21 @@ impl Metrics {
              auth.max_failures_per_minute times this minute.",
             self.auth_limited.load(Relaxed),
         );
+        family(
+            &mut out,
+            "s3dedup_malformed_requests_total",
+            "counter",
+            "Requests refused before any handler, by status: 400 a request line or header that \
+             is not valid HTTP/1.1, 414 a URI too long, 431 a head too large. Not in \
+             s3dedup_requests_total.",
+        );
+        for (status, n) in MALFORMED.iter().zip(&self.malformed) {
+            let _ = writeln!(
+                out,
+                "s3dedup_malformed_requests_total{{status=\"{status}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         scalar(
             &mut out,
             "s3dedup_requests_in_flight",

@@ -135,7 +135,7 @@ fn secs(n: u64) -> Option<Duration> {
 }
 
 /// Serves one connection until it closes or, once `stop` turns true, until its last answer.
-fn serve<IO>(io: IO, peer: Peer, app: &Router, state: &AppState, stop: &watch::Receiver<bool>)
+fn serve<IO>(io: IO, peer: Peer, app: &Router, state: &Arc<AppState>, stop: &watch::Receiver<bool>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -146,7 +146,9 @@ where
         fields: MAX_HEADERS,
     };
     let io = StallGuard::new(io, secs(cfg.send_timeout_secs));
-    let io = TokioIo::new(Explained::new(io, requests.clone(), limits));
+    let counted = state.clone();
+    let on_refusal = Box::new(move |status| counted.metrics.malformed_request(status));
+    let io = TokioIo::new(Explained::new(io, requests.clone(), limits, on_refusal));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

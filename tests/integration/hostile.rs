@@ -179,6 +179,8 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             &["400", ""],
         ),
     ];
+    // Refusals by the HTTP layer, before any handler, by status.
+    let mut refused = std::collections::BTreeMap::from([(400, 0), (414, 0), (431, 0)]);
     for (what, request, allowed) in &cases {
         let answer = raw_request(api.addr, request).unwrap_or_default();
         let line = status_line(&answer);
@@ -195,8 +197,22 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             let why = exception(&answer).unwrap_or_else(|| panic!("{what}: {answer:?}"));
             let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim_end());
             assert_eq!(body, Some(why), "{what}: {answer:?}");
+            for (status, start) in [
+                (400, "malformed request: "),
+                (414, "request URI too long"),
+                (431, "request head too large: "),
+            ] {
+                if line.contains(&status.to_string()) && why.starts_with(start) {
+                    *refused.entry(status).or_default() += 1;
+                }
+            }
         }
         still_serves(&api);
+    }
+    assert!(refused[&400] >= 4 && refused[&431] >= 1, "{refused:?}");
+    for (status, n) in refused {
+        let counted = format!("s3dedup_malformed_requests_total{{status=\"{status}\"}}");
+        assert_eq!(api.metric(&counted).await, n, "{counted}");
     }
     let r = api.ft().put("/two%0Alines", 1_700_000_000, "x").await;
     let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
