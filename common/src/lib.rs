@@ -34,3 +34,51 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+/// An error and its causes in one line, joined by ": ". A cause whose text is the same as the
+/// one before is said once: wrappers often display their cause's text as their own.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut last = text.clone();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if said != last {
+            text = format!("{text}: {said}");
+        }
+        last = said;
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error saying `text`, caused by `cause`.
+    #[derive(Debug)]
+    struct Said(&'static str, Option<Box<Said>>);
+
+    impl std::fmt::Display for Said {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Said {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as _)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let bad = Said("bad chunk", None);
+        let read = Said("error reading a body", Some(Box::new(bad)));
+        // A wrapper that displays its cause's text as its own.
+        let wrapper = Said("error reading a body", Some(Box::new(read)));
+        assert_eq!(error_chain(&wrapper), "error reading a body: bad chunk");
+        assert_eq!(error_chain(&Said("plain", None)), "plain");
+    }
+}

@@ -154,6 +154,11 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             &["400"],
         ),
         (
+            "a chunk size that is not hex",
+            put("a", "Transfer-Encoding: chunked\r\n", "zz\r\nx\r\n0\r\n\r\n"),
+            &["400"],
+        ),
+        (
             "a Content-Length above max_file_size, body never sent",
             put("a", "Content-Length: 1000000000000\r\n", "xyz"),
             &["413"],
@@ -214,6 +219,15 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
         let counted = format!("s3dedup_malformed_requests_total{{status=\"{status}\"}}");
         assert_eq!(api.metric(&counted).await, n, "{counted}");
     }
+    // A body the HTTP layer cannot decode: the message says what was wrong with it.
+    let bad_chunk = put(
+        "a",
+        "Transfer-Encoding: chunked\r\n",
+        "zz\r\nx\r\n0\r\n\r\n",
+    );
+    let answer = raw_request(api.addr, &bad_chunk).unwrap();
+    let why = exception(&answer).unwrap_or_else(|| panic!("{answer}"));
+    assert!(why.contains("Invalid chunk size line"), "{why}");
     let r = api.ft().put("/two%0Alines", 1_700_000_000, "x").await;
     let why = r.headers()["x-exception"].to_str().unwrap().to_owned();
     assert!(why.contains("control character '\\n'"), "{why}");

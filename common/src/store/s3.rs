@@ -106,7 +106,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let SdkError::ServiceError(service) = err else {
-        return error_chain(err);
+        return crate::error_chain(err);
     };
     let status = service.raw().status().as_u16();
     let mut text = format!("the S3 server answered HTTP {status}");
@@ -125,17 +125,6 @@ where
     }
     if let Some(id) = err.request_id() {
         text = format!("{text}, request id {id}");
-    }
-    text
-}
-
-/// An error and its causes, joined by ": ".
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
     }
     text
 }

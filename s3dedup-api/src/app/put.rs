@@ -16,7 +16,7 @@ use s3dedup_common::config::ApiConfig;
 use s3dedup_common::filestore::{FileStoreError, Spooled};
 use s3dedup_common::meta::{PutKind, PutOutcome};
 use s3dedup_common::protocol::{self, FilePath};
-use s3dedup_common::unix_now;
+use s3dedup_common::{error_chain, unix_now};
 
 use super::error::{ApiError, ApiResult};
 use super::fallback::{forward_writes, newer_on_old_server, stored_but_not_forwarded};
@@ -73,7 +73,7 @@ impl PacedBody {
                 return Some(Err(e));
             }
         }
-        r.map(|c| c.map_err(|e| format!("reading request body: {e}")))
+        r.map(|c| c.map_err(|e| format!("reading request body: {}", error_chain(&e))))
     }
 
     fn too_slow(&self, cfg: &ApiConfig) -> Option<String> {
