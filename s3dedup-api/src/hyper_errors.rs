@@ -17,9 +17,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
+
+use crate::app::ApiError;
 
 /// The longest response head or trailer section followed; ours are a few hundred bytes.
 const MAX_HEAD: usize = 64 * 1024;
@@ -97,8 +99,8 @@ enum AfterBody {
     ChunkEnd,
 }
 
-/// Told the status of each of hyper's own answers explained.
-pub type OnRefusal = Box<dyn Fn(u16) + Send + Sync>;
+/// Told of each of hyper's own answers explained.
+pub type OnRefusal = Box<dyn Fn(Refusal) + Send + Sync>;
 
 /// Follows one connection's output, given the requests its answers are for.
 struct Follower {
@@ -204,8 +206,8 @@ impl Follower {
         }
         let Some(method) = self.requests.answered() else {
             return match explained(head, code, parsed.headers, self.limits) {
-                Some(answer) => {
-                    (self.on_refusal)(code);
+                Some((refusal, answer)) => {
+                    (self.on_refusal)(refusal);
                     out.extend_from_slice(&answer);
                     // hyper closes the connection after its answer.
                     Framing::Through
@@ -279,54 +281,86 @@ fn body_framing(method: &Method, code: u16, fields: &[httparse::Header<'_>]) -> 
     }
 }
 
-/// hyper's own answer `head` with a message added, if it is one: a 400, 414 or 431 with no body
-/// and no fields but `connection`, `content-length` and `date`.
+/// The answers hyper writes by itself, to requests it cannot take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: a request line or header that is not valid HTTP/1.1.
+    Unparsable,
+    /// 414: a URI too long.
+    UriTooLong,
+    /// 431: a request head too large.
+    HeadTooLarge,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [
+        Refusal::Unparsable,
+        Refusal::UriTooLong,
+        Refusal::HeadTooLarge,
+    ];
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Unparsable => StatusCode::BAD_REQUEST,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    fn of(code: u16) -> Option<Self> {
+        Refusal::ALL.into_iter().find(|r| r.status() == code)
+    }
+
+    fn message(self, limits: Limits) -> String {
+        match self {
+            Refusal::Unparsable => "malformed request: its request line or a header is not \
+                                    valid HTTP/1.1 (an invalid Content-Length, a control \
+                                    character, or not HTTP at all)"
+                .to_owned(),
+            Refusal::UriTooLong => "request URI too long".to_owned(),
+            Refusal::HeadTooLarge => format!(
+                "request head too large: the request line and headers must fit in {} KiB and \
+                 {} header fields",
+                limits.head_bytes / 1024,
+                limits.fields
+            ),
+        }
+    }
+}
+
+/// hyper's own answer `head` as every error answer is, if it is one: a 400, 414 or 431 with no
+/// body and no fields but `connection`, `content-length` and `date`, which it keeps.
 fn explained(
     head: &[u8], code: u16, fields: &[httparse::Header<'_>], limits: Limits,
-) -> Option<Vec<u8>> {
-    let message = match code {
-        400 => "malformed request: its request line or a header is not valid HTTP/1.1 (an \
-                invalid Content-Length, a control character, or not HTTP at all)"
-            .to_owned(),
-        414 => "request URI too long".to_owned(),
-        431 => format!(
-            "request head too large: the request line and headers must fit in {} KiB and {} \
-             header fields",
-            limits.head_bytes / 1024,
-            limits.fields
-        ),
-        _ => return None,
-    };
+) -> Option<(Refusal, Vec<u8>)> {
+    let refusal = Refusal::of(code)?;
     let hypers = fields.iter().all(|f| {
         ["connection", "date"]
             .iter()
             .any(|n| f.name.eq_ignore_ascii_case(n))
             || f.name.eq_ignore_ascii_case("content-length") && f.value == b"0"
     });
-    let status_end = head.windows(2).position(|w| w == b"\r\n")?;
     if !hypers {
         return None;
     }
-    let body = format!("{message}\n");
+    let status_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let (ours, body) = ApiError::new(refusal.status(), refusal.message(limits)).parts();
     let mut answer = head[..status_end + 2].to_vec();
-    for f in fields {
-        if !f.name.eq_ignore_ascii_case("content-length") {
-            answer.extend_from_slice(f.name.as_bytes());
-            answer.extend_from_slice(b": ");
-            answer.extend_from_slice(f.value);
-            answer.extend_from_slice(b"\r\n");
-        }
+    let kept = fields
+        .iter()
+        .filter(|f| !f.name.eq_ignore_ascii_case("content-length"))
+        .map(|f| (f.name.as_bytes(), f.value));
+    let added = ours
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    for (name, value) in kept.chain(added) {
+        answer.extend_from_slice(name);
+        answer.extend_from_slice(b": ");
+        answer.extend_from_slice(value);
+        answer.extend_from_slice(b"\r\n");
     }
-    answer.extend_from_slice(
-        format!(
-            "content-type: text/plain; charset=utf-8\r\n{}: {message}\r\ncontent-length: {}\r\n\r\n\
-             {body}",
-            s3dedup_common::protocol::HEADER_EXCEPTION,
-            body.len()
-        )
-        .as_bytes(),
-    );
-    Some(answer)
+    answer.extend_from_slice(format!("content-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+    Some((refusal, answer))
 }
 
 /// A connection whose output is followed, hyper's own error answers explained.
@@ -545,6 +579,16 @@ mod tests {
         [1, 2, 7, 100, 1 << 20]
     }
 
+    /// Checks that `answered` (the answers to `methods`) passes unchanged, and hyper's 400
+    /// after it is explained, whatever pieces the output comes in.
+    fn explained_after(answered: &[u8], methods: &[Method]) {
+        let output = [answered, BARE_400].concat();
+        let wanted = [answered, &explained_400()].concat();
+        for piece in pieces() {
+            assert_eq!(followed(&output, piece, methods), wanted, "piece {piece}");
+        }
+    }
+
     #[test]
     fn hypers_own_answer_gets_the_message() {
         let out = String::from_utf8(explained_400()).unwrap();
@@ -576,64 +620,37 @@ mod tests {
     #[test]
     fn bodies_pass_unchanged_whatever_they_hold() {
         // A stored file that is hyper's answer, byte for byte, then hyper's own answer.
-        let mut output = ok(BARE_400);
-        output.extend_from_slice(BARE_400);
-        let mut wanted = ok(BARE_400);
-        wanted.extend_from_slice(&explained_400());
-        for piece in pieces() {
-            assert_eq!(
-                followed(&output, piece, &[Method::GET]),
-                wanted,
-                "piece {piece}"
-            );
-        }
+        explained_after(&ok(BARE_400), &[Method::GET]);
     }
 
     #[test]
     fn head_answers_have_no_body() {
         // An answer to HEAD declares the length of a body it does not carry.
         let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n";
-        let mut output = head.to_vec();
-        output.extend_from_slice(&ok(BARE_400));
-        output.extend_from_slice(BARE_400);
-        let mut wanted = head.to_vec();
-        wanted.extend_from_slice(&ok(BARE_400));
-        wanted.extend_from_slice(&explained_400());
-        for piece in pieces() {
-            let methods = [Method::HEAD, Method::GET];
-            assert_eq!(followed(&output, piece, &methods), wanted, "piece {piece}");
-        }
+        explained_after(
+            &[&head[..], &ok(BARE_400)].concat(),
+            &[Method::HEAD, Method::GET],
+        );
     }
 
     #[test]
     fn chunked_bodies_and_interim_answers_are_followed() {
-        let mut output = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n\
-                           transfer-encoding: chunked\r\n\r\n"
+        let mut answered = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n\
+                             transfer-encoding: chunked\r\n\r\n"
             .to_vec();
         for part in [&BARE_400[..10], &BARE_400[10..]] {
-            output.extend_from_slice(format!("{:X}\r\n", part.len()).as_bytes());
-            output.extend_from_slice(part);
-            output.extend_from_slice(b"\r\n");
+            answered.extend_from_slice(format!("{:X}\r\n", part.len()).as_bytes());
+            answered.extend_from_slice(part);
+            answered.extend_from_slice(b"\r\n");
         }
-        output.extend_from_slice(b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
-        let answered = output.clone();
-        output.extend_from_slice(BARE_400);
-        let mut wanted = answered;
-        wanted.extend_from_slice(&explained_400());
-        for piece in pieces() {
-            let methods = [Method::PUT, Method::DELETE];
-            assert_eq!(followed(&output, piece, &methods), wanted, "piece {piece}");
-        }
+        answered.extend_from_slice(b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
+        explained_after(&answered, &[Method::PUT, Method::DELETE]);
     }
 
     #[test]
     fn an_answer_to_a_request_is_never_rewritten() {
         // Our own 400 in hyper's form (none is, but were it) answers the request waiting.
-        let mut output = BARE_400.to_vec();
-        output.extend_from_slice(BARE_400);
-        let mut wanted = BARE_400.to_vec();
-        wanted.extend_from_slice(&explained_400());
-        assert_eq!(followed(&output, 3, &[Method::GET]), wanted);
+        explained_after(BARE_400, &[Method::GET]);
     }
 
     #[test]
@@ -703,6 +720,6 @@ mod tests {
         conn.shutdown().await.unwrap();
         drop(conn);
         assert!(reader.await.unwrap() == wanted);
-        assert_eq!(*refused.lock().unwrap(), [400]);
+        assert_eq!(*refused.lock().unwrap(), [Refusal::Unparsable]);
     }
 }

@@ -11,6 +11,8 @@ use s3dedup_common::last_runs::LastRun;
 use s3dedup_common::meta::Stats;
 use s3dedup_common::store::CacheStats;
 
+use crate::hyper_errors::Refusal;
+
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
@@ -54,13 +56,9 @@ pub struct Metrics {
     pub auth_denied: AtomicU64,
     /// Logins refused unchecked: their address failed too often this minute (429).
     pub auth_limited: AtomicU64,
-    /// Requests the HTTP layer refused, by the status of `MALFORMED`.
-    malformed: [AtomicU64; MALFORMED.len()],
+    /// Requests the HTTP layer refused, in the order of `Refusal::ALL`.
+    malformed: [AtomicU64; Refusal::ALL.len()],
 }
-
-/// The answers the HTTP layer gives requests it cannot take: a head that does not parse, a URI
-/// too long, a head too large.
-const MALFORMED: [u16; 3] = [400, 414, 431];
 
 impl Metrics {
     /// Counts an error answer caused by `part` (the database, the object store, …).
@@ -72,9 +70,9 @@ impl Metrics {
         *m.entry(part).or_default() += 1;
     }
 
-    /// Counts a request the HTTP layer refused with `status` before it reached a handler.
-    pub fn malformed_request(&self, status: u16) {
-        if let Some(i) = MALFORMED.iter().position(|&s| s == status) {
+    /// Counts a request the HTTP layer refused before it reached a handler.
+    pub fn malformed_request(&self, refusal: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|&r| r == refusal) {
             self.malformed[i].fetch_add(1, Relaxed);
         }
     }
@@ -274,10 +272,11 @@ impl Metrics {
              is not valid HTTP/1.1, 414 a URI too long, 431 a head too large. Not in \
              s3dedup_requests_total.",
         );
-        for (status, n) in MALFORMED.iter().zip(&self.malformed) {
+        for (refusal, n) in Refusal::ALL.iter().zip(&self.malformed) {
             let _ = writeln!(
                 out,
-                "s3dedup_malformed_requests_total{{status=\"{status}\"}} {}",
+                "s3dedup_malformed_requests_total{{status=\"{}\"}} {}",
+                refusal.status().as_u16(),
                 n.load(Relaxed)
             );
         }

@@ -1,7 +1,7 @@
 //! Error answers: a status, and a one-line message in the body and the `X-Exception` header
 //! (which the Filetracker client copies into its exception).
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use s3dedup_common::blob::BlobError;
 use s3dedup_common::filestore::FileStoreError;
@@ -12,7 +12,7 @@ use s3dedup_common::store::StoreError;
 
 /// An error answer: the message goes in a `text/plain` body and the `X-Exception` header.
 #[derive(Debug)]
-pub(super) struct ApiError {
+pub(crate) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
     /// The part of the system that failed, when it is not the request.
@@ -43,7 +43,7 @@ impl Failing {
 }
 
 impl ApiError {
-    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
             message: message.into(),
@@ -59,8 +59,9 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The answer's header fields and body, as every error answer has them.
+    pub(crate) fn parts(&self) -> (HeaderMap, String) {
         // Header values cannot hold newlines or non-visible bytes; keep the header readable.
         let header_text: String = self
             .message
@@ -74,25 +75,31 @@ impl IntoResponse for ApiError {
             })
             .take(1000)
             .collect();
-        let mut r = (self.status, format!("{}\n", self.message)).into_response();
-        r.headers_mut().insert(
+        let mut h = HeaderMap::new();
+        h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         if let Ok(v) = HeaderValue::from_str(&header_text) {
-            r.headers_mut().insert(protocol::HEADER_EXCEPTION, v);
+            h.insert(protocol::HEADER_EXCEPTION, v);
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
+            h.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"s3dedup\", charset=\"UTF-8\""),
             );
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
         }
-        r
+        (h, format!("{}\n", self.message))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (headers, body) = self.parts();
+        (self.status, headers, body).into_response()
     }
 }
 

@@ -32,7 +32,7 @@ use s3dedup_common::store::ReadCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{Metrics, Totals};
-use error::ApiError;
+pub(crate) use error::ApiError;
 pub use gate::{Gate, Peer};
 
 /// Everything a request needs.
