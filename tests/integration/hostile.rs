@@ -96,6 +96,11 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
         )
         .into_bytes()
     };
+    let bad_chunk = put(
+        "a",
+        "Transfer-Encoding: chunked\r\n",
+        "zz\r\nx\r\n0\r\n\r\n",
+    );
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
         (
             "bad percent-encoding",
@@ -153,11 +158,7 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
             put("a", "Content-Length: 1\r\nContent-Length: 2\r\n", "xx"),
             &["400"],
         ),
-        (
-            "a chunk size that is not hex",
-            put("a", "Transfer-Encoding: chunked\r\n", "zz\r\nx\r\n0\r\n\r\n"),
-            &["400"],
-        ),
+        ("a chunk size that is not hex", bad_chunk.clone(), &["400"]),
         (
             "a Content-Length above max_file_size, body never sent",
             put("a", "Content-Length: 1000000000000\r\n", "xyz"),
@@ -220,11 +221,6 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
         assert_eq!(api.metric(&counted).await, n, "{counted}");
     }
     // A body the HTTP layer cannot decode: the message says what was wrong with it.
-    let bad_chunk = put(
-        "a",
-        "Transfer-Encoding: chunked\r\n",
-        "zz\r\nx\r\n0\r\n\r\n",
-    );
     let answer = raw_request(api.addr, &bad_chunk).unwrap();
     let why = exception(&answer).unwrap_or_else(|| panic!("{answer}"));
     assert!(why.contains("Invalid chunk size line"), "{why}");
